@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both build their own virtual environment (.venv) from setup.cfg on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# 2 cores here: two pytest workers keep both busy while XLA compiles.
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv test test-slow demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+
+test-slow: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -m slow tests
+
+demo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) bin/bench
+
+bench: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) bin/bench --op=all
+
+clean:
+	rm -rf $(VENV) build *.egg-info
