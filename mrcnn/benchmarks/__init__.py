@@ -1,0 +1,1 @@
+"""Benchmark cases for `bin/bench`: our op beside the TF built-in users would use."""
