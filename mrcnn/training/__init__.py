@@ -1,0 +1,1 @@
+"""Training: strategy and precision setup, optimizer and schedule, the loop, checkpoints."""

@@ -1,0 +1,84 @@
+"""SGD with linear warm-up and step decay: the Mask R-CNN 1x schedule.
+
+The learning rate scales linearly with the global batch from 0.02 at batch 16
+(Goyal et al., "Accurate, Large Minibatch SGD", §2.1), warms up linearly from
+`warmup_factor * lr` over `warmup_steps`, and drops by 10x at each boundary
+(epochs 8 and 11 of 12 in the 1x recipe, as Detectron2's 60k/80k of 90k at
+batch 16). Weight decay skips biases and normalisation parameters.
+"""
+
+import gin
+import keras
+import tensorflow as tf
+
+# Variables whose names contain these get no weight decay: biases and the
+# affine parameters of normalisation layers (Keras names them gamma/beta).
+NO_DECAY_NAMES = ("bias", "gamma", "beta")
+
+
+class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """lr(step): linear warm-up from `base_lr * warmup_factor`, then x`decay_rate` at each boundary."""
+
+    def __init__(self, base_lr, boundaries, warmup_steps=1000, warmup_factor=0.001,
+                 decay_rate=0.1):
+        self.base_lr = float(base_lr)
+        self.boundaries = [int(b) for b in boundaries]
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_factor = float(warmup_factor)
+        self.decay_rate = float(decay_rate)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        lr = tf.constant(self.base_lr, tf.float32)
+        for boundary in self.boundaries:
+            lr = tf.where(step >= boundary, lr * self.decay_rate, lr)
+        if self.warmup_steps > 0:
+            alpha = tf.minimum(step / self.warmup_steps, 1.0)
+            lr = lr * (self.warmup_factor * (1.0 - alpha) + alpha)
+        return lr
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "boundaries": self.boundaries,
+                "warmup_steps": self.warmup_steps,
+                "warmup_factor": self.warmup_factor, "decay_rate": self.decay_rate}
+
+
+@gin.configurable(denylist=["global_batch", "steps_per_epoch", "total_steps"])
+def build_optimizer(global_batch, steps_per_epoch, total_steps, *,
+                    base_learning_rate=0.02, base_batch_size=16, momentum=0.9,
+                    weight_decay=1e-4, warmup_steps=1000, warmup_factor=0.001,
+                    decay_epochs=(8, 11), decay_steps=None, clip_norm=None,
+                    precision="float32"):
+    """SGD-momentum for the 1x recipe, scaled to `global_batch`.
+
+    Args:
+      global_batch: int, images per step over all replicas.
+      steps_per_epoch: int, to turn `decay_epochs` into steps.
+      total_steps: int, warm-up is capped at a tenth of a short run.
+      base_learning_rate: float, lr at `base_batch_size` images per step.
+      base_batch_size: int, the batch `base_learning_rate` belongs to.
+      momentum: float.
+      weight_decay: float, L2 decay (decoupled, as Keras applies it), not on
+        biases and norm parameters.
+      warmup_steps, warmup_factor: linear warm-up length and starting factor.
+      decay_epochs: epochs at which lr drops 10x; ignored if `decay_steps`.
+      decay_steps: explicit step boundaries.
+      clip_norm: optional global gradient-norm clip.
+      precision: 'float32', 'bfloat16' or 'float16'; float16 wraps the
+        optimizer in dynamic loss scaling.
+
+    Returns:
+      (optimizer, schedule).
+    """
+    lr = base_learning_rate * global_batch / base_batch_size
+    if decay_steps is None:
+        decay_steps = [int(e * steps_per_epoch) for e in decay_epochs]
+    warmup = min(int(warmup_steps), max(total_steps // 10, 1))
+    schedule = WarmupStepDecay(lr, decay_steps, warmup, warmup_factor)
+    optimizer = keras.optimizers.SGD(
+        learning_rate=schedule, momentum=momentum, weight_decay=weight_decay,
+        global_clipnorm=clip_norm)
+    optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+    if precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer, schedule

@@ -1,0 +1,228 @@
+"""The training loop: strategy, precision, XLA step, checkpoints, NaN guard, summaries.
+
+A model here is any `keras.Model` whose `call(batch, training=True)` returns
+a dict of named float32 scalar losses, each already averaged over the
+replica's images; the trainer sums them, averages over replicas and steps the
+optimizer. Rerunning `train` with the same `model_dir` resumes from the last
+checkpoint with no flag.
+"""
+
+import json
+import math
+import os
+import time
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mrcnn.training import optimization
+
+PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16",
+                      "float16": "mixed_float16"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because a loss became NaN or Inf."""
+
+
+@gin.configurable
+def make_strategy(devices=None):
+    """MultiWorkerMirrored under TF_CONFIG, else Mirrored over GPUs, else one CPU.
+
+    Args:
+      devices: optional list of device names for MirroredStrategy (tests pass
+        two logical CPUs).
+    """
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if devices:
+        return tf.distribute.MirroredStrategy(devices=list(devices))
+    if tf.config.list_logical_devices("GPU"):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def set_precision(precision):
+    """Sets the Keras global dtype policy for 'float32', 'bfloat16' or 'float16'."""
+    if precision not in PRECISION_POLICIES:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_POLICIES)}, "
+                         f"got {precision!r}")
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def _checkpoint_dir(model_dir, strategy):
+    # Under MultiWorkerMirroredStrategy every worker must save (the save is a
+    # collective), but only the chief's copy is kept in model_dir.
+    if _is_chief(strategy):
+        return model_dir
+    return os.path.join(model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
+
+
+def _zeros_like_spec(spec):
+    return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+
+
+def _format_eta(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
+
+
+@gin.configurable(denylist=["model_dir"])
+def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
+          per_replica_batch=4, num_train_images=118287, epochs=12,
+          total_steps=None, precision="float32", xla=True,
+          checkpoint_every=1000, keep_checkpoints=5, log_every=20,
+          stop_after=None, strategy=None):
+    """Trains a model, resuming from `model_dir` if it holds a checkpoint.
+
+    Args:
+      model_dir: str, where checkpoints, summaries and the gin config go.
+      model_fn: () -> keras.Model whose call(batch, training=True) returns a
+        dict of float32 scalar losses.
+      dataset_fn: (input_context: tf.distribute.InputContext, batch_size: int)
+        -> infinite tf.data.Dataset of per-replica batches.
+      per_replica_batch: int, images per replica per step.
+      num_train_images: int, images in one epoch (COCO train2017: 118287).
+      epochs: float, length of the run in epochs unless `total_steps`.
+      total_steps: int, length of the run in steps (overrides `epochs`).
+      precision: 'float32', 'bfloat16' or 'float16' (dynamic loss scaling).
+      xla: bool, compile the forward and backward pass with XLA.
+      checkpoint_every: int, steps between checkpoints (one is also written
+        at the end).
+      keep_checkpoints: int, checkpoints kept.
+      log_every: int, steps between progress lines and summaries.
+      stop_after: optional int, return after this many steps of this call
+        (the schedule still spans `total_steps`); tests use it to simulate
+        an interrupted run.
+      strategy: optional tf.distribute.Strategy; `make_strategy()` if None.
+
+    Returns:
+      dict with the final `step` and the last logged `losses`.
+
+    Raises:
+      NonFiniteLossError: a loss became NaN or Inf; the last checkpoint
+        written before it is kept.
+    """
+    set_precision(precision)
+    strategy = strategy or make_strategy()
+    replicas = strategy.num_replicas_in_sync
+    global_batch = per_replica_batch * replicas
+    steps_per_epoch = max(math.ceil(num_train_images / global_batch), 1)
+    if total_steps is None:
+        total_steps = int(round(epochs * steps_per_epoch))
+    tf.io.gfile.makedirs(model_dir)
+
+    with strategy.scope():
+        model = model_fn()
+        optimizer, schedule = optimization.build_optimizer(
+            global_batch, steps_per_epoch, total_steps, precision=precision)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: dataset_fn(ctx, per_replica_batch))
+    # Variables exist only after a first call: build them on a zero batch so
+    # that the restore below fills every one of them.
+    spec = dataset_fn(tf.distribute.InputContext(), per_replica_batch).element_spec
+    with strategy.scope():
+        strategy.run(lambda: model(_zeros_like_spec(spec), training=True))
+        optimizer.build(model.trainable_variables)
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    manager = tf.train.CheckpointManager(
+        checkpoint, _checkpoint_dir(model_dir, strategy), max_to_keep=keep_checkpoints)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step))
+    start = int(step.numpy())
+    if start >= total_steps:
+        logging.info("Nothing to do: step %d >= total_steps %d", start, total_steps)
+        return {"step": start, "losses": {}}
+    if _is_chief(strategy):
+        with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.config_str())
+
+    # The input restarts from a shuffle seeded by the resume step, so a
+    # resumed run sees a fresh order instead of replaying the first batches.
+    tf.random.set_seed(start)
+    iterator = iter(dataset)
+
+    def forward_backward(batch):
+        with tf.GradientTape() as tape:
+            losses = model(batch, training=True)
+            losses = {k: tf.cast(v, tf.float32) for k, v in losses.items()}
+            total = tf.add_n(list(losses.values()))
+            # Replica gradients are summed: divide so the step uses the mean.
+            scaled = total / replicas
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                scaled = optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        losses["total"] = total
+        return losses, grads
+
+    compiled = tf.function(forward_backward, jit_compile=xla)
+
+    @tf.function
+    def train_step(iterator):
+        def replica_step(batch):
+            losses, grads = compiled(batch)
+            optimizer.apply(grads, model.trainable_variables)
+            return losses
+        losses = strategy.run(replica_step, args=(next(iterator),))
+        step.assign_add(1)
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in losses.items()}
+
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) \
+        if _is_chief(strategy) else tf.summary.create_noop_writer()
+    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    last_losses = {}
+    window_start, window_images = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    for current in range(start + 1, end + 1):
+        losses = train_step(iterator)
+        total = float(losses["total"])
+        if not np.isfinite(total):
+            named = {k: float(v) for k, v in losses.items()}
+            raise NonFiniteLossError(
+                f"loss became non-finite at step {current}: {named}; the last good "
+                f"checkpoint ({manager.latest_checkpoint or 'none'}) is kept. Lower the "
+                f"learning rate or enable gradient clipping "
+                f"(build_optimizer.clip_norm).")
+        window_images += global_batch
+        if current % log_every == 0 or current == end:
+            now = time.perf_counter()
+            ips = window_images / max(now - window_start, 1e-9)
+            last_losses = {k: float(v) for k, v in losses.items()}
+            lr = float(schedule(current))
+            eta = (total_steps - current) * global_batch / max(ips, 1e-9)
+            loss_text = "  ".join(f"{k} {v:.4f}" for k, v in last_losses.items())
+            logging.info("step %d/%d  %s  lr %.5f  %.1f img/s  ETA %s", current,
+                         total_steps, loss_text, lr, ips, _format_eta(eta))
+            with writer.as_default(step=current):
+                for k, v in last_losses.items():
+                    tf.summary.scalar(f"loss/{k}", v)
+                tf.summary.scalar("learning_rate", lr)
+                tf.summary.scalar("images_per_second", ips)
+                tf.summary.scalar("step_time_s", global_batch / max(ips, 1e-9))
+            writer.flush()
+            window_start, window_images = time.perf_counter(), 0
+        if current % checkpoint_every == 0 or current == end:
+            manager.save(checkpoint_number=current)
+    if not _is_chief(strategy):
+        tf.io.gfile.rmtree(_checkpoint_dir(model_dir, strategy))
+    logging.info("Trained steps %d-%d in %.1f s", start + 1, end,
+                 time.perf_counter() - run_start)
+    return {"step": end, "losses": last_losses}
+

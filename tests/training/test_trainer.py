@@ -1,0 +1,150 @@
+"""The training loop on a toy model: resume, NaN guard, schedule, strategies, precision."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+from mrcnn.training import optimization, trainer
+
+
+def _logical_cpus(n=2):
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:
+        pass  # already initialised by an earlier test in this process
+    return [d.name for d in tf.config.list_logical_devices("CPU")][:n]
+
+
+class ToyDetector(keras.Model):
+    """Regresses a per-image target from an image: two named losses, like the detector."""
+
+    def __init__(self):
+        # Targets must stay float32 under mixed precision, as gt boxes do.
+        super().__init__(autocast=False)
+        self.conv = keras.layers.Conv2D(4, 3, padding="same")
+        self.norm = keras.layers.GroupNormalization(groups=2)
+        self.head = keras.layers.Dense(2)
+
+    def call(self, batch, training=False):
+        x = self.norm(self.conv(tf.cast(batch["images"], self.compute_dtype)))
+        pred = self.head(tf.reduce_mean(x, axis=[1, 2]))
+        pred = tf.cast(pred, tf.float32)
+        err = pred - batch["target"]
+        return {"a": tf.reduce_mean(tf.square(err[:, 0])),
+                "b": tf.reduce_mean(tf.abs(err[:, 1]))}
+
+
+def _dataset_fn(nan_from=None):
+    def fn(ctx, batch):
+        rng = np.random.default_rng(ctx.input_pipeline_id)
+        images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+        target = np.stack([images.mean((1, 2, 3)), images.std((1, 2, 3))], 1)
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"images": images, "target": target.astype(np.float32)})
+        ds = ds.repeat().batch(batch, drop_remainder=True)
+        if nan_from is not None:
+            ds = ds.enumerate().map(lambda i, b: {
+                "images": b["images"],
+                "target": tf.where(i + 1 >= nan_from, np.nan, b["target"])})
+        return ds
+    return fn
+
+
+def _weights(model):
+    return [v.numpy().copy() for v in model.weights]
+
+
+class TrainerTest(tf.test.TestCase, parameterized.TestCase):
+
+    def _train(self, model_dir, holder, **kw):
+        def model_fn():
+            holder["model"] = ToyDetector()
+            return holder["model"]
+        args = dict(model_fn=model_fn, dataset_fn=_dataset_fn(), per_replica_batch=4,
+                    total_steps=12, xla=False, checkpoint_every=4, log_every=4,
+                    strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+        args.update(kw)
+        return trainer.train(model_dir, **args)
+
+    def test_resume_after_interruption_matches_uninterrupted_weights(self):
+        d = self.get_temp_dir()
+        first, again = {}, {}
+        out = self._train(os.path.join(d, "run"), first, stop_after=8)
+        self.assertEqual(out["step"], 8)
+        saved = _weights(first["model"])
+        # A rerun of the same command picks up at step 8 with the same weights.
+        out = self._train(os.path.join(d, "run"), again, stop_after=0)
+        self.assertEqual(out["step"], 8)
+        for a, b in zip(saved, _weights(again["model"])):
+            self.assertAllEqual(a, b)
+        out = self._train(os.path.join(d, "run"), again)
+        self.assertEqual(out["step"], 12)
+        self.assertTrue(os.path.exists(os.path.join(d, "run", "operative_config.gin")))
+        self.assertTrue(tf.io.gfile.glob(os.path.join(d, "run", "train", "events.*")))
+
+    def test_loss_falls(self):
+        holder = {}
+        d = os.path.join(self.get_temp_dir(), "fall")
+        out = self._train(d, holder, total_steps=60, log_every=60, checkpoint_every=60)
+        self.assertLess(out["losses"]["total"], 1.0)
+
+    def test_nan_guard_keeps_last_good_checkpoint(self):
+        d = os.path.join(self.get_temp_dir(), "nan")
+        holder = {}
+        with self.assertRaisesRegex(trainer.NonFiniteLossError, "step 7"):
+            self._train(d, holder, dataset_fn=_dataset_fn(nan_from=7))
+        self.assertEqual(tf.train.latest_checkpoint(d), os.path.join(d, "ckpt-4"))
+
+    @parameterized.named_parameters(("bf16", "bfloat16"), ("fp16", "float16"))
+    def test_mixed_precision_runs(self, precision):
+        d = os.path.join(self.get_temp_dir(), precision)
+        try:
+            out = self._train(d, {}, total_steps=3, precision=precision, xla=True)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        self.assertTrue(np.isfinite(out["losses"]["total"]))
+
+    def test_mirrored_two_cpus(self):
+        devices = _logical_cpus(2)
+        if len(devices) < 2:
+            self.skipTest("logical CPUs could not be configured in this process")
+        strategy = tf.distribute.MirroredStrategy(devices)
+        holder = {}
+        out = self._train(os.path.join(self.get_temp_dir(), "mirror"), holder,
+                          strategy=strategy, total_steps=4, xla=True)
+        self.assertEqual(out["step"], 4)
+        for weight in holder["model"].trainable_weights:
+            mirrored = getattr(weight, "_value", weight)  # the tf MirroredVariable
+            copies = [v.numpy() for v in mirrored.values]
+            self.assertLen(copies, 2)
+            self.assertAllEqual(copies[0], copies[1])
+
+
+class ScheduleTest(tf.test.TestCase):
+
+    def test_warmup_and_steps(self):
+        s = optimization.WarmupStepDecay(0.02, [80, 110], warmup_steps=10,
+                                         warmup_factor=0.001)
+        self.assertAllClose(s(0), 0.02 * 0.001)
+        self.assertAllClose(s(5), 0.02 * (0.001 * 0.5 + 0.5))
+        self.assertAllClose(s(50), 0.02)
+        self.assertAllClose(s(80), 0.002)
+        self.assertAllClose(s(115), 0.0002, rtol=1e-4)
+
+    def test_lr_scales_with_batch_and_decay_skips_norms(self):
+        opt, sched = optimization.build_optimizer(32, 100, 1200)
+        self.assertAllClose(sched(500), 0.04)
+        self.assertEqual(sched.boundaries, [800, 1100])
+        dense = keras.layers.Dense(2)
+        dense.build((None, 3))
+        norm = keras.layers.BatchNormalization()
+        norm.build((None, 2))
+        self.assertTrue(opt._use_weight_decay(dense.kernel))
+        self.assertFalse(opt._use_weight_decay(dense.bias))
+        self.assertFalse(opt._use_weight_decay(norm.gamma))
