@@ -1,0 +1,342 @@
+"""Model detections -> COCO results entries, and COCO box/mask evaluation.
+
+Shape letters: `B` images in a batch, `D` detection slots per image (100 for
+the R50-FPN recipe), `oh, ow` the mask head's output size (28 x 28), `H, W`
+one image's ORIGINAL height and width. Classes are contiguous `1..C`; COCO
+category ids are whatever the annotation file uses (non-contiguous for COCO
+2017), and `class_to_category` maps one to the other.
+
+The model's inference output for one batch is a dict of numpy arrays or
+tensors:
+
+- `detection_boxes`: float32 [B, D, 4] (y1, x1, y2, x2) in original-image
+  pixels; padded slots 0.
+- `detection_scores`: float32 [B, D]; padded slots 0.
+- `detection_classes`: int32 [B, D] in 1..C; padded slots -1 or 0.
+- `detection_masks`: float32 [B, D, oh, ow] mask probabilities inside each
+  box; padded slots 0.
+- `num_detections`: int32 [B]; slots `>= num_detections[b]` are padding.
+
+and the batch carries `image_id`: int64 [B] (-1 for a padded image slot) and
+`image_info`: float32 [B, 5] (original_height, original_width,
+resized_height, resized_width, scale).
+
+This module runs eagerly on the host, one image at a time: it is the glue
+between the batched graph and pycocotools, not an op.
+"""
+
+import contextlib
+import copy
+import io
+import json
+import os
+
+import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn.ops import masks as mask_ops
+
+# The 12 numbers COCOeval.summarize() prints, in its order (stats[0..11]).
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+# Mask probability at or above which a pasted pixel belongs to the instance
+# (Mask R-CNN §3, "binarized at a threshold of 0.5").
+DEFAULT_MASK_THRESHOLD = 0.5
+
+IOU_TYPES = ("bbox", "segm")
+
+
+def _to_numpy(x):
+    """A tensor or array-like as a numpy array (tensors via `.numpy()`)."""
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+def _encode_masks(masks):
+    """bool [K, H, W] -> K COCO RLE dicts with `counts` as str (JSON-safe)."""
+    rles = mask_util.encode(
+        np.asfortranarray(np.transpose(masks, (1, 2, 0)).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def detections_to_coco(detections, image_ids, image_info, class_to_category,
+                       mask_threshold=DEFAULT_MASK_THRESHOLD,
+                       include_masks=True):
+    """COCO results entries for one batch of model output.
+
+    Padded image slots (`image_id < 0`), padded detection slots
+    (`k >= num_detections[b]`) and slots whose class is `<= 0` are skipped.
+    Masks are pasted at each image's original size with
+    `mrcnn.ops.masks.paste_masks`, called eagerly per image with a batch of
+    one, because original image sizes differ within a batch.
+
+    Args:
+      detections: dict of the model's inference output (module docstring):
+        `detection_boxes` float32 [B, D, 4] (y1, x1, y2, x2) original pixels,
+        `detection_scores` float32 [B, D], `detection_classes` int32 [B, D]
+        (padded -1 or 0), `num_detections` int32 [B], and with
+        `include_masks` also `detection_masks` float32 [B, D, oh, ow].
+      image_ids: int64 [B]; -1 marks a padded image slot.
+      image_info: float32 [B, 5] (original_height, original_width,
+        resized_height, resized_width, scale); only the first two are read.
+      class_to_category: dict[int, int], contiguous class 1..C -> COCO
+        category id.
+      mask_threshold: Python float; a pasted pixel is in the mask where the
+        resampled probability is `>= mask_threshold`.
+      include_masks: whether to paste masks and add `segmentation`.
+
+    Returns:
+      list of dicts `{image_id: int, category_id: int, bbox: [x, y, w, h]
+      (floats, original pixels), score: float}` plus, with `include_masks`,
+      `segmentation: {size: [H, W], counts: str}` (COCO RLE).
+
+    Raises:
+      ValueError: a valid detection has a class missing from
+        `class_to_category`, or `include_masks` is set and
+        `detection_masks` is missing.
+    """
+    if include_masks and "detection_masks" not in detections:
+        raise ValueError(
+            "include_masks=True but detections has no 'detection_masks'")
+    boxes = _to_numpy(detections["detection_boxes"]).astype(np.float32)
+    scores = _to_numpy(detections["detection_scores"]).astype(np.float32)
+    classes = _to_numpy(detections["detection_classes"]).astype(np.int64)
+    num_detections = _to_numpy(detections["num_detections"]).astype(np.int64)
+    masks = (_to_numpy(detections["detection_masks"]).astype(np.float32)
+             if include_masks else None)
+    image_ids = _to_numpy(image_ids).astype(np.int64).reshape(-1)
+    image_info = _to_numpy(image_info).astype(np.float32)
+
+    results = []
+    for b, image_id in enumerate(image_ids):
+        if image_id < 0:
+            continue
+        num_slots = boxes.shape[1]
+        in_count = np.arange(num_slots) < num_detections[b]
+        keep = np.nonzero(in_count & (classes[b] > 0))[0]  # [K]
+        if keep.size == 0:
+            continue
+        unknown = sorted({int(c) for c in classes[b, keep]} -
+                         set(class_to_category))
+        if unknown:
+            raise ValueError(
+                f"detection_classes {unknown} of image_id {int(image_id)} "
+                f"are not in class_to_category (classes "
+                f"{sorted(class_to_category)})")
+        image_boxes = boxes[b, keep]  # [K, 4]
+        rles = None
+        if include_masks:
+            height = int(round(float(image_info[b, 0])))
+            width = int(round(float(image_info[b, 1])))
+            pasted = mask_ops.paste_masks(
+                masks[b, keep][None], image_boxes[None], (height, width),
+                threshold=mask_threshold)  # [1, K, H, W]
+            rles = _encode_masks(_to_numpy(pasted)[0].astype(bool))
+        for i, k in enumerate(keep):
+            y1, x1, y2, x2 = (float(v) for v in image_boxes[i])
+            entry = {
+                "image_id": int(image_id),
+                "category_id": int(class_to_category[int(classes[b, k])]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(scores[b, k]),
+            }
+            if rles is not None:
+                entry["segmentation"] = rles[i]
+            results.append(entry)
+    return results
+
+
+def _empty_results(coco_gt):
+    """A results COCO with no annotations: `loadRes([])` would fail."""
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": copy.deepcopy(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
+
+
+class CocoEvaluator:
+    """Accumulates detections over batches and runs COCOeval on them.
+
+    Evaluation is restricted to the image ids seen by `update` (padded slots
+    excluded), so evaluating a subset of the annotation file gives that
+    subset's numbers; seen images without any detection still count (their
+    ground truth becomes misses).
+
+    Example:
+      evaluator = CocoEvaluator('instances_val2017.json', class_to_category)
+      for batch in dataset:
+        evaluator.update(model(batch['images'], training=False), batch)
+      print(format_metrics(evaluator.evaluate()))
+    """
+
+    def __init__(self, annotations, class_to_category,
+                 mask_threshold=DEFAULT_MASK_THRESHOLD, include_masks=True,
+                 verbose=False):
+        """Args:
+          annotations: path to a COCO instances json, or a loaded `COCO`.
+          class_to_category: dict[int, int], contiguous class 1..C -> COCO
+            category id; every category id must be in the annotation file.
+          mask_threshold: Python float, see `detections_to_coco`.
+          include_masks: whether `update` pastes masks (needed for 'segm').
+          verbose: let pycocotools print its own progress and tables.
+
+        Raises:
+          ValueError: a category id of `class_to_category` is not in the
+            annotation file.
+        """
+        if isinstance(annotations, COCO):
+            self._coco_gt = annotations
+        else:
+            with self._quiet(verbose):
+                self._coco_gt = COCO(os.fspath(annotations))
+        missing = sorted(set(class_to_category.values()) -
+                         set(self._coco_gt.getCatIds()))
+        if missing:
+            raise ValueError(
+                f"class_to_category maps to category ids {missing} that the "
+                f"annotation file does not define")
+        self._class_to_category = dict(class_to_category)
+        self._known_image_ids = set(self._coco_gt.getImgIds())
+        self._mask_threshold = mask_threshold
+        self._include_masks = include_masks
+        self._verbose = verbose
+        self.reset()
+
+    @staticmethod
+    def _quiet(verbose):
+        if verbose:
+            return contextlib.nullcontext()
+        return contextlib.redirect_stdout(io.StringIO())
+
+    @property
+    def coco_gt(self):
+        return self._coco_gt
+
+    @property
+    def results(self):
+        """The accumulated COCO results entries (list of dicts)."""
+        return self._results
+
+    @property
+    def image_ids(self):
+        """Sorted list of the image ids seen so far."""
+        return sorted(self._image_ids)
+
+    def reset(self):
+        """Forgets all accumulated detections and seen images."""
+        self._results = []
+        self._image_ids = set()
+
+    def update(self, detections, batch):
+        """Adds one batch of model output.
+
+        Args:
+          detections: the model's inference output dict (module docstring).
+          batch: dict holding at least `image_id` int64 [B] (-1 = padded
+            slot) and `image_info` float32 [B, 5].
+
+        Raises:
+          ValueError: an image id is not in the annotation file.
+        """
+        image_ids = _to_numpy(batch["image_id"]).astype(np.int64).reshape(-1)
+        seen = {int(i) for i in image_ids if i >= 0}
+        unknown = sorted(seen - self._known_image_ids)
+        if unknown:
+            raise ValueError(
+                f"image ids {unknown[:10]} are not in the annotation file")
+        self._image_ids |= seen
+        self._results.extend(detections_to_coco(
+            detections, image_ids, batch["image_info"],
+            self._class_to_category, mask_threshold=self._mask_threshold,
+            include_masks=self._include_masks))
+
+    def evaluate(self, iou_types=IOU_TYPES):
+        """Runs COCOeval over the seen images for each IoU type.
+
+        Args:
+          iou_types: subset of ('bbox', 'segm').
+
+        Returns:
+          {iou_type: {name: float}} with the 12 names of `STAT_NAMES`. A
+          metric with no ground truth in its range is -1 (pycocotools'
+          convention); with no detections at all, APs and ARs are 0.
+
+        Raises:
+          ValueError: no image seen yet, an unknown IoU type, or 'segm'
+            asked of an evaluator built with `include_masks=False`.
+        """
+        iou_types = tuple(iou_types)
+        for iou_type in iou_types:
+            if iou_type not in IOU_TYPES:
+                raise ValueError(
+                    f"iou_types holds {iou_type!r}; expected a subset of "
+                    f"{IOU_TYPES}")
+        if "segm" in iou_types and not self._include_masks:
+            raise ValueError("iou_types has 'segm' but include_masks=False")
+        if not self._image_ids:
+            raise ValueError("evaluate() before any update() with a real image")
+        metrics = {}
+        for iou_type in iou_types:
+            # loadRes adds keys (id, area, ...) to the entries it is given:
+            # hand it copies so that `results` stays what `update` made.
+            # Without 'bbox', loadRes takes each detection's area from its
+            # mask, which is what the small/medium/large split must use for
+            # segm (Detectron2 does the same).
+            drop = "bbox" if iou_type == "segm" else None
+            results = [{k: v for k, v in r.items() if k != drop}
+                       for r in self._results]
+            with self._quiet(self._verbose):
+                coco_dt = (self._coco_gt.loadRes(results) if results
+                           else _empty_results(self._coco_gt))
+                coco_eval = COCOeval(self._coco_gt, coco_dt, iouType=iou_type)
+                coco_eval.params.imgIds = sorted(self._image_ids)
+                coco_eval.evaluate()
+                coco_eval.accumulate()
+                coco_eval.summarize()
+            metrics[iou_type] = {name: float(value) for name, value
+                                 in zip(STAT_NAMES, coco_eval.stats)}
+        return metrics
+
+    def write_results(self, path):
+        """Writes the accumulated results as a COCO results JSON list."""
+        path = os.fspath(path)
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self._results, f)
+
+
+def format_metrics(metrics, digits=3):
+    """The metrics of `CocoEvaluator.evaluate` as a fixed-width text table.
+
+    One header line with the 12 stat names, then one row per IoU type; -1
+    (no ground truth in that range) prints as '-'.
+
+    Args:
+      metrics: {iou_type: {name: float}}.
+      digits: Python int, decimals per value.
+
+    Returns:
+      str, lines joined by newlines, no trailing newline.
+    """
+    width = max(digits + 3, max(len(n) for n in STAT_NAMES)) + 1
+    label = max([4] + [len(t) for t in metrics]) + 1
+    lines = [" " * label + "".join(n.rjust(width) for n in STAT_NAMES)]
+    for iou_type, stats in metrics.items():
+        cells = []
+        for name in STAT_NAMES:
+            value = stats.get(name, -1.0)
+            cells.append(("-" if value < 0 else f"{value:.{digits}f}")
+                         .rjust(width))
+        lines.append(iou_type.ljust(label) + "".join(cells))
+    return "\n".join(lines)
