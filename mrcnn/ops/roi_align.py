@@ -1,0 +1,273 @@
+"""ROIAlign (Mask R-CNN §3) on one feature map or on an FPN pyramid.
+
+Shape letters: `B` batch, `K` rois per image, `H`, `W` feature map height and
+width, `C` channels, `L` pyramid levels, `oh`, `ow` output bins.
+
+Pixel model (Detectron2's ROIAlignV2, `aligned=True`): feature cell `(i, j)`
+of a map with stride `s` covers image pixels `[j * s, (j + 1) * s)` and its
+value sits at the cell centre, so an image coordinate `x` is the continuous
+feature index `x / s - 0.5`. Without that half-pixel shift (`aligned=False`,
+the original paper's ROIAlign) every box is sampled half a cell off. Pinned
+by `RoiAlignTest.test_literal_5x5` and `test_matches_reference`.
+
+All sampling goes through one private core, `_pool_boxes`, which gathers the
+four bilinear neighbours of each sample from a flat `[rows, C]` table: the
+work and the memory scale with the number of samples, never with `H * W` per
+box. `roi_align`, `multilevel_roi_align` and `masks.mask_targets` differ only
+in how they build that table and each box's row offset and map size.
+"""
+
+import tensorflow as tf
+
+from mrcnn.ops import boxes as box_ops
+
+# Eq. 1 of the FPN paper (Lin et al. 2017): a 224 x 224 box, the ImageNet
+# pre-training size, goes to level 4 (P4); each halving of the box side goes
+# one level down.
+CANONICAL_SIZE = 224
+CANONICAL_LEVEL = 4
+# Keeps log2 finite for empty (zero-area) boxes; they land on min_level.
+_LOG_EPS = 1e-8
+
+
+def _axis_samples(coords, size):
+    """Bilinear neighbour indices and weights along one axis.
+
+    A sample outside `[-1, size]` contributes 0; otherwise it is clamped to
+    `[0, size - 1]` (Detectron2's `bilinear_interpolate`).
+
+    Args:
+      coords: float32 [B, K, P] continuous feature indices of the samples.
+      size: int32 [B, K] or Python int, the map's extent along this axis.
+
+    Returns:
+      (low, high): int32 [B, K, P] neighbour indices in [0, size - 1];
+      (w_low, w_high): float32 [B, K, P] weights, both 0 for dropped samples.
+    """
+    size_f = tf.cast(size, tf.float32)
+    if isinstance(size_f, tf.Tensor) and size_f.shape.rank:
+        size_f = size_f[..., None]  # [B, K, 1]
+    valid = tf.logical_and(coords >= -1.0, coords <= size_f)
+    # Dropped samples (NaN boxes included) read element 0 with weight 0, so
+    # every gather index stays in range.
+    clamped = tf.where(valid, tf.clip_by_value(coords, 0.0, size_f - 1.0), 0.0)
+    low_f = tf.floor(clamped)
+    frac = clamped - low_f
+    low = tf.cast(low_f, tf.int32)
+    high = tf.minimum(low + 1, tf.cast(size_f, tf.int32) - 1)
+    valid_f = tf.cast(valid, tf.float32)
+    return (low, high), ((1.0 - frac) * valid_f, frac * valid_f)
+
+
+def _split_bins(t, bins, sr):
+    """[B, K, bins * sr] -> [B, K, bins, sr]."""
+    return tf.reshape(t, tf.concat([tf.shape(t)[:2], [bins, sr]], 0))
+
+
+def _pool_boxes(table, row_offset, height, width, boxes, output_size,
+                sampling_ratio, aligned):
+    """Shared ROIAlign core: averages bilinear samples gathered from a table.
+
+    Algorithm:
+      1. Shift each box by -0.5 cell (`aligned`) or grow it to >= 1 x 1 cell
+         (not `aligned`); cut it into `oh x ow` bins and place
+         `sampling_ratio` samples per bin and axis at sub-grid centres.
+      2. Per axis, turn each sample into two neighbour indices and two
+         weights (`_axis_samples`); the 2-D bilinear weight is their product.
+      3. For each of the `sampling_ratio**2` samples of a bin and each of its
+         four neighbours, gather `[B, K, oh, ow, C]` rows of the table at
+         `row_offset + y * width + x` and add them, weighted, to a float32
+         accumulator: no intermediate is larger than the output.
+      4. Divide by `sampling_ratio**2` (the bin average).
+
+    Args:
+      table: any float dtype [T, C], the feature maps flattened row-major;
+        box `k` of image `b` reads the `height[b, k] x width[b, k]` map whose
+        element (0, 0) is row `row_offset[b, k]`.
+      row_offset: int32 [B, K].
+      height: int32 [B, K] or Python int.
+      width: int32 [B, K] or Python int.
+      boxes: float32 [B, K, 4] (y1, x1, y2, x2) in that map's cell units
+        (image pixels times the map's spatial scale), before any shift.
+      output_size: (oh, ow) Python ints.
+      sampling_ratio: Python int >= 1, samples per bin along each axis.
+      aligned: Python bool, see the module docstring.
+
+    Returns:
+      float32 [B, K, oh, ow, C].
+    """
+    oh, ow = output_size
+    sr = int(sampling_ratio)
+    if sr < 1:
+        raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
+    y1, x1, y2, x2 = tf.unstack(boxes, 4, axis=-1)  # each [B, K]
+    if aligned:
+        y1, x1, y2, x2 = y1 - 0.5, x1 - 0.5, y2 - 0.5, x2 - 0.5
+        roi_h, roi_w = y2 - y1, x2 - x1
+    else:
+        roi_h = tf.maximum(y2 - y1, 1.0)
+        roi_w = tf.maximum(x2 - x1, 1.0)
+    # Step 1: sample n = bin * sr + s sits at (bin + (s + 0.5) / sr) bins.
+    grid_y = (tf.range(oh * sr, dtype=tf.float32) + 0.5) / sr  # [oh*sr]
+    grid_x = (tf.range(ow * sr, dtype=tf.float32) + 0.5) / sr  # [ow*sr]
+    ys = y1[..., None] + grid_y * (roi_h / oh)[..., None]  # [B, K, oh*sr]
+    xs = x1[..., None] + grid_x * (roi_w / ow)[..., None]  # [B, K, ow*sr]
+    # Step 2.
+    y_idx, y_wts = _axis_samples(ys, height)
+    x_idx, x_wts = _axis_samples(xs, width)
+    width_t = tf.cast(width, tf.int32)
+    if width_t.shape.rank:
+        width_t = width_t[..., None]  # [B, K, 1]
+    y_rows = [_split_bins(i * width_t + row_offset[..., None], oh, sr)
+              for i in y_idx]  # [B, K, oh, sr] flat row of (y, x = 0)
+    y_wts = [_split_bins(w, oh, sr) for w in y_wts]  # [B, K, oh, sr]
+    x_idx = [_split_bins(i, ow, sr) for i in x_idx]  # [B, K, ow, sr]
+    x_wts = [_split_bins(w, ow, sr) for w in x_wts]  # [B, K, ow, sr]
+    # Step 3: 4 * sr**2 gathers (static Python loop over sample slots, not
+    # over data), each the size of the output.
+    acc = None
+    for s in range(sr):
+        for t in range(sr):
+            for rows, wy in zip(y_rows, y_wts):
+                for cols, wx in zip(x_idx, x_wts):
+                    index = (rows[..., :, None, s]
+                             + cols[..., None, :, t])  # [B, K, oh, ow]
+                    weight = (wy[..., :, None, s]
+                              * wx[..., None, :, t])  # [B, K, oh, ow]
+                    value = tf.cast(tf.gather(table, index),
+                                    tf.float32)  # [B, K, oh, ow, C]
+                    term = value * weight[..., None]
+                    acc = term if acc is None else acc + term
+    # Step 4.
+    return acc * (1.0 / (sr * sr))
+
+
+def roi_align(features, boxes, output_size=(7, 7), spatial_scale=1.0,
+              sampling_ratio=2, aligned=True):
+    """ROIAlign of each box over one feature map (Mask R-CNN §3).
+
+    Each box, mapped to feature cells by `spatial_scale` (and, with `aligned`,
+    shifted by -0.5 cell), is cut into `oh x ow` bins; each bin averages
+    `sampling_ratio x sampling_ratio` bilinear samples at the centres of an
+    even sub-grid. A sample with y < -1 or y > H (likewise x) contributes 0,
+    others are clamped to [0, H - 1] x [0, W - 1]. With `aligned=False` there
+    is no shift and each box is at least 1 x 1 cell. Interpolation runs in
+    float32; gradients flow to `features`, not to `boxes`.
+
+    Args:
+      features: float32, float16 or bfloat16 [B, H, W, C].
+      boxes: float [B, K, 4] (y1, x1, y2, x2) in image pixels; padded slots
+        (any value, e.g. 0) give finite outputs that callers ignore.
+      output_size: (oh, ow) Python ints; 7 x 7 for the box head.
+      spatial_scale: Python float, 1 / stride of `features`.
+      sampling_ratio: Python int >= 1; 2 as in Detectron2's R50-FPN configs
+        (no adaptive mode: it would make the sample count data-dependent).
+      aligned: Python bool; True is Detectron2's ROIAlignV2.
+
+    Returns:
+      [B, K, oh, ow, C] in the dtype of `features`.
+    """
+    features = tf.convert_to_tensor(features)
+    boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
+    _, height, width, channels = features.shape
+    batch = tf.shape(features)[0]
+    num_boxes = tf.shape(boxes)[1]
+    table = tf.reshape(features, [-1, channels])  # [B*H*W, C]
+    row_offset = tf.broadcast_to(
+        tf.range(batch)[:, None] * (height * width), [batch, num_boxes])  # [B, K]
+    pooled = _pool_boxes(table, row_offset, height, width,
+                         boxes * spatial_scale, output_size, sampling_ratio,
+                         aligned)
+    return tf.cast(pooled, features.dtype)
+
+
+def assign_levels(boxes, min_level=2, max_level=5,
+                  canonical_size=CANONICAL_SIZE,
+                  canonical_level=CANONICAL_LEVEL):
+    """FPN level of each box (Eq. 1 of the FPN paper).
+
+    `level = floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8))`
+    clamped to `[min_level, max_level]`; empty boxes get `min_level`.
+
+    Args:
+      boxes: float [B, K, 4] (y1, x1, y2, x2) in image pixels.
+      min_level, max_level: Python ints, the pyramid levels pooled from.
+      canonical_size: box side (pixels) that maps to `canonical_level`.
+      canonical_level: Python int.
+
+    Returns:
+      int32 [B, K].
+    """
+    area = box_ops.box_area(boxes)  # [B, K]
+    level = tf.floor(canonical_level + tf.math.log(
+        tf.sqrt(area) / canonical_size + _LOG_EPS) / tf.math.log(2.0))
+    level = tf.clip_by_value(level, float(min_level), float(max_level))
+    return tf.cast(level, tf.int32)
+
+
+def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
+                         min_level=2, max_level=5,
+                         canonical_size=CANONICAL_SIZE,
+                         canonical_level=CANONICAL_LEVEL):
+    """ROIAlign of each box from its own FPN level (`assign_levels`).
+
+    Each box is pooled once, by `roi_align(aligned=True)` semantics with
+    `spatial_scale = 2**-level`, from the level it is assigned to; no box is
+    pooled from the other levels.
+
+    Algorithm:
+      1. Flatten levels `min_level..max_level` into one `[B * R, C]` table,
+         `R = sum_l H_l * W_l`, and keep each level's row offset, height,
+         width and scale in small `[L]` constant vectors.
+      2. `assign_levels` each box and gather its level's offset, size and
+         scale from those vectors.
+      3. Run the shared 4-neighbour gather core (`_pool_boxes`) once.
+
+    Args:
+      features: {level: float32, float16 or bfloat16 [B, H_l, W_l, C]} with
+        stride `2**level`; levels outside `[min_level, max_level]` are
+        ignored.
+      boxes: float [B, K, 4] (y1, x1, y2, x2) in image pixels; padded slots
+        give finite outputs that callers ignore.
+      output_size: (oh, ow) Python ints; 7 x 7 box head, 14 x 14 mask head.
+      sampling_ratio: Python int >= 1.
+      min_level, max_level, canonical_size, canonical_level: as in
+        `assign_levels`.
+
+    Returns:
+      [B, K, oh, ow, C] in the dtype of the features.
+    """
+    levels = list(range(min_level, max_level + 1))
+    missing = [lvl for lvl in levels if lvl not in features]
+    if missing:
+        raise ValueError(f"features lacks levels {missing}; it has "
+                         f"{sorted(features)} and min_level={min_level}, "
+                         f"max_level={max_level}")
+    maps = [tf.convert_to_tensor(features[lvl]) for lvl in levels]
+    dtype = maps[0].dtype
+    channels = maps[0].shape[-1]
+    boxes = tf.stop_gradient(tf.cast(boxes, tf.float32))
+    # Step 1.
+    heights = [m.shape[1] for m in maps]
+    widths = [m.shape[2] for m in maps]
+    sizes = [h * w for h, w in zip(heights, widths)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    rows_per_image = sum(sizes)
+    batch = tf.shape(maps[0])[0]
+    table = tf.concat([tf.reshape(tf.cast(m, dtype), [batch, s, channels])
+                       for m, s in zip(maps, sizes)], axis=1)  # [B, R, C]
+    table = tf.reshape(table, [-1, channels])  # [B*R, C]
+    # Step 2.
+    level_index = assign_levels(boxes, min_level, max_level, canonical_size,
+                                canonical_level) - min_level  # [B, K]
+    height = tf.gather(tf.constant(heights, tf.int32), level_index)  # [B, K]
+    width = tf.gather(tf.constant(widths, tf.int32), level_index)  # [B, K]
+    scale = tf.gather(tf.constant([2.0 ** -lvl for lvl in levels], tf.float32),
+                      level_index)  # [B, K]
+    row_offset = (tf.gather(tf.constant(starts, tf.int32), level_index)
+                  + tf.range(batch)[:, None] * rows_per_image)  # [B, K]
+    # Step 3.
+    pooled = _pool_boxes(table, row_offset, height, width,
+                         boxes * scale[..., None], output_size,
+                         sampling_ratio, aligned=True)
+    return tf.cast(pooled, dtype)
