@@ -1,0 +1,133 @@
+"""Host-side decoding of one image and its instance masks (NumPy, PIL, pycocotools).
+
+Runs inside `tf.numpy_function` in the input pipeline, once per image. Shape
+letters: `h, w` original image size, `n` kept instances, `S` mask size.
+
+Masks are never materialised at canvas size in the batch: each instance mask
+is cropped to its gt box and resampled to `S x S` (the "box frame"). Output
+cell `(u, v)` of a box `(y1, x1, y2, x2)` stands for the image point
+`(y1 + (u + 0.5) * (y2 - y1) / S, x1 + (v + 0.5) * (x2 - x1) / S)`:
+
+  - polygons are mapped into the box frame and rasterised there by
+    pycocotools at `S x S` (as Detectron2's `PolygonMasks.crop_and_resize`),
+    which costs `S * S` per instance, not `h * w`;
+  - RLE masks are decoded at `h x w` and sampled bilinearly at those points
+    (pixel `(i, j)` centred at `(i + 0.5, j + 0.5)`, edges clamped), then
+    thresholded at 0.5.
+
+Flipping the image flips every box-frame mask along `v` exactly, because the
+sample points are symmetric in the box.
+"""
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from mrcnn.data.coco import DataError
+
+
+def read_image(path, image_id, height, width):
+    """Decodes an image file to RGB.
+
+    Args:
+      path: str, a JPEG or PNG (any format PIL reads; grey, RGBA and CMYK are
+        converted to RGB).
+      image_id: int, for messages.
+      height, width: int, the size the annotation file gives.
+
+    Returns:
+      uint8 [h, w, 3].
+
+    Raises:
+      DataError: missing, unreadable or truncated file, or a size other than
+        the json's (boxes would be wrong), naming the file and image id.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()   # decodes everything: a truncated file raises here
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode image id {image_id}: {e}") from None
+    if pixels.shape[:2] != (height, width):
+        raise DataError(
+            f"{path}: image id {image_id} is {pixels.shape[0]}x{pixels.shape[1]} "
+            f"(h x w) but the annotation file says {height}x{width}")
+    return pixels
+
+
+def box_frame_mask(segmentation, box, height, width, mask_size):
+    """One instance mask cropped to its box and resampled (module docstring).
+
+    Args:
+      segmentation: COCO polygons (list of flat [x0, y0, ...] lists) or RLE
+        dict (compressed or not), in original image pixels.
+      box: float [4] (y1, x1, y2, x2), original image pixels, non-empty.
+      height, width: int, the original image size.
+      mask_size: int S.
+
+    Returns:
+      uint8 [S, S] of 0/1.
+    """
+    y1, x1, y2, x2 = (float(v) for v in box)
+    sy, sx = mask_size / (y2 - y1), mask_size / (x2 - x1)
+    if isinstance(segmentation, list):
+        polygons = []
+        for poly in segmentation:
+            p = np.asarray(poly, np.float64).reshape(-1, 2)
+            p = (p - (x1, y1)) * (sx, sy)   # into the S x S box frame
+            polygons.append(p.reshape(-1).tolist())
+        rles = mask_util.frPyObjects(polygons, mask_size, mask_size)
+        return mask_util.decode(mask_util.merge(rles))
+    rle = segmentation
+    if isinstance(rle.get("counts"), list):
+        rle = mask_util.frPyObjects(rle, height, width)
+    full = mask_util.decode(rle)   # [h, w]
+    centres = (np.arange(mask_size) + 0.5) / mask_size
+    ys = y1 + centres * (y2 - y1) - 0.5   # pixel-centre coordinates
+    xs = x1 + centres * (x2 - x1) - 0.5
+    return (_bilinear(full, ys, xs) >= 0.5).astype(np.uint8)
+
+
+def _bilinear(image, ys, xs):
+    """float32 [len(ys), len(xs)] bilinear samples on a grid, edges clamped."""
+    h, w = image.shape
+    ys = np.clip(ys, 0, h - 1)
+    xs = np.clip(xs, 0, w - 1)
+    y0 = np.minimum(np.floor(ys).astype(np.int64), h - 2) if h > 1 else np.zeros(len(ys), np.int64)
+    x0 = np.minimum(np.floor(xs).astype(np.int64), w - 2) if w > 1 else np.zeros(len(xs), np.int64)
+    y1i, x1i = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy = (ys - y0)[:, None].astype(np.float32)
+    wx = (xs - x0)[None, :].astype(np.float32)
+    img = image.astype(np.float32)
+    top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1i] * wx
+    bottom = img[y1i][:, x0] * (1 - wx) + img[y1i][:, x1i] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def decode_example(record, mask_size, max_instances, keep_crowd=False):
+    """Image, boxes, classes and box-frame masks of one record.
+
+    Crowd annotations are dropped unless `keep_crowd` (they are never gt
+    boxes). At most `max_instances` are kept, in annotation order.
+
+    Args:
+      record: mrcnn.data.coco.ImageRecord.
+      mask_size: int S.
+      max_instances: int M.
+      keep_crowd: bool.
+
+    Returns:
+      (image uint8 [h, w, 3], boxes float32 [n, 4] (y1, x1, y2, x2) original
+      pixels, classes int32 [n] 1..C, masks uint8 [n, S, S], num_dropped int:
+      instances beyond M).
+    """
+    image = read_image(record.path, record.image_id, record.height, record.width)
+    keep = np.flatnonzero(~record.is_crowd | keep_crowd)
+    num_dropped = max(len(keep) - max_instances, 0)
+    keep = keep[:max_instances]
+    masks = np.zeros((len(keep), mask_size, mask_size), np.uint8)
+    for i, k in enumerate(keep):
+        masks[i] = box_frame_mask(record.segmentations[k], record.boxes[k],
+                                  record.height, record.width, mask_size)
+    return (image, record.boxes[keep].astype(np.float32),
+            record.classes[keep].astype(np.int32), masks, num_dropped)

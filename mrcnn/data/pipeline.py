@@ -1,0 +1,344 @@
+"""The input pipeline: a COCO split -> fixed-shape tf.data batches.
+
+Shape letters: `B` images per batch (per replica), `H, W` the static canvas,
+`M` gt slots per image, `S` the mask size.
+
+A batch is a dict:
+  images: float32 [B, H, W, 3] RGB, `(pixel - mean) / std`, the resized image
+    at the top left, zeros (after normalisation) below and right of it.
+  image_info: float32 [B, 5] (original_height, original_width,
+    resized_height, resized_width, scale), `resized = round(original * scale)`.
+  image_id: int64 [B], the COCO image id; -1 marks a padded slot of the last
+    evaluation batch (all its other fields are zeros).
+  gt_boxes: float32 [B, M, 4] (y1, x1, y2, x2), pixels of the resized image;
+    padded slots 0.
+  gt_classes: int32 [B, M], contiguous 1..C; padded slots 0.
+  gt_valid: bool [B, M].
+  gt_masks: uint8 [B, M, S, S] of 0/1, each instance's mask cropped to its
+    own `gt_boxes` row and resampled to S x S (see mrcnn/data/decode.py);
+    padded slots 0.
+
+Boxes are scaled per axis by `resized / original` (the factor the image
+pixels were resized by; it differs from `scale` by under half a pixel over
+the image), then flipped as `x -> resized_width - x` with the image.
+"""
+
+import threading
+
+import gin
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mrcnn.data import coco, decode
+
+# ImageNet statistics of RGB pixels in [0, 255], the ones torchvision-trained
+# ResNet-50 weights expect.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+# Random bits per element: the low 24 give the flip draw, the rest the scale.
+_FLIP_BITS = 24
+
+
+@gin.configurable
+class CocoInput:
+    """Builds the training or evaluation dataset of one COCO-format split.
+
+    Call it, optionally with a `tf.distribute.InputContext`, to get a
+    `tf.data.Dataset` of batches (see the module docstring), so that it can be
+    passed as is to `strategy.distribute_datasets_from_function`.
+
+    Training: the image list is sharded per input pipeline (before any file
+    is read), shuffled, repeated; each image gets a random shorter side from
+    `min_size` and a horizontal flip with `flip_probability`; crowd
+    annotations are dropped, and so are images left without annotations when
+    `filter_empty`. Evaluation: every image once, ordered by image id, at the
+    largest `min_size`, no flip; the last batch is padded with `image_id -1`.
+
+    Bad input (see mrcnn/data/coco.py for the list): with `skip_bad` the
+    training reader drops the images concerned and evaluation drops the bad
+    annotations (evaluation still raises for a missing image file); each
+    skip is counted in `self.counts`, listed in `self.problems`, and logged
+    once when the json has been read. An image file that fails to decode in
+    the pipeline is skipped in training (counted as `undecodable_images`,
+    logged once per file) and raises elsewhere, naming the file and image id.
+    Without `skip_bad`, every problem raises `mrcnn.data.coco.DataError`.
+
+    Args:
+      data_dir: str, the root of a COCO 2017-layout dataset.
+      split: str, e.g. "train2017": reads `annotations/instances_<split>.json`
+        and the images in `<split>/`.
+      training: bool, the mode (see above).
+      batch_size: int, the global batch; with an input context each pipeline
+        makes `input_context.get_per_replica_batch_size(batch_size)`.
+        Default 16, the R50-FPN 1x recipe (2 images x 8 GPUs).
+      min_size: int or tuple of int, shorter side in pixels; a tuple is the
+        multi-scale training choice (one drawn per image). Default 800, COCO.
+      max_size: int, the longer side is at most this. Default 1333, COCO.
+      canvas_size: (H, W) ints, the static padded size; each a multiple of
+        `size_divisor` and large enough for every resized image (checked at
+        load). Default (1344, 1344): the smallest multiple of 64 >= 1333.
+      size_divisor: int, 2**max_level of the FPN (64 for P6).
+      max_instances: int M, gt slots per image (COCO's largest image has 93
+        instances). Extra instances are dropped and counted.
+      mask_size: int S. 112 keeps 100 masks at 1.25 MB per image, four times
+        the 28 x 28 mask head output so targets can be resampled from it.
+      flip_probability: float in [0, 1], training only.
+      mean, std: 3 floats, RGB normalisation on the [0, 255] scale.
+      skip_bad: bool, skip (training) instead of raising on bad input.
+      filter_empty: bool, drop training images without a non-crowd
+        annotation (Detectron2's FILTER_EMPTY_ANNOTATIONS).
+      shuffle_buffer: int or None, None shuffles the whole image list (ints,
+        not images, so it is cheap).
+      seed: int or None; with a seed, training order, scales and flips are
+        reproducible.
+      annotation_file, image_dir: str or None, override the layout paths.
+      check_files: bool, check at load that every image file exists.
+    """
+
+    def __init__(self, data_dir=None, split="train2017", training=True,
+                 batch_size=16, min_size=800, max_size=1333,
+                 canvas_size=(1344, 1344), size_divisor=64, max_instances=100,
+                 mask_size=112, flip_probability=0.5, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, skip_bad=True, filter_empty=True,
+                 shuffle_buffer=None, seed=None, annotation_file=None,
+                 image_dir=None, check_files=True):
+        min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
+        canvas_size = tuple(int(s) for s in canvas_size)
+        if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
+            raise ValueError(f"CocoInput: canvas_size={canvas_size} must be two "
+                             f"multiples of size_divisor={size_divisor}")
+        if not min_sizes or min(min_sizes) <= 0 or max_size < max(min_sizes):
+            raise ValueError(f"CocoInput: min_size={min_size} must be positive "
+                             f"and <= max_size={max_size}")
+        if not 0.0 <= flip_probability <= 1.0:
+            raise ValueError(f"CocoInput: flip_probability={flip_probability}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("CocoInput: mean and std need 3 values (RGB)")
+        if data_dir is None and (annotation_file is None or image_dir is None):
+            raise ValueError("CocoInput: give data_dir, or annotation_file and "
+                             "image_dir")
+        self.training = bool(training)
+        self.batch_size = int(batch_size)
+        self.min_sizes = min_sizes
+        self.max_size = int(max_size)
+        self.canvas_size = canvas_size
+        self.max_instances = int(max_instances)
+        self.mask_size = int(mask_size)
+        self.flip_probability = float(flip_probability)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.skip_bad = bool(skip_bad)
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.annotation_file, self.image_dir = coco.split_paths(
+            data_dir, split, annotation_file, image_dir)
+
+        on_bad = ("raise" if not skip_bad
+                  else "skip_image" if training else "skip_annotation")
+        loaded = coco.load_split(self.annotation_file, self.image_dir,
+                                 on_bad=on_bad, check_files=check_files)
+        self.category_map = loaded.category_map
+        self.counts = loaded.counts
+        self.problems = loaded.problems
+        records = loaded.records
+        if training and filter_empty:
+            kept = [r for r in records if not r.is_crowd.all()]
+            self.counts["empty_images"] += len(records) - len(kept)
+            records = kept
+        self.records = records
+        self._check_canvas()
+        self._lock = threading.Lock()
+        self._reported = set()
+        if self.problems:
+            logging.warning(
+                "%s: skipped %d images and %d annotations (%s); first "
+                "problems:\n  %s", self.annotation_file,
+                self.counts["skipped_images"],
+                self.counts["skipped_annotations"]
+                + self.counts["orphan_annotations"],
+                ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())),
+                "\n  ".join(self.problems[:10]))
+        logging.info("%s: %d images, %d classes (%s)", self.annotation_file,
+                     len(self.records), self.category_map.num_classes,
+                     "training" if training else "evaluation")
+
+    @property
+    def num_classes(self):
+        """C, foreground classes (contiguous ids 1..C)."""
+        return self.category_map.num_classes
+
+    def num_batches(self, input_context=None):
+        """Evaluation batches per epoch of one pipeline (the last one padded)."""
+        batch = self._per_pipeline_batch(input_context)
+        return -(-len(self.shard_records(input_context)) // batch)
+
+    def shard_records(self, input_context=None):
+        """The image records one input pipeline reads, in file-list order."""
+        if input_context is None:
+            return list(self.records)
+        return self.records[input_context.input_pipeline_id::
+                            input_context.num_input_pipelines]
+
+    def __call__(self, input_context=None):
+        """The dataset of one input pipeline.
+
+        Args:
+          input_context: tf.distribute.InputContext or None.
+
+        Returns:
+          tf.data.Dataset of batch dicts (module docstring), static shapes.
+        """
+        records = self.shard_records(input_context)
+        if not records:
+            raise ValueError(f"{self.annotation_file}: no images to read in this "
+                             f"input pipeline ({len(self.records)} in total)")
+        batch = self._per_pipeline_batch(input_context)
+        seed = self.seed
+        if seed is not None and input_context is not None:
+            seed = seed + 1000003 * input_context.input_pipeline_id
+        index_of = {id(r): i for i, r in enumerate(self.records)}
+        indices = tf.constant([index_of[id(r)] for r in records], tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices(indices)
+        if self.training:
+            ds = ds.shuffle(self.shuffle_buffer or len(records), seed=seed,
+                            reshuffle_each_iteration=True).repeat()
+            ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
+        else:
+            ds = ds.map(lambda i: (i, tf.constant(0, tf.int64)))
+        ds = ds.map(self._example, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=not self.training or seed is not None)
+        if self.training:
+            ds = ds.filter(lambda ex: ex["ok"])
+        ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "ok"})
+        if not self.training and len(records) % batch:
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(self._padding())
+                                .repeat(batch - len(records) % batch))
+        ds = ds.batch(batch, drop_remainder=True,
+                      num_parallel_calls=tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF)   # sharded above
+        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    # -- internals ---------------------------------------------------------
+
+    def _per_pipeline_batch(self, input_context):
+        if input_context is None:
+            return self.batch_size
+        return input_context.get_per_replica_batch_size(self.batch_size)
+
+    def _resized_size(self, height, width, min_size):
+        scale = min(min_size / min(height, width), self.max_size / max(height, width))
+        return round(height * scale), round(width * scale), scale
+
+    def _check_canvas(self):
+        for r in self.records:
+            rh, rw, _ = self._resized_size(r.height, r.width, max(self.min_sizes))
+            if rh > self.canvas_size[0] or rw > self.canvas_size[1]:
+                raise ValueError(
+                    f"CocoInput: image id {r.image_id} ({r.path}) resizes to "
+                    f"{rh}x{rw}, larger than canvas_size={self.canvas_size}; "
+                    f"raise canvas_size or lower min_size/max_size")
+
+    def _load(self, index):
+        """numpy_function body: decode one record (mrcnn/data/decode.py)."""
+        record = self.records[int(index)]
+        s = self.mask_size
+        try:
+            image, boxes, classes, masks, dropped = decode.decode_example(
+                record, s, self.max_instances)
+        except coco.DataError as e:
+            if not (self.training and self.skip_bad):
+                raise
+            with self._lock:
+                self.counts["undecodable_images"] += 1
+                if record.path not in self._reported:
+                    self._reported.add(record.path)
+                    self.problems.append(str(e))
+                    logging.warning("skipping: %s", e)
+                if len(self._reported) == len(self.records):   # would spin forever
+                    raise coco.DataError(
+                        f"{self.annotation_file}: no image decodes; last: {e}") from None
+            return (np.zeros((1, 1, 3), np.uint8), np.zeros((0, 4), np.float32),
+                    np.zeros((0,), np.int32), np.zeros((0, s, s), np.uint8), False)
+        if dropped:
+            with self._lock:
+                self.counts["dropped_instances"] += dropped
+        return image, boxes, classes, masks, True
+
+    def _example(self, index, random_bits):
+        """One image: decode (host), resize, flip, normalise, pad."""
+        m, s = self.max_instances, self.mask_size
+        image, boxes, classes, masks, ok = tf.numpy_function(
+            self._load, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.bool],
+            stateful=False)
+        image.set_shape([None, None, 3])
+        boxes.set_shape([None, 4])
+        classes.set_shape([None])
+        masks.set_shape([None, s, s])
+        ok.set_shape([])
+        image_ids = tf.constant([r.image_id for r in self.records], tf.int64)
+
+        # 1. Size: shorter side to min_size (drawn in training), longer <= max.
+        if self.training:
+            pick = (random_bits // (1 << _FLIP_BITS)) % len(self.min_sizes)
+            min_size = tf.gather(tf.constant(self.min_sizes, tf.float64), pick)
+        else:
+            min_size = tf.constant(max(self.min_sizes), tf.float64)
+        size = tf.cast(tf.shape(image)[:2], tf.float64)
+        scale = tf.minimum(min_size / tf.reduce_min(size),
+                           self.max_size / tf.reduce_max(size))
+        resized = tf.round(size * scale)
+        image = tf.image.resize(image, tf.cast(resized, tf.int32), method="bilinear")
+        factor = tf.cast(resized / size, tf.float32)
+        boxes = boxes * tf.tile(factor, [2])[None, :]   # [n, 4]
+
+        # 2. Flip (training): image, boxes and box-frame masks together.
+        if self.training and self.flip_probability > 0:
+            draw = tf.cast(random_bits % (1 << _FLIP_BITS), tf.float32) / (1 << _FLIP_BITS)
+            flip = draw < self.flip_probability
+            rw = tf.cast(resized[1], tf.float32)
+            image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+            boxes = tf.cond(
+                flip,
+                lambda: tf.stack([boxes[:, 0], rw - boxes[:, 3],
+                                  boxes[:, 2], rw - boxes[:, 1]], axis=1),
+                lambda: boxes)
+            masks = tf.cond(flip, lambda: tf.reverse(masks, [2]), lambda: masks)
+
+        # 3. Normalise, then pad bottom/right to the canvas.
+        image = (image - tf.constant(self.mean)) / tf.constant(self.std)
+        image = tf.image.pad_to_bounding_box(image, 0, 0, *self.canvas_size)
+        image.set_shape(self.canvas_size + (3,))
+
+        # 4. Pad gt to M slots.
+        pad = m - tf.shape(classes)[0]
+        example = {
+            "images": image,
+            "image_info": tf.cast(tf.concat([size, resized, [scale]], 0), tf.float32),
+            "image_id": tf.gather(image_ids, index),
+            "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
+            "gt_classes": tf.pad(classes, [[0, pad]]),
+            "gt_valid": tf.sequence_mask(tf.shape(classes)[0], m),
+            "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
+            "ok": ok,
+        }
+        example["image_info"].set_shape([5])
+        example["gt_boxes"].set_shape([m, 4])
+        example["gt_classes"].set_shape([m])
+        example["gt_masks"].set_shape([m, s, s])
+        return example
+
+    def _padding(self):
+        """The all-zero example with image_id -1 that fills the last eval batch."""
+        m, s = self.max_instances, self.mask_size
+        return {
+            "images": tf.zeros(self.canvas_size + (3,), tf.float32),
+            "image_info": tf.zeros([5], tf.float32),
+            "image_id": tf.constant(-1, tf.int64),
+            "gt_boxes": tf.zeros([m, 4], tf.float32),
+            "gt_classes": tf.zeros([m], tf.int32),
+            "gt_valid": tf.zeros([m], tf.bool),
+            "gt_masks": tf.zeros([m, s, s], tf.uint8),
+        }

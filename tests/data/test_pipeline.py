@@ -1,0 +1,380 @@
+"""CocoInput end to end: make_shapes -> batches give back the drawn boxes,
+classes, masks and pixels (resized and flipped), static shapes, crowd, eval
+padding, sharding, bad input, gin, and the input benchmark."""
+
+import collections
+import json
+import os
+import tempfile
+
+import gin
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from mrcnn.benchmarks import input as input_bench
+from mrcnn.data import CocoInput, DataError, make_shapes
+from tests.data import fixtures
+
+H, W = 48, 65                 # source images
+MIN_SIZE, MAX_SIZE = 72, 110  # scale 1.5: resized 72 x round(97.5) = 98
+CANVAS = (128, 128)
+M, S = 8, 16
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+
+
+def _builder(root, **kwargs):
+    args = dict(batch_size=4, min_size=MIN_SIZE, max_size=MAX_SIZE,
+                canvas_size=CANVAS, max_instances=M, mask_size=S, seed=3)
+    args.update(kwargs)
+    return CocoInput(root, **args)
+
+
+def _numpy_batches(ds, n=None):
+    it = ds if n is None else ds.take(n)
+    return [{k: v.numpy() for k, v in b.items()} for b in it]
+
+
+def _ref_resize(image, rh, rw):
+    """Bilinear with half-pixel centres (output pixel i samples input
+    (i + 0.5) * in / out - 0.5, clamped), float64, one axis at a time."""
+    def along(x, n_out, axis):
+        n_in = x.shape[axis]
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        w = src - i0
+        shape = [1] * x.ndim
+        shape[axis] = n_out
+        w = w.reshape(shape)
+        return np.take(x, i0, axis) * (1 - w) + np.take(x, i1, axis) * w
+    return along(along(image.astype(np.float64), rh, 0), rw, 1)
+
+
+def _ref_frame(mask, box, s):
+    """Nearest pixel under each cell's sample point (box in mask pixels)."""
+    y1, x1, y2, x2 = box
+    out = np.zeros((s, s), np.uint8)
+    for u in range(s):
+        for v in range(s):
+            i = int((y1 + (u + 0.5) * (y2 - y1) / s))
+            j = int((x1 + (v + 0.5) * (x2 - x1) / s))
+            out[u, v] = mask[min(i, mask.shape[0] - 1), min(j, mask.shape[1] - 1)]
+    return out
+
+
+class ShapesRoundTripTest(tf.test.TestCase, parameterized.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.root = os.path.join(cls.tmp.name, "shapes")
+        make_shapes(cls.root, num_train=12, num_val=9, image_size=(H, W), seed=7)
+        cls.json = {}
+        for split in ("train2017", "val2017"):
+            with open(os.path.join(cls.root, "annotations",
+                                   f"instances_{split}.json")) as f:
+                cls.json[split] = json.load(f)
+        cls.eval_batches = _numpy_batches(
+            _builder(cls.root, split="val2017", training=False)())
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+        super().tearDownClass()
+
+    def _annotations(self, split, image_id):
+        return [a for a in self.json[split]["annotations"]
+                if a["image_id"] == image_id and not a["iscrowd"]]
+
+    def _check_example(self, split, batch, b, flipped=False):
+        """Slot b of a batch against the json and the image file."""
+        image_id = int(batch["image_id"][b])
+        rh, rw = round(H * 1.5), round(W * 1.5)
+        self.assertAllClose(batch["image_info"][b], [H, W, rh, rw, 1.5])
+        fy, fx = rh / H, rw / W
+        coco_to_class = {1: 1, 3: 2, 7: 3}
+        anns = self._annotations(split, image_id)
+        n = len(anns)
+        self.assertAllEqual(batch["gt_valid"][b], np.arange(M) < n)
+        for key in ("gt_classes", "gt_boxes", "gt_masks"):
+            self.assertFalse(batch[key][b, n:].any(), msg=key)
+        for k, a in enumerate(anns):
+            self.assertEqual(batch["gt_classes"][b, k], coco_to_class[a["category_id"]])
+            x, y, w, h = a["bbox"]
+            box = np.array([y * fy, x * fx, (y + h) * fy, (x + w) * fx])
+            if flipped:
+                box = np.array([box[0], rw - box[3], box[2], rw - box[1]])
+            self.assertAllClose(batch["gt_boxes"][b, k], box, atol=1e-4)
+            full = mask_util.decode(mask_util.merge(
+                mask_util.frPyObjects(a["segmentation"], H, W)))
+            if flipped:
+                full = full[:, ::-1]
+            ref = _ref_frame(full, (box[0] / fy, box[1] / fx, box[2] / fy,
+                                    box[3] / fx), S)
+            got = batch["gt_masks"][b, k]
+            iou = (got & ref).sum() / max((got | ref).sum(), 1)
+            self.assertGreater(iou, 0.7, msg=(image_id, a["id"]))
+        file_name = f"{image_id:012d}.jpg"
+        pixels = np.asarray(Image.open(os.path.join(self.root, split, file_name)))
+        ref = _ref_resize(pixels, rh, rw)
+        if flipped:
+            ref = ref[:, ::-1]
+        got = batch["images"][b] * STD + MEAN
+        self.assertAllClose(got[:rh, :rw], ref, atol=0.05)
+        self.assertFalse(batch["images"][b, rh:].any())
+        self.assertFalse(batch["images"][b, :, rw:].any())
+
+    def test_eval_round_trip(self):
+        slots = [(batch, b) for batch in self.eval_batches
+                 for b in range(4) if batch["image_id"][b] >= 0]
+        self.assertLen(slots, 9)
+        for batch, b in slots:
+            self._check_example("val2017", batch, b)
+
+    def test_eval_every_image_once_in_order_then_padding(self):
+        ids = np.concatenate([b["image_id"] for b in self.eval_batches])
+        expected = sorted(i["id"] for i in self.json["val2017"]["images"])
+        self.assertAllEqual(ids, expected + [-1, -1, -1])
+        last = self.eval_batches[-1]
+        for key in ("images", "image_info", "gt_boxes", "gt_classes", "gt_masks"):
+            self.assertAllEqual(last[key][1:], np.zeros_like(last[key][1:]))
+        self.assertFalse(last["gt_valid"][1:].any())
+        # Index 7 of the split has no instance and is still evaluated.
+        empty = self.json["val2017"]["images"][7]["id"]
+        slot = list(ids).index(empty)
+        self.assertFalse(self.eval_batches[slot // 4]["gt_valid"][slot % 4].any())
+
+    @parameterized.named_parameters(("no_flip", 0.0), ("flip", 1.0))
+    def test_training_round_trip(self, flip_probability):
+        builder = _builder(self.root, flip_probability=flip_probability)
+        for batch in _numpy_batches(builder(), 3):
+            for b in range(4):
+                self._check_example("train2017", batch, b,
+                                    flipped=flip_probability == 1.0)
+
+    def test_flip_mirrors_image_boxes_and_masks(self):
+        plain, flipped = (
+            _numpy_batches(_builder(self.root, flip_probability=p)(), 2)
+            for p in (0.0, 1.0))
+        rw = round(W * 1.5)
+        for a, f in zip(plain, flipped):
+            self.assertAllEqual(a["image_id"], f["image_id"])
+            self.assertAllEqual(f["images"][:, :, :rw], a["images"][:, :, :rw][:, :, ::-1])
+            valid = a["gt_valid"]
+            ab, fb = a["gt_boxes"][valid], f["gt_boxes"][valid]
+            self.assertAllClose(fb, np.stack([ab[:, 0], rw - ab[:, 3], ab[:, 2],
+                                              rw - ab[:, 1]], 1))
+            self.assertAllEqual(f["gt_masks"], a["gt_masks"][..., ::-1])
+
+    def test_multiscale_and_static_shapes(self):
+        builder = _builder(self.root, min_size=(48, 72))
+        ds = builder()
+        for spec in ds.element_spec.values():
+            self.assertTrue(spec.shape.is_fully_defined())
+        sizes = set()
+        for batch in _numpy_batches(ds, 5):
+            for key, spec in ds.element_spec.items():
+                self.assertEqual(batch[key].shape, tuple(spec.shape))
+                self.assertEqual(batch[key].dtype, spec.dtype.as_numpy_dtype)
+            for info, boxes, valid in zip(batch["image_info"], batch["gt_boxes"],
+                                          batch["gt_valid"]):
+                sizes.add(tuple(info[2:4]))
+                self.assertTrue((boxes[valid][:, 2] <= info[2] + 1e-4).all())
+                self.assertTrue((boxes[valid][:, 3] <= info[3] + 1e-4).all())
+        self.assertEqual(sizes, {(48.0, 65.0), (72.0, 98.0)})
+        self.assertEqual(tuple(ds.element_spec["images"].shape), (4,) + CANVAS + (3,))
+
+    def test_crowd_never_gt_and_empty_filtered(self):
+        builder = _builder(self.root, batch_size=1)
+        self.assertGreaterEqual(builder.counts["crowd_annotations"], 1)
+        self.assertEqual(builder.counts["empty_images"], 1)   # index 7
+        ids = {r.image_id for r in builder.records}
+        self.assertLen(ids, 11)
+        seen = collections.Counter()
+        for batch in _numpy_batches(builder(), 11):
+            image_id = int(batch["image_id"][0])
+            seen[image_id] += 1
+            crowd = [a for a in self.json["train2017"]["annotations"]
+                     if a["image_id"] == image_id and a["iscrowd"]]
+            self.assertEqual(batch["gt_valid"][0].sum(),
+                             len(self._annotations("train2017", image_id)))
+            for a in crowd:
+                x, y, w, h = a["bbox"]
+                crowd_box = np.array([y, x, y + h, x + w]) * 1.5
+                for box in batch["gt_boxes"][0][batch["gt_valid"][0]]:
+                    self.assertNotAllClose(box[[0, 2]], crowd_box[[0, 2]])
+        self.assertEqual(set(seen), ids)   # one shuffled epoch: each once
+
+    def test_category_map_exported(self):
+        builder = _builder(self.root)
+        cmap = builder.category_map
+        self.assertEqual(builder.num_classes, 3)
+        self.assertEqual(cmap.names, ("circle", "square", "triangle"))
+        self.assertEqual([cmap.to_coco(c) for c in (1, 2, 3)], [1, 3, 7])
+
+    @parameterized.named_parameters(("two", 2), ("three", 3))
+    def test_sharding_disjoint(self, num_pipelines):
+        builder = _builder(self.root, batch_size=2 * num_pipelines)
+        shards = []
+        for i in range(num_pipelines):
+            context = tf.distribute.InputContext(
+                num_input_pipelines=num_pipelines, input_pipeline_id=i,
+                num_replicas_in_sync=num_pipelines)
+            records = builder.shard_records(context)
+            ds = builder(context)
+            per_replica = ds.element_spec["image_id"].shape[0]
+            self.assertEqual(per_replica, 2)
+            ids = [int(e["image_id"]) for e in ds.unbatch().take(len(records))]
+            self.assertEqual(sorted(ids), sorted(r.image_id for r in records))
+            shards.append({r.path for r in records})
+        union = set().union(*shards)
+        self.assertEqual(union, {r.path for r in builder.records})
+        self.assertEqual(sum(len(s) for s in shards), len(union))
+
+    def test_distribute_datasets_from_function(self):
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+        builder = _builder(self.root, batch_size=2)
+        dist = strategy.distribute_datasets_from_function(builder)
+        batch = next(iter(dist))
+        self.assertEqual(tuple(batch["images"].shape), (2,) + CANVAS + (3,))
+
+    def test_mask_memory_per_image(self):
+        builder = CocoInput(self.root, split="val2017", training=False)
+        spec = builder().element_spec["gt_masks"]
+        self.assertEqual(tuple(spec.shape[1:]), (100, 112, 112))
+        self.assertLess(np.prod(spec.shape[1:]) * spec.dtype.size, 8 * 2**20)
+
+    def test_gin_binds_builder(self):
+        with gin.unlock_config():
+            gin.parse_config(["CocoInput.mask_size = 8",
+                              "CocoInput.max_instances = 5"])
+        try:
+            builder = CocoInput(self.root, split="val2017", training=False,
+                                batch_size=2, min_size=48, max_size=65,
+                                canvas_size=(64, 128))
+            spec = builder().element_spec
+            self.assertEqual(tuple(spec["gt_masks"].shape), (2, 5, 8, 8))
+            self.assertEqual(tuple(spec["images"].shape), (2, 64, 128, 3))
+        finally:
+            gin.clear_config()
+
+    def test_config_errors(self):
+        with self.assertRaisesRegex(ValueError, "multiples of size_divisor"):
+            _builder(self.root, canvas_size=(100, 128))
+        with self.assertRaisesRegex(ValueError, "larger than canvas_size"):
+            _builder(self.root, min_size=200, max_size=300, canvas_size=(128, 256))
+
+    def test_bench_input(self):
+        result = input_bench.bench_input(self.root, batch=2, min_size=48,
+                                         max_size=65, canvas=128,
+                                         num_batches=2, warmup=1)
+        self.assertGreater(result["images_per_s"], 0)
+        expected = 2 * (128 * 128 * 3 * 4 + 100 * 112 * 112 + 5 * 4 + 8
+                        + 100 * (16 + 4 + 1))
+        self.assertEqual(result["batch_bytes"], expected)
+
+
+class BadInputPipelineTest(tf.test.TestCase):
+    """Bad files and annotations through CocoInput (fixtures dataset:
+    images 11, 12, 13 of 32 x 40)."""
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.root = tmp.name
+
+    def _build(self, dataset=None, **kwargs):
+        fixtures.write_dataset(self.root, dataset)
+        args = dict(batch_size=1, min_size=32, max_size=40, canvas_size=(64, 64),
+                    max_instances=4, mask_size=8, seed=0)
+        args.update(kwargs)
+        return lambda: CocoInput(self.root, **args)
+
+    def _truncate(self, image_id=12):
+        path = os.path.join(self.root, "train2017", f"{image_id:06d}.jpg")
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 3])
+        return path
+
+    def test_truncated_jpeg_skipped_and_counted_in_training(self):
+        make = self._build()
+        path = self._truncate()
+        builder = make()
+        ids = [int(b["image_id"][0]) for b in builder().take(6)]
+        self.assertNotIn(12, ids)
+        self.assertEqual(set(ids), {11, 13})
+        self.assertGreaterEqual(builder.counts["undecodable_images"], 1)
+        self.assertLen([p for p in builder.problems if path in p], 1)
+
+    def test_all_images_undecodable_raises_in_training(self):
+        make = self._build()
+        for image_id in (11, 12, 13):
+            self._truncate(image_id)
+        with self.assertRaisesRegex(tf.errors.OpError, "no image decodes"):
+            list(make()().take(2))
+
+    def test_truncated_jpeg_raises_naming_file_in_eval(self):
+        make = self._build(training=False)
+        path = self._truncate()
+        with self.assertRaisesRegex(tf.errors.OpError,
+                                    f"{path}: cannot decode image id 12"):
+            list(make()())
+
+    def test_garbage_file_raises_without_skip_bad(self):
+        make = self._build(skip_bad=False)
+        path = os.path.join(self.root, "train2017", "000013.jpg")
+        with open(path, "wb") as f:
+            f.write(b"not a jpeg")
+        with self.assertRaisesRegex(tf.errors.OpError, "image id 13"):
+            list(make()().take(6))
+
+    def test_missing_file(self):
+        make = self._build()
+        os.remove(os.path.join(self.root, "train2017", "000011.jpg"))
+        builder = make()
+        self.assertEqual(builder.counts["skipped_images"], 1)
+        self.assertEqual([r.image_id for r in builder.records], [12, 13])
+        with self.assertRaisesRegex(DataError, "image id 11: file .*000011.jpg"):
+            CocoInput(self.root, training=False, min_size=32, max_size=40,
+                      canvas_size=(64, 64))
+
+    def test_bad_annotation_logged_once_and_counted(self):
+        dataset = fixtures.base_dataset()
+        dataset["annotations"][0]["bbox"] = [4.0, 6.0, 0.0, 8.0]
+        dataset["annotations"][3]["category_id"] = 42
+        make = self._build(dataset)
+        with self.assertLogs("absl", level="WARNING") as logs:
+            builder = make()
+        self.assertLen(logs.records, 1)
+        self.assertIn("skipped 2 images", logs.output[0])
+        self.assertIn("annotation id 101", logs.output[0])
+        self.assertIn("annotation id 104", logs.output[0])
+        self.assertEqual(builder.counts["bad_annotations"], 2)
+        self.assertEqual([r.image_id for r in builder.records], [12])
+        with self.assertRaisesRegex(DataError, "annotation id 101 .*zero or negative"):
+            CocoInput(self.root, skip_bad=False, min_size=32, max_size=40,
+                      canvas_size=(64, 64))
+
+    def test_not_coco_json(self):
+        dataset = fixtures.base_dataset()
+        del dataset["categories"]
+        make = self._build(dataset)
+        with self.assertRaisesRegex(DataError, "instances_train2017.json.*'categories'"):
+            make()
+
+    def test_file_deleted_after_load_named_when_decoded(self):
+        builder = self._build(training=False)()
+        os.remove(os.path.join(self.root, "train2017", "000011.jpg"))
+        with self.assertRaisesRegex(tf.errors.OpError, "000011.jpg.*image id 11"):
+            list(builder())
+
+if __name__ == "__main__":
+    tf.test.main()
