@@ -81,7 +81,7 @@ def _format_eta(seconds):
 
 @gin.configurable(denylist=["model_dir"])
 def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
-          per_replica_batch=4, num_train_images=118287, epochs=12,
+          num_train_images=None, epochs=12,
           total_steps=None, precision="float32", xla=True,
           checkpoint_every=1000, keep_checkpoints=5, log_every=20,
           stop_after=None, strategy=None):
@@ -91,10 +91,11 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       model_dir: str, where checkpoints, summaries and the gin config go.
       model_fn: () -> keras.Model whose call(batch, training=True) returns a
         dict of float32 scalar losses.
-      dataset_fn: (input_context: tf.distribute.InputContext, batch_size: int)
-        -> infinite tf.data.Dataset of per-replica batches.
-      per_replica_batch: int, images per replica per step.
-      num_train_images: int, images in one epoch (COCO train2017: 118287).
+      dataset_fn: (input_context: tf.distribute.InputContext) -> infinite
+        tf.data.Dataset of per-replica batches with a static batch size
+        (`mrcnn.data.CocoInput` is one: its batch_size is the global batch).
+      num_train_images: int, images in one epoch; by default
+        `len(dataset_fn.records)` when the dataset builder has records.
       epochs: float, length of the run in epochs unless `total_steps`.
       total_steps: int, length of the run in steps (overrides `epochs`).
       precision: 'float32', 'bfloat16' or 'float16' (dynamic loss scaling).
@@ -118,7 +119,19 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     set_precision(precision)
     strategy = strategy or make_strategy()
     replicas = strategy.num_replicas_in_sync
+    # The per-replica batch is the data config's fact; read it off the spec.
+    spec = dataset_fn(tf.distribute.InputContext(
+        num_replicas_in_sync=replicas)).element_spec
+    per_replica_batch = tf.nest.flatten(spec)[0].shape[0]
+    if per_replica_batch is None:
+        raise ValueError("dataset_fn must batch with drop_remainder=True "
+                         "(static shapes), got an unknown batch size")
     global_batch = per_replica_batch * replicas
+    if num_train_images is None:
+        if not hasattr(dataset_fn, "records"):
+            raise ValueError("train.num_train_images is needed: dataset_fn has no "
+                             "`records` to count")
+        num_train_images = len(dataset_fn.records)
     steps_per_epoch = max(math.ceil(num_train_images / global_batch), 1)
     if total_steps is None:
         total_steps = int(round(epochs * steps_per_epoch))
@@ -130,11 +143,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             global_batch, steps_per_epoch, total_steps, precision=precision)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
 
-    dataset = strategy.distribute_datasets_from_function(
-        lambda ctx: dataset_fn(ctx, per_replica_batch))
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
     # Variables exist only after a first call: build them on a zero batch so
     # that the restore below fills every one of them.
-    spec = dataset_fn(tf.distribute.InputContext(), per_replica_batch).element_spec
     with strategy.scope():
         strategy.run(lambda: model(_zeros_like_spec(spec), training=True))
         optimizer.build(model.trainable_variables)

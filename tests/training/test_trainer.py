@@ -40,8 +40,9 @@ class ToyDetector(keras.Model):
                 "b": tf.reduce_mean(tf.abs(err[:, 1]))}
 
 
-def _dataset_fn(nan_from=None):
-    def fn(ctx, batch):
+def _dataset_fn(nan_from=None, global_batch=4):
+    def fn(ctx):
+        batch = ctx.get_per_replica_batch_size(global_batch)
         rng = np.random.default_rng(ctx.input_pipeline_id)
         images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
         target = np.stack([images.mean((1, 2, 3)), images.std((1, 2, 3))], 1)
@@ -66,7 +67,7 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         def model_fn():
             holder["model"] = ToyDetector()
             return holder["model"]
-        args = dict(model_fn=model_fn, dataset_fn=_dataset_fn(), per_replica_batch=4,
+        args = dict(model_fn=model_fn, dataset_fn=_dataset_fn(), num_train_images=32,
                     total_steps=12, xla=False, checkpoint_every=4, log_every=4,
                     strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
         args.update(kw)
@@ -117,7 +118,8 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         strategy = tf.distribute.MirroredStrategy(devices)
         holder = {}
         out = self._train(os.path.join(self.get_temp_dir(), "mirror"), holder,
-                          strategy=strategy, total_steps=4, xla=True)
+                          strategy=strategy, total_steps=4, xla=True,
+                          dataset_fn=_dataset_fn(global_batch=8))
         self.assertEqual(out["step"], 4)
         for weight in holder["model"].trainable_weights:
             mirrored = getattr(weight, "_value", weight)  # the tf MirroredVariable

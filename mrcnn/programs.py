@@ -1,0 +1,27 @@
+"""What every program in bin/ shares: gin flags, parsing, and clean failures."""
+
+import sys
+
+import gin
+from absl import flags, logging
+
+_GIN_FILE = flags.DEFINE_multi_string(
+    "gin_file", [], "Gin config file (repeatable; later files override earlier).")
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+    "gin_bindings", [], "Gin binding, e.g. \"train.total_steps=100\" (repeatable).")
+
+
+def parse_gin(finalize=True):
+    """Parses --gin_file and --gin_bindings; the repo's gin/ folder is on the search path."""
+    import os
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gin")
+    gin.add_config_file_search_path(os.path.normpath(root))
+    gin.parse_config_files_and_bindings(
+        _GIN_FILE.value, _GIN_BINDINGS.value, finalize_config=finalize)
+
+
+def fail(message):
+    """Ends the program with a one-paragraph error instead of a stack trace."""
+    logging.error(message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
