@@ -40,6 +40,56 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 _FLIP_BITS = 24
 
 
+def resize_image(image, min_size, max_size):
+    """Resizes so the shorter side is `min_size` and the longer at most `max_size`.
+
+    Args:
+      image: uint8 or float [h, w, 3].
+      min_size: float scalar (Python or tensor), target shorter side.
+      max_size: float, cap on the longer side.
+
+    Returns:
+      (image float32 [h', w', 3], size float64 [2] (h, w), resized float64 [2]
+      (h', w') = round(size * scale), scale float64 scalar).
+    """
+    size = tf.cast(tf.shape(image)[:2], tf.float64)
+    min_size = tf.cast(min_size, tf.float64)
+    scale = tf.minimum(min_size / tf.reduce_min(size),
+                       tf.cast(max_size, tf.float64) / tf.reduce_max(size))
+    resized = tf.round(size * scale)
+    image = tf.image.resize(image, tf.cast(resized, tf.int32), method="bilinear")
+    return image, size, resized, scale
+
+
+def normalize_and_pad(image, mean, std, canvas_size):
+    """(image - mean) / std, zero-padded bottom/right to `canvas_size` (H, W).
+
+    Returns float32 [H, W, 3].
+    """
+    image = (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(
+        std, tf.float32)
+    image = tf.image.pad_to_bounding_box(image, 0, 0, *canvas_size)
+    image.set_shape(tuple(canvas_size) + (3,))
+    return image
+
+
+def preprocess_image(image, *, min_size, max_size, canvas_size, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD):
+    """The inference transform of one image, as the eval pipeline applies it.
+
+    Args:
+      image: uint8 [h, w, 3] RGB.
+
+    Returns:
+      (images float32 [H, W, 3], image_info float32 [5] = (original h, w,
+      resized h, w, scale)).
+    """
+    resized_image, size, resized, scale = resize_image(image, min_size, max_size)
+    images = normalize_and_pad(resized_image, mean, std, canvas_size)
+    info = tf.cast(tf.concat([size, resized, [scale]], 0), tf.float32)
+    return images, info
+
+
 @gin.configurable
 class CocoInput:
     """Builds the training or evaluation dataset of one COCO-format split.
@@ -286,11 +336,7 @@ class CocoInput:
             min_size = tf.gather(tf.constant(self.min_sizes, tf.float64), pick)
         else:
             min_size = tf.constant(max(self.min_sizes), tf.float64)
-        size = tf.cast(tf.shape(image)[:2], tf.float64)
-        scale = tf.minimum(min_size / tf.reduce_min(size),
-                           self.max_size / tf.reduce_max(size))
-        resized = tf.round(size * scale)
-        image = tf.image.resize(image, tf.cast(resized, tf.int32), method="bilinear")
+        image, size, resized, scale = resize_image(image, min_size, self.max_size)
         factor = tf.cast(resized / size, tf.float32)
         boxes = boxes * tf.tile(factor, [2])[None, :]   # [n, 4]
 
@@ -308,9 +354,7 @@ class CocoInput:
             masks = tf.cond(flip, lambda: tf.reverse(masks, [2]), lambda: masks)
 
         # 3. Normalise, then pad bottom/right to the canvas.
-        image = (image - tf.constant(self.mean)) / tf.constant(self.std)
-        image = tf.image.pad_to_bounding_box(image, 0, 0, *self.canvas_size)
-        image.set_shape(self.canvas_size + (3,))
+        image = normalize_and_pad(image, self.mean, self.std, self.canvas_size)
 
         # 4. Pad gt to M slots.
         pad = m - tf.shape(classes)[0]
