@@ -119,8 +119,9 @@ class CocoInput:
       split: str, e.g. "train2017": reads `annotations/instances_<split>.json`
         and the images in `<split>/`.
       training: bool, the mode (see above).
-      batch_size: int, the global batch; with an input context each pipeline
-        makes `input_context.get_per_replica_batch_size(batch_size)`.
+      batch_size: int, images per replica (per GPU): every input pipeline
+        batches this many, and the global batch is `batch_size` times the
+        replicas in sync, so one config serves 1 or N GPUs.
         Default 16, the R50-FPN 1x recipe (2 images x 8 GPUs).
       min_size: int or tuple of int, shorter side in pixels; a tuple is the
         multi-scale training choice (one drawn per image). Default 800, COCO.
@@ -274,9 +275,8 @@ class CocoInput:
     # -- internals ---------------------------------------------------------
 
     def _per_pipeline_batch(self, input_context):
-        if input_context is None:
-            return self.batch_size
-        return input_context.get_per_replica_batch_size(self.batch_size)
+        del input_context  # the batch is per replica whatever the strategy
+        return self.batch_size
 
     def _resized_size(self, height, width, min_size):
         scale = min(min_size / min(height, width), self.max_size / max(height, width))

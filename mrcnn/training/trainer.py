@@ -93,7 +93,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         dict of float32 scalar losses.
       dataset_fn: (input_context: tf.distribute.InputContext) -> infinite
         tf.data.Dataset of per-replica batches with a static batch size
-        (`mrcnn.data.CocoInput` is one: its batch_size is the global batch).
+        (`mrcnn.data.CocoInput` is one: its batch_size is per replica).
       num_train_images: int, images in one epoch; by default
         `len(dataset_fn.records)` when the dataset builder has records.
       epochs: float, length of the run in epochs unless `total_steps`.

@@ -219,7 +219,7 @@ class ShapesRoundTripTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.named_parameters(("two", 2), ("three", 3))
     def test_sharding_disjoint(self, num_pipelines):
-        builder = _builder(self.root, batch_size=2 * num_pipelines)
+        builder = _builder(self.root, batch_size=2)  # per replica
         shards = []
         for i in range(num_pipelines):
             context = tf.distribute.InputContext(
