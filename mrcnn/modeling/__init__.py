@@ -1,0 +1,19 @@
+"""Keras layers of Mask R-CNN R50-FPN and the model built from them.
+
+One module per part: `resnet` (backbone and weight loaders), `fpn`, `rpn`,
+`roi_heads` (box and mask heads, sampling, post-processing), `losses`,
+`mask_rcnn` (the model and the `build_mask_rcnn` factory). Every constructor
+is gin-configurable with the R50-FPN 1x recipe as defaults.
+"""
+
+from mrcnn.modeling.fpn import FPN
+from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
+from mrcnn.modeling.resnet import (FrozenBatchNorm, ResNet,
+                                   load_keras_resnet50_weights,
+                                   load_tensorpack_resnet_weights)
+from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+from mrcnn.modeling.rpn import RpnHead
+
+__all__ = ["FPN", "MaskRCNN", "build_mask_rcnn", "FrozenBatchNorm", "ResNet",
+           "load_keras_resnet50_weights", "load_tensorpack_resnet_weights",
+           "BoxHead", "MaskHead", "RoiHeads", "RpnHead"]

@@ -1,0 +1,136 @@
+"""Mask R-CNN losses, each a float32 scalar, normalised as Detectron2 does.
+
+Shape letters: `B` batch, `N` anchors (all levels), `K` sampled rois per
+image, `C` foreground classes, `Kp` rois of the mask head per image (the
+positive slots, `int(K * positive_fraction)`), `S` mask-head resolution (28).
+
+Box losses default to L1 (`beta=0`): Detectron2's default `SMOOTH_L1_BETA`
+is 0.0 for both the RPN and the box head (the 1/9 of the original Faster
+R-CNN is `beta=1/9`). Every input is cast to float32 first, so the losses are
+float32 whatever the mixed-precision policy.
+"""
+
+import tensorflow as tf
+
+
+def _f32(x):
+    return tf.cast(x, tf.float32)
+
+
+def smooth_l1(x, beta):
+    """Elementwise smooth L1 (Huber / beta) of `x`; L1 when `beta` is 0.
+
+    Args:
+      x: float32 [...].
+      beta: Python float >= 0.
+
+    Returns:
+      float32 [...], `0.5 x^2 / beta` where `|x| < beta`, else `|x| - beta/2`.
+    """
+    ax = tf.abs(x)
+    if beta <= 0.0:
+        return ax
+    return tf.where(ax < beta, 0.5 * ax * ax / beta, ax - 0.5 * beta)
+
+
+def rpn_objectness_loss(logits, labels, num_samples):
+    """Binary cross-entropy over the sampled anchors.
+
+    Args:
+      logits: float [B, N] objectness logits.
+      labels: int32 [B, N], 1 positive, 0 negative, -1 not sampled.
+      num_samples: Python int, anchors sampled per image (256); the sum is
+        divided by `num_samples * B` (Detectron2's normaliser).
+
+    Returns:
+      float32 scalar.
+    """
+    logits = _f32(logits)
+    sampled = _f32(labels >= 0)
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=_f32(tf.equal(labels, 1)), logits=logits)  # [B, N]
+    normaliser = float(num_samples * logits.shape[0])
+    return tf.reduce_sum(ce * sampled) / normaliser
+
+
+def rpn_box_loss(deltas, box_targets, labels, num_samples, beta=0.0):
+    """Smooth-L1 (L1 by default) of anchor deltas over positive anchors.
+
+    Args:
+      deltas: float [B, N, 4] predicted (dy, dx, dh, dw).
+      box_targets: float32 [B, N, 4], `encode_boxes(matched gt, anchor)`.
+      labels: int32 [B, N]; only label 1 counts.
+      num_samples: Python int; the sum is divided by `num_samples * B`.
+      beta: Python float, smooth-L1 beta (0: L1).
+
+    Returns:
+      float32 scalar.
+    """
+    positive = _f32(tf.equal(labels, 1))[..., None]  # [B, N, 1]
+    diff = _f32(deltas) - tf.where(positive > 0, _f32(box_targets), 0.0)
+    loss = smooth_l1(diff, beta) * positive
+    return tf.reduce_sum(loss) / float(num_samples * deltas.shape[0])
+
+
+def rcnn_class_loss(class_logits, classes, valid):
+    """Softmax cross-entropy, mean over the sampled rois.
+
+    Args:
+      class_logits: float [B, K, C + 1], column 0 background.
+      classes: int32 [B, K], 0 background, 1..C foreground, -1 padding.
+      valid: bool [B, K], True on sampled slots.
+
+    Returns:
+      float32 scalar (0 when no roi is sampled).
+    """
+    weight = _f32(valid)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.maximum(classes, 0), logits=_f32(class_logits))  # [B, K]
+    return tf.reduce_sum(ce * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
+
+
+def rcnn_box_loss(box_deltas, box_targets, classes, valid, beta=0.0):
+    """Class-specific box regression on positive rois.
+
+    The deltas of each roi's gt class are compared with its targets; the sum
+    over positives is divided by the number of sampled rois (Detectron2
+    `box_reg_loss`, which normalises by all sampled rois, not positives).
+
+    Args:
+      box_deltas: float [B, K, C, 4] (dy, dx, dh, dw) per foreground class.
+      box_targets: float32 [B, K, 4], 0 unless positive.
+      classes: int32 [B, K], 1..C on positives.
+      valid: bool [B, K], sampled slots.
+      beta: Python float, smooth-L1 beta (0: L1).
+
+    Returns:
+      float32 scalar.
+    """
+    positive = _f32(classes > 0)  # [B, K]
+    index = tf.maximum(classes - 1, 0)
+    deltas = tf.gather(_f32(box_deltas), index, batch_dims=2)  # [B, K, 4]
+    loss = tf.reduce_sum(
+        smooth_l1(deltas - _f32(box_targets), beta), axis=-1) * positive
+    num_sampled = tf.reduce_sum(_f32(valid))
+    return tf.reduce_sum(loss) / tf.maximum(num_sampled, 1.0)
+
+
+def mask_loss(mask_logits, mask_targets, positive):
+    """Per-pixel binary cross-entropy of the gt-class mask, mean over positives.
+
+    Args:
+      mask_logits: float [B, Kp, S, S], the channel of each roi's gt class.
+      mask_targets: float32 [B, Kp, S, S] of 0/1.
+      positive: bool [B, Kp], rois that carry a mask target.
+
+    Returns:
+      float32 scalar, the mean over the positive rois' S x S pixels (0 when
+      there is none).
+    """
+    logits = _f32(mask_logits)
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=_f32(mask_targets), logits=logits)  # [B, Kp, S, S]
+    weight = _f32(positive)
+    pixels = float(logits.shape[2] * logits.shape[3])
+    total = tf.reduce_sum(tf.reduce_sum(ce, axis=[2, 3]) * weight)
+    return total / tf.maximum(tf.reduce_sum(weight) * pixels, 1.0)

@@ -1,0 +1,161 @@
+"""Mask R-CNN (He et al. 2017) as one Keras model over a batch dict.
+
+Shape letters: `B` batch, `H` x `W` the static padded canvas, `M` gt boxes
+per image, `S_m` the side of the cropped gt masks (112), `N` anchors (all
+levels), `P` proposals per image, `K` sampled rois (512), `Kp` mask rois
+(128), `C` foreground classes, `D` detections per image (100).
+
+The batch (the data pipeline's output, see `mrcnn.data`):
+  images: float32 [B, H, W, 3] normalised RGB, zero-padded bottom/right.
+  image_info: float32 [B, 5] (orig h, orig w, resized h, resized w, scale).
+  gt_boxes: float32 [B, M, 4] (y1, x1, y2, x2) resized-image pixels;
+    padded slots 0.            (training only, as the next three)
+  gt_classes: int32 [B, M], 1..C; padded slots 0.
+  gt_valid: bool [B, M].
+  gt_masks: uint8 [B, M, S_m, S_m], each mask cropped to its gt box.
+
+Mixed precision: the layers follow the global `keras.mixed_precision`
+policy (`mixed_float16`, `mixed_bfloat16`); every head casts its outputs to
+float32, and boxes, anchors, decoding, softmax and losses stay float32 (this
+model never casts its input batch to the compute dtype; the backbone casts
+the images). Under `mixed_float16` the trainer applies loss scaling.
+"""
+
+import gin
+import keras
+import tensorflow as tf
+
+from mrcnn.modeling._config import configurable_layer
+
+from mrcnn.modeling import losses as loss_lib
+from mrcnn.modeling.fpn import FPN
+from mrcnn.modeling.resnet import ResNet
+from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+from mrcnn.modeling.rpn import RpnHead
+
+
+@configurable_layer
+class MaskRCNN(keras.Model):
+    """Backbone -> FPN -> RPN -> proposals -> RoI heads, from built parts.
+
+    Args (keyword-only):
+      backbone: a built `ResNet` (images -> {2..5: C_l}).
+      fpn: a built `FPN` ({2..5: C_l} -> {2..6: P_l}).
+      rpn_head: a built `RpnHead`.
+      roi_heads: a built `RoiHeads`.
+
+    `call(batch, training=True)` returns the losses dict {rpn_objectness,
+    rpn_box, rcnn_class, rcnn_box, mask} of float32 scalars (the trainer sums
+    them); `call(batch, training=False)` returns the detections dict of
+    `RoiHeads.detect`. Both run under `tf.function(jit_compile=True)` for
+    static batch shapes; build the model with one eager call first so that
+    variables are not created inside a compiled function.
+    """
+
+    def __init__(self, *, backbone, fpn, rpn_head, roi_heads, **kwargs):
+        super().__init__(**kwargs)
+        if fpn.min_level != rpn_head.min_level or fpn.max_level != rpn_head.max_level:
+            raise ValueError(
+                f"MaskRCNN: fpn levels {fpn.min_level}..{fpn.max_level} != "
+                f"rpn_head levels {rpn_head.min_level}..{rpn_head.max_level}")
+        if not (fpn.min_level <= roi_heads.min_level
+                and roi_heads.max_level <= fpn.max_level):
+            raise ValueError(
+                f"MaskRCNN: roi_heads levels {roi_heads.min_level}.."
+                f"{roi_heads.max_level} outside fpn levels "
+                f"{fpn.min_level}..{fpn.max_level}")
+        # Keep gt boxes and image_info float32 under mixed precision.
+        self._convert_input_args = False
+        self.backbone = backbone
+        self.fpn = fpn
+        self.rpn_head = rpn_head
+        self.roi_heads = roi_heads
+
+    def build(self, batch_shape):
+        # Parts build on their first call; nothing to create here.
+        self.built = True
+
+    def call(self, batch, training=False):
+        images = batch["images"]
+        canvas = (images.shape[1], images.shape[2])
+        if canvas[0] % 2 ** self.fpn.max_level or canvas[1] % 2 ** self.fpn.max_level:
+            raise ValueError(f"MaskRCNN: canvas {canvas} must be a multiple of "
+                             f"2**max_level = {2 ** self.fpn.max_level}")
+        image_info = tf.cast(batch["image_info"], tf.float32)
+        features = self.fpn(self.backbone(images, training=training))
+        objectness, deltas = self.rpn_head(features)
+        anchors = self.rpn_head.anchors(canvas)
+        proposals, proposal_valid = self.rpn_head.proposals(
+            objectness, deltas, anchors, image_info[:, 2:4], canvas, training)
+        if not training:
+            return self.roi_heads.detect(features, proposals, proposal_valid,
+                                         image_info, canvas)
+
+        gt_boxes, gt_classes, gt_valid = (
+            batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+        rpn_targets = self.rpn_head.targets(anchors, gt_boxes, gt_valid)
+        rois = self.roi_heads.sample(proposals, proposal_valid, gt_boxes,
+                                     gt_classes, gt_valid)
+        class_logits, box_deltas = self.roi_heads.box_outputs(features,
+                                                              rois.rois)
+        kp = self.roi_heads.num_mask_rois  # positives sit in these slots
+        mask_logits = self.roi_heads.mask_outputs(
+            features, rois.rois[:, :kp], tf.maximum(rois.classes[:, :kp], 1))
+        mask_targets = self.roi_heads.mask_targets(
+            batch["gt_masks"], rois.rois[:, :kp], rois.matched_index[:, :kp],
+            gt_boxes)
+        levels = range(self.rpn_head.min_level, self.rpn_head.max_level + 1)
+        return {
+            "rpn_objectness": loss_lib.rpn_objectness_loss(
+                tf.concat([objectness[l] for l in levels], axis=1),
+                rpn_targets.labels, self.rpn_head.num_samples),
+            "rpn_box": loss_lib.rpn_box_loss(
+                tf.concat([deltas[l] for l in levels], axis=1),
+                rpn_targets.box_targets, rpn_targets.labels,
+                self.rpn_head.num_samples, self.rpn_head.box_loss_beta),
+            "rcnn_class": loss_lib.rcnn_class_loss(
+                class_logits, rois.classes, rois.valid),
+            "rcnn_box": loss_lib.rcnn_box_loss(
+                box_deltas, rois.box_targets, rois.classes, rois.valid,
+                self.roi_heads.box_loss_beta),
+            "mask": loss_lib.mask_loss(
+                mask_logits, mask_targets, rois.classes[:, :kp] > 0),
+        }
+
+    def compute_losses(self, batch):
+        """The losses dict of `call(batch, training=True)`: float32 scalars."""
+        return self(batch, training=True)
+
+    def detect(self, batch):
+        """The detections dict of `call(batch, training=False)`."""
+        return self(batch, training=False)
+
+
+@gin.configurable
+def build_mask_rcnn(*, num_classes=80, depth=50, norm="frozen_bn",
+                    freeze_at=2, fpn_channels=256, fc_dim=1024,
+                    mask_channels=256, num_samples=512,
+                    pre_nms_topk_train=2000, pre_nms_topk_test=1000,
+                    post_nms_topk_train=1000, post_nms_topk_test=1000,
+                    rpn_num_samples=256, max_detections=100):
+    """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
+
+    Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
+    81 with background). Smaller values (depth=18, fpn_channels=64,
+    fc_dim=256, num_samples=128, top-k 200) give a model that trains in
+    seconds per step on a CPU.
+    """
+    return MaskRCNN(
+        backbone=ResNet(depth=depth, norm=norm, freeze_at=freeze_at),
+        fpn=FPN(channels=fpn_channels),
+        rpn_head=RpnHead(channels=fpn_channels,
+                         pre_nms_topk_train=pre_nms_topk_train,
+                         pre_nms_topk_test=pre_nms_topk_test,
+                         post_nms_topk_train=post_nms_topk_train,
+                         post_nms_topk_test=post_nms_topk_test,
+                         num_samples=rpn_num_samples),
+        roi_heads=RoiHeads(
+            box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
+            mask_head=MaskHead(num_classes=num_classes,
+                               channels=mask_channels),
+            num_samples=num_samples, max_detections=max_detections))

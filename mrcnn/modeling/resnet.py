@@ -1,0 +1,457 @@
+"""ResNet v1 backbone (He et al. 2016) with C2-C5 outputs, and weight loaders.
+
+Shape letters: `B` batch, `H` x `W` the padded input canvas, `C_l` the
+channels of stage output `C<l>` (stride `2**l`).
+
+Architecture (Detectron2 `ResNet`, `stride_in_1x1=False`):
+  stem: 7x7/2 conv 64 -> norm -> relu -> 3x3/2 max-pool (padding 1)
+  res2..res5: (3, 4, 6, 3) blocks for depth 50; bottleneck blocks
+  (1x1 -> 3x3 -> 1x1, 4x expansion) for depth 50/101, basic blocks
+  (3x3 -> 3x3) for depth 18/34. The stride of res3..res5 sits on the 3x3
+  conv of the first block (ResNet "v1.5" / torchvision / Detectron2), not on
+  the 1x1 as in the original Caffe model.
+  Every strided conv pads symmetrically (explicit (k - 1) // 2 zeros each side,
+  then 'valid'), as PyTorch and tensorpack's "AlignPadding" models do, so
+  weights trained there see the same pixel grid here; Keras 'same' would pad
+  0 before / 1 after on even inputs.
+  Convs have no bias: each is followed by a norm layer.
+
+Norms (`norm=`): 'frozen_bn' (default, Detectron2 `FrozenBN`: affine with
+fixed statistics, all four vectors non-trainable), 'bn' (Keras
+BatchNormalization, batch statistics in training), 'sync_bn' (the same,
+synchronized across replicas), 'gn' (GroupNormalization, 32 groups).
+`freeze_at` has Detectron2's meaning: 0 freezes nothing, 1 the stem, 2 the
+stem and res2 (default), k the stem and res2..res(k).
+
+Weight loaders and their name mapping (`s` = stage 2..5, `b` = block index
+from 0, `i` = 1..3 the convs of a block in order; `shortcut` the 1x1
+projection of a block's input):
+
+  ours                         keras.applications.ResNet50      tensorpack npz
+  stem_conv/kernel             conv1_conv/kernel                conv0/W
+  stem_norm/{gamma,beta}       conv1_bn/{gamma,beta}            conv0/bn/{gamma,beta}
+  stem_norm/moving_mean        conv1_bn/moving_mean - bias (*)  conv0/bn/mean/EMA
+  stem_norm/moving_variance    conv1_bn/moving_variance         conv0/bn/variance/EMA
+  res<s>_block<b>_conv<i>      conv<s>_block<b+1>_<i>_conv      group<s-2>/block<b>/conv<i>/W
+  res<s>_block<b>_norm<i>      conv<s>_block<b+1>_<i>_bn        group<s-2>/block<b>/conv<i>/bn/...
+  res<s>_block<b>_shortcut     conv<s>_block<b+1>_0_conv        group<s-2>/block<b>/convshortcut/W
+  res<s>_block<b>_shortcut_norm conv<s>_block<b+1>_0_bn         group<s-2>/block<b>/convshortcut/bn/...
+
+(*) Keras' ResNet50 convs carry a bias before their BN; since
+`BN(Wx + bias) = gamma * (Wx - (mean - bias)) / sqrt(var + eps) + beta`, the
+bias folds exactly into the moving mean. Keras' ResNet50 puts the stride of
+res3..res5 on the first 1x1 conv (Caffe style) and uses BN epsilon 1.001e-5
+(ours 1e-5): the arrays map one to one all the same (same shapes), and
+fine-tuning absorbs the difference, as it does for torchvision weights in
+Detectron2. The Keras file is read with h5py, in both the Keras 3
+`.weights.h5` layout (written by `save_weights`, layer groups named by class
+and creation order, which we recover from a freshly built
+`keras.applications.ResNet50`) and the legacy Keras 2 `.h5` layout (groups
+named by layer, as in the downloadable ImageNet files). Tensorpack's
+`ImageNet-R50-AlignPadding.npz` stores TF-layout (HWIO) kernels, so every
+array maps without transposition; keys may carry a `:0` suffix.
+Both loaders check that every variable of the backbone is loaded (a missing
+or mis-shaped array raises a ValueError naming our variable and the source
+key) and that no backbone array of the file is left unused; they support the
+batch-norm variants only ('gn' has no statistics to load).
+"""
+
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mrcnn.modeling._config import configurable_layer
+
+# Blocks per stage res2..res5 and whether blocks are bottlenecks, per depth.
+_DEPTHS = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+}
+_NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
+# Detectron2 FrozenBatchNorm2d and nn.BatchNorm2d default epsilon.
+_BN_EPSILON = 1e-5
+# Keras momentum 0.9 is PyTorch's BatchNorm momentum 0.1 (Detectron2's).
+_BN_MOMENTUM = 0.9
+# Detectron2 GroupNorm: 32 groups.
+_GN_GROUPS = 32
+
+
+def _msra_fill():
+    """Detectron2 `c2_msra_fill`: He normal over fan-out."""
+    return keras.initializers.VarianceScaling(
+        2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+@keras.saving.register_keras_serializable(package="mrcnn")
+class FrozenBatchNorm(keras.layers.Layer):
+    """Batch norm with fixed statistics: `y = (x - mean) / sqrt(var + eps) * gamma + beta`.
+
+    gamma, beta, moving_mean and moving_variance are all non-trainable
+    weights (Detectron2 `FrozenBatchNorm2d`), initialised to the identity.
+    The affine scale and offset are computed in float32 and applied in the
+    input's dtype.
+    """
+
+    def __init__(self, *, epsilon=_BN_EPSILON, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        for name, init in (("gamma", "ones"), ("beta", "zeros"),
+                           ("moving_mean", "zeros"),
+                           ("moving_variance", "ones")):
+            setattr(self, name, self.add_weight(
+                name=name, shape=(channels,), initializer=init,
+                trainable=False))
+
+    def call(self, x):
+        gamma = tf.cast(self.gamma.value, tf.float32)
+        scale = gamma * tf.math.rsqrt(
+            tf.cast(self.moving_variance.value, tf.float32) + self.epsilon)
+        offset = tf.cast(self.beta.value, tf.float32) - tf.cast(
+            self.moving_mean.value, tf.float32) * scale
+        return x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def _make_norm(norm, name):
+    if norm == "frozen_bn":
+        return FrozenBatchNorm(name=name)
+    if norm in ("bn", "sync_bn"):
+        return keras.layers.BatchNormalization(
+            momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+            synchronized=norm == "sync_bn", name=name)
+    if norm == "gn":
+        return keras.layers.GroupNormalization(
+            groups=_GN_GROUPS, epsilon=_BN_EPSILON, name=name)
+    raise ValueError(f"ResNet: norm={norm!r} must be one of {_NORMS}")
+
+
+class _Conv(keras.layers.Layer):
+    """Bias-free conv with PyTorch-style symmetric padding."""
+
+    def __init__(self, filters, kernel_size, strides, name):
+        super().__init__(name=name)
+        self.pad = (kernel_size - 1) // 2 if strides > 1 else 0
+        self.conv = keras.layers.Conv2D(
+            filters, kernel_size, strides=strides,
+            padding="valid" if strides > 1 else "same", use_bias=False,
+            kernel_initializer=_msra_fill(), name=name)
+
+    def call(self, x):
+        if self.pad:
+            p = self.pad
+            x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+        return self.conv(x)
+
+
+class _Block(keras.layers.Layer):
+    """One residual block: bottleneck (3 convs) or basic (2 convs)."""
+
+    def __init__(self, *, in_channels, out_channels, bottleneck_channels,
+                 stride, bottleneck, norm, name):
+        super().__init__(name=name)
+        if bottleneck:
+            specs = [(bottleneck_channels, 1, 1),
+                     (bottleneck_channels, 3, stride),
+                     (out_channels, 1, 1)]
+        else:
+            specs = [(out_channels, 3, stride), (out_channels, 3, 1)]
+        self.convs = [_Conv(f, k, s, name=f"{name}_conv{i + 1}")
+                      for i, (f, k, s) in enumerate(specs)]
+        self.norms = [_make_norm(norm, f"{name}_norm{i + 1}")
+                      for i in range(len(specs))]
+        self.shortcut = None
+        self.shortcut_norm = None
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = _Conv(out_channels, 1, stride,
+                                  name=f"{name}_shortcut")
+            self.shortcut_norm = _make_norm(norm, f"{name}_shortcut_norm")
+
+    def call(self, x, training=None):
+        shortcut = x
+        if self.shortcut is not None:
+            shortcut = self.shortcut_norm(self.shortcut(x), training=training)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = norm(conv(x), training=training)
+            if i + 1 < len(self.convs):
+                x = tf.nn.relu(x)
+        return tf.nn.relu(x + shortcut)
+
+
+@configurable_layer
+@keras.saving.register_keras_serializable(package="mrcnn")
+class ResNet(keras.layers.Layer):
+    """ResNet v1 backbone returning `{2: C2, 3: C3, 4: C4, 5: C5}`.
+
+    Args (keyword-only; defaults are Detectron2's R50-FPN 1x):
+      depth: int, 18, 34, 50 (default) or 101.
+      norm: str, 'frozen_bn' (default), 'bn', 'sync_bn' or 'gn'.
+      freeze_at: int, stages frozen (not trainable): 0 none, 1 stem,
+        2 stem and res2 (default, Detectron2 `FREEZE_AT=2`).
+
+    Call:
+      images: float [B, H, W, 3], H and W multiples of 32.
+
+    Returns:
+      {l: [B, H / 2**l, W / 2**l, C_l]} for l = 2..5 in the compute dtype;
+      C_l = 256 * 2**(l - 2) for depth 50/101, 64 * 2**(l - 2) for 18/34.
+    """
+
+    def __init__(self, *, depth=50, norm="frozen_bn", freeze_at=2, **kwargs):
+        super().__init__(**kwargs)
+        if depth not in _DEPTHS:
+            raise ValueError(
+                f"ResNet: depth={depth} must be one of {sorted(_DEPTHS)}")
+        if norm not in _NORMS:
+            raise ValueError(f"ResNet: norm={norm!r} must be one of {_NORMS}")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"ResNet: freeze_at={freeze_at} must be in [0, 5]")
+        self.depth = depth
+        self.norm = norm
+        self.freeze_at = freeze_at
+        num_blocks, self.bottleneck = _DEPTHS[depth]
+        self.stem_conv = _Conv(64, 7, 2, name="stem_conv")
+        self.stem_norm = _make_norm(norm, "stem_norm")
+        if freeze_at >= 1:
+            self.stem_conv.trainable = False
+            self.stem_norm.trainable = False
+        self.stages = []
+        in_channels = 64
+        for stage, n in zip(range(2, 6), num_blocks):
+            mult = 2 ** (stage - 2)
+            out_channels = (256 if self.bottleneck else 64) * mult
+            blocks = []
+            for b in range(n):
+                block = _Block(
+                    in_channels=in_channels, out_channels=out_channels,
+                    bottleneck_channels=64 * mult,
+                    stride=2 if (b == 0 and stage > 2) else 1,
+                    bottleneck=self.bottleneck, norm=norm,
+                    name=f"res{stage}_block{b}")
+                if freeze_at >= stage:
+                    block.trainable = False
+                blocks.append(block)
+                in_channels = out_channels
+            self.stages.append(blocks)
+        self.out_channels = {
+            l: (256 if self.bottleneck else 64) * 2 ** (l - 2)
+            for l in range(2, 6)}
+
+    def call(self, images, training=None):
+        x = self.stem_conv(images)
+        x = tf.nn.relu(self.stem_norm(x, training=training))
+        # 3x3/2 max-pool with padding 1: zeros pad like -inf after the relu.
+        x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+        x = tf.nn.max_pool2d(x, 3, 2, "VALID")
+        outputs = {}
+        for stage, blocks in zip(range(2, 6), self.stages):
+            for block in blocks:
+                x = block(x, training=training)
+            outputs[stage] = x
+        return outputs
+
+    def get_config(self):
+        return {**super().get_config(), "depth": self.depth,
+                "norm": self.norm, "freeze_at": self.freeze_at}
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _named_units(resnet):
+    """(conv, norm, stage, block, conv index or 0 for shortcut) per conv."""
+    units = [(resnet.stem_conv, resnet.stem_norm, 1, 0, 1)]
+    for stage, blocks in zip(range(2, 6), resnet.stages):
+        for b, block in enumerate(blocks):
+            for i, (conv, norm) in enumerate(zip(block.convs, block.norms)):
+                units.append((conv, norm, stage, b, i + 1))
+            if block.shortcut is not None:
+                units.append((block.shortcut, block.shortcut_norm, stage, b, 0))
+    return units
+
+
+def _check_loadable(resnet, images_shape=(1, 64, 64, 3)):
+    if resnet.norm == "gn":
+        raise ValueError(
+            "ResNet weight loaders support norm in ('frozen_bn', 'bn', "
+            "'sync_bn'), not 'gn' (no batch statistics to load)")
+    if not resnet.built or not resnet.stem_conv.conv.built:
+        resnet(tf.zeros(images_shape))
+
+
+def _assign(variable, array, source):
+    array = np.asarray(array)
+    if tuple(array.shape) != tuple(variable.shape):
+        raise ValueError(
+            f"ResNet weights: {variable.path} has shape {tuple(variable.shape)}"
+            f" but {source} has shape {tuple(array.shape)}")
+    variable.assign(array.astype(variable.dtype))
+
+
+def _load_units(resnet, fetch, bias_folded):
+    """Assigns every conv kernel and norm vector from `fetch(unit_key, var)`.
+
+    `fetch` returns (array, source_name) or raises KeyError with the source
+    name. With `bias_folded`, fetch(.., 'bias') gives a conv bias that is
+    subtracted from the moving mean.
+    """
+    for conv, norm, stage, block, index in _named_units(resnet):
+        key = (stage, block, index)
+        try:
+            kernel, src = fetch(key, "kernel")
+            _assign(conv.conv.kernel, kernel, src)
+            arrays = {v: fetch(key, v) for v in
+                      ("gamma", "beta", "moving_mean", "moving_variance")}
+            if bias_folded:
+                bias, bias_src = fetch(key, "bias")
+                mean, mean_src = arrays["moving_mean"]
+                arrays["moving_mean"] = (np.asarray(mean) - np.asarray(bias),
+                                         f"{mean_src} - {bias_src}")
+        except KeyError as e:
+            raise ValueError(
+                f"ResNet weights: no array {e.args[0]!r} in the file for "
+                f"{conv.conv.kernel.path} / {norm.name}") from None
+        for name, (array, src) in arrays.items():
+            _assign(getattr(norm, name), array, src)
+
+
+def _keras_snake(name):
+    """keras.src.utils.naming.to_snake_case (the Keras 3 .weights.h5 keys)."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _read_keras_resnet50(path):
+    """{'conv2_block1_1_conv/kernel': array, ...} from either h5 layout."""
+    import h5py  # Keras' own dependency for .h5 files.
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        if "layer_names" in f.attrs or (
+                "model_weights" in f and "layer_names" in f["model_weights"].attrs):
+            # Legacy Keras 2 layout: <layer>/<layer>/<var>:0.
+            root = f["model_weights"] if "model_weights" in f else f
+            for layer in root.attrs["layer_names"]:
+                layer = layer.decode() if isinstance(layer, bytes) else layer
+                g = root[layer]
+                for wname in g.attrs.get("weight_names", []):
+                    wname = wname.decode() if isinstance(wname, bytes) else wname
+                    var = wname.split("/")[-1].split(":")[0]
+                    arrays[f"{layer}/{var}"] = g[wname][()]
+            return arrays
+        if "layers" not in f:
+            raise ValueError(f"{path}: neither a Keras 3 .weights.h5 nor a "
+                             "legacy Keras .h5 weights file")
+        # Keras 3 layout: layers/<snake class name>_<k>/vars/<i>, k counting
+        # the layers of one class in model.layers order; rebuild that order.
+        reference = keras.applications.ResNet50(
+            weights=None,
+            include_top=any(k.startswith("dense") for k in f["layers"]))
+        counts = {}
+        for layer in reference.layers:
+            base = _keras_snake(type(layer).__name__)
+            k = counts.get(base, 0)
+            counts[base] = k + 1
+            key = base if k == 0 else f"{base}_{k}"
+            if not layer.weights or key not in f["layers"]:
+                continue
+            group = f["layers"][key]["vars"]
+            for i, w in enumerate(layer.weights):
+                if str(i) in group:
+                    arrays[f"{layer.name}/{w.name}"] = group[str(i)][()]
+    return arrays
+
+
+def load_keras_resnet50_weights(resnet, path):
+    """Loads a `keras.applications.ResNet50` weights file into `resnet`.
+
+    Args:
+      resnet: a `ResNet(depth=50)` with a batch-norm variant (built here if
+        it is not yet).
+      path: str, a Keras 3 `.weights.h5` (from `model.save_weights`) or a
+        legacy Keras 2 `.h5` weights file, with or without the top.
+
+    Raises:
+      ValueError naming our variable and the source array when an array is
+      missing or mis-shaped, or when a backbone array of the file is unused.
+    """
+    if resnet.depth != 50:
+        raise ValueError(f"load_keras_resnet50_weights: needs depth=50, the "
+                         f"backbone has depth={resnet.depth}")
+    _check_loadable(resnet)
+    arrays = _read_keras_resnet50(path)
+    used = set()
+    keras_var = {"kernel": "kernel", "bias": "bias", "gamma": "gamma",
+                 "beta": "beta", "moving_mean": "moving_mean",
+                 "moving_variance": "moving_variance"}
+
+    def fetch(key, var):
+        stage, block, index = key
+        if stage == 1:
+            prefix = "conv1_" + ("conv" if var in ("kernel", "bias") else "bn")
+        else:
+            kind = "conv" if var in ("kernel", "bias") else "bn"
+            prefix = f"conv{stage}_block{block + 1}_{index}_{kind}"
+        name = f"{prefix}/{keras_var[var]}"
+        if name not in arrays:
+            raise KeyError(name)
+        used.add(name)
+        return arrays[name], name
+
+    _load_units(resnet, fetch, bias_folded=True)
+    unused = sorted(k for k in arrays
+                    if k not in used and re.match(r"conv\d", k))
+    if unused:
+        raise ValueError(f"ResNet weights: arrays of {path} not loaded: "
+                         f"{unused[:10]}")
+
+
+def load_tensorpack_resnet_weights(resnet, path):
+    """Loads a tensorpack `ImageNet-R*-AlignPadding.npz` into `resnet`.
+
+    Args:
+      resnet: a `ResNet` of the file's depth, with a batch-norm variant.
+      path: str, the .npz (keys `conv0/W`, `group0/block0/conv1/W`,
+        `.../bn/{gamma,beta,mean/EMA,variance/EMA}`, optional `:0` suffix).
+        Keys outside `conv0/` and `group*/` (a classifier, step counters)
+        are ignored.
+
+    Raises:
+      ValueError naming our variable and the source key when an array is
+      missing or mis-shaped, or when a backbone array of the file is unused.
+    """
+    _check_loadable(resnet)
+    with np.load(path) as npz:
+        arrays = {k[:-2] if k.endswith(":0") else k: npz[k] for k in npz.files}
+    used = set()
+    suffix = {"kernel": "W", "gamma": "bn/gamma", "beta": "bn/beta",
+              "moving_mean": "bn/mean/EMA",
+              "moving_variance": "bn/variance/EMA"}
+
+    def fetch(key, var):
+        stage, block, index = key
+        if stage == 1:
+            prefix = "conv0"
+        else:
+            conv = f"conv{index}" if index else "convshortcut"
+            prefix = f"group{stage - 2}/block{block}/{conv}"
+        name = f"{prefix}/{suffix[var]}"
+        if name not in arrays:
+            raise KeyError(name)
+        used.add(name)
+        return arrays[name], name
+
+    _load_units(resnet, fetch, bias_folded=False)
+    unused = sorted(k for k in arrays if k not in used
+                    and (k.startswith("conv0/") or k.startswith("group")))
+    if unused:
+        raise ValueError(f"ResNet weights: arrays of {path} not loaded: "
+                         f"{unused[:10]}")

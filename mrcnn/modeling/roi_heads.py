@@ -1,0 +1,350 @@
+"""Second stage: box head, mask head, roi sampling and inference post-processing.
+
+Shape letters: `B` batch, `K` rois per image (512 sampled in training, the
+P proposals at inference), `Kp` rois of the mask head (the positive slots,
+`int(512 * 0.25) = 128`, in training; the D detections at inference), `M` gt
+boxes, `C` foreground classes (80 for COCO), `F` FPN channels, `S` the mask
+resolution (28), `D` detections per image (100), `H` x `W` the canvas.
+
+Box and mask heads follow Detectron2's `FastRCNNConvFCHead` (2 x FC-1024)
++ `FastRCNNOutputLayers` (class-specific boxes) and `MaskRCNNConvUpsampleHead`
+(4 x conv 256, deconv 2x, 1x1 per-class predictor). One difference:
+RoIAlign uses `sampling_ratio=2` (the contract has no adaptive mode;
+Detectron2's default 0 samples ceil(roi / bin) points per bin).
+"""
+
+import keras
+import tensorflow as tf
+
+from mrcnn.modeling._config import configurable_layer
+
+from mrcnn.ops import boxes as box_ops
+from mrcnn.ops import masks as mask_ops
+from mrcnn.ops import nms as nms_ops
+from mrcnn.ops import roi_align as roi_ops
+from mrcnn.ops import targets as target_ops
+
+
+def _xavier_fill():
+    """Detectron2 `c2_xavier_fill`: kaiming_uniform(a=1)."""
+    return keras.initializers.VarianceScaling(1.0, mode="fan_in",
+                                              distribution="uniform")
+
+
+def _msra_fill():
+    """Detectron2 `c2_msra_fill`: He normal over fan-out."""
+    return keras.initializers.VarianceScaling(
+        2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+@configurable_layer
+@keras.saving.register_keras_serializable(package="mrcnn")
+class BoxHead(keras.layers.Layer):
+    """Flatten -> `num_fc` x FC(fc_dim) + relu -> class logits and class-specific deltas.
+
+    Args (keyword-only, R50-FPN defaults):
+      num_classes: int, C foreground classes (80 for COCO).
+      fc_dim: int, width of each FC layer (1024).
+      num_fc: int, FC layers (2).
+
+    Call:
+      pooled: [B, K, 7, 7, F] RoIAligned features.
+
+    Returns:
+      class_logits: float32 [B, K, C + 1], column 0 background.
+      box_deltas: float32 [B, K, C, 4] (dy, dx, dh, dw), box weights
+        (10, 10, 5, 5).
+    """
+
+    def __init__(self, *, num_classes=80, fc_dim=1024, num_fc=2, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.fc_dim = fc_dim
+        self.num_fc = num_fc
+        self.fcs = [keras.layers.Dense(fc_dim, activation="relu",
+                                       kernel_initializer=_xavier_fill(),
+                                       name=f"fc{i + 1}")
+                    for i in range(num_fc)]
+        # Detectron2 FastRCNNOutputLayers: std 0.01 scores, 0.001 deltas.
+        self.class_logits = keras.layers.Dense(
+            num_classes + 1, name="class_logits",
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01))
+        self.box_deltas = keras.layers.Dense(
+            4 * num_classes, name="box_deltas",
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.001))
+
+    def call(self, pooled):
+        batch, rois = pooled.shape[0], pooled.shape[1]
+        x = tf.reshape(pooled, [batch, rois, -1])  # [B, K, 7 * 7 * F]
+        for fc in self.fcs:
+            x = fc(x)
+        logits = tf.cast(self.class_logits(x), tf.float32)  # [B, K, C + 1]
+        deltas = tf.reshape(tf.cast(self.box_deltas(x), tf.float32),
+                            [batch, rois, self.num_classes, 4])  # [B, K, C, 4]
+        return logits, deltas
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "fc_dim": self.fc_dim, "num_fc": self.num_fc}
+
+
+@configurable_layer
+@keras.saving.register_keras_serializable(package="mrcnn")
+class MaskHead(keras.layers.Layer):
+    """`num_convs` x conv3x3 + relu, 2x2/2 deconv + relu, 1x1 conv to C masks.
+
+    Args (keyword-only, R50-FPN defaults):
+      num_classes: int, C (80).
+      channels: int, width of the convs and the deconv (256).
+      num_convs: int, 3x3 convs before the deconv (4).
+
+    Call:
+      pooled: [B, Kp, 14, 14, F] RoIAligned features.
+      classes: int32 [B, Kp], the class column 0..C-1 whose mask is wanted
+        (the gt class - 1 in training, the detected class - 1 at inference).
+
+    Returns:
+      float32 [B, Kp, 28, 28] mask logits of the given class.
+    """
+
+    def __init__(self, *, num_classes=80, channels=256, num_convs=4, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.channels = channels
+        self.num_convs = num_convs
+        self.convs = [keras.layers.Conv2D(channels, 3, padding="same",
+                                          activation="relu",
+                                          kernel_initializer=_msra_fill(),
+                                          name=f"conv{i + 1}")
+                      for i in range(num_convs)]
+        self.deconv = keras.layers.Conv2DTranspose(
+            channels, 2, strides=2, activation="relu",
+            kernel_initializer=_msra_fill(), name="deconv")
+        # Detectron2 mask predictor: normal(std=0.001).
+        self.predictor = keras.layers.Conv2D(
+            num_classes, 1, name="predictor",
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.001))
+
+    def call(self, pooled, classes):
+        batch, rois, height, width, channels = pooled.shape
+        x = tf.reshape(pooled, [batch * rois, height, width, channels])
+        for conv in self.convs:
+            x = conv(x)
+        x = self.deconv(x)  # [B * Kp, 2h, 2w, channels]
+        x = tf.cast(self.predictor(x), tf.float32)  # [B * Kp, 2h, 2w, C]
+        x = tf.reshape(x, [batch, rois, 2 * height, 2 * width,
+                           self.num_classes])  # [B, Kp, S, S, C]
+        x = tf.transpose(x, [0, 1, 4, 2, 3])  # [B, Kp, C, S, S]
+        index = tf.clip_by_value(classes, 0, self.num_classes - 1)
+        return tf.gather(x, index, batch_dims=2)  # [B, Kp, S, S]
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "channels": self.channels, "num_convs": self.num_convs}
+
+
+@configurable_layer
+@keras.saving.register_keras_serializable(package="mrcnn")
+class RoiHeads(keras.layers.Layer):
+    """The second stage around a built `BoxHead` and `MaskHead`.
+
+    Owns roi sampling (`ops.targets.sample_proposals`), multilevel RoIAlign,
+    mask targets and inference post-processing. Boxes are float32 throughout;
+    features may be any float dtype.
+
+    Args (keyword-only, R50-FPN 1x defaults):
+      box_head: a built `BoxHead`.
+      mask_head: a built `MaskHead`.
+      num_samples: int, K rois sampled per image in training (512).
+      positive_fraction: float, largest positive share (0.25); the mask
+        head trains on the first `int(num_samples * positive_fraction)`
+        slots, where `sample_proposals` puts all positives.
+      iou_threshold: float, roi foreground IoU (0.5; below is background).
+      box_weights: (wy, wx, wh, ww), delta weights (10, 10, 5, 5).
+      box_pool_size, mask_pool_size: ints, RoIAlign outputs (7, 14).
+      sampling_ratio: int, RoIAlign samples per bin side (2).
+      min_level, max_level: ints, FPN levels pooled from (2, 5).
+      mask_size: int, S, the mask target resolution (28 = 2 x 14).
+      score_threshold: float, inference score threshold (0.05).
+      nms_iou: float, per-class NMS IoU at inference (0.5).
+      max_detections: int, D, detections per image (100).
+      box_loss_beta: float, smooth-L1 beta of the box loss (0: L1).
+      paste_masks: bool; when True the detections also hold
+        `detection_masks_canvas`, bool [B, D, H, W], the masks pasted with
+        `ops.masks.paste_masks` onto the padded canvas in resized-image
+        coordinates (crop to [:resized_h, :resized_w] and resize by 1/scale
+        for the original image). False (default): only the 28x28
+        probabilities, which evaluation pastes at the original size.
+    """
+
+    def __init__(self, *, box_head, mask_head, num_samples=512,
+                 positive_fraction=0.25, iou_threshold=0.5,
+                 box_weights=(10.0, 10.0, 5.0, 5.0), box_pool_size=7,
+                 mask_pool_size=14, sampling_ratio=2, min_level=2,
+                 max_level=5, mask_size=28, score_threshold=0.05,
+                 nms_iou=0.5, max_detections=100, box_loss_beta=0.0,
+                 paste_masks=False, **kwargs):
+        super().__init__(**kwargs)
+        if mask_size != 2 * mask_pool_size:
+            raise ValueError(
+                f"RoiHeads: mask_size={mask_size} must be 2 * mask_pool_size"
+                f"={2 * mask_pool_size} (the mask head upsamples by 2)")
+        if box_head.num_classes != mask_head.num_classes:
+            raise ValueError(
+                f"RoiHeads: box_head.num_classes={box_head.num_classes} != "
+                f"mask_head.num_classes={mask_head.num_classes}")
+        # Boxes must not be cast to the compute dtype on the way in.
+        self._convert_input_args = False
+        self.box_head = box_head
+        self.mask_head = mask_head
+        self.num_classes = box_head.num_classes
+        self.num_samples = num_samples
+        self.positive_fraction = positive_fraction
+        self.iou_threshold = iou_threshold
+        self.box_weights = tuple(box_weights)
+        self.box_pool_size = box_pool_size
+        self.mask_pool_size = mask_pool_size
+        self.sampling_ratio = sampling_ratio
+        self.min_level = min_level
+        self.max_level = max_level
+        self.mask_size = mask_size
+        self.score_threshold = score_threshold
+        self.nms_iou = nms_iou
+        self.max_detections = max_detections
+        self.box_loss_beta = box_loss_beta
+        self.paste_masks = paste_masks
+
+    @property
+    def num_mask_rois(self):
+        """Kp in training: the slots that can hold positives."""
+        return int(self.num_samples * self.positive_fraction)
+
+    def sample(self, proposals, proposal_valid, gt_boxes, gt_classes,
+               gt_valid):
+        """`ops.targets.sample_proposals` with this head's settings."""
+        return target_ops.sample_proposals(
+            proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
+            num_samples=self.num_samples,
+            positive_fraction=self.positive_fraction,
+            positive_iou=self.iou_threshold, negative_iou=self.iou_threshold,
+            weights=self.box_weights)
+
+    def _pool(self, features, rois, size):
+        return roi_ops.multilevel_roi_align(
+            features, rois, output_size=(size, size),
+            sampling_ratio=self.sampling_ratio, min_level=self.min_level,
+            max_level=self.max_level)
+
+    def box_outputs(self, features, rois):
+        """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C, 4]."""
+        return self.box_head(self._pool(features, rois, self.box_pool_size))
+
+    def mask_outputs(self, features, rois, classes):
+        """Mask logits float32 [B, Kp, S, S] for `rois` [B, Kp, 4] and classes 1..C."""
+        pooled = self._pool(features, rois, self.mask_pool_size)
+        return self.mask_head(pooled, classes - 1)
+
+    def mask_targets(self, gt_masks, rois, matched_index, gt_boxes):
+        """float32 [B, Kp, S, S] from masks cropped to their gt boxes."""
+        return mask_ops.mask_targets(
+            gt_masks, rois, matched_index, (self.mask_size, self.mask_size),
+            crop_boxes=gt_boxes)
+
+    def detect(self, features, proposals, proposal_valid, image_info,
+               canvas_size):
+        """Inference: box head, decode, per-class NMS, mask head, rescale.
+
+        Algorithm:
+          1. Box head on all proposals; decode class-specific deltas with
+             (10, 10, 5, 5), clip to the resized image.
+          2. Softmax in float32; drop the background column; proposals that
+             are padding or whose box is empty get score 0.
+          3. `multiclass_nms` (score > 0.05, IoU 0.5, D per image).
+          4. Mask head on the kept boxes with their classes; sigmoid.
+          5. Boxes divided by `scale` and clipped to the original image.
+
+        Args:
+          features: {l: [B, H_l, W_l, F]}.
+          proposals: float32 [B, P, 4]; valid: bool [B, P].
+          image_info: float32 [B, 5] (orig h, orig w, resized h, resized w,
+            scale).
+          canvas_size: (H, W) Python ints.
+
+        Returns:
+          dict: detection_boxes float32 [B, D, 4] (y1, x1, y2, x2) in
+          original image pixels, detection_scores float32 [B, D],
+          detection_classes int32 [B, D] (1..C), detection_masks float32
+          [B, D, S, S] probabilities, num_detections int32 [B]; padded
+          slots: boxes, scores and masks 0, classes 0. With `paste_masks`,
+          also detection_masks_canvas bool [B, D, H, W].
+        """
+        batch, num = proposals.shape[0], proposals.shape[1]
+        image_info = tf.cast(image_info, tf.float32)
+        # 1.
+        class_logits, deltas = self.box_outputs(features, proposals)
+        boxes = box_ops.decode_boxes(deltas, proposals[:, :, None, :],
+                                     self.box_weights)  # [B, P, C, 4]
+        boxes = tf.reshape(box_ops.clip_boxes(
+            tf.reshape(boxes, [batch, num * self.num_classes, 4]),
+            image_info[:, 2:4]), [batch, num, self.num_classes, 4])
+        # 2.
+        scores = tf.nn.softmax(class_logits, axis=-1)[..., 1:]  # [B, P, C]
+        nonempty = tf.logical_and(boxes[..., 2] > boxes[..., 0],
+                                  boxes[..., 3] > boxes[..., 1])  # [B, P, C]
+        scores = tf.where(nonempty & proposal_valid[..., None], scores, 0.0)
+        # 3.
+        kept = nms_ops.multiclass_nms(
+            boxes, scores, max_per_class=self.max_detections,
+            max_total=self.max_detections, iou_threshold=self.nms_iou,
+            score_threshold=self.score_threshold)
+        slot_valid = (tf.range(self.max_detections)[None, :]
+                      < kept.num_valid[:, None])  # [B, D]
+        classes = tf.where(slot_valid, kept.classes + 1, 0)  # [B, D]
+        # 4.
+        mask_logits = self.mask_outputs(features, kept.boxes,
+                                        tf.maximum(classes, 1))
+        masks = tf.where(slot_valid[..., None, None],
+                         tf.sigmoid(mask_logits), 0.0)  # [B, D, S, S]
+        # 5.
+        scale = image_info[:, 4][:, None, None]
+        original = box_ops.clip_boxes(kept.boxes / scale, image_info[:, 0:2])
+        detections = {
+            "detection_boxes": tf.where(slot_valid[..., None], original, 0.0),
+            "detection_scores": tf.where(slot_valid, kept.scores, 0.0),
+            "detection_classes": classes,
+            "detection_masks": masks,
+            "num_detections": kept.num_valid,
+        }
+        if self.paste_masks:
+            detections["detection_masks_canvas"] = mask_ops.paste_masks(
+                masks, kept.boxes, canvas_size)
+        return detections
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "box_head": keras.saving.serialize_keras_object(self.box_head),
+            "mask_head": keras.saving.serialize_keras_object(self.mask_head),
+            "num_samples": self.num_samples,
+            "positive_fraction": self.positive_fraction,
+            "iou_threshold": self.iou_threshold,
+            "box_weights": list(self.box_weights),
+            "box_pool_size": self.box_pool_size,
+            "mask_pool_size": self.mask_pool_size,
+            "sampling_ratio": self.sampling_ratio,
+            "min_level": self.min_level, "max_level": self.max_level,
+            "mask_size": self.mask_size,
+            "score_threshold": self.score_threshold,
+            "nms_iou": self.nms_iou, "max_detections": self.max_detections,
+            "box_loss_beta": self.box_loss_beta,
+            "paste_masks": self.paste_masks,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["box_head"] = keras.saving.deserialize_keras_object(
+            config["box_head"])
+        config["mask_head"] = keras.saving.deserialize_keras_object(
+            config["mask_head"])
+        return cls(**config)

@@ -1,0 +1,185 @@
+"""FPN, RPN head and proposals, box and mask heads."""
+
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from mrcnn.modeling.fpn import FPN
+from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+from mrcnn.modeling.rpn import RpnHead
+
+_B = 2
+_CANVAS = 128
+
+
+def _backbone_features(channels=(8, 16, 32, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    return {l: tf.constant(rng.normal(size=(
+        _B, _CANVAS // 2 ** l, _CANVAS // 2 ** l, c)), tf.float32)
+        for l, c in zip(range(2, 6), channels)}
+
+
+def _pyramid(channels=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {l: tf.constant(rng.normal(size=(
+        _B, _CANVAS // 2 ** l, _CANVAS // 2 ** l, channels)), tf.float32)
+        for l in range(2, 7)}
+
+
+class FPNTest(tf.test.TestCase):
+
+    def test_shapes_and_p6(self):
+        fpn = FPN(channels=16)
+        out = fpn(_backbone_features())
+        self.assertEqual(sorted(out), [2, 3, 4, 5, 6])
+        for level, x in out.items():
+            side = _CANVAS // 2 ** level
+            self.assertEqual(x.shape, (_B, side, side, 16))
+        self.assertAllEqual(out[6], out[5][:, ::2, ::2])
+
+    def test_top_down_reference(self):
+        # NumPy reference of the top-down path with 1x1 output convs.
+        fpn = FPN(channels=4)
+        feats = _backbone_features((3, 3, 3, 3))
+        fpn(feats)
+        for conv in fpn.output_convs:
+            k = np.zeros(conv.kernel.shape, np.float32)
+            k[1, 1] = np.eye(4)  # 3x3 conv that copies its centre
+            conv.kernel.assign(k)
+        out = fpn(feats)
+        top = None
+        for level in range(5, 1, -1):
+            lat = fpn.lateral[level - 2]
+            x = np.einsum('bhwc,cd->bhwd', feats[level].numpy().astype(np.float64),
+                          lat.kernel.numpy()[0, 0]) + lat.bias.numpy()
+            if top is not None:
+                x = x + top.repeat(2, axis=1).repeat(2, axis=2)
+            top = x
+            self.assertAllClose(out[level], x + fpn.output_convs[level - 2]
+                                .bias.numpy(), atol=1e-4)
+
+    def test_config_round_trip(self):
+        fpn = FPN(channels=32, max_level=7)
+        self.assertEqual(FPN.from_config(fpn.get_config()).get_config(),
+                         fpn.get_config())
+
+
+class RpnHeadTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_output_shapes(self):
+        head = RpnHead(channels=16)
+        objectness, deltas = head(_pyramid())
+        anchors = head.anchors((_CANVAS, _CANVAS))
+        for level in range(2, 7):
+            n = anchors[level].shape[0]
+            self.assertEqual(objectness[level].shape, (_B, n))
+            self.assertEqual(deltas[level].shape, (_B, n, 4))
+            self.assertEqual(objectness[level].dtype, tf.float32)
+
+    def test_bf16_outputs_float32(self):
+        head = RpnHead(channels=16, dtype='mixed_bfloat16')
+        objectness, deltas = head(_pyramid())
+        self.assertEqual(objectness[2].dtype, tf.float32)
+        self.assertEqual(deltas[6].dtype, tf.float32)
+
+    @parameterized.named_parameters(('train', True, 300), ('test', False, 100))
+    def test_proposals(self, training, post):
+        head = RpnHead(channels=16, pre_nms_topk_train=500,
+                       pre_nms_topk_test=200, post_nms_topk_train=post,
+                       post_nms_topk_test=post)
+        feats = _pyramid()
+        objectness, deltas = head(feats)
+        anchors = head.anchors((_CANVAS, _CANVAS))
+        image_size = tf.constant([[100.0, 128.0], [128.0, 90.0]])
+        fn = lambda o, d: head.proposals(o, d, anchors, image_size,
+                                         (_CANVAS, _CANVAS), training)
+        boxes, valid = fn(objectness, deltas)
+        xla_boxes, xla_valid = tf.function(fn, jit_compile=True)(
+            objectness, deltas)
+        self.assertEqual(boxes.shape, (_B, post, 4))
+        self.assertAllEqual(valid, xla_valid)
+        self.assertAllClose(boxes, xla_boxes, atol=1e-4)
+        boxes, valid = boxes.numpy(), valid.numpy()
+        self.assertTrue(valid.any())
+        # Inside each resized image, non-empty, padding zero.
+        for b in range(_B):
+            v = boxes[b][valid[b]]
+            self.assertTrue((v >= 0).all())
+            self.assertTrue((v[:, 2] <= image_size[b, 0].numpy()).all())
+            self.assertTrue((v[:, 3] <= image_size[b, 1].numpy()).all())
+            self.assertTrue((v[:, 2] > v[:, 0]).all())
+            self.assertAllEqual(boxes[b][~valid[b]], 0 * boxes[b][~valid[b]])
+            # Valid slots come first.
+            n = valid[b].sum()
+            self.assertTrue(valid[b, :n].all())
+
+    def test_nms_never_crosses_levels(self):
+        # Two identical boxes from different levels both survive NMS
+        # (Detectron2 runs NMS per level).
+        head = RpnHead(channels=16, pre_nms_topk_test=1,
+                       post_nms_topk_test=5)
+        box = tf.constant([[10.0, 10.0, 50.0, 50.0]])
+        anchors = {l: box for l in range(2, 7)}
+        objectness = {l: tf.fill([1, 1], float(l)) for l in range(2, 7)}
+        deltas = {l: tf.zeros([1, 1, 4]) for l in range(2, 7)}
+        boxes, valid = head.proposals(objectness, deltas, anchors,
+                                      tf.constant([[64.0, 64.0]]), (64, 64),
+                                      False)
+        self.assertAllEqual(valid, [[True] * 5])
+        self.assertAllClose(boxes[0], tf.tile(box, [5, 1]))
+
+    def test_config_round_trip(self):
+        head = RpnHead(channels=32, pre_nms_topk_train=100, nms_iou=0.6)
+        self.assertEqual(RpnHead.from_config(head.get_config()).get_config(),
+                         head.get_config())
+
+    def test_bad_sizes(self):
+        with self.assertRaisesRegex(ValueError, 'anchor_sizes'):
+            RpnHead(anchor_sizes=(32, 64))
+
+
+class RoiHeadLayersTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.named_parameters(('fp32', 'float32'),
+                                    ('bf16', 'mixed_bfloat16'))
+    def test_box_head(self, policy):
+        head = BoxHead(num_classes=5, fc_dim=32, dtype=policy)
+        logits, deltas = head(tf.zeros([_B, 10, 7, 7, 8]))
+        self.assertEqual(logits.shape, (_B, 10, 6))
+        self.assertEqual(deltas.shape, (_B, 10, 5, 4))
+        self.assertEqual(logits.dtype, tf.float32)
+        self.assertEqual(deltas.dtype, tf.float32)
+
+    def test_mask_head_picks_class_channel(self):
+        head = MaskHead(num_classes=3, channels=8)
+        pooled = tf.random.stateless_normal([_B, 4, 14, 14, 8], seed=[0, 1])
+        classes = tf.constant([[0, 1, 2, 0], [2, 2, 1, 0]])
+        out = head(pooled, classes)
+        self.assertEqual(out.shape, (_B, 4, 28, 28))
+        self.assertEqual(out.dtype, tf.float32)
+        # Reference: every class channel, then pick.
+        x = tf.reshape(pooled, [-1, 14, 14, 8])
+        for conv in head.convs:
+            x = conv(x)
+        full = tf.reshape(head.predictor(head.deconv(x)),
+                          [_B, 4, 28, 28, 3]).numpy()
+        for b in range(_B):
+            for k in range(4):
+                self.assertAllClose(out[b, k], full[b, k, :, :, classes[b, k]],
+                                    atol=1e-5)
+
+    def test_config_round_trip(self):
+        for layer in (BoxHead(num_classes=7, fc_dim=64, num_fc=1),
+                      MaskHead(num_classes=7, channels=32, num_convs=2)):
+            clone = type(layer).from_config(layer.get_config())
+            self.assertEqual(clone.get_config(), layer.get_config())
+        heads = RoiHeads(box_head=BoxHead(num_classes=7),
+                         mask_head=MaskHead(num_classes=7), num_samples=64)
+        clone = RoiHeads.from_config(heads.get_config())
+        self.assertEqual(clone.num_samples, 64)
+        self.assertEqual(clone.box_head.num_classes, 7)
+
+    def test_class_mismatch(self):
+        with self.assertRaisesRegex(ValueError, 'num_classes'):
+            RoiHeads(box_head=BoxHead(num_classes=7),
+                     mask_head=MaskHead(num_classes=8))

@@ -1,0 +1,205 @@
+"""MaskRCNN end to end on synthetic batches: shapes, gradients, precision, overfitting."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
+from mrcnn.modeling.fpn import FPN
+from mrcnn.modeling.resnet import ResNet
+from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+from mrcnn.modeling.rpn import RpnHead
+from mrcnn.ops.boxes import box_iou
+
+_B, _CANVAS, _M, _S = 2, 128, 4, 112
+_NUM_CLASSES = 3
+_LOSSES = ('rpn_objectness', 'rpn_box', 'rcnn_class', 'rcnn_box', 'mask')
+# A model small enough to train for 150 steps in about a minute on 2 CPU cores.
+_SMALL = dict(num_classes=_NUM_CLASSES, depth=18, fpn_channels=64,
+              fc_dim=256, mask_channels=64, num_samples=128,
+              pre_nms_topk_train=200, pre_nms_topk_test=200,
+              post_nms_topk_train=200, post_nms_topk_test=200)
+
+
+def synthetic_batch():
+    """2 images, 3 ellipses each (class = colour), in the data pipeline's format."""
+    boxes = np.array([[[10, 12, 60, 54], [30, 70, 100, 122], [84, 20, 124, 64],
+                       [0, 0, 0, 0]],
+                      [[50, 50, 110, 100], [8, 8, 40, 60], [70, 4, 120, 40],
+                       [0, 0, 0, 0]]], np.float32)
+    classes = np.array([[1, 2, 3, 0], [3, 1, 2, 0]], np.int32)
+    colours = {1: (1.5, -1, -1), 2: (-1, 1.5, -1), 3: (-1, -1, 1.5)}
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 0.1, (_B, _CANVAS, _CANVAS, 3)).astype(np.float32)
+    yy, xx = np.mgrid[0:_CANVAS, 0:_CANVAS] + 0.5
+    u = (np.arange(_S) + 0.5) / _S - 0.5
+    crop = ((u[:, None] / 0.5) ** 2 + (u[None, :] / 0.5) ** 2 <= 1)
+    masks = np.zeros((_B, _M, _S, _S), np.uint8)
+    for b in range(_B):
+        for m in range(3):
+            y1, x1, y2, x2 = boxes[b, m]
+            inside = (((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2
+                      + ((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 <= 1)
+            images[b][inside] = colours[classes[b, m]]
+            masks[b, m] = crop
+    return dict(
+        images=tf.constant(images),
+        image_info=tf.constant([[_CANVAS, _CANVAS, _CANVAS, _CANVAS, 1.0]] * _B,
+                               tf.float32),
+        image_id=tf.constant([1, 2], tf.int64),
+        gt_boxes=tf.constant(boxes), gt_classes=tf.constant(classes),
+        gt_valid=tf.constant(classes > 0), gt_masks=tf.constant(masks))
+
+
+class MaskRCNNTest(tf.test.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(0)
+        cls.model = build_mask_rcnn(**_SMALL)
+        cls.batch = synthetic_batch()
+
+    def test_training_outputs(self):
+        out = self.model(self.batch, training=True)
+        self.assertEqual(sorted(out), sorted(_LOSSES))
+        for name, value in out.items():
+            self.assertEqual(value.shape, (), name)
+            self.assertEqual(value.dtype, tf.float32, name)
+            self.assertTrue(np.isfinite(value.numpy()), name)
+
+    def test_inference_outputs_eager_and_xla(self):
+        want = {'detection_boxes': ((_B, 100, 4), tf.float32),
+                'detection_scores': ((_B, 100), tf.float32),
+                'detection_classes': ((_B, 100), tf.int32),
+                'detection_masks': ((_B, 100, 28, 28), tf.float32),
+                'num_detections': ((_B,), tf.int32)}
+        self.model(self.batch, training=False)  # build eagerly first
+        xla = tf.function(lambda x: self.model(x, training=False),
+                          jit_compile=True)
+        for out in (self.model.detect(self.batch), xla(self.batch)):
+            self.assertEqual({k: (tuple(v.shape), v.dtype)
+                              for k, v in out.items()}, want)
+            n = out['num_detections'].numpy()
+            classes = out['detection_classes'].numpy()
+            for b in range(_B):
+                self.assertTrue(((classes[b, :n[b]] >= 1)
+                                 & (classes[b, :n[b]] <= _NUM_CLASSES)).all())
+                self.assertTrue((classes[b, n[b]:] == 0).all())
+            masks = out['detection_masks'].numpy()
+            self.assertTrue(((masks >= 0) & (masks <= 1)).all())
+
+    def test_gradients_reach_every_trainable_variable(self):
+        model = self.model
+        with tf.GradientTape(persistent=True) as tape:
+            total = tf.add_n(list(model.compute_losses(self.batch).values()))
+        grads = tape.gradient(total, model.trainable_variables)
+        for var, grad in zip(model.trainable_variables, grads):
+            self.assertIsNotNone(grad, var.path)
+            self.assertGreater(float(tf.reduce_max(tf.abs(grad))), 0.0,
+                               var.path)
+        frozen = model.non_trainable_variables
+        # freeze_at=2: stem and res2 kernels plus every FrozenBN vector.
+        self.assertTrue(any('stem_conv' in v.path for v in frozen))
+        self.assertTrue(any('res2_block0_conv1' in v.path for v in frozen))
+        self.assertFalse(any('res2_' in v.path or 'stem' in v.path
+                             or 'norm' in v.path
+                             for v in model.trainable_variables))
+        for grad in tape.gradient(total, frozen):
+            self.assertIsNone(grad)
+
+    def test_paste_masks_option(self):
+        model = MaskRCNN(
+            backbone=self.model.backbone, fpn=self.model.fpn,
+            rpn_head=self.model.rpn_head,
+            roi_heads=RoiHeads(box_head=self.model.roi_heads.box_head,
+                               mask_head=self.model.roi_heads.mask_head,
+                               max_detections=10, paste_masks=True))
+        out = model.detect(self.batch)
+        self.assertEqual(out['detection_masks_canvas'].shape,
+                         (_B, 10, _CANVAS, _CANVAS))
+        self.assertEqual(out['detection_masks_canvas'].dtype, tf.bool)
+
+    def test_level_mismatch(self):
+        with self.assertRaisesRegex(ValueError, 'levels'):
+            MaskRCNN(backbone=ResNet(depth=18), fpn=FPN(max_level=5),
+                     rpn_head=RpnHead(),
+                     roi_heads=RoiHeads(box_head=BoxHead(),
+                                        mask_head=MaskHead()))
+
+    def test_full_config_parameter_count(self):
+        # R50-FPN Mask R-CNN for COCO (80 + background): ~44 M as Detectron2.
+        model = build_mask_rcnn(num_classes=80)
+        batch = {k: v[:1] for k, v in self.batch.items()}
+        batch['images'] = tf.zeros([1, 64, 64, 3])
+        model(batch, training=False)
+        self.assertBetween(model.count_params(), 44.0e6, 44.5e6)
+
+
+class MixedPrecisionTest(tf.test.TestCase):
+
+    def test_bfloat16_step(self):
+        keras.mixed_precision.set_global_policy('mixed_bfloat16')
+        try:
+            model = build_mask_rcnn(**_SMALL)
+            batch = synthetic_batch()
+            with tf.GradientTape() as tape:
+                out = model.compute_losses(batch)
+                total = tf.add_n(list(out.values()))
+            grads = tape.gradient(total, model.trainable_variables)
+            self.assertEqual(model.backbone.compute_dtype, 'bfloat16')
+        finally:
+            keras.mixed_precision.set_global_policy('float32')
+        for name, value in out.items():
+            self.assertEqual(value.dtype, tf.float32, name)
+            self.assertTrue(np.isfinite(value.numpy()), name)
+        self.assertTrue(all(np.isfinite(g.numpy()).all() for g in grads))
+        self.assertTrue(all(v.dtype == tf.float32
+                            for v in model.trainable_variables))
+
+
+class OverfitTest(tf.test.TestCase):
+    """150 XLA training steps on 2 images with 3 objects each, then detect them."""
+
+    def test_overfit_two_images(self):
+        keras.utils.set_random_seed(0)
+        model = build_mask_rcnn(**{**_SMALL, 'freeze_at': 0})
+        batch = synthetic_batch()
+        model(batch, training=True)  # build variables eagerly
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)
+
+        @tf.function(jit_compile=True)
+        def train_step(batch):
+            with tf.GradientTape() as tape:
+                losses = model.compute_losses(batch)
+                total = tf.add_n(list(losses.values()))
+            grads = tape.gradient(total, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return losses
+
+        history = []
+        for _ in range(150):
+            history.append({k: float(v) for k, v in train_step(batch).items()})
+        for name in _LOSSES:
+            first = np.mean([h[name] for h in history[:10]])
+            last = np.mean([h[name] for h in history[-10:]])
+            self.assertLess(last, 0.7 * first, (name, first, last))
+
+        detect = tf.function(lambda x: model(x, training=False),
+                             jit_compile=True)
+        out = detect(batch)
+        eager = model.detect(batch)
+        self.assertAllClose(out['detection_boxes'][:, :3],
+                            eager['detection_boxes'][:, :3], atol=0.05)
+        self.assertAllEqual(out['detection_classes'][:, :3],
+                            eager['detection_classes'][:, :3])
+        for b in range(_B):
+            iou = box_iou(batch['gt_boxes'][b, :3],
+                          out['detection_boxes'][b]).numpy()  # [3, 100]
+            confident = out['detection_scores'][b].numpy() > 0.5
+            for m in range(3):
+                same_class = (out['detection_classes'][b].numpy()
+                              == batch['gt_classes'][b, m].numpy())
+                best = np.max(np.where(same_class & confident, iou[m], 0.0))
+                self.assertGreater(best, 0.7, (b, m, iou[m][:5]))
