@@ -11,9 +11,20 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "Gin binding, e.g. \"train.total_steps=100\" (repeatable).")
 
 
+def _register_configurables():
+    # gin resolves `@Name` at parse time: every configurable must be imported.
+    import mrcnn.data  # noqa: F401
+    import mrcnn.evaluation.export  # noqa: F401
+    import mrcnn.evaluation.runner  # noqa: F401
+    import mrcnn.modeling.mask_rcnn  # noqa: F401
+    import mrcnn.training.optimization  # noqa: F401
+    import mrcnn.training.trainer  # noqa: F401
+
+
 def parse_gin(finalize=True):
     """Parses --gin_file and --gin_bindings; the repo's gin/ folder is on the search path."""
     import os
+    _register_configurables()
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gin")
     gin.add_config_file_search_path(os.path.normpath(root))
     gin.parse_config_files_and_bindings(

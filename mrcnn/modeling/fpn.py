@@ -7,7 +7,7 @@ Shape letters: `B` batch, `H_l` x `W_l` the grid of level `l` (stride
 import keras
 import tensorflow as tf
 
-from mrcnn.modeling._config import configurable_layer
+from mrcnn.modeling._config import checkpointed, configurable_layer
 
 
 def _xavier_fill():
@@ -52,13 +52,13 @@ class FPN(keras.layers.Layer):
         self.backbone_max_level = backbone_max_level
         levels = range(min_level, backbone_max_level + 1)
         # Lists indexed by level - min_level.
-        self.lateral = [
+        self.lateral = checkpointed(self, [
             keras.layers.Conv2D(channels, 1, kernel_initializer=_xavier_fill(),
-                                name=f"lateral_p{l}") for l in levels]
-        self.output_convs = [
+                                name=f"lateral_p{l}") for l in levels])
+        self.output_convs = checkpointed(self, [
             keras.layers.Conv2D(channels, 3, padding="same",
                                 kernel_initializer=_xavier_fill(),
-                                name=f"output_p{l}") for l in levels]
+                                name=f"output_p{l}") for l in levels])
 
     def call(self, features):
         outputs = {}

@@ -62,7 +62,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mrcnn.modeling._config import configurable_layer
+from mrcnn.modeling._config import checkpointed, configurable_layer
 
 # Blocks per stage res2..res5 and whether blocks are bottlenecks, per depth.
 _DEPTHS = {
@@ -164,10 +164,10 @@ class _Block(keras.layers.Layer):
                      (out_channels, 1, 1)]
         else:
             specs = [(out_channels, 3, stride), (out_channels, 3, 1)]
-        self.convs = [_Conv(f, k, s, name=f"{name}_conv{i + 1}")
-                      for i, (f, k, s) in enumerate(specs)]
-        self.norms = [_make_norm(norm, f"{name}_norm{i + 1}")
-                      for i in range(len(specs))]
+        self.convs = checkpointed(self, [_Conv(f, k, s, name=f"{name}_conv{i + 1}")
+                                         for i, (f, k, s) in enumerate(specs)])
+        self.norms = checkpointed(self, [_make_norm(norm, f"{name}_norm{i + 1}")
+                                         for i in range(len(specs))])
         self.shortcut = None
         self.shortcut_norm = None
         if in_channels != out_channels or stride != 1:
@@ -223,12 +223,12 @@ class ResNet(keras.layers.Layer):
         if freeze_at >= 1:
             self.stem_conv.trainable = False
             self.stem_norm.trainable = False
-        self.stages = []
+        blocks = []
+        self._stage_sizes = tuple(num_blocks)
         in_channels = 64
         for stage, n in zip(range(2, 6), num_blocks):
             mult = 2 ** (stage - 2)
             out_channels = (256 if self.bottleneck else 64) * mult
-            blocks = []
             for b in range(n):
                 block = _Block(
                     in_channels=in_channels, out_channels=out_channels,
@@ -240,7 +240,7 @@ class ResNet(keras.layers.Layer):
                     block.trainable = False
                 blocks.append(block)
                 in_channels = out_channels
-            self.stages.append(blocks)
+        self.blocks = checkpointed(self, blocks)
         self.out_channels = {
             l: (256 if self.bottleneck else 64) * 2 ** (l - 2)
             for l in range(2, 6)}
@@ -257,6 +257,15 @@ class ResNet(keras.layers.Layer):
                 x = block(x, training=training)
             outputs[stage] = x
         return outputs
+
+    @property
+    def stages(self):
+        """[[block, ...] for res2..res5], views of the flat `blocks` list."""
+        out, start = [], 0
+        for n in self._stage_sizes:
+            out.append(self.blocks[start:start + n])
+            start += n
+        return out
 
     def get_config(self):
         return {**super().get_config(), "depth": self.depth,

@@ -16,7 +16,7 @@ Detectron2's default 0 samples ceil(roi / bin) points per bin).
 import keras
 import tensorflow as tf
 
-from mrcnn.modeling._config import configurable_layer
+from mrcnn.modeling._config import checkpointed, configurable_layer
 
 from mrcnn.ops import boxes as box_ops
 from mrcnn.ops import masks as mask_ops
@@ -61,10 +61,10 @@ class BoxHead(keras.layers.Layer):
         self.num_classes = num_classes
         self.fc_dim = fc_dim
         self.num_fc = num_fc
-        self.fcs = [keras.layers.Dense(fc_dim, activation="relu",
-                                       kernel_initializer=_xavier_fill(),
-                                       name=f"fc{i + 1}")
-                    for i in range(num_fc)]
+        self.fcs = checkpointed(self, [
+            keras.layers.Dense(fc_dim, activation="relu",
+                               kernel_initializer=_xavier_fill(), name=f"fc{i + 1}")
+            for i in range(num_fc)])
         # Detectron2 FastRCNNOutputLayers: std 0.01 scores, 0.001 deltas.
         self.class_logits = keras.layers.Dense(
             num_classes + 1, name="class_logits",
@@ -112,11 +112,10 @@ class MaskHead(keras.layers.Layer):
         self.num_classes = num_classes
         self.channels = channels
         self.num_convs = num_convs
-        self.convs = [keras.layers.Conv2D(channels, 3, padding="same",
-                                          activation="relu",
-                                          kernel_initializer=_msra_fill(),
-                                          name=f"conv{i + 1}")
-                      for i in range(num_convs)]
+        self.convs = checkpointed(self, [
+            keras.layers.Conv2D(channels, 3, padding="same", activation="relu",
+                                kernel_initializer=_msra_fill(), name=f"conv{i + 1}")
+            for i in range(num_convs)])
         self.deconv = keras.layers.Conv2DTranspose(
             channels, 2, strides=2, activation="relu",
             kernel_initializer=_msra_fill(), name="deconv")

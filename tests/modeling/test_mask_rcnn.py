@@ -1,5 +1,7 @@
 """MaskRCNN end to end on synthetic batches: shapes, gradients, precision, overfitting."""
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -119,6 +121,25 @@ class MaskRCNNTest(tf.test.TestCase):
         self.assertEqual(out['detection_masks_canvas'].shape,
                          (_B, 10, _CANVAS, _CANVAS))
         self.assertEqual(out['detection_masks_canvas'].dtype, tf.bool)
+
+    def test_model_only_checkpoint_restores_every_weight(self):
+        # Inference programs restore the model without the optimizer, so every
+        # weight, trainable or not (frozen BN statistics), must be reachable
+        # from the model in a TF checkpoint.
+        for norm in ("frozen_bn", "gn"):
+            source = build_mask_rcnn(**{**_SMALL, "norm": norm})
+            target = build_mask_rcnn(**{**_SMALL, "norm": norm})
+            for m in (source, target):
+                m(self.batch, training=False)
+            rng = np.random.default_rng(1)
+            for w in source.weights:
+                w.assign(rng.normal(size=w.shape).astype(w.dtype))
+            path = tf.train.Checkpoint(model=source).write(
+                os.path.join(self.get_temp_dir(), f"model_{norm}"))
+            tf.train.Checkpoint(model=target).read(path).assert_consumed()
+            self.assertLen(target.weights, len(source.weights))
+            for a, b in zip(source.weights, target.weights):
+                self.assertAllEqual(a.numpy(), b.numpy(), msg=f"{norm}: {b.path}")
 
     def test_level_mismatch(self):
         with self.assertRaisesRegex(ValueError, 'levels'):

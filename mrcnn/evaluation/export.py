@@ -1,0 +1,101 @@
+"""SavedModel export with two serving signatures.
+
+- `serve_images(images: uint8 [B, h, w, 3])`: a batch of same-size RGB images.
+- `serve_encoded(encoded: string [B])`: JPEG/PNG bytes, any sizes.
+
+`B` is fixed at export (`batch_size`): the model is built on static shapes
+so that one XLA program serves every call; export one SavedModel per batch
+size you serve.
+
+Both apply the eval transform of `mrcnn.data.pipeline.preprocess_image`
+inside the graph and return `detection_boxes float32 [B, D, 4]` (y1, x1, y2,
+x2) in each input image's pixels, `detection_scores float32 [B, D]`,
+`detection_classes int32 [B, D]` (contiguous 1..C; padded slots as the model
+gives them), `detection_category_ids int32 [B, D]` (COCO ids when known, else
+the classes), `detection_masks float32 [B, D, 28, 28]` (mask probabilities
+inside each box; paste with `mrcnn.ops.masks.paste_masks`) and
+`num_detections int32 [B]`.
+"""
+
+import gin
+import keras
+import tensorflow as tf
+
+from mrcnn.data import pipeline
+from mrcnn.evaluation import runner
+
+
+@gin.configurable(denylist=["model_dir", "export_dir"])
+def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
+                       min_size=800, max_size=1333, canvas_size=(1344, 1344),
+                       dataset_fn=None, batch_size=1, checkpoint=None):
+    """Writes a SavedModel of the latest (or given) checkpoint to `export_dir`.
+
+    Args:
+      model_dir: str, training run directory.
+      export_dir: str, output SavedModel directory.
+      model_fn: () -> keras.Model.
+      min_size, max_size, canvas_size: the eval transform (as CocoInput's).
+      dataset_fn: optional `CocoInput` whose category map gives the COCO
+        category ids returned beside the contiguous classes.
+      batch_size: int, images per call of both signatures.
+      checkpoint: optional checkpoint path instead of the latest.
+
+    Returns:
+      (step, checkpoint path) of the exported weights.
+    """
+    model, step, path = runner.restore_model(model_fn, checkpoint or model_dir,
+                                             canvas_size)
+    table = None
+    if dataset_fn is not None:
+        cmap = dataset_fn.category_map
+        table = tf.constant([0] + [cmap.to_coco(c) for c in range(1, cmap.num_classes + 1)],
+                            tf.int32)
+
+    def preprocess(image):
+        return pipeline.preprocess_image(image, min_size=min_size, max_size=max_size,
+                                         canvas_size=canvas_size)
+
+    def detect(images, info):
+        out = model({"images": images, "image_info": info}, training=False)
+        classes = tf.cast(out["detection_classes"], tf.int32)
+        if table is not None:
+            ids = tf.gather(table, tf.maximum(classes, 0))
+            ids = tf.where(classes > 0, ids, classes)
+        else:
+            ids = classes
+        return {"detection_boxes": out["detection_boxes"],
+                "detection_scores": tf.cast(out["detection_scores"], tf.float32),
+                "detection_classes": classes,
+                "detection_category_ids": ids,
+                "detection_masks": tf.cast(out["detection_masks"], tf.float32),
+                "num_detections": tf.cast(out["num_detections"], tf.int32)}
+
+    def serve_images(images):
+        images, info = tf.map_fn(
+            preprocess, images, fn_output_signature=(
+                tf.TensorSpec(tuple(canvas_size) + (3,), tf.float32),
+                tf.TensorSpec([5], tf.float32)))
+        return detect(images, info)
+
+    def serve_encoded(encoded):
+        def one(data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            return preprocess(image)
+        images, info = tf.map_fn(
+            one, encoded, fn_output_signature=(
+                tf.TensorSpec(tuple(canvas_size) + (3,), tf.float32),
+                tf.TensorSpec([5], tf.float32)))
+        return detect(images, info)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve_images", serve_images,
+        input_signature=[tf.TensorSpec([batch_size, None, None, 3], tf.uint8,
+                                       name="images")])
+    archive.add_endpoint(
+        "serve_encoded", serve_encoded,
+        input_signature=[tf.TensorSpec([batch_size], tf.string, name="encoded")])
+    archive.write_out(export_dir, verbose=False)
+    return step, path

@@ -1,0 +1,236 @@
+"""Inference programs' loops: restore a checkpoint, evaluate on COCO, predict on files.
+
+`evaluate` runs whole batches of the eval pipeline through the model, writes
+COCO results and the two 12-number tables (bbox, segm) to
+`model_dir/eval/`, and logs them to TensorBoard with a few annotated
+pictures. `predict` runs the same model on image files and writes JSON and
+PNG pictures.
+"""
+
+import glob
+import json
+import os
+import time
+
+import gin
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+
+from mrcnn.data import pipeline
+from mrcnn.evaluation import coco as coco_eval
+from mrcnn.evaluation import visualize
+from mrcnn.ops import masks as mask_ops
+from mrcnn.training import trainer
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _zero_inference_batch(canvas_size, batch=1):
+    h, w = canvas_size
+    return {"images": tf.zeros([batch, h, w, 3], tf.float32),
+            "image_info": tf.constant([[h, w, h, w, 1.0]] * batch, tf.float32)}
+
+
+def restore_model(model_fn, checkpoint, canvas_size):
+    """Builds the model and restores its weights (not the optimizer's).
+
+    Args:
+      model_fn: () -> keras.Model (gin's train.model_fn).
+      checkpoint: a checkpoint path, or a model_dir whose latest is taken.
+      canvas_size: (H, W) of the padded inputs.
+
+    Returns:
+      (model, step int, checkpoint path).
+
+    Raises:
+      FileNotFoundError: no checkpoint there.
+    """
+    path = checkpoint
+    if tf.io.gfile.isdir(checkpoint):
+        path = tf.train.latest_checkpoint(checkpoint)
+    if not path:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint}")
+    model = model_fn()
+    model(_zero_inference_batch(canvas_size), training=False)
+    step = tf.Variable(0, dtype=tf.int64)
+    ckpt = tf.train.Checkpoint(model=model, step=step)
+    status = ckpt.restore(path)
+    status.expect_partial()  # the optimizer's slots are not needed here
+    status.assert_existing_objects_matched()
+    return model, int(step.numpy()), path
+
+
+def _class_maps(category_map):
+    ids = range(1, category_map.num_classes + 1)
+    return ({c: category_map.to_coco(c) for c in ids},
+            {c: category_map.names[c - 1] for c in ids})
+
+
+def _summary_pictures(batch, detections, mean, std, class_names, limit):
+    """uint8 [n, h, w, 3] pictures of the first images of a batch, at the resized size."""
+    pictures = []
+    info = batch["image_info"]
+    for i in range(min(limit, len(info))):
+        if batch["image_id"][i] < 0:
+            continue
+        rh, rw, scale = int(info[i, 2]), int(info[i, 3]), float(info[i, 4])
+        image = batch["images"][i, :rh, :rw] * np.array(std) + np.array(mean)
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        n = int(detections["num_detections"][i])
+        boxes = detections["detection_boxes"][i, :n] * scale
+        masks = mask_ops.paste_masks(detections["detection_masks"][i:i + 1, :n],
+                                     boxes[None], (rh, rw)).numpy()[0] if n else None
+        pictures.append(visualize.draw_detections(
+            image, boxes, detections["detection_classes"][i, :n],
+            detections["detection_scores"][i, :n], masks, class_names))
+    return pictures
+
+
+@gin.configurable(denylist=["model_dir"])
+def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
+             checkpoint=None, precision="float32", xla=False, max_batches=None,
+             num_pictures=4, watch=False, watch_timeout=3600):
+    """Evaluates checkpoints of `model_dir` on a COCO-format split.
+
+    Args:
+      model_dir: str, the training run's directory.
+      model_fn: () -> keras.Model, as for training.
+      dataset_fn: a `CocoInput` in evaluation mode (training=False).
+      checkpoint: a checkpoint path; the latest in model_dir if None.
+      precision: 'float32', 'bfloat16' or 'float16' for inference.
+      xla: bool, compile the inference step.
+      max_batches: optional int, evaluate only this many batches (a subset;
+        the metrics cover only the images seen).
+      num_pictures: int, annotated pictures logged to TensorBoard.
+      watch: bool, evaluate every new checkpoint until none comes for
+        `watch_timeout` seconds.
+
+    Returns:
+      dict: {'step', 'bbox': {AP, AP50, ...}, 'segm': {...}} of the last
+      evaluation.
+    """
+    if dataset_fn.training:
+        raise ValueError("evaluate.dataset_fn must be a CocoInput with training=False")
+    if watch:
+        metrics = None
+        for path in tf.train.checkpoints_iterator(model_dir, timeout=watch_timeout):
+            metrics = evaluate(model_dir, model_fn=model_fn, dataset_fn=dataset_fn,
+                               checkpoint=path, precision=precision, xla=xla,
+                               max_batches=max_batches, num_pictures=num_pictures)
+        return metrics
+
+    trainer.set_precision(precision)
+    model, step, path = restore_model(model_fn, checkpoint or model_dir,
+                                      dataset_fn.canvas_size)
+    logging.info("Evaluating %s (step %d) on %s", path, step, dataset_fn.annotation_file)
+    class_to_category, class_names = _class_maps(dataset_fn.category_map)
+    evaluator = coco_eval.CocoEvaluator(dataset_fn.annotation_file, class_to_category)
+    infer = tf.function(lambda b: model(b, training=False), jit_compile=xla)
+    pictures, num_images, start = [], 0, time.perf_counter()
+    for i, batch in enumerate(dataset_fn()):
+        if max_batches is not None and i >= max_batches:
+            break
+        detections = {k: v.numpy() for k, v in infer(batch).items()}
+        batch = {k: v.numpy() for k, v in batch.items()}
+        evaluator.update(detections, batch)
+        num_images += int((batch["image_id"] >= 0).sum())
+        if len(pictures) < num_pictures:
+            pictures += _summary_pictures(batch, detections, dataset_fn.mean,
+                                          dataset_fn.std, class_names,
+                                          num_pictures - len(pictures))
+    seconds = time.perf_counter() - start
+    metrics = evaluator.evaluate()
+    print(f"step {step}: {num_images} images in {seconds:.1f} s "
+          f"({num_images / max(seconds, 1e-9):.1f} img/s)")
+    print(coco_eval.format_metrics(metrics))
+
+    out_dir = os.path.join(model_dir, "eval")
+    tf.io.gfile.makedirs(out_dir)
+    evaluator.write_results(os.path.join(out_dir, f"results-{step}.json"))
+    report = {"step": step, "checkpoint": path, "num_images": num_images, **metrics}
+    with open(os.path.join(out_dir, f"metrics-{step}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    writer = tf.summary.create_file_writer(out_dir)
+    with writer.as_default(step=step):
+        for iou_type, stats in metrics.items():
+            for name, value in stats.items():
+                tf.summary.scalar(f"{iou_type}/{name}", value)
+        for k, picture in enumerate(pictures):
+            tf.summary.image(f"detections/{k}", picture[None], max_outputs=1)
+    writer.flush()
+    return report
+
+
+def _image_files(inputs):
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files += sorted(f for f in glob.glob(os.path.join(item, "*"))
+                            if f.lower().endswith(IMAGE_SUFFIXES))
+        elif os.path.exists(item):
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image file or folder")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {inputs}")
+    return files
+
+
+@gin.configurable(denylist=["model_dir", "inputs", "out_dir"])
+def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
+            dataset_fn=None, min_size=800, max_size=1333,
+            canvas_size=(1344, 1344), score_threshold=0.5, checkpoint=None):
+    """Detects objects in image files; writes detections.json and one PNG per image.
+
+    Args:
+      model_dir: str, run directory (its latest checkpoint) unless `checkpoint`.
+      inputs: list of image files or folders.
+      out_dir: str, where `detections.json` and `<name>.png` go.
+      model_fn: () -> keras.Model.
+      dataset_fn: optional `CocoInput` whose category map names the classes.
+      min_size, max_size, canvas_size: the eval transform (as CocoInput's).
+      score_threshold: float, detections drawn and written at or above it.
+
+    Returns:
+      list of per-image dicts as written to detections.json.
+    """
+    files = _image_files(inputs)
+    category_names = dataset_fn.category_map.names if dataset_fn is not None else None
+    model, step, path = restore_model(model_fn, checkpoint or model_dir, canvas_size)
+    infer = tf.function(lambda b: model(b, training=False))
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for file in files:
+        try:
+            image = np.asarray(Image.open(file).convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"{file}: cannot read image ({e})") from e
+        images, info = pipeline.preprocess_image(
+            image, min_size=min_size, max_size=max_size, canvas_size=canvas_size)
+        det = {k: v.numpy()[0] for k, v in infer(
+            {"images": images[None], "image_info": info[None]}).items()}
+        keep = np.arange(int(det["num_detections"]))
+        keep = keep[det["detection_scores"][keep] >= score_threshold]
+        boxes = det["detection_boxes"][keep]
+        masks = mask_ops.paste_masks(det["detection_masks"][None, keep], boxes[None],
+                                     image.shape[:2]).numpy()[0] if len(keep) else None
+        classes = det["detection_classes"][keep]
+        names = {c: (category_names[c - 1] if category_names else str(c))
+                 for c in set(classes.tolist())}
+        picture = visualize.draw_detections(image, boxes, classes,
+                                            det["detection_scores"][keep], masks,
+                                            names, score_threshold=score_threshold)
+        stem = os.path.splitext(os.path.basename(file))[0]
+        visualize.save_png(os.path.join(out_dir, f"{stem}.png"), picture)
+        written.append({
+            "file": file,
+            "detections": [{"box_yxyx": [round(float(v), 2) for v in b],
+                            "class": int(c), "name": names[int(c)],
+                            "score": round(float(s), 4)}
+                           for b, c, s in zip(boxes, classes,
+                                              det["detection_scores"][keep])]})
+    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+        json.dump({"checkpoint": path, "step": step, "images": written}, f, indent=2)
+    return written

@@ -1,0 +1,203 @@
+"""The programs end to end on a tiny shapes dataset: train, kill -9 and resume,
+switches, eval, predict, export (loaded in a fresh process)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+STEPS = 40   # enough for a decisive RPN: an untrained one ranks proposals by rounding noise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, "bin")
+
+# A model small enough to build, train and evaluate in seconds.
+TINY = [
+    "MIN_SIZE = 64", "MAX_SIZE = 64", "CANVAS = (64, 64)", "CHANNELS = 32",
+    "BoxHead.fc_dim = 64", "MaskHead.channels = 32", "MaskHead.num_convs = 1",
+    "RoiHeads.num_samples = 32", "RpnHead.num_samples = 64",
+    "RpnHead.pre_nms_topk_train = 100", "RpnHead.post_nms_topk_train = 50",
+    "RpnHead.pre_nms_topk_test = 100", "RpnHead.post_nms_topk_test = 50",
+    "RoiHeads.max_detections = 10",
+    "train/CocoInput.batch_size = 2", "eval/CocoInput.batch_size = 4",
+    "train.xla = False", "train.log_every = 2", "train.checkpoint_every = 2",
+]
+
+
+def _run(program, *args, bindings=(), check=True, env=None, **kw):
+    cmd = [sys.executable, os.path.join(BIN, program), "--gin_file=gin/shapes_demo.gin"]
+    cmd += [f"--gin_bindings={b}" for b in bindings] + list(args)
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{program} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A dataset and a short training run shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("programs")
+    data = root / "shapes"
+    subprocess.run([sys.executable, os.path.join(BIN, "make_shapes"), f"--out={data}",
+                    "--num_train=12", "--num_val=6", "--height=64", "--width=64"],
+                   check=True, capture_output=True, cwd=ROOT)
+    bindings = TINY + [f"DATA_DIR = '{data}'"]
+    model_dir = root / "run"
+    proc = _run("train", f"--model_dir={model_dir}",
+                bindings=bindings + [f"train.total_steps = {STEPS}",
+                                     "train.checkpoint_every = 20"])
+    return {"root": root, "data": data, "model_dir": model_dir, "bindings": bindings,
+            "train_log": proc.stderr}
+
+
+def test_train_writes_checkpoints_config_and_progress(run):
+    assert os.path.exists(run["model_dir"] / f"ckpt-{STEPS}.index")
+    assert (run["model_dir"] / "operative_config.gin").read_text().strip()
+    assert f"step {STEPS}/{STEPS}" in run["train_log"] and "img/s" in run["train_log"]
+    # Rerunning the finished command does nothing and says so.
+    proc = _run("train", f"--model_dir={run['model_dir']}",
+                bindings=run["bindings"] + [f"train.total_steps = {STEPS}"])
+    assert "Nothing to do" in proc.stderr
+
+
+def test_kill_minus_nine_then_rerun_resumes(run, tmp_path):
+    model_dir = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(BIN, "train"), "--gin_file=gin/shapes_demo.gin",
+           f"--model_dir={model_dir}"]
+    cmd += [f"--gin_bindings={b}" for b in run["bindings"] + ["train.total_steps = 400"]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(model_dir.glob("ckpt-*.index")):
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = sorted(int(p.name.split("-")[1].split(".")[0])
+                   for p in model_dir.glob("ckpt-*.index"))
+    assert saved, "no checkpoint was written before the kill"
+    target = saved[-1] + 2
+    rerun = _run("train", f"--model_dir={model_dir}",
+                 bindings=run["bindings"] + [f"train.total_steps = 400",
+                                             f"train.stop_after = 2"])
+    assert "Resumed from" in rerun.stderr
+    assert f"ckpt-{saved[-1]}" in rerun.stderr or f"step {saved[-1]}" in rerun.stderr
+    assert os.path.exists(model_dir / f"ckpt-{target}.index"), rerun.stderr[-2000:]
+
+
+@pytest.mark.parametrize("precision,xla", [("bfloat16", True), ("float32", True)])
+def test_precision_and_xla_switches(run, tmp_path, precision, xla):
+    proc = _run("train", f"--model_dir={tmp_path / precision}",
+                bindings=run["bindings"] + [
+                    "train.total_steps = 1", f"train.precision = '{precision}'",
+                    f"train.xla = {xla}"])
+    assert "step 1/1" in proc.stderr
+
+
+def test_eval_writes_coco_results_and_tables(run):
+    from pycocotools.coco import COCO
+    proc = _run("eval", f"--model_dir={run['model_dir']}", bindings=run["bindings"])
+    assert "bbox" in proc.stdout and "segm" in proc.stdout
+    metrics = json.loads((run["model_dir"] / "eval" / f"metrics-{STEPS}.json").read_text())
+    assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75", "ARl"}
+    assert metrics["num_images"] == 6
+    gt = COCO(str(run["data"] / "annotations" / "instances_val2017.json"))
+    results = json.loads((run["model_dir"] / "eval" / f"results-{STEPS}.json").read_text())
+    if results:  # an untrained model may keep nothing; then the file is []
+        gt.loadRes(str(run["model_dir"] / "eval" / f"results-{STEPS}.json"))
+        assert {r["category_id"] for r in results} <= {1, 3, 7}
+
+
+def test_predict_writes_png_and_json(run, tmp_path):
+    out = tmp_path / "pictures"
+    _run("predict", f"--model_dir={run['model_dir']}", f"--out_dir={out}",
+         "--max_images=2", str(run["data"] / "val2017"),
+         bindings=run["bindings"] + ["predict.score_threshold = 0.0"])
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    assert np.asarray(Image.open(pngs[0])).shape == (64, 64, 3)
+    report = json.loads((out / "detections.json").read_text())
+    assert report["step"] == STEPS and len(report["images"]) == 2
+
+
+_LOAD_AND_RUN = """
+import sys, numpy as np, tensorflow as tf
+from PIL import Image
+loaded = tf.saved_model.load(sys.argv[1])
+image = np.asarray(Image.open(sys.argv[2]).convert('RGB'))
+out = loaded.serve_images(tf.constant(image[None]))
+enc = loaded.serve_encoded(tf.constant([open(sys.argv[2], 'rb').read()]))
+np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()},
+         **{'encoded_' + k: v.numpy() for k, v in enc.items()})
+"""
+
+
+def test_export_round_trip_in_fresh_process(run, tmp_path):
+    export_dir = tmp_path / "saved_model"
+    _run("export", f"--model_dir={run['model_dir']}", f"--export_dir={export_dir}",
+         bindings=run["bindings"])
+    image_file = sorted((run["data"] / "val2017").glob("*.jpg"))[0]
+    out_file = tmp_path / "out.npz"
+    subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(export_dir), str(image_file),
+                    str(out_file)], check=True, cwd=ROOT, capture_output=True,
+                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    served = np.load(out_file)
+
+    # The same detections from the model restored in this process.
+    import gin
+    from mrcnn import programs
+    from mrcnn.data import pipeline
+    from mrcnn.evaluation import runner
+    programs._register_configurables()
+    gin.clear_config()
+    gin.add_config_file_search_path(os.path.join(ROOT, "gin"))
+    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "shapes_demo.gin")],
+                                        run["bindings"])
+    try:
+        model, _, _ = runner.restore_model(_model_fn, str(run["model_dir"]), (64, 64))
+        image = np.asarray(Image.open(image_file).convert("RGB"))
+        images, info = pipeline.preprocess_image(image, min_size=64, max_size=64,
+                                                 canvas_size=(64, 64))
+        ours = model({"images": images[None], "image_info": info[None]}, training=False)
+    finally:
+        gin.clear_config()
+    # Graph and eager kernels round differently, so compare the confident
+    # detections as sets: each must have a twin of the same class and score.
+    from mrcnn.ops.boxes import box_iou
+    ours = {k: v.numpy()[0] for k, v in ours.items()}
+
+    floor = 0.5 * float(ours["detection_scores"][0])  # a 40-step model is not sure of much
+
+    def confident(d, prefix=""):
+        n = int(d[prefix + "num_detections"])
+        keep = d[prefix + "detection_scores"][:n] > floor
+        return (d[prefix + "detection_boxes"][:n][keep], d[prefix + "detection_scores"][:n][keep],
+                d[prefix + "detection_classes"][:n][keep])
+
+    served_np = {k: served[k][0] for k in served.files}
+    a, b = confident(ours), confident(served_np)
+    e = confident(served_np, "encoded_")
+    assert len(a[0]) > 0, "the fixture model detects nothing"
+    for other in (b, e):
+        iou = box_iou(a[0], other[0]).numpy() if len(other[0]) else np.zeros((len(a[0]), 0))
+        for i in range(len(a[0])):
+            twins = np.flatnonzero((iou[i] > 0.95) & (other[2] == a[2][i])
+                                   & (np.abs(other[1] - a[1][i]) < 0.01))
+            assert twins.size, f"detection {i} of the in-process model has no twin"
+    n = int(served_np["num_detections"])
+    assert set(served_np["detection_category_ids"][:n].tolist()) <= {1, 3, 7}
+
+
+def _model_fn():
+    from mrcnn.modeling.mask_rcnn import MaskRCNN
+    return MaskRCNN()
