@@ -23,8 +23,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -m slow tests
 
+# The shapes demo: data, training from scratch, COCO eval, pictures.
+DEMO_DIR ?= runs/shapes_demo
+DEMO_ENV := TF_CPP_MIN_LOG_LEVEL=2
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) bin/bench
+	@test -f data/shapes/annotations/instances_val2017.json || \
+		$(DEMO_ENV) $(PY) bin/make_shapes --out=data/shapes
+	$(DEMO_ENV) $(PY) bin/train --gin_file=gin/shapes_demo.gin --model_dir=$(DEMO_DIR)
+	$(DEMO_ENV) $(PY) bin/eval --gin_file=gin/shapes_demo.gin --model_dir=$(DEMO_DIR)
+	$(DEMO_ENV) $(PY) bin/predict --gin_file=gin/shapes_demo.gin --model_dir=$(DEMO_DIR) \
+		--out_dir=$(DEMO_DIR)/pictures --max_images=8 data/shapes/val2017
 
 bench: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) bin/bench --op=all

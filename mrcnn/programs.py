@@ -21,14 +21,23 @@ def _register_configurables():
     import mrcnn.training.trainer  # noqa: F401
 
 
-def parse_gin(finalize=True):
-    """Parses --gin_file and --gin_bindings; the repo's gin/ folder is on the search path."""
+def parse_gin_files(files, bindings, finalize=True):
+    """Parses gin files and bindings with every configurable registered.
+
+    `include 'gin/r50_fpn_1x.gin'` resolves from the working directory or
+    from the repository root, which is on gin's search path.
+    """
     import os
     _register_configurables()
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gin")
-    gin.add_config_file_search_path(os.path.normpath(root))
-    gin.parse_config_files_and_bindings(
-        _GIN_FILE.value, _GIN_BINDINGS.value, finalize_config=finalize)
+    root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    if root not in gin.config._LOCATION_PREFIXES:
+        gin.add_config_file_search_path(root)
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=finalize)
+
+
+def parse_gin(finalize=True):
+    """Parses --gin_file and --gin_bindings (see `parse_gin_files`)."""
+    parse_gin_files(_GIN_FILE.value, _GIN_BINDINGS.value, finalize)
 
 
 def fail(message):

@@ -58,6 +58,7 @@ batch-norm variants only ('gn' has no statistics to load).
 
 import re
 
+import gin
 import keras
 import numpy as np
 import tensorflow as tf
@@ -464,3 +465,30 @@ def load_tensorpack_resnet_weights(resnet, path):
     if unused:
         raise ValueError(f"ResNet weights: arrays of {path} not loaded: "
                          f"{unused[:10]}")
+
+
+_LOADERS = {"keras": load_keras_resnet50_weights,
+            "tensorpack": load_tensorpack_resnet_weights}
+
+
+@gin.configurable
+def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras"):
+    """Initialises `model.backbone` from ImageNet weights (`train.init_fn`).
+
+    Args:
+      model: a built model with a `backbone` ResNet.
+      path: str, the weights file.
+      file_format: 'keras' (a keras.applications.ResNet50 weights file) or
+        'tensorpack' (ImageNet-R50-AlignPadding.npz).
+
+    Raises:
+      FileNotFoundError: no such file; ValueError: see the loaders.
+    """
+    if file_format not in _LOADERS:
+        raise ValueError(f"load_backbone_weights: file_format={file_format!r} must be "
+                         f"one of {sorted(_LOADERS)}")
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"{path}: backbone weights not found (load_backbone_weights.path); "
+            f"set train.init_fn = None to train from scratch")
+    _LOADERS[file_format](model.backbone, path)

@@ -79,9 +79,60 @@ def _format_eta(seconds):
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
 
 
+def make_train_step(model, optimizer, strategy, xla, step=None):
+    """The training step `train` runs (and `bin/bench --what=train` times).
+
+    The forward and backward pass is one XLA program per replica (when
+    `xla`); the optimizer update, with its cross-replica gradient sum, runs
+    outside it.
+
+    Args:
+      model: keras.Model returning a dict of float32 scalar losses.
+      optimizer: built in `strategy`'s scope.
+      strategy: tf.distribute.Strategy.
+      xla: bool.
+      step: optional int64 tf.Variable incremented once per step.
+
+    Returns:
+      A tf.function (distributed batch) -> {loss name: mean over replicas,
+      'total': their sum}.
+    """
+    replicas = strategy.num_replicas_in_sync
+
+    def forward_backward(batch):
+        with tf.GradientTape() as tape:
+            losses = model(batch, training=True)
+            losses = {k: tf.cast(v, tf.float32) for k, v in losses.items()}
+            total = tf.add_n(list(losses.values()))
+            # Replica gradients are summed: divide so the step uses the mean.
+            scaled = total / replicas
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                scaled = optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        losses["total"] = total
+        return losses, grads
+
+    compiled = tf.function(forward_backward, jit_compile=xla)
+
+    def replica_step(batch):
+        losses, grads = compiled(batch)
+        optimizer.apply(grads, model.trainable_variables)
+        return losses
+
+    @tf.function
+    def train_step(batch):
+        losses = strategy.run(replica_step, args=(batch,))
+        if step is not None:
+            step.assign_add(1)
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in losses.items()}
+
+    return train_step
+
+
 @gin.configurable(denylist=["model_dir"])
 def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
-          num_train_images=None, epochs=12,
+          init_fn=None, num_train_images=None, epochs=12,
           total_steps=None, precision="float32", xla=True,
           checkpoint_every=1000, keep_checkpoints=5, log_every=20,
           stop_after=None, strategy=None):
@@ -94,6 +145,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       dataset_fn: (input_context: tf.distribute.InputContext) -> infinite
         tf.data.Dataset of per-replica batches with a static batch size
         (`mrcnn.data.CocoInput` is one: its batch_size is per replica).
+      init_fn: optional (model) -> None, run once on a fresh start and never
+        over a resumed checkpoint: ImageNet backbone weights
+        (`load_backbone_weights`).
       num_train_images: int, images in one epoch; by default
         `len(dataset_fn.records)` when the dataset builder has records.
       epochs: float, length of the run in epochs unless `total_steps`.
@@ -110,7 +164,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       strategy: optional tf.distribute.Strategy; `make_strategy()` if None.
 
     Returns:
-      dict with the final `step` and the last logged `losses`.
+      dict with the final `step`, the last logged `losses` and the trained
+      `model`.
 
     Raises:
       NonFiniteLossError: a loss became NaN or Inf; the last checkpoint
@@ -156,10 +211,12 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step))
+    elif init_fn is not None:
+        init_fn(model)
     start = int(step.numpy())
     if start >= total_steps:
         logging.info("Nothing to do: step %d >= total_steps %d", start, total_steps)
-        return {"step": start, "losses": {}}
+        return {"step": start, "losses": {}, "model": model}
     if _is_chief(strategy):
         with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
@@ -169,31 +226,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     tf.random.set_seed(start)
     iterator = iter(dataset)
 
-    def forward_backward(batch):
-        with tf.GradientTape() as tape:
-            losses = model(batch, training=True)
-            losses = {k: tf.cast(v, tf.float32) for k, v in losses.items()}
-            total = tf.add_n(list(losses.values()))
-            # Replica gradients are summed: divide so the step uses the mean.
-            scaled = total / replicas
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                scaled = optimizer.scale_loss(scaled)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        losses["total"] = total
-        return losses, grads
-
-    compiled = tf.function(forward_backward, jit_compile=xla)
-
-    @tf.function
-    def train_step(iterator):
-        def replica_step(batch):
-            losses, grads = compiled(batch)
-            optimizer.apply(grads, model.trainable_variables)
-            return losses
-        losses = strategy.run(replica_step, args=(next(iterator),))
-        step.assign_add(1)
-        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                for k, v in losses.items()}
+    train_step = make_train_step(model, optimizer, strategy, xla, step)
 
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) \
         if _is_chief(strategy) else tf.summary.create_noop_writer()
@@ -202,7 +235,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     window_start, window_images = time.perf_counter(), 0
     run_start = time.perf_counter()
     for current in range(start + 1, end + 1):
-        losses = train_step(iterator)
+        losses = train_step(next(iterator))
         total = float(losses["total"])
         if not np.isfinite(total):
             named = {k: float(v) for k, v in losses.items()}
@@ -235,5 +268,5 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         tf.io.gfile.rmtree(_checkpoint_dir(model_dir, strategy))
     logging.info("Trained steps %d-%d in %.1f s", start + 1, end,
                  time.perf_counter() - run_start)
-    return {"step": end, "losses": last_losses}
+    return {"step": end, "losses": last_losses, "model": model}
 

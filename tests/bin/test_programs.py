@@ -158,11 +158,8 @@ def test_export_round_trip_in_fresh_process(run, tmp_path):
     from mrcnn import programs
     from mrcnn.data import pipeline
     from mrcnn.evaluation import runner
-    programs._register_configurables()
     gin.clear_config()
-    gin.add_config_file_search_path(os.path.join(ROOT, "gin"))
-    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "shapes_demo.gin")],
-                                        run["bindings"])
+    programs.parse_gin_files([os.path.join(ROOT, "gin", "shapes_demo.gin")], run["bindings"])
     try:
         model, _, _ = runner.restore_model(_model_fn, str(run["model_dir"]), (64, 64))
         image = np.asarray(Image.open(image_file).convert("RGB"))

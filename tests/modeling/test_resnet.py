@@ -205,6 +205,20 @@ class KerasLoaderTest(tf.test.TestCase):
             resnet_lib.load_keras_resnet50_weights(
                 resnet_lib.ResNet(depth=101), self.path)
 
+    def test_load_backbone_weights_as_train_init(self):
+        class Holder:
+            backbone = resnet_lib.ResNet(depth=50)
+        with self.assertRaisesRegex(FileNotFoundError, 'nowhere.h5.*init_fn'):
+            resnet_lib.load_backbone_weights(Holder, path='/nowhere.h5')
+        with self.assertRaisesRegex(ValueError, 'file_format'):
+            resnet_lib.load_backbone_weights(Holder, path=self.path, file_format='caffe')
+        Holder.backbone(tf.zeros([1, 64, 64, 3]))
+        before = [w.numpy().copy() for w in Holder.backbone.weights]
+        resnet_lib.load_backbone_weights(Holder, path=self.path)
+        changed = [not np.array_equal(b, w.numpy())
+                   for b, w in zip(before, Holder.backbone.weights)]
+        self.assertGreater(sum(changed), 0.9 * len(changed))
+
 
 class TensorpackLoaderTest(tf.test.TestCase, parameterized.TestCase):
 

@@ -89,6 +89,22 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(os.path.exists(os.path.join(d, "run", "operative_config.gin")))
         self.assertTrue(tf.io.gfile.glob(os.path.join(d, "run", "train", "events.*")))
 
+    def test_init_fn_runs_on_fresh_start_only(self):
+        d = os.path.join(self.get_temp_dir(), "init")
+        calls = []
+
+        def init_fn(model):
+            calls.append(model)
+            model.head.kernel.assign(tf.fill(model.head.kernel.shape, 0.25))
+
+        first = {}
+        self._train(d, first, init_fn=init_fn, total_steps=0)
+        self.assertLen(calls, 1)
+        self.assertAllClose(first["model"].head.kernel, np.full((4, 2), 0.25))
+        self._train(d, first, init_fn=init_fn, total_steps=4)
+        self._train(d, {}, init_fn=init_fn, total_steps=8)
+        self.assertLen(calls, 2)  # the second fresh start; never over a resume
+
     def test_loss_falls(self):
         holder = {}
         d = os.path.join(self.get_temp_dir(), "fall")

@@ -1,0 +1,138 @@
+"""Whole-model benchmarks: the training step `bin/train` runs, and inference.
+
+Inputs are synthetic batches placed on the replicas once (random images,
+`num_gt` random boxes with elliptic masks per image), so the figures measure
+the model and step, not the input pipeline (`--what=input` measures that).
+The first call (tracing and XLA compilation) is reported apart; then the
+median of `steps` timed calls.
+"""
+
+import resource
+import statistics
+import time
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from mrcnn.training import optimization, trainer
+
+
+def synthetic_batch(batch, image_size, num_gt=10, num_classes=80, mask_size=112,
+                    seed=0):
+    """A training batch in the data pipeline's format (see mrcnn.data).
+
+    Returns:
+      dict of tensors: images [B, H, W, 3], image_info [B, 5], image_id [B],
+      gt_boxes [B, M, 4], gt_classes [B, M], gt_valid [B, M],
+      gt_masks uint8 [B, M, S, S] with M = num_gt.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = image_size
+    centre = rng.uniform([0.1 * h, 0.1 * w], [0.9 * h, 0.9 * w], (batch, num_gt, 2))
+    size = rng.uniform(24, 0.4 * min(h, w), (batch, num_gt, 2))
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], -1)
+    boxes = np.clip(boxes, 0, [h, w, h, w]).astype(np.float32)
+    u = (np.arange(mask_size) + 0.5) / mask_size - 0.5
+    ellipse = ((u[:, None] / 0.5) ** 2 + (u[None] / 0.5) ** 2 <= 1).astype(np.uint8)
+    return {
+        "images": tf.constant(rng.normal(size=(batch, h, w, 3)), tf.float32),
+        "image_info": tf.constant([[h, w, h, w, 1.0]] * batch, tf.float32),
+        "image_id": tf.range(batch, dtype=tf.int64),
+        "gt_boxes": tf.constant(boxes),
+        "gt_classes": tf.constant(rng.integers(1, num_classes + 1, (batch, num_gt)),
+                                  tf.int32),
+        "gt_valid": tf.ones([batch, num_gt], tf.bool),
+        "gt_masks": tf.constant(np.broadcast_to(ellipse, (batch, num_gt) + ellipse.shape)),
+    }
+
+
+def _model_fn():
+    try:
+        return gin.query_parameter("train.model_fn").scoped_configurable_fn
+    except ValueError:
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        return MaskRCNN
+
+
+def _peak_memory(strategy):
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return sum(tf.config.experimental.get_memory_info(g.name)["peak"] for g in gpus)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS
+
+
+def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
+                xla=True, steps=20, warmup=3, num_gt=10):
+    """Times the training step (`what='train'`) or inference (`'infer'`).
+
+    Args:
+      what: 'train' or 'infer'.
+      batch: int, images per replica.
+      image_size: (H, W) padded canvas, multiples of 64.
+      precision: 'float32', 'bfloat16' or 'float16'.
+      xla: bool, compile the step with XLA.
+      steps, warmup: timed and untimed calls after the first.
+      num_gt: gt boxes per image.
+
+    Returns:
+      dict: compile_s, median_s, p25_s, p75_s, images_per_s (train) or
+      ms_per_image (infer), peak_memory_bytes, device, and the arguments.
+    """
+    trainer.set_precision(precision)
+    strategy = trainer.make_strategy()
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        model = _model_fn()()
+    num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", 80)
+    data = synthetic_batch(batch, image_size, num_gt, num_classes)
+    if what == "infer":
+        data = {k: data[k] for k in ("images", "image_info")}
+    dist = strategy.experimental_distribute_values_from_function(lambda ctx: data)
+    with strategy.scope():
+        strategy.run(lambda b: model(b, training=what == "train"), args=(dist,))
+        if what == "train":
+            optimizer, _ = optimization.build_optimizer(
+                batch * replicas, 1000, 10000, precision=precision)
+            optimizer.build(model.trainable_variables)
+            fn = trainer.make_train_step(model, optimizer, strategy, xla)
+        else:
+            infer = tf.function(lambda b: model(b, training=False), jit_compile=xla)
+            fn = tf.function(lambda b: strategy.run(infer, args=(b,)))
+
+    def call():
+        out = fn(dist)
+        # Fetching one scalar waits for the step without copying outputs.
+        first = tf.nest.flatten(strategy.experimental_local_results(out))[0]
+        float(tf.reduce_sum(tf.cast(first, tf.float32)))
+
+    start = time.perf_counter()
+    call()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        call()
+    if tf.config.list_logical_devices("GPU"):
+        for g in tf.config.list_logical_devices("GPU"):
+            tf.config.experimental.reset_memory_stats(g.name)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    q25, q75 = np.percentile(times, [25, 75])
+    report = {
+        "what": what, "batch_per_replica": batch, "replicas": replicas,
+        "image_size": list(image_size), "precision": precision, "xla": xla,
+        "num_gt": num_gt, "steps": steps, "compile_s": round(compile_s, 2),
+        "median_s": round(median, 4), "p25_s": round(float(q25), 4),
+        "p75_s": round(float(q75), 4), "peak_memory_bytes": int(_peak_memory(strategy)),
+        "device": tf.config.list_logical_devices("GPU")[0].name
+        if tf.config.list_logical_devices("GPU") else "CPU",
+    }
+    images = batch * replicas
+    if what == "train":
+        report["images_per_s"] = round(images / median, 2)
+    else:
+        report["ms_per_image"] = round(1e3 * median / images, 2)
+    return report

@@ -1,0 +1,57 @@
+"""Two worker processes on 127.0.0.1 train one model (MultiWorkerMirroredStrategy).
+
+Slow (two TensorFlow processes, a gRPC cluster): `make test-slow`, or
+  .venv/bin/python -m pytest -q -m slow tests/training/test_multiworker.py
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_workers_hold_identical_weights(tmp_path):
+    data = tmp_path / "shapes"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bin", "make_shapes"),
+                    f"--out={data}", "--num_train=8", "--num_val=2",
+                    "--height=64", "--width=64"], check=True, capture_output=True)
+    ports = ",".join(str(p) for p in _free_ports(2))
+    model_dir = tmp_path / "run"
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "multiworker_worker.py"), str(i), ports,
+         str(model_dir), str(data), str(tmp_path / f"w{i}.npz")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=600)
+        finally:
+            p.kill()
+        logs.append((p.returncode, out, err[-3000:]))
+    for code, out, err in logs:
+        assert code == 0, err
+        assert "step 3" in out
+    w0, w1 = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    assert len(w0.files) == len(w1.files) > 0
+    for k in w0.files:
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
+    # Only the chief keeps checkpoints; the other worker's copy is removed.
+    assert (model_dir / "ckpt-3.index").exists()
+    assert not list(model_dir.glob("worker_tmp_*"))
