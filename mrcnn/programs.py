@@ -45,3 +45,27 @@ def fail(message):
     logging.error(message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def run(main_fn, config_dir=None):
+    """Parses gin, runs `main_fn()`, writes the operative config to `config_dir`.
+
+    Bad user input (a gin typo, a missing file, an unreadable image, a class
+    count mismatch, a loss that became NaN) ends the program with one clear
+    message; `--verbosity=1` logs the traceback too.
+    """
+    import tensorflow as tf
+    try:
+        parse_gin()
+        result = main_fn()
+    except (ValueError, FileNotFoundError, RuntimeError, tf.errors.OpError) as e:
+        logging.debug("traceback", exc_info=True)
+        text = getattr(e, "message", None) or str(e)
+        if len(text) > 2000:
+            text = text[:2000] + " ..."
+        fail(f"{type(e).__name__}: {text}")
+    if config_dir:
+        tf.io.gfile.makedirs(config_dir)
+        with tf.io.gfile.GFile(f"{config_dir}/operative_config.gin", "w") as f:
+            f.write(gin.operative_config_str())
+    return result

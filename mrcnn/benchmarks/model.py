@@ -92,10 +92,11 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
     with strategy.scope():
         strategy.run(lambda b: model(b, training=what == "train"), args=(dist,))
         if what == "train":
-            optimizer, _ = optimization.build_optimizer(
+            optimizer, _, weight_decay = optimization.build_optimizer(
                 batch * replicas, 1000, 10000, precision=precision)
             optimizer.build(model.trainable_variables)
-            fn = trainer.make_train_step(model, optimizer, strategy, xla)
+            fn = trainer.make_train_step(model, optimizer, strategy, xla,
+                                         weight_decay=weight_decay)
         else:
             infer = tf.function(lambda b: model(b, training=False), jit_compile=xla)
             fn = tf.function(lambda b: strategy.run(infer, args=(b,)))

@@ -48,6 +48,8 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                                              canvas_size)
     table = None
     if dataset_fn is not None:
+        from mrcnn.training import trainer
+        trainer.check_num_classes(model, dataset_fn)
         cmap = dataset_fn.category_map
         table = tf.constant([0] + [cmap.to_coco(c) for c in range(1, cmap.num_classes + 1)],
                             tf.int32)

@@ -50,8 +50,9 @@ def restore_model(model_fn, checkpoint, canvas_size):
     path = checkpoint
     if tf.io.gfile.isdir(checkpoint):
         path = tf.train.latest_checkpoint(checkpoint)
-    if not path:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint}")
+    if not path or not tf.io.gfile.exists(path + ".index"):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint} (train first, or give "
+                                f"--checkpoint=DIR/ckpt-N)")
     model = model_fn()
     model(_zero_inference_batch(canvas_size), training=False)
     step = tf.Variable(0, dtype=tf.int64)
@@ -124,6 +125,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     trainer.set_precision(precision)
     model, step, path = restore_model(model_fn, checkpoint or model_dir,
                                       dataset_fn.canvas_size)
+    trainer.check_num_classes(model, dataset_fn)
     logging.info("Evaluating %s (step %d) on %s", path, step, dataset_fn.annotation_file)
     class_to_category, class_names = _class_maps(dataset_fn.category_map)
     evaluator = coco_eval.CocoEvaluator(dataset_fn.annotation_file, class_to_category)
@@ -163,7 +165,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     return report
 
 
-def _image_files(inputs):
+def image_files(inputs):
+    """Image files of `inputs` (files and folders); FileNotFoundError if none."""
     files = []
     for item in inputs:
         if os.path.isdir(item):
@@ -196,9 +199,11 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
     Returns:
       list of per-image dicts as written to detections.json.
     """
-    files = _image_files(inputs)
+    files = image_files(inputs)
     category_names = dataset_fn.category_map.names if dataset_fn is not None else None
     model, step, path = restore_model(model_fn, checkpoint or model_dir, canvas_size)
+    if dataset_fn is not None:
+        trainer.check_num_classes(model, dataset_fn)
     infer = tf.function(lambda b: model(b, training=False))
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -217,8 +222,8 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
         masks = mask_ops.paste_masks(det["detection_masks"][None, keep], boxes[None],
                                      image.shape[:2]).numpy()[0] if len(keep) else None
         classes = det["detection_classes"][keep]
-        names = {c: (category_names[c - 1] if category_names else str(c))
-                 for c in set(classes.tolist())}
+        names = {c: (category_names[c - 1] if category_names and c <= len(category_names)
+                     else str(c)) for c in set(classes.tolist())}
         picture = visualize.draw_detections(image, boxes, classes,
                                             det["detection_scores"][keep], masks,
                                             names, score_threshold=score_threshold)

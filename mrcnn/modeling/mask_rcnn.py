@@ -71,6 +71,11 @@ class MaskRCNN(keras.Model):
         self.rpn_head = rpn_head
         self.roi_heads = roi_heads
 
+    @property
+    def num_classes(self):
+        """C, foreground classes of the box head (contiguous ids 1..C)."""
+        return self.roi_heads.box_head.num_classes
+
     def build(self, batch_shape):
         # Parts build on their first call; nothing to create here.
         self.built = True

@@ -63,6 +63,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mrcnn.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from mrcnn.modeling._config import checkpointed, configurable_layer
 
 # Blocks per stage res2..res5 and whether blocks are bottlenecks, per depth.
@@ -470,16 +471,62 @@ def load_tensorpack_resnet_weights(resnet, path):
 _LOADERS = {"keras": load_keras_resnet50_weights,
             "tensorpack": load_tensorpack_resnet_weights}
 
+# How each source network expects its input, as (channel order, mean, std) in
+# that order: keras.applications ResNet50 takes BGR minus the caffe mean with
+# no scaling; tensorpack's ImageNet models take BGR normalised by the ImageNet
+# mean and std (its image_preprocess reverses mean and std for BGR input).
+_SOURCE_INPUT = {
+    "keras": ("bgr", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+    "tensorpack": ("bgr", (103.53, 116.28, 123.675), (57.375, 57.12, 58.395)),
+}
+
+
+def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
+                        pixel_std=IMAGENET_STD):
+    """Folds a source network's input convention into the stem, after loading.
+
+    Our images are RGB `(pixel - pixel_mean) / pixel_std` (mrcnn.data). The
+    source saw `(pixel - src_mean) / src_std` in its own channel order, which
+    is `(pixel_std / src_std) * x + (pixel_mean - src_mean) / src_std` of
+    ours: the channel order and scale go into the stem kernel, the constant
+    into the stem norm's moving mean (exact away from the zero-padded border).
+
+    Args:
+      resnet: a ResNet just loaded from `source` weights, batch-norm variant.
+      source: 'keras' or 'tensorpack'.
+      pixel_mean, pixel_std: RGB, the data pipeline's normalisation.
+    """
+    order, src_mean, src_std = _SOURCE_INPUT[source]
+    kernel = resnet.stem_conv.conv.kernel
+    w = kernel.numpy().astype(np.float64)  # [7, 7, 3, 64] in source order
+    src_mean, src_std = np.asarray(src_mean), np.asarray(src_std)
+    if order == "bgr":
+        w, src_mean, src_std = w[:, :, ::-1, :], src_mean[::-1], src_std[::-1]
+    shift = (np.asarray(pixel_mean) - src_mean) / src_std  # [3]
+    const = np.einsum("hwco,c->o", w, shift)  # [64]
+    kernel.assign((w * (np.asarray(pixel_std) / src_std)[None, None, :, None])
+                  .astype(kernel.dtype))
+    norm = resnet.stem_norm
+    norm.moving_mean.assign(
+        (norm.moving_mean.numpy() - const).astype(norm.moving_mean.dtype))
+
 
 @gin.configurable
-def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras"):
+def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras",
+                          pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
     """Initialises `model.backbone` from ImageNet weights (`train.init_fn`).
+
+    The weights are loaded one to one, then `adapt_stem_to_input` folds the
+    source's input convention (BGR, its mean and std) into the stem, so the
+    backbone sees our RGB, normalised images as the source saw its own.
 
     Args:
       model: a built model with a `backbone` ResNet.
       path: str, the weights file.
       file_format: 'keras' (a keras.applications.ResNet50 weights file) or
         'tensorpack' (ImageNet-R50-AlignPadding.npz).
+      pixel_mean, pixel_std: the data pipeline's RGB normalisation
+        (CocoInput.mean, CocoInput.std).
 
     Raises:
       FileNotFoundError: no such file; ValueError: see the loaders.
@@ -492,3 +539,4 @@ def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras"):
             f"{path}: backbone weights not found (load_backbone_weights.path); "
             f"set train.init_fn = None to train from scratch")
     _LOADERS[file_format](model.backbone, path)
+    adapt_stem_to_input(model.backbone, file_format, pixel_mean, pixel_std)

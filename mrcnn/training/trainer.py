@@ -70,6 +70,15 @@ def _checkpoint_dir(model_dir, strategy):
     return os.path.join(model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
 
 
+def _weights_finite(model):
+    """Whether every floating weight is finite (checked before each save)."""
+    for w in model.weights:
+        value = np.asarray(w.numpy())
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return False
+    return True
+
+
 def _zeros_like_spec(spec):
     return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
 
@@ -79,7 +88,16 @@ def _format_eta(seconds):
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
 
 
-def make_train_step(model, optimizer, strategy, xla, step=None):
+def check_num_classes(model, dataset):
+    """Raises ValueError when a model's and a dataset's class counts differ."""
+    ours, theirs = getattr(model, "num_classes", None), getattr(dataset, "num_classes", None)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ValueError(
+            f"the model has {ours} classes but {getattr(dataset, 'annotation_file', 'the data')} "
+            f"has {theirs}: set NUM_CLASSES = {theirs} in the gin config")
+
+
+def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0):
     """The training step `train` runs (and `bin/bench --what=train` times).
 
     The forward and backward pass is one XLA program per replica (when
@@ -92,6 +110,8 @@ def make_train_step(model, optimizer, strategy, xla, step=None):
       strategy: tf.distribute.Strategy.
       xla: bool.
       step: optional int64 tf.Variable incremented once per step.
+      weight_decay: float, coupled L2 coefficient (`optimization.l2_penalty`
+        joins the losses as 'weight_decay').
 
     Returns:
       A tf.function (distributed batch) -> {loss name: mean over replicas,
@@ -103,6 +123,9 @@ def make_train_step(model, optimizer, strategy, xla, step=None):
         with tf.GradientTape() as tape:
             losses = model(batch, training=True)
             losses = {k: tf.cast(v, tf.float32) for k, v in losses.items()}
+            if weight_decay:
+                losses["weight_decay"] = optimization.l2_penalty(
+                    model.trainable_variables, weight_decay)
             total = tf.add_n(list(losses.values()))
             # Replica gradients are summed: divide so the step uses the mean.
             scaled = total / replicas
@@ -113,9 +136,19 @@ def make_train_step(model, optimizer, strategy, xla, step=None):
         return losses, grads
 
     compiled = tf.function(forward_backward, jit_compile=xla)
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(batch):
         losses, grads = compiled(batch)
+        if loss_scaled and replicas > 1:
+            # Keras checks finiteness per replica before the gradient sum and
+            # follows the first replica; make all replicas skip together, or
+            # an overflow elsewhere would reach the weights.
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            finite = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32)) > 0
+            grads = [tf.where(finite, g, tf.fill(tf.shape(g), tf.constant(np.nan, g.dtype)))
+                     for g in grads]
         optimizer.apply(grads, model.trainable_variables)
         return losses
 
@@ -194,7 +227,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
 
     with strategy.scope():
         model = model_fn()
-        optimizer, schedule = optimization.build_optimizer(
+    check_num_classes(model, dataset_fn)
+    with strategy.scope():
+        optimizer, schedule, weight_decay = optimization.build_optimizer(
             global_batch, steps_per_epoch, total_steps, precision=precision)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
 
@@ -208,9 +243,12 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
     manager = tf.train.CheckpointManager(
         checkpoint, _checkpoint_dir(model_dir, strategy), max_to_keep=keep_checkpoints)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step))
+    # Every worker resumes from the chief's checkpoint in model_dir (other
+    # workers' own copies are scratch, removed at the end of a run).
+    latest = tf.train.latest_checkpoint(model_dir)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        logging.info("Resumed from %s at step %d", latest, int(step))
     elif init_fn is not None:
         init_fn(model)
     start = int(step.numpy())
@@ -221,12 +259,11 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
 
-    # The input restarts from a shuffle seeded by the resume step, so a
-    # resumed run sees a fresh order instead of replaying the first batches.
-    tf.random.set_seed(start)
+    # The input position is not checkpointed: a resumed run starts a new pass
+    # over the data (a fresh order unless CocoInput.seed fixes one).
     iterator = iter(dataset)
 
-    train_step = make_train_step(model, optimizer, strategy, xla, step)
+    train_step = make_train_step(model, optimizer, strategy, xla, step, weight_decay)
 
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) \
         if _is_chief(strategy) else tf.summary.create_noop_writer()
@@ -263,6 +300,10 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             writer.flush()
             window_start, window_images = time.perf_counter(), 0
         if current % checkpoint_every == 0 or current == end:
+            if not _weights_finite(model):
+                raise NonFiniteLossError(
+                    f"weights became non-finite at step {current}; the last good "
+                    f"checkpoint ({manager.latest_checkpoint or 'none'}) is kept")
             manager.save(checkpoint_number=current)
     if not _is_chief(strategy):
         tf.io.gfile.rmtree(_checkpoint_dir(model_dir, strategy))

@@ -198,3 +198,16 @@ def test_export_round_trip_in_fresh_process(run, tmp_path):
 def _model_fn():
     from mrcnn.modeling.mask_rcnn import MaskRCNN
     return MaskRCNN()
+
+
+@pytest.mark.parametrize("program,args,bindings,message", [
+    ("eval", ["--model_dir=/nonexistent/run"], [], "no checkpoint at /nonexistent/run"),
+    ("train", ["--model_dir={tmp}/x"], ["NUM_CLASSES = 5"], "has 3: set NUM_CLASSES = 3"),
+    ("train", ["--model_dir={tmp}/y"], ["train.total_stepz = 3"], "total_stepz"),
+])
+def test_bad_input_gives_one_clear_error(run, tmp_path, program, args, bindings, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    proc = _run(program, *args, bindings=run["bindings"] + bindings, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -156,13 +156,32 @@ class ScheduleTest(tf.test.TestCase):
         self.assertAllClose(s(115), 0.0002, rtol=1e-4)
 
     def test_lr_scales_with_batch_and_decay_skips_norms(self):
-        opt, sched = optimization.build_optimizer(32, 100, 1200)
+        _, sched, wd = optimization.build_optimizer(32, 100, 1200)
         self.assertAllClose(sched(500), 0.04)
         self.assertEqual(sched.boundaries, [800, 1100])
+        self.assertEqual(wd, 1e-4)
         dense = keras.layers.Dense(2)
         dense.build((None, 3))
         norm = keras.layers.BatchNormalization()
         norm.build((None, 2))
-        self.assertTrue(opt._use_weight_decay(dense.kernel))
-        self.assertFalse(opt._use_weight_decay(dense.bias))
-        self.assertFalse(opt._use_weight_decay(norm.gamma))
+        self.assertTrue(optimization.decays(dense.kernel))
+        self.assertFalse(optimization.decays(dense.bias))
+        self.assertFalse(optimization.decays(norm.gamma))
+        self.assertFalse(optimization.decays(norm.beta))
+
+    def test_coupled_weight_decay_matches_detectron2_sgd(self):
+        # torch.optim.SGD / Detectron2: g' = g + wd * w; v = m * v + g'; w -= lr * v.
+        lr, m, wd = 0.1, 0.9, 0.01
+        w = tf.Variable([1.0, -2.0], name="kernel")
+        b = tf.Variable([0.5], name="bias")
+        opt = keras.optimizers.SGD(lr, momentum=m)
+        ref_w, ref_v = np.array([1.0, -2.0]), np.zeros(2)
+        for _ in range(3):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(w) + tf.reduce_sum(b) + optimization.l2_penalty(
+                    [w, b], wd)
+            opt.apply(tape.gradient(loss, [w, b]), [w, b])
+            ref_v = m * ref_v + (1.0 + wd * ref_w)
+            ref_w = ref_w - lr * ref_v
+        self.assertAllClose(w.numpy(), ref_w, rtol=1e-5)
+        self.assertAllClose(b.numpy(), [0.5 - lr * (1 + 1.9 + 2.71)], rtol=1e-5)
