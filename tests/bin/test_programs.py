@@ -211,3 +211,11 @@ def test_bad_input_gives_one_clear_error(run, tmp_path, program, args, bindings,
     assert proc.returncode == 1
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_watch_evaluates_each_checkpoint_then_stops(run):
+    proc = _run("eval", f"--model_dir={run['model_dir']}", "--watch",
+                bindings=run["bindings"] + ["evaluate.watch_timeout = 1"])
+    # The fixture keeps ckpt-20 and ckpt-40; --watch starts at the latest.
+    assert proc.stdout.count("bbox") >= 1
+    assert (run["model_dir"] / "eval" / f"metrics-{STEPS}.json").exists()
