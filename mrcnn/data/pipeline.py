@@ -142,7 +142,8 @@ class CocoInput:
       shuffle_buffer: int or None, None shuffles the whole image list (ints,
         not images, so it is cheap).
       seed: int or None; with a seed, training order, scales and flips are
-        reproducible.
+        reproducible. None leaves the choice to the caller's `seed` (the
+        trainer passes one kept in its checkpoint), else draws at random.
       annotation_file, image_dir: str or None, override the layout paths.
       check_files: bool, check at load that every image file exists.
     """
@@ -231,11 +232,19 @@ class CocoInput:
         return self.records[input_context.input_pipeline_id::
                             input_context.num_input_pipelines]
 
-    def __call__(self, input_context=None):
+    def __call__(self, input_context=None, start=0, seed=None):
         """The dataset of one input pipeline.
 
         Args:
           input_context: tf.distribute.InputContext or None.
+          start: int, training only: how many images of this pipeline's
+            stream were already read. They are skipped on the stream of image
+            indices, before anything is decoded, so that a resumed run reads
+            on where the interrupted one stopped (exactly, when the order is
+            seeded and every image decodes: a skipped undecodable image
+            shifts the position by one).
+          seed: int or None, used when `self.seed` is None: the trainer's run
+            seed, kept in its checkpoint, so that the order survives a restart.
 
         Returns:
           tf.data.Dataset of batch dicts (module docstring), static shapes.
@@ -244,8 +253,11 @@ class CocoInput:
         if not records:
             raise ValueError(f"{self.annotation_file}: no images to read in this "
                              f"input pipeline ({len(self.records)} in total)")
+        if start and not self.training:
+            raise ValueError("CocoInput: start is for the training stream; "
+                             "evaluation reads every image once")
         batch = self._per_pipeline_batch(input_context)
-        seed = self.seed
+        seed = self.seed if self.seed is not None else seed
         if seed is not None and input_context is not None:
             seed = seed + 1000003 * input_context.input_pipeline_id
         index_of = {id(r): i for i, r in enumerate(self.records)}
@@ -255,6 +267,9 @@ class CocoInput:
             ds = ds.shuffle(self.shuffle_buffer or len(records), seed=seed,
                             reshuffle_each_iteration=True).repeat()
             ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
+            # Integers only up to here: skipping an epoch of COCO costs
+            # milliseconds, not a decode of 118k images.
+            ds = ds.skip(int(start))
         else:
             ds = ds.map(lambda i: (i, tf.constant(0, tf.int64)))
         ds = ds.map(self._example, num_parallel_calls=tf.data.AUTOTUNE,

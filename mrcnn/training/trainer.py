@@ -7,6 +7,7 @@ optimizer. Rerunning `train` with the same `model_dir` resumes from the last
 checkpoint with no flag.
 """
 
+import inspect
 import json
 import math
 import os
@@ -97,6 +98,15 @@ def check_num_classes(model, dataset):
             f"has {theirs}: set NUM_CLASSES = {theirs} in the gin config")
 
 
+def _resumable(dataset_fn):
+    """Whether dataset_fn takes the `start` and `seed` keywords (CocoInput does)."""
+    try:
+        params = inspect.signature(dataset_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "start" in params and "seed" in params
+
+
 def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0):
     """The training step `train` runs (and `bin/bench --what=train` times).
 
@@ -177,7 +187,10 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         dict of float32 scalar losses.
       dataset_fn: (input_context: tf.distribute.InputContext) -> infinite
         tf.data.Dataset of per-replica batches with a static batch size
-        (`mrcnn.data.CocoInput` is one: its batch_size is per replica).
+        (`mrcnn.data.CocoInput` is one: its batch_size is per replica). If
+        it also takes keywords `start` (images this input pipeline already
+        read) and `seed` (a run seed, kept in the checkpoint), as CocoInput
+        does, a resumed run reads on where the interrupted one stopped.
       init_fn: optional (model) -> None, run once on a fresh start and never
         over a resumed checkpoint: ImageNet backbone weights
         (`load_backbone_weights`).
@@ -232,15 +245,20 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         optimizer, schedule, weight_decay = optimization.build_optimizer(
             global_batch, steps_per_epoch, total_steps, precision=precision)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        # Drawn once per run and checkpointed, so that the data order survives
+        # restarts; under MultiWorkerMirroredStrategy the chief's initial
+        # value is broadcast, so every worker holds the same seed.
+        data_seed = tf.Variable(int.from_bytes(os.urandom(4), "little") >> 1,
+                                dtype=tf.int64, trainable=False, name="data_seed")
 
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
     # Variables exist only after a first call: build them on a zero batch so
     # that the restore below fills every one of them.
     with strategy.scope():
         strategy.run(lambda: model(_zeros_like_spec(spec), training=True))
         optimizer.build(model.trainable_variables)
 
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
+                                     data_seed=data_seed)
     manager = tf.train.CheckpointManager(
         checkpoint, _checkpoint_dir(model_dir, strategy), max_to_keep=keep_checkpoints)
     # Every worker resumes from the chief's checkpoint in model_dir (other
@@ -259,9 +277,20 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
 
-    # The input position is not checkpointed: a resumed run starts a new pass
-    # over the data (a fresh order unless CocoInput.seed fixes one).
-    iterator = iter(dataset)
+    # The input position is the step: each input pipeline has read
+    # step * global_batch / pipelines images of its stream.
+    if _resumable(dataset_fn):
+        seed = int(data_seed.numpy())
+
+        def positioned_fn(ctx):
+            return dataset_fn(ctx, start=start * global_batch // ctx.num_input_pipelines,
+                              seed=seed)
+    else:
+        if start:
+            logging.warning("dataset_fn takes no `start`: the resumed run starts a "
+                            "new pass over the data")
+        positioned_fn = dataset_fn
+    iterator = iter(strategy.distribute_datasets_from_function(positioned_fn))
 
     train_step = make_train_step(model, optimizer, strategy, xla, step, weight_decay)
 

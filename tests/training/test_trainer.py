@@ -57,14 +57,35 @@ def _dataset_fn(nan_from=None, global_batch=4):
     return fn
 
 
+def _seeded_dataset_fn(calls, global_batch=4, fixed_seed=None):
+    """A shuffled stream that honours the trainer's `start` and `seed`.
+
+    `fixed_seed`, when given, wins over the trainer's, as `CocoInput.seed` does.
+    """
+    def fn(ctx, start=0, seed=None):
+        calls.append((start, seed))
+        seed = fixed_seed if fixed_seed is not None else seed
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(12, 8, 8, 3)).astype(np.float32)
+        target = np.stack([images.mean((1, 2, 3)), images.std((1, 2, 3))], 1)
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"images": images, "target": target.astype(np.float32)})
+        ds = ds.shuffle(12, seed=seed, reshuffle_each_iteration=True).repeat()
+        return ds.skip(start).batch(ctx.get_per_replica_batch_size(global_batch),
+                                    drop_remainder=True)
+    return fn
+
+
 def _weights(model):
     return [v.numpy().copy() for v in model.weights]
 
 
 class TrainerTest(tf.test.TestCase, parameterized.TestCase):
 
-    def _train(self, model_dir, holder, **kw):
+    def _train(self, model_dir, holder, init_seed=None, **kw):
         def model_fn():
+            if init_seed is not None:
+                keras.utils.set_random_seed(init_seed)
             holder["model"] = ToyDetector()
             return holder["model"]
         args = dict(model_fn=model_fn, dataset_fn=_dataset_fn(), num_train_images=32,
@@ -88,6 +109,33 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(out["step"], 12)
         self.assertTrue(os.path.exists(os.path.join(d, "run", "operative_config.gin")))
         self.assertTrue(tf.io.gfile.glob(os.path.join(d, "run", "train", "events.*")))
+
+    def test_resumed_run_reads_on_with_the_checkpointed_seed(self):
+        d = os.path.join(self.get_temp_dir(), "cut")
+        calls = []
+        self._train(d, {}, dataset_fn=_seeded_dataset_fn(calls), stop_after=5)
+        self._train(d, {}, dataset_fn=_seeded_dataset_fn(calls))
+        # Calls with a seed build the stream; the others only read its spec.
+        streams = [c for c in calls if c[1] is not None]
+        self.assertEqual([start for start, _ in streams], [0, 5 * 4])  # 5 steps of 4
+        self.assertEqual(streams[0][1], streams[1][1])
+        other = []
+        self._train(os.path.join(self.get_temp_dir(), "other"), {}, total_steps=1,
+                    dataset_fn=_seeded_dataset_fn(other))
+        self.assertNotEqual(other[-1][1], streams[0][1])  # each run draws its own
+
+    def test_interrupted_run_ends_with_the_uninterrupted_weights(self):
+        d = self.get_temp_dir()
+        whole, cut = {}, {}
+        self._train(os.path.join(d, "whole"), whole, init_seed=1,
+                    dataset_fn=_seeded_dataset_fn([], fixed_seed=7))
+        self._train(os.path.join(d, "cut"), cut, stop_after=5, init_seed=1,
+                    dataset_fn=_seeded_dataset_fn([], fixed_seed=7))
+        out = self._train(os.path.join(d, "cut"), cut,
+                          dataset_fn=_seeded_dataset_fn([], fixed_seed=7))
+        self.assertEqual(out["step"], 12)
+        for a, b in zip(_weights(whole["model"]), _weights(cut["model"])):
+            self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
 
     def test_init_fn_runs_on_fresh_start_only(self):
         d = os.path.join(self.get_temp_dir(), "init")
