@@ -63,7 +63,7 @@ def _peak_memory(strategy):
 
 
 def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
-                xla=True, steps=20, warmup=3, num_gt=10):
+                xla=True, eager=False, steps=20, warmup=3, num_gt=10):
     """Times the training step (`what='train'`) or inference (`'infer'`).
 
     Args:
@@ -72,13 +72,29 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
       image_size: (H, W) padded canvas, multiples of 64.
       precision: 'float32', 'bfloat16' or 'float16'.
       xla: bool, compile the step with XLA.
+      eager: bool, run every tf.function eagerly (op by op, no graph): the
+        baseline the graph and XLA modes are measured against; `xla` is
+        then ignored.
       steps, warmup: timed and untimed calls after the first.
       num_gt: gt boxes per image.
 
     Returns:
       dict: compile_s, median_s, p25_s, p75_s, images_per_s (train) or
-      ms_per_image (infer), peak_memory_bytes, device, and the arguments.
+      ms_per_image (infer), peak_memory_bytes, parameters and
+      trainable_parameters, device, mode ('eager', 'graph' or 'xla'), and
+      the arguments.
     """
+    was_eager = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(eager)
+    try:
+        return _bench_model(what, batch, image_size, precision, xla and not eager,
+                            steps, warmup, num_gt, "eager" if eager else
+                            "xla" if xla else "graph")
+    finally:
+        tf.config.run_functions_eagerly(was_eager)
+
+
+def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt, mode):
     trainer.set_precision(precision)
     strategy = trainer.make_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -126,8 +142,11 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
         "what": what, "batch_per_replica": batch, "replicas": replicas,
         "image_size": list(image_size), "precision": precision, "xla": xla,
         "num_gt": num_gt, "steps": steps, "compile_s": round(compile_s, 2),
-        "median_s": round(median, 4), "p25_s": round(float(q25), 4),
+        "mode": mode, "median_s": round(median, 4), "p25_s": round(float(q25), 4),
         "p75_s": round(float(q75), 4), "peak_memory_bytes": int(_peak_memory(strategy)),
+        "parameters": int(sum(np.prod(w.shape) for w in model.weights)),
+        "trainable_parameters": int(sum(np.prod(w.shape)
+                                        for w in model.trainable_weights)),
         "device": tf.config.list_logical_devices("GPU")[0].name
         if tf.config.list_logical_devices("GPU") else "CPU",
     }

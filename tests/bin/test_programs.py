@@ -219,3 +219,16 @@ def test_eval_watch_evaluates_each_checkpoint_then_stops(run):
     # The fixture keeps ckpt-20 and ckpt-40; --watch starts at the latest.
     assert proc.stdout.count("bbox") >= 1
     assert (run["model_dir"] / "eval" / f"metrics-{STEPS}.json").exists()
+
+
+@pytest.mark.parametrize("what,mode", [("train", "--eager"), ("infer", "--noxla")])
+def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
+    out = tmp_path / "bench.json"
+    _run("bench", f"--what={what}", mode, "--image_size=64,64", "--batch=2",
+         "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", bindings=TINY)
+    report = json.loads(out.read_text())
+    assert report["mode"] == {"--eager": "eager", "--noxla": "graph"}[mode]
+    assert report["batch_per_replica"] == 2 and report["median_s"] > 0
+    assert report["images_per_s" if what == "train" else "ms_per_image"] > 0
+    assert 0 < report["trainable_parameters"] <= report["parameters"]
+    assert report["peak_memory_bytes"] > 0
