@@ -78,9 +78,7 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
          four neighbours, gather `[B, K, oh, ow, C]` rows of the table at
          `row_offset + y * width + x` and add them, weighted, to a float32
          accumulator: no intermediate is larger than the output.
-      4. The bin average: the weights are divided by `sampling_ratio**2`.
-      The gradient (features only) scatter-adds into one dense table
-      (`_weighted_gather`).
+      4. Divide by `sampling_ratio**2` (the bin average).
 
     Args:
       table: any float dtype [T, C], the feature maps flattened row-major;
@@ -127,51 +125,21 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
     x_wts = [_split_bins(w, ow, sr) for w in x_wts]  # [B, K, ow, sr]
     # Step 3: 4 * sr**2 gathers (static Python loop over sample slots, not
     # over data), each the size of the output.
-    index, weight = [], []
+    acc = None
     for s in range(sr):
         for t in range(sr):
             for rows, wy in zip(y_rows, y_wts):
                 for cols, wx in zip(x_idx, x_wts):
-                    index.append(rows[..., :, None, s]
-                                 + cols[..., None, :, t])  # [B, K, oh, ow]
-                    weight.append(wy[..., :, None, s]
-                                  * wx[..., None, :, t])  # [B, K, oh, ow]
-    # Step 4: the bin average.
-    return _weighted_gather(table, tf.stack(index), tf.stack(weight) * (1.0 / (sr * sr)))
-
-
-@tf.custom_gradient
-def _weighted_gather(table, index, weight):
-    """sum_s table[index[s]] * weight[s], float32, with a scatter-add gradient.
-
-    Autodiff of S gathers from one table hands back S sparse gradients that
-    TF concatenates (S times the output, the largest tensor of a Mask R-CNN
-    step on a CPU) before summing them into the table; adding each slot's
-    weighted gradient into one dense float32 table never holds more than the
-    table and one output-sized term.
-
-    Args:
-      table: float [T, C].
-      index: int32 [S, ...] rows of `table`.
-      weight: float32 [S, ...].
-
-    Returns:
-      float32 [..., C].
-    """
-    acc = None
-    for s in range(index.shape[0]):
-        term = tf.cast(tf.gather(table, index[s]), tf.float32) * weight[s][..., None]
-        acc = term if acc is None else acc + term
-
-    def grad(upstream):
-        upstream = tf.cast(upstream, tf.float32)
-        d_table = tf.zeros(tf.shape(table), tf.float32)
-        for s in range(index.shape[0]):
-            d_table = tf.tensor_scatter_nd_add(
-                d_table, index[s][..., None], upstream * weight[s][..., None])
-        return tf.cast(d_table, table.dtype), None, None
-
-    return acc, grad
+                    index = (rows[..., :, None, s]
+                             + cols[..., None, :, t])  # [B, K, oh, ow]
+                    weight = (wy[..., :, None, s]
+                              * wx[..., None, :, t])  # [B, K, oh, ow]
+                    value = tf.cast(tf.gather(table, index),
+                                    tf.float32)  # [B, K, oh, ow, C]
+                    term = value * weight[..., None]
+                    acc = term if acc is None else acc + term
+    # Step 4.
+    return acc * (1.0 / (sr * sr))
 
 
 def roi_align(features, boxes, output_size=(7, 7), spatial_scale=1.0,
