@@ -175,15 +175,16 @@ def test_export_round_trip_in_fresh_process(run, tmp_path):
 
     floor = 0.5 * float(ours["detection_scores"][0])  # a 40-step model is not sure of much
 
-    def confident(d, prefix=""):
+    def confident(d, prefix="", margin=0.0):
         n = int(d[prefix + "num_detections"])
-        keep = d[prefix + "detection_scores"][:n] > floor
+        keep = d[prefix + "detection_scores"][:n] > floor - margin
         return (d[prefix + "detection_boxes"][:n][keep], d[prefix + "detection_scores"][:n][keep],
                 d[prefix + "detection_classes"][:n][keep])
 
     served_np = {k: served[k][0] for k in served.files}
-    a, b = confident(ours), confident(served_np)
-    e = confident(served_np, "encoded_")
+    # A twin may fall just under the floor where graph and eager kernels round apart.
+    a, b = confident(ours), confident(served_np, margin=0.05)
+    e = confident(served_np, "encoded_", margin=0.05)
     assert len(a[0]) > 0, "the fixture model detects nothing"
     for other in (b, e):
         iou = box_iou(a[0], other[0]).numpy() if len(other[0]) else np.zeros((len(a[0]), 0))
