@@ -198,16 +198,22 @@ class ResNet(keras.layers.Layer):
       norm: str, 'frozen_bn' (default), 'bn', 'sync_bn' or 'gn'.
       freeze_at: int, stages frozen (not trainable): 0 none, 1 stem,
         2 stem and res2 (default, Detectron2 `FREEZE_AT=2`).
+      width: int, stem channels and res2 bottleneck (or basic-block) width,
+        doubling per stage (default 64, every published ResNet; Detectron2's
+        `STEM_OUT_CHANNELS` and `WIDTH_PER_GROUP` together). Other widths
+        train from scratch only: the weight loaders need 64.
 
     Call:
       images: float [B, H, W, 3], H and W multiples of 32.
 
     Returns:
       {l: [B, H / 2**l, W / 2**l, C_l]} for l = 2..5 in the compute dtype;
-      C_l = 256 * 2**(l - 2) for depth 50/101, 64 * 2**(l - 2) for 18/34.
+      C_l = 4 * width * 2**(l - 2) for depth 50/101, width * 2**(l - 2) for
+      18/34 (256 * 2**(l - 2) and 64 * 2**(l - 2) at the default width).
     """
 
-    def __init__(self, *, depth=50, norm="frozen_bn", freeze_at=2, **kwargs):
+    def __init__(self, *, depth=50, norm="frozen_bn", freeze_at=2, width=64,
+                 **kwargs):
         super().__init__(**kwargs)
         if depth not in _DEPTHS:
             raise ValueError(
@@ -216,25 +222,32 @@ class ResNet(keras.layers.Layer):
             raise ValueError(f"ResNet: norm={norm!r} must be one of {_NORMS}")
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"ResNet: freeze_at={freeze_at} must be in [0, 5]")
+        if width <= 0 or (norm == "gn" and width % 32):
+            # GroupNorm's 32 groups must divide every stage's channels.
+            raise ValueError(
+                f"ResNet: width={width} must be positive, and a multiple of 32 "
+                f"with norm='gn'")
         self.depth = depth
+        self.width = width
         self.norm = norm
         self.freeze_at = freeze_at
         num_blocks, self.bottleneck = _DEPTHS[depth]
-        self.stem_conv = _Conv(64, 7, 2, name="stem_conv")
+        self.stem_conv = _Conv(width, 7, 2, name="stem_conv")
         self.stem_norm = _make_norm(norm, "stem_norm")
         if freeze_at >= 1:
             self.stem_conv.trainable = False
             self.stem_norm.trainable = False
         blocks = []
         self._stage_sizes = tuple(num_blocks)
-        in_channels = 64
+        expansion = 4 if self.bottleneck else 1
+        in_channels = width
         for stage, n in zip(range(2, 6), num_blocks):
             mult = 2 ** (stage - 2)
-            out_channels = (256 if self.bottleneck else 64) * mult
+            out_channels = expansion * width * mult
             for b in range(n):
                 block = _Block(
                     in_channels=in_channels, out_channels=out_channels,
-                    bottleneck_channels=64 * mult,
+                    bottleneck_channels=width * mult,
                     stride=2 if (b == 0 and stage > 2) else 1,
                     bottleneck=self.bottleneck, norm=norm,
                     name=f"res{stage}_block{b}")
@@ -244,8 +257,7 @@ class ResNet(keras.layers.Layer):
                 in_channels = out_channels
         self.blocks = checkpointed(self, blocks)
         self.out_channels = {
-            l: (256 if self.bottleneck else 64) * 2 ** (l - 2)
-            for l in range(2, 6)}
+            l: expansion * width * 2 ** (l - 2) for l in range(2, 6)}
 
     def call(self, images, training=None):
         x = self.stem_conv(images)
@@ -271,7 +283,8 @@ class ResNet(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "depth": self.depth,
-                "norm": self.norm, "freeze_at": self.freeze_at}
+                "norm": self.norm, "freeze_at": self.freeze_at,
+                "width": self.width}
 
 
 # ---------------------------------------------------------------- loaders
@@ -290,6 +303,10 @@ def _named_units(resnet):
 
 
 def _check_loadable(resnet, images_shape=(1, 64, 64, 3)):
+    if resnet.width != 64:
+        raise ValueError(
+            f"ResNet weight loaders need width=64 (published ResNets), not "
+            f"width={resnet.width}")
     if resnet.norm == "gn":
         raise ValueError(
             "ResNet weight loaders support norm in ('frozen_bn', 'bn', "

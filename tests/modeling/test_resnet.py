@@ -56,14 +56,18 @@ class ResNetTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.named_parameters(
         ('r18', 18, 'frozen_bn', 64), ('r34_gn', 34, 'gn', 64),
-        ('r50', 50, 'frozen_bn', 256), ('r50_bn', 50, 'bn', 256))
-    def test_output_shapes(self, depth, norm, c2):
-        net = resnet_lib.ResNet(depth=depth, norm=norm)
+        ('r50', 50, 'frozen_bn', 256), ('r50_bn', 50, 'bn', 256),
+        ('r18_gn_half', 18, 'gn', 32, 32), ('r50_half', 50, 'bn', 128, 32),
+        ('r18_w16', 18, 'bn', 16, 16))
+    def test_output_shapes(self, depth, norm, c2, width=64):
+        net = resnet_lib.ResNet(depth=depth, norm=norm, width=width)
         out = net(tf.zeros([2, _CANVAS, _CANVAS, 3]))
         self.assertEqual(sorted(out), [2, 3, 4, 5])
         for level, x in out.items():
             side = _CANVAS // 2 ** level
             self.assertEqual(x.shape, (2, side, side, c2 * 2 ** (level - 2)))
+            self.assertEqual(net.out_channels[level], x.shape[-1])
+        self.assertEqual(net.stem_conv.conv.kernel.shape, (7, 7, 3, width))
 
     def test_parameter_count_r50(self):
         net = resnet_lib.ResNet(depth=50)
@@ -101,10 +105,10 @@ class ResNetTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(out, want)
 
     def test_config_round_trip(self):
-        net = resnet_lib.ResNet(depth=34, norm='gn', freeze_at=3)
+        net = resnet_lib.ResNet(depth=34, norm='gn', freeze_at=3, width=96)
         clone = resnet_lib.ResNet.from_config(net.get_config())
-        self.assertEqual((clone.depth, clone.norm, clone.freeze_at),
-                         (34, 'gn', 3))
+        self.assertEqual((clone.depth, clone.norm, clone.freeze_at, clone.width),
+                         (34, 'gn', 3, 96))
 
     def test_gin_binding(self):
         import gin
@@ -122,6 +126,10 @@ class ResNetTest(tf.test.TestCase, parameterized.TestCase):
             resnet_lib.ResNet(depth=42)
         with self.assertRaisesRegex(ValueError, 'norm'):
             resnet_lib.ResNet(norm='ln')
+        with self.assertRaisesRegex(ValueError, 'width=0'):
+            resnet_lib.ResNet(width=0)
+        with self.assertRaisesRegex(ValueError, "width=48.*'gn'"):
+            resnet_lib.ResNet(depth=18, norm='gn', width=48)
 
 
 def _randomise(variables, rng):
@@ -204,6 +212,11 @@ class KerasLoaderTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, 'depth=50'):
             resnet_lib.load_keras_resnet50_weights(
                 resnet_lib.ResNet(depth=101), self.path)
+
+    def test_wrong_width(self):
+        with self.assertRaisesRegex(ValueError, 'width=64.*width=32'):
+            resnet_lib.load_keras_resnet50_weights(
+                resnet_lib.ResNet(depth=50, width=32), self.path)
 
     def test_train_init_sees_our_images_as_keras_saw_its_own(self):
         # Keras ResNet50 takes BGR minus the caffe mean; we feed RGB
