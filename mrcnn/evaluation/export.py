@@ -15,6 +15,10 @@ gives them), `detection_category_ids int32 [B, D]` (COCO ids when known, else
 the classes), `detection_masks float32 [B, D, 28, 28]` (mask probabilities
 inside each box; paste with `mrcnn.ops.masks.paste_masks`) and
 `num_detections int32 [B]`.
+
+`serve_encoded` decodes JPEGs with libjpeg's accurate integer DCT, as PIL
+does in training and `bin/eval`, so both signatures see the same pixels
+(TF's default JPEG DCT differs by up to 7 grey levels).
 """
 
 import gin
@@ -73,6 +77,14 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                 "detection_masks": tf.cast(out["detection_masks"], tf.float32),
                 "num_detections": tf.cast(out["num_detections"], tf.int32)}
 
+    def decode(data):
+        # Training and eval decode with PIL (libjpeg's accurate integer DCT);
+        # TF's default JPEG DCT is the fast one, off by up to 7 levels.
+        return tf.cond(
+            tf.io.is_jpeg(data),
+            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+
     def serve_images(images):
         images, info = tf.map_fn(
             preprocess, images, fn_output_signature=(
@@ -82,8 +94,7 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
 
     def serve_encoded(encoded):
         def one(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return preprocess(image)
+            return preprocess(decode(data))
         images, info = tf.map_fn(
             one, encoded, fn_output_signature=(
                 tf.TensorSpec(tuple(canvas_size) + (3,), tf.float32),

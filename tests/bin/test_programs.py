@@ -155,6 +155,7 @@ def test_export_round_trip_in_fresh_process(run, tmp_path):
 
     # The same detections from the model restored in this process.
     import gin
+    import tensorflow as tf
     from mrcnn import programs
     from mrcnn.data import pipeline
     from mrcnn.evaluation import runner
@@ -165,33 +166,22 @@ def test_export_round_trip_in_fresh_process(run, tmp_path):
         image = np.asarray(Image.open(image_file).convert("RGB"))
         images, info = pipeline.preprocess_image(image, min_size=64, max_size=64,
                                                  canvas_size=(64, 64))
-        ours = model({"images": images[None], "image_info": info[None]}, training=False)
+        # As served: a graph (eager kernels round differently, and a model
+        # trained 40 steps has near-tied scores that rounding reorders).
+        detect = tf.function(lambda x: model(x, training=False))
+        ours = detect({"images": images[None], "image_info": info[None]})
     finally:
         gin.clear_config()
-    # Graph and eager kernels round differently, so compare the confident
-    # detections as sets: each must have a twin of the same class and score.
-    from mrcnn.ops.boxes import box_iou
     ours = {k: v.numpy()[0] for k, v in ours.items()}
-
-    floor = 0.5 * float(ours["detection_scores"][0])  # a 40-step model is not sure of much
-
-    def confident(d, prefix="", margin=0.0):
-        n = int(d[prefix + "num_detections"])
-        keep = d[prefix + "detection_scores"][:n] > floor - margin
-        return (d[prefix + "detection_boxes"][:n][keep], d[prefix + "detection_scores"][:n][keep],
-                d[prefix + "detection_classes"][:n][keep])
-
     served_np = {k: served[k][0] for k in served.files}
-    # A twin may fall just under the floor where graph and eager kernels round apart.
-    a, b = confident(ours), confident(served_np, margin=0.05)
-    e = confident(served_np, "encoded_", margin=0.05)
-    assert len(a[0]) > 0, "the fixture model detects nothing"
-    for other in (b, e):
-        iou = box_iou(a[0], other[0]).numpy() if len(other[0]) else np.zeros((len(a[0]), 0))
-        for i in range(len(a[0])):
-            twins = np.flatnonzero((iou[i] > 0.95) & (other[2] == a[2][i])
-                                   & (np.abs(other[1] - a[1][i]) < 0.01))
-            assert twins.size, f"detection {i} of the in-process model has no twin"
+    assert int(ours["num_detections"]) > 0, "the fixture model detects nothing"
+    # Both signatures must see the pixels bin/eval sees (PIL's JPEG decoding).
+    for prefix in ("", "encoded_"):
+        for key, atol in (("num_detections", 0), ("detection_classes", 0),
+                          ("detection_scores", 1e-5), ("detection_boxes", 1e-3),
+                          ("detection_masks", 1e-4)):
+            np.testing.assert_allclose(served_np[prefix + key], ours[key], atol=atol,
+                                       rtol=0, err_msg=prefix + key)
     n = int(served_np["num_detections"])
     assert set(served_np["detection_category_ids"][:n].tolist()) <= {1, 3, 7}
 
