@@ -51,6 +51,12 @@ _TILE_ALIGN = 8
 # 1000). With the 0.05 score threshold a class rarely has more candidates;
 # when one does, all N are sorted, so the result is exact either way.
 _CANDIDATES_PER_KEPT = 1
+# When no class can hit its own cap (max_per_class >= max_total), per-class
+# NMS runs on one row per image: the best `_PAIRS_PER_TOTAL * max_total`
+# (class, box) pairs, visited in score order, classes kept apart. Greedy
+# order makes it exact once `max_total` are kept within them (or all
+# candidates fit); else the per-class scheme above runs.
+_PAIRS_PER_TOTAL = 16
 
 
 def _round_up(x, multiple):
@@ -71,34 +77,50 @@ def _check_args(iou_threshold, **counts):
             f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
 
 
-def _suppressed_by(tile_boxes, other_boxes, iou_threshold):
+def _overlaps(boxes_a, boxes_b, iou_threshold, groups_a=None, groups_b=None):
+    """bool [B, T, M]: IoU > threshold, and (with groups) the same group.
+
+    Groups keep classes apart exactly, where shifting each class's boxes by
+    an offset would round their float32 coordinates.
+    """
+    over = box_ops.box_iou(boxes_a, boxes_b) > iou_threshold  # [B, T, M]
+    if groups_a is None:
+        return over
+    return tf.logical_and(over, tf.equal(groups_a[:, :, None], groups_b[:, None, :]))
+
+
+def _suppressed_by(tile_boxes, other_boxes, iou_threshold, tile_groups=None,
+                   other_groups=None):
     """bool [B, T]: tile box overlaps some box of `other_boxes` by > threshold.
 
     Empty (e.g. zero padding) boxes in `other_boxes` have IoU 0 with
     everything, so they never suppress (iou_threshold >= 0).
     """
-    iou = box_ops.box_iou(tile_boxes, other_boxes)  # [B, T, M]
-    return tf.reduce_any(iou > iou_threshold, axis=-1)
+    return tf.reduce_any(_overlaps(tile_boxes, other_boxes, iou_threshold,
+                                   tile_groups, other_groups), axis=-1)
 
 
-def _self_suppress(tile_boxes, alive, iou_threshold):
+def _self_suppress(tile_boxes, alive, iou_threshold, tile_groups=None):
     """Greedy NMS inside one tile of score-sorted boxes.
 
     Args:
       tile_boxes: float32 [B, T, 4] (y1, x1, y2, x2), in descending score order.
       alive: bool [B, T], candidates not yet suppressed.
       iou_threshold: Python float.
+      tile_groups: optional int32 [B, T]; boxes of different groups never
+        suppress each other.
 
     Returns:
       bool [B, T], the boxes greedy NMS keeps among `alive`.
     """
     tile = tile_boxes.shape[1]
-    # IoU is symmetric, so row t of the self-IoU holds box t against every j.
-    iou = box_ops.box_iou(tile_boxes, tile_boxes)  # [B, T, T]
     rank = tf.range(tile)
     earlier = rank[None, :] < rank[:, None]  # [T, T], [t, j]: j < t
-    # overlaps[b, t, j]: box j comes before box t and overlaps it.
-    overlaps = tf.logical_and(iou > iou_threshold, earlier[None])  # [B, T, T]
+    # overlaps[b, t, j]: box j comes before box t and overlaps it (IoU is
+    # symmetric, so row t of the self-IoU holds box t against every j).
+    overlaps = tf.logical_and(
+        _overlaps(tile_boxes, tile_boxes, iou_threshold, tile_groups, tile_groups),
+        earlier[None])  # [B, T, T]
 
     def body(keep, _):
         suppressed = tf.reduce_any(
@@ -113,7 +135,8 @@ def _self_suppress(tile_boxes, alive, iou_threshold):
     return keep
 
 
-def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold):
+def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold,
+                groups=None):
     """Greedy NMS of every row; the core of both public functions.
 
     Algorithm:
@@ -135,12 +158,15 @@ def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold):
       candidate: bool [B, N], the boxes that may be kept.
       max_output_size: Python int K.
       iou_threshold: Python float in [0, 1].
+      groups: optional int32 [B, N]; boxes of different groups never
+        suppress each other (per-class NMS of all classes in one row).
 
     Returns:
       indices: int32 [B, K] into N, in descending score order; padded -1.
       num_valid: int32 [B].
     """
     batch, num_boxes = boxes.shape[0], boxes.shape[1]
+    grouped = groups is not None
     k = max_output_size
     tile = _tile_size(num_boxes, k)
     num_tiles = -(-num_boxes // tile)
@@ -154,6 +180,10 @@ def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold):
     order = tf.math.top_k(sort_key, k=num_boxes, sorted=True).indices  # [B, N]
     num_candidates = tf.reduce_sum(tf.cast(candidate, tf.int32), axis=1)  # [B]
     sorted_boxes = tf.gather(boxes, order, batch_dims=1)  # [B, N, 4]
+    if grouped:
+        sorted_groups = tf.pad(tf.gather(groups, order, batch_dims=1),
+                               [[0, 0], [0, padded - num_boxes]])
+        tiled_groups = tf.reshape(sorted_groups, [batch, num_tiles, tile])
 
     # 2. Tiles.
     sorted_boxes = tf.pad(sorted_boxes,
@@ -163,12 +193,13 @@ def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold):
     tile_pos = tf.range(tile)  # [T]
 
     # 3. Tiles in order.
-    def tile_cond(i, num_kept, kept_boxes, kept_pos):
+    def tile_cond(i, num_kept, kept_boxes, kept_groups, kept_pos):
         active = tf.logical_and(num_kept < k, i * tile < num_candidates)
         return tf.reduce_any(active)
 
-    def tile_body(i, num_kept, kept_boxes, kept_pos):
+    def tile_body(i, num_kept, kept_boxes, kept_groups, kept_pos):
         tile_boxes = tiled_boxes[:, i]  # [B, T, 4]
+        tile_groups = tiled_groups[:, i] if grouped else None  # [B, T]
         positions = i * tile + tile_pos  # [T]
         # a. Candidates of this tile; rows that are full keep nothing more.
         alive = tf.logical_and(positions[None, :] < num_candidates[:, None],
@@ -178,8 +209,11 @@ def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold):
 
         def chunk_body(j, suppressed):
             chunk = tf.slice(kept_boxes, [0, j * tile, 0], [batch, tile, 4])
+            chunk_groups = (tf.slice(kept_groups, [0, j * tile], [batch, tile])
+                            if grouped else None)
             return j + 1, tf.logical_or(
-                suppressed, _suppressed_by(tile_boxes, chunk, iou_threshold))
+                suppressed, _suppressed_by(tile_boxes, chunk, iou_threshold,
+                                           tile_groups, chunk_groups))
 
         _, suppressed = tf.while_loop(
             lambda j, _: j < num_chunks, chunk_body,
@@ -187,7 +221,7 @@ def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold):
             maximum_iterations=buffer_size // tile)
         alive = tf.logical_and(alive, tf.logical_not(suppressed))
         # c. Greedy order inside the tile.
-        keep = _self_suppress(tile_boxes, alive, iou_threshold)  # [B, T]
+        keep = _self_suppress(tile_boxes, alive, iou_threshold, tile_groups)  # [B, T]
         # d. Pack the kept boxes after those of earlier tiles.
         keep_i = tf.cast(keep, tf.int32)
         slot = num_kept[:, None] + tf.cumsum(keep_i, axis=1, exclusive=True)
@@ -195,15 +229,19 @@ def _greedy_nms(boxes, scores, candidate, max_output_size, iou_threshold):
         scatter_index = tf.stack([batch_index, slot], axis=-1)  # [B, T, 2]
         kept_boxes = tf.tensor_scatter_nd_update(
             kept_boxes, scatter_index, tile_boxes)
+        if grouped:
+            kept_groups = tf.tensor_scatter_nd_update(
+                kept_groups, scatter_index, tile_groups)
         kept_pos = tf.tensor_scatter_nd_update(
             kept_pos, scatter_index, tf.broadcast_to(positions, [batch, tile]))
         num_kept = num_kept + tf.reduce_sum(keep_i, axis=1)
-        return i + 1, num_kept, kept_boxes, kept_pos
+        return i + 1, num_kept, kept_boxes, kept_groups, kept_pos
 
-    _, num_kept, _, kept_pos = tf.while_loop(
+    _, num_kept, _, _, kept_pos = tf.while_loop(
         tile_cond, tile_body,
         (tf.constant(0), tf.zeros([batch], tf.int32),
          tf.zeros([batch, buffer_size + 1, 4], tf.float32),
+         tf.zeros([batch, buffer_size + 1 if grouped else 1], tf.int32),
          tf.zeros([batch, buffer_size + 1], tf.int32)),
         maximum_iterations=num_tiles)
 
@@ -329,18 +367,72 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold=0.5,
                      _gather_padded(scores, indices), num_valid)
 
 
+def _multiclass_one_row(boxes, scores, valid, max_total, iou_threshold,
+                        score_threshold):
+    """Per-class NMS with every class in one row per image.
+
+    Needs max_per_class >= max_total (no per-class cap can bind).
+
+    Args:
+      boxes: [B, N, C, 4] or [B, N, 4]; scores [B, N, C]; valid bool [B, N]
+        or None; as `multiclass_nms`.
+
+    Returns:
+      (MulticlassNmsResult, exact: bool scalar, whether every image kept
+      `max_total` pairs within those visited or had no more candidates).
+    """
+    batch, num_boxes, num_classes = scores.shape
+    num_pairs = num_classes * num_boxes
+    # Class-major pairs, so equal scores go to the lower class, then to the
+    # lower box index: the order the per-class scheme gives.
+    pair_scores = tf.reshape(tf.transpose(scores, [0, 2, 1]), [batch, num_pairs])
+    candidate = tf.cast(pair_scores, tf.float32) > tf.constant(score_threshold, tf.float32)
+    if valid is not None:
+        candidate = tf.logical_and(candidate, tf.tile(tf.cast(valid, tf.bool),
+                                                      [1, num_classes]))
+    width = min(num_pairs, _round_up(_PAIRS_PER_TOTAL * max_total, _TILE_ALIGN))
+    key = tf.where(candidate, tf.cast(pair_scores, tf.float32), float("-inf"))
+    pair = tf.math.top_k(key, k=width, sorted=True).indices  # [B, P], stable
+    pair_class = pair // num_boxes  # [B, P]
+    pair_box = pair % num_boxes
+    if boxes.shape.rank == 4:
+        top_boxes = tf.gather_nd(boxes, tf.stack([pair_box, pair_class], -1),
+                                 batch_dims=1)  # [B, P, 4]
+    else:
+        top_boxes = tf.gather(boxes, pair_box, batch_dims=1)
+    top_scores = tf.gather(pair_scores, pair, batch_dims=1)  # [B, P]
+    kept, num_valid = _greedy_nms(
+        tf.cast(top_boxes, tf.float32), tf.cast(top_scores, tf.float32),
+        tf.gather(candidate, pair, batch_dims=1), max_total, iou_threshold,
+        groups=pair_class)  # [B, max_total] into P
+    num_candidates = tf.reduce_sum(tf.cast(candidate, tf.int32), axis=1)
+    exact = tf.reduce_all(tf.logical_or(num_candidates <= width,
+                                        num_valid >= max_total))
+    classes = tf.where(kept >= 0, tf.gather(pair_class, tf.maximum(kept, 0),
+                                            batch_dims=1), -1)
+    return MulticlassNmsResult(_gather_padded(top_boxes, kept),
+                               _gather_padded(top_scores, kept), classes,
+                               num_valid), exact
+
+
 def multiclass_nms(boxes, scores, max_per_class, max_total, iou_threshold=0.5,
                    score_threshold=0.05, valid=None):
     """Per-class greedy NMS, then the best `max_total` detections per image.
 
-    Classes are folded into the batch (`[B * C, N]`) and run through the
-    greedy NMS of `batched_nms` at once, so there is no loop over images or
-    classes; each class's candidates are first packed into a few slots per
-    box it may keep, which makes sorting cheap (exact: when a class has more
-    candidates, all are sorted). The final
-    selection takes the `max_total` highest scores over all classes in
-    descending order; equal scores go to the lower class, then to the one
-    kept first within its class.
+    The result is that of greedy NMS run per image and class, then the
+    `max_total` highest scores over all classes in descending order; equal
+    scores go to the lower class, then to the one kept first within its
+    class. No loop over images or classes runs, by one of two exact schemes:
+
+    - `max_per_class >= max_total` (Mask R-CNN's 100 and 100): each image's
+      best `16 * max_total` (class, box) pairs go through the greedy NMS of
+      `batched_nms` as one row, boxes of different classes never
+      suppressing each other. Visiting in score order, the first
+      `max_total` kept are the answer; an image that keeps fewer with more
+      candidates left switches the batch to the scheme below.
+    - otherwise classes are folded into the batch (`[B * C, N]`), each
+      class's candidates packed into a few slots per box it may keep, which
+      makes sorting cheap (when a class has more candidates, all are sorted).
 
     Args:
       boxes: float [B, N, C, 4] class-specific or [B, N, 4] shared
@@ -365,6 +457,18 @@ def multiclass_nms(boxes, scores, max_per_class, max_total, iou_threshold=0.5,
                 max_total=max_total)
     boxes = tf.convert_to_tensor(boxes)
     scores = tf.convert_to_tensor(scores)
+    args = (float(iou_threshold), float(score_threshold))
+    if max_per_class < max_total:
+        return _multiclass_per_class(boxes, scores, valid, max_per_class,
+                                     max_total, *args)
+    fast, exact = _multiclass_one_row(boxes, scores, valid, max_total, *args)
+    return tf.cond(exact, lambda: fast, lambda: _multiclass_per_class(
+        boxes, scores, valid, max_per_class, max_total, *args))
+
+
+def _multiclass_per_class(boxes, scores, valid, max_per_class, max_total,
+                          iou_threshold, score_threshold):
+    """multiclass_nms with classes folded into the batch: exact in every case."""
     batch, num_boxes, num_classes = scores.shape
     if boxes.shape.rank == 3:
         boxes = tf.broadcast_to(boxes[:, :, None, :],

@@ -370,27 +370,63 @@ class MulticlassNmsTest(tf.test.TestCase, parameterized.TestCase):
         self._assert_matches_reference(result, boxes, scores, 4, 7, 0.5,
                                        score_threshold, valid)
 
+    @parameterized.named_parameters(
+        # max_per_class >= max_total: all classes in one row per image. N=160,
+        # C=3: 480 pairs, of which the best 16 * 7 = 112 are visited first.
+        ("class_specific", True, 0.05, 7, False),
+        ("class_specific_cap_above_total", True, 0.3, 10, False),
+        ("shared", False, 0.05, 7, False),
+        ("score_ties", True, 0.05, 7, True),
+    )
+    def test_one_row_matches_reference(self, class_specific, score_threshold,
+                                       max_per_class, ties):
+        rng = np.random.default_rng(14)
+        shape = (2, 160, 3) if class_specific else (2, 160)
+        boxes = _random_boxes(rng, shape, canvas=100.0, clustered=True)
+        scores = rng.uniform(size=(2, 160, 3)).astype(np.float32)
+        if ties:
+            scores = np.round(scores * 4) / 4   # five values: ties everywhere
+        valid = rng.uniform(size=(2, 160)) < 0.9
+        result = self._run(tf.constant(boxes), tf.constant(scores), max_per_class,
+                           7, 0.5, score_threshold, tf.constant(valid))
+        self._assert_matches_reference(result, boxes, scores, max_per_class, 7,
+                                       0.5, score_threshold, valid)
+
+    def test_one_row_falls_back_when_the_best_pairs_keep_too_few(self):
+        # One box repeated 160 times per class: each class keeps one box, so
+        # the best 112 pairs give 3 of the 7 asked, with candidates left.
+        rng = np.random.default_rng(15)
+        boxes = np.broadcast_to(np.float32([10, 10, 50, 60]), (2, 160, 3, 4)).copy()
+        boxes[1, :, 2] += 100.0   # image 1, class 2: elsewhere, still one box
+        scores = rng.uniform(0.1, 1.0, size=(2, 160, 3)).astype(np.float32)
+        scores[0, :, 1] = 0.01    # image 0: class 1 has no candidate
+        result = self._run(tf.constant(boxes), tf.constant(scores), 7, 7, 0.5, 0.05)
+        self._assert_matches_reference(result, boxes, scores, 7, 7, 0.5, 0.05)
+        self.assertAllEqual(result.num_valid, [2, 3])
+
     def test_matches_combined_nms(self):
         rng = np.random.default_rng(10)
         boxes = _random_boxes(rng, (2, 50, 4), clustered=True)
         scores = rng.uniform(size=(2, 50, 4)).astype(np.float32)
-        result = self._run(tf.constant(boxes), tf.constant(scores), 5, 12,
-                           0.5, 0.05)
-        expected = tf.image.combined_non_max_suppression(
-            boxes, scores, 5, 12, 0.5, 0.05, clip_boxes=False)
-        self.assertAllEqual(result.num_valid, expected.valid_detections)
-        self.assertAllEqual(result.scores, expected.nmsed_scores)
-        self.assertAllEqual(tf.cast(result.classes, tf.float32),
-                            expected.nmsed_classes)
+        for per_class, total in ((5, 12), (12, 12)):   # both schemes
+            result = self._run(tf.constant(boxes), tf.constant(scores), per_class,
+                               total, 0.5, 0.05)
+            expected = tf.image.combined_non_max_suppression(
+                boxes, scores, per_class, total, 0.5, 0.05, clip_boxes=False)
+            self.assertAllEqual(result.num_valid, expected.valid_detections)
+            self.assertAllEqual(result.scores, expected.nmsed_scores)
+            self.assertAllEqual(tf.cast(result.classes, tf.float32),
+                                expected.nmsed_classes)
 
     def test_nothing_above_threshold(self):
         boxes = tf.constant(_random_boxes(np.random.default_rng(11), (2, 8)))
         scores = tf.fill([2, 8, 3], 0.01)
-        result = self._run(boxes, scores, 4, 5)
-        self.assertAllEqual(result.num_valid, [0, 0])
-        self.assertAllEqual(result.classes, -np.ones([2, 5]))
-        self.assertAllEqual(result.boxes, np.zeros([2, 5, 4]))
-        self.assertAllEqual(result.scores, np.zeros([2, 5]))
+        for per_class in (4, 5):   # both schemes
+            result = self._run(boxes, scores, per_class, 5)
+            self.assertAllEqual(result.num_valid, [0, 0])
+            self.assertAllEqual(result.classes, -np.ones([2, 5]))
+            self.assertAllEqual(result.boxes, np.zeros([2, 5, 4]))
+            self.assertAllEqual(result.scores, np.zeros([2, 5]))
 
     def test_max_total_above_all_slots(self):
         # C * max_per_class = 4 < max_total = 6: two padded slots at the end.
@@ -410,12 +446,13 @@ class MulticlassNmsTest(tf.test.TestCase, parameterized.TestCase):
         rng = np.random.default_rng(13)
         boxes = tf.cast(_random_boxes(rng, (1, 12, 2), clustered=True), dtype)
         scores = tf.cast(rng.uniform(size=(1, 12, 2)), dtype)
-        result = self._run(boxes, scores, 3, 5, 0.5, 0.05)
-        self.assertEqual(result.boxes.dtype, dtype)
-        self.assertEqual(result.scores.dtype, dtype)
-        self._assert_matches_reference(
-            result, tf.cast(boxes, tf.float64).numpy(),
-            tf.cast(scores, tf.float64).numpy(), 3, 5, 0.5, 0.05)
+        for per_class in (3, 5):   # both schemes
+            result = self._run(boxes, scores, per_class, 5, 0.5, 0.05)
+            self.assertEqual(result.boxes.dtype, dtype)
+            self.assertEqual(result.scores.dtype, dtype)
+            self._assert_matches_reference(
+                result, tf.cast(boxes, tf.float64).numpy(),
+                tf.cast(scores, tf.float64).numpy(), per_class, 5, 0.5, 0.05)
 
 
 if __name__ == "__main__":
