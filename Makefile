@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 # The shapes demo: data, training from scratch, COCO eval, pictures.
 DEMO_DIR ?= runs/shapes_demo
 # TF turns oneDNN on by itself only on CPUs with AVX-512; on this AMD EPYC
-# (AVX2) it makes the demo's training step 13% faster.
+# (AVX2) it makes the demo's training step 7-13% faster.
 DEMO_ENV := TF_CPP_MIN_LOG_LEVEL=2 TF_ENABLE_ONEDNN_OPTS=1
 demo: $(STAMP)
 	@test -f data/shapes/annotations/instances_val2017.json || \
