@@ -29,6 +29,25 @@ from mrcnn.data import pipeline
 from mrcnn.evaluation import runner
 
 
+def decode_image(data):
+    """Decodes JPEG, PNG, GIF or BMP bytes to the pixels PIL gives in training.
+
+    Training and `bin/eval` decode with PIL, whose JPEG decoding uses
+    libjpeg's accurate integer DCT; TF's default is the fast DCT, off by up
+    to 7 grey levels, so JPEGs take `dct_method='INTEGER_ACCURATE'` here.
+
+    Args:
+      data: string scalar, the encoded file.
+
+    Returns:
+      uint8 [h, w, 3] (grey images repeated to RGB).
+    """
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+
+
 @gin.configurable(denylist=["model_dir", "export_dir"])
 def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                        min_size=800, max_size=1333, canvas_size=(1344, 1344),
@@ -77,14 +96,6 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                 "detection_masks": tf.cast(out["detection_masks"], tf.float32),
                 "num_detections": tf.cast(out["num_detections"], tf.int32)}
 
-    def decode(data):
-        # Training and eval decode with PIL (libjpeg's accurate integer DCT);
-        # TF's default JPEG DCT is the fast one, off by up to 7 levels.
-        return tf.cond(
-            tf.io.is_jpeg(data),
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
-
     def serve_images(images):
         images, info = tf.map_fn(
             preprocess, images, fn_output_signature=(
@@ -94,7 +105,7 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
 
     def serve_encoded(encoded):
         def one(data):
-            return preprocess(decode(data))
+            return preprocess(decode_image(data))
         images, info = tf.map_fn(
             one, encoded, fn_output_signature=(
                 tf.TensorSpec(tuple(canvas_size) + (3,), tf.float32),
