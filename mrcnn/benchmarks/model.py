@@ -63,7 +63,8 @@ def _peak_memory(strategy):
 
 
 def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
-                xla=True, eager=False, steps=20, warmup=3, num_gt=10):
+                xla=True, eager=False, steps=20, warmup=3, num_gt=10,
+                profile_dir=None, profile_steps=5):
     """Times the training step (`what='train'`) or inference (`'infer'`).
 
     Args:
@@ -77,24 +78,30 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
         then ignored.
       steps, warmup: timed and untimed calls after the first.
       num_gt: gt boxes per image.
+      profile_dir: str or None; if set, `profile_steps` more calls are
+        traced there with the TF profiler (after the timed ones, so the
+        tracing does not slow them) and summed per op type and scope.
+      profile_steps: int, calls traced.
 
     Returns:
       dict: compile_s, median_s, p25_s, p75_s, images_per_s (train) or
       ms_per_image (infer), peak_memory_bytes, parameters and
       trainable_parameters, device, mode ('eager', 'graph' or 'xla'), and
-      the arguments.
+      the arguments; with `profile_dir`, `profile` (see
+      `mrcnn.benchmarks.profile.summarize`).
     """
     was_eager = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(eager)
     try:
         return _bench_model(what, batch, image_size, precision, xla and not eager,
                             steps, warmup, num_gt, "eager" if eager else
-                            "xla" if xla else "graph")
+                            "xla" if xla else "graph", profile_dir, profile_steps)
     finally:
         tf.config.run_functions_eagerly(was_eager)
 
 
-def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt, mode):
+def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt, mode,
+                 profile_dir, profile_steps):
     trainer.set_precision(precision)
     strategy = trainer.make_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -150,6 +157,11 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
         "device": tf.config.list_logical_devices("GPU")[0].name
         if tf.config.list_logical_devices("GPU") else "CPU",
     }
+    if profile_dir:
+        from mrcnn.benchmarks import profile
+        profile.trace(call, profile_steps, profile_dir)
+        report["profile"] = profile.summarize(profile_dir, profile_steps)
+        report["profile_dir"] = profile_dir
     images = batch * replicas
     if what == "train":
         report["images_per_s"] = round(images / median, 2)

@@ -9,7 +9,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from mrcnn.ops._scope import scoped
 
+
+@scoped
 def multilevel_anchors(image_size, min_level=2, max_level=6,
                        sizes=(32, 64, 128, 256, 512),
                        aspect_ratios=(0.5, 1.0, 2.0), scales_per_octave=1):

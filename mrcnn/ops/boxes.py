@@ -13,6 +13,9 @@ import math
 
 import tensorflow as tf
 
+from mrcnn.ops._scope import scoped
+
+
 # dh, dw may grow a box by at most 1000/16 (a 16 px box to 1000 px): larger
 # predicted scales overflow exp() in float32 early in training (Detectron2's
 # _DEFAULT_SCALE_CLAMP).
@@ -37,6 +40,7 @@ def box_area(boxes):
     return tf.maximum(y2 - y1, 0.0) * tf.maximum(x2 - x1, 0.0)
 
 
+@scoped
 def box_iou(boxes_a, boxes_b):
     """Pairwise intersection over union.
 
@@ -69,6 +73,7 @@ def _centre_size(boxes):
     return y1 + 0.5 * h, x1 + 0.5 * w, h, w
 
 
+@scoped
 def encode_boxes(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
     """R-CNN box deltas of `boxes` relative to `anchors` (Fast R-CNN eq. 6-9).
 
@@ -96,6 +101,7 @@ def encode_boxes(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
     ], axis=-1)
 
 
+@scoped
 def decode_boxes(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0),
                  max_log_scale=DEFAULT_MAX_LOG_SCALE):
     """Inverse of `encode_boxes`.
@@ -124,6 +130,7 @@ def decode_boxes(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0),
                     axis=-1)
 
 
+@scoped
 def clip_boxes(boxes, image_shape):
     """Clamps coordinates to the image.
 

@@ -14,6 +14,7 @@ at `(y1 + (u + 0.5) * h / oh, x1 + (v + 0.5) * w / ow)`; a cropped gt mask
 import tensorflow as tf
 
 from mrcnn.ops import roi_align as roi_align_ops
+from mrcnn.ops._scope import scoped
 
 # ROIAlign settings of the mask targets (Detectron2's `mask_rcnn_loss` via
 # ROIAlignV2): 2 x 2 samples per bin, half-pixel aligned, binarised at 0.5.
@@ -30,6 +31,7 @@ _TIE_TOLERANCE = 1e-5
 _MIN_CROP_SIZE = 1e-6
 
 
+@scoped
 def mask_targets(gt_masks, rois, matched_index, output_size=(28, 28),
                  crop_boxes=None):
     """Binary mask-head targets: the matched gt mask ROIAligned over each roi.
@@ -121,6 +123,7 @@ def _paste_weights(starts, ends, size, cells):
     return weights, inside
 
 
+@scoped
 def paste_masks(masks, boxes, image_shape, threshold=0.5):
     """Pastes per-box mask probabilities into full-image binary masks.
 

@@ -30,6 +30,7 @@ import collections
 import tensorflow as tf
 
 from mrcnn.ops import boxes as box_ops
+from mrcnn.ops._scope import scoped
 
 NmsResult = collections.namedtuple(
     "NmsResult", ["indices", "boxes", "scores", "num_valid"])
@@ -328,6 +329,7 @@ def _gather_padded(values, indices):
     return tf.where(mask, out, tf.zeros([], values.dtype))
 
 
+@scoped
 def batched_nms(boxes, scores, max_output_size, iou_threshold=0.5,
                 score_threshold=float("-inf"), valid=None):
     """Greedy NMS of every image of a batch at once.
@@ -415,6 +417,7 @@ def _multiclass_one_row(boxes, scores, valid, max_total, iou_threshold,
                                num_valid), exact
 
 
+@scoped
 def multiclass_nms(boxes, scores, max_per_class, max_total, iou_threshold=0.5,
                    score_threshold=0.05, valid=None):
     """Per-class greedy NMS, then the best `max_total` detections per image.

@@ -20,6 +20,7 @@ in how they build that table and each box's row offset and map size.
 import tensorflow as tf
 
 from mrcnn.ops import boxes as box_ops
+from mrcnn.ops._scope import scoped
 
 # Eq. 1 of the FPN paper (Lin et al. 2017): a 224 x 224 box, the ImageNet
 # pre-training size, goes to level 4 (P4); each halving of the box side goes
@@ -142,6 +143,7 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
     return acc * (1.0 / (sr * sr))
 
 
+@scoped
 def roi_align(features, boxes, output_size=(7, 7), spatial_scale=1.0,
               sampling_ratio=2, aligned=True):
     """ROIAlign of each box over one feature map (Mask R-CNN §3).
@@ -181,6 +183,7 @@ def roi_align(features, boxes, output_size=(7, 7), spatial_scale=1.0,
     return tf.cast(pooled, features.dtype)
 
 
+@scoped
 def assign_levels(boxes, min_level=2, max_level=5,
                   canonical_size=CANONICAL_SIZE,
                   canonical_level=CANONICAL_LEVEL):
@@ -205,6 +208,7 @@ def assign_levels(boxes, min_level=2, max_level=5,
     return tf.cast(level, tf.int32)
 
 
+@scoped
 def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
                          min_level=2, max_level=5,
                          canonical_size=CANONICAL_SIZE,

@@ -18,6 +18,7 @@ import collections
 import tensorflow as tf
 
 from mrcnn.ops import boxes as box_ops
+from mrcnn.ops._scope import scoped
 
 # Mixing constants of Chris Wellons' `lowbias32` integer hash (bias ~0.17,
 # near the best known for two multiply rounds) and the 32-bit golden ratio
@@ -73,6 +74,7 @@ Fields:
 """
 
 
+@scoped
 def match_boxes(boxes, gt_boxes, gt_valid, positive_iou, negative_iou,
                 allow_low_quality=True):
     """Matches each box to the valid gt box of highest IoU and labels it.
@@ -202,6 +204,7 @@ def _random_keys(shape, seed):
     return tf.cast(top, tf.float32)
 
 
+@scoped
 def sample_balanced(labels, num_samples, positive_fraction, seed=None):
     """Draws a fixed-size, class-balanced random subset of labelled boxes.
 
@@ -297,6 +300,7 @@ def _encode_matched(gt_boxes, matched_index, boxes, positive, weights):
     return tf.where(positive[..., None], deltas, 0.0)
 
 
+@scoped
 def rpn_targets(anchors, gt_boxes, gt_valid, positive_iou=0.7,
                 negative_iou=0.3, num_samples=256, positive_fraction=0.5,
                 weights=(1.0, 1.0, 1.0, 1.0), allow_low_quality=True,
@@ -343,6 +347,7 @@ def rpn_targets(anchors, gt_boxes, gt_valid, positive_iou=0.7,
                       matched_index=matched)
 
 
+@scoped
 def sample_proposals(proposals, proposal_valid, gt_boxes, gt_classes,
                      gt_valid, num_samples=512, positive_fraction=0.25,
                      positive_iou=0.5, negative_iou=0.5,

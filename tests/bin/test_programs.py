@@ -218,9 +218,16 @@ def test_eval_watch_evaluates_each_checkpoint_then_stops(run):
 @pytest.mark.parametrize("what,mode", [("train", "--eager"), ("infer", "--noxla")])
 def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     out = tmp_path / "bench.json"
-    _run("bench", f"--what={what}", mode, "--image_size=64,64", "--batch=2",
-         "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", bindings=TINY)
+    profile = [f"--profile_dir={tmp_path / 'trace'}", "--profile_steps=2"] * (what == "infer")
+    proc = _run("bench", f"--what={what}", mode, "--image_size=64,64", "--batch=2",
+                "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", *profile,
+                bindings=TINY)
     report = json.loads(out.read_text())
+    if profile:
+        scopes = [name for name, _, _ in report["profile"]["by_scope"]]
+        assert any(s.startswith("mask_rcnn") and "/" in s for s in scopes), scopes
+        assert "op time per step" in proc.stdout
+        assert list((tmp_path / "trace").glob("plugins/profile/*/*.xplane.pb"))
     assert report["mode"] == {"--eager": "eager", "--noxla": "graph"}[mode]
     assert report["batch_per_replica"] == 2 and report["median_s"] > 0
     assert report["images_per_s" if what == "train" else "ms_per_image"] > 0
