@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Our model beside torchvision's, case by case, within a time budget.
+
+Runs `bin/bench --what=train|infer` and `benchmarks/peers/torchvision_maskrcnn.py`
+on the same work for each case, in priority order (the issue's targets
+first), one process per case and library, and appends each report to a
+JSON-lines file as soon as it exists, so a call that runs out of time still
+returns what it measured. Cases already in `--done` files are skipped, so a
+second call continues where the first stopped. Prints a table with ratios:
+`ours x` above 1 means ours is faster.
+
+  python benchmarks/gpu_matrix.py --out=$OUT/matrix.jsonl --budget_s=540
+  python benchmarks/gpu_matrix.py --table matrix.jsonl more.jsonl   # table only
+
+A case is `what:batch:precision`, e.g. `train:8:bfloat16`.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBS = ("ours", "torchvision")
+# The issue's targets first (bf16 batch 8 and 4), then the rest of its table.
+DEFAULT_CASES = ("train:8:bfloat16", "train:4:bfloat16", "train:8:float16",
+                 "train:4:float16", "train:8:float32", "train:4:float32",
+                 "infer:1:bfloat16", "infer:8:bfloat16")
+
+
+def parse_case(text):
+    """'train:8:bfloat16' -> ('train', 8, 'bfloat16'), with a clear error."""
+    try:
+        what, batch, precision = text.split(":")
+        batch = int(batch)
+    except ValueError:
+        raise ValueError(f"case {text!r}: expected what:batch:precision, "
+                         "e.g. train:8:bfloat16") from None
+    if what not in ("train", "infer") or precision not in (
+            "float32", "bfloat16", "float16") or batch < 1:
+        raise ValueError(f"case {text!r}: what is train|infer, batch >= 1, "
+                         "precision float32|bfloat16|float16")
+    return what, batch, precision
+
+
+def command(lib, case, args, json_path):
+    """The argv that measures `case` ('what', batch, precision) with `lib`."""
+    what, batch, precision = case
+    common = [f"--what={what}", f"--batch={batch}", f"--image_size={args.image_size}",
+              f"--json={json_path}"]
+    if lib == "torchvision":
+        return [sys.executable, os.path.join(ROOT, "benchmarks", "peers",
+                                             "torchvision_maskrcnn.py"),
+                *common, f"--precision={precision}", f"--steps={args.runs}"]
+    cmd = [sys.executable, os.path.join(ROOT, "bin", "bench"), *common,
+           f"--dtype={precision}", f"--runs={args.runs}",
+           "--xla" if args.xla else "--noxla"]
+    cmd += [f"--gin_file={f}" for f in args.gin_file]
+    cmd += [f"--gin_bindings={b}" for b in args.gin_bindings]
+    if args.profile_dir and ":".join(map(str, case)) == args.profile_case:
+        cmd += [f"--profile_dir={args.profile_dir}"]
+    return cmd
+
+
+def _key(record):
+    return (record["lib"], record["what"], int(record["batch"]), record["precision"])
+
+
+def load(paths):
+    """Records of JSON-lines files (missing files give none)."""
+    records = []
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                records += [json.loads(line) for line in f if line.strip()]
+    return records
+
+
+def run_matrix(cases, libs, runner, budget_s, done=(), min_start_s=60,
+               clock=time.monotonic):
+    """Runs each (case, lib) not in `done` while the budget lasts.
+
+    Args:
+      cases: list of (what, batch, precision).
+      libs: library names, each run per case in this order.
+      runner: fn(lib, case, timeout_s) -> record dict (with 'error' on failure).
+      budget_s: float, seconds for the whole matrix.
+      done: records already measured; their cases are skipped.
+      min_start_s: a run does not start with less time than this left.
+      clock: fn() -> seconds.
+
+    Returns:
+      list of the new records, in run order; one that did not start for lack
+      of time is a record with `skipped: 'budget'`.
+    """
+    have = {_key(r) for r in done if "error" not in r and not r.get("skipped")}
+    start = clock()
+    records = []
+    for case in cases:
+        for lib in libs:
+            what, batch, precision = case
+            if (lib, what, batch, precision) in have:
+                continue
+            left = budget_s - (clock() - start)
+            if left < min_start_s:
+                records.append({"lib": lib, "what": what, "batch": batch,
+                                "precision": precision, "skipped": "budget"})
+                continue
+            records.append(runner(lib, case, left))
+    return records
+
+
+def subprocess_runner(args, out_path):
+    """A runner for `run_matrix` that runs `command` and appends to `out_path`."""
+    scratch = os.path.join(os.path.dirname(os.path.abspath(out_path)), "matrix_cases")
+    os.makedirs(scratch, exist_ok=True)
+
+    def run(lib, case, timeout_s):
+        what, batch, precision = case
+        json_path = os.path.join(scratch, f"{lib}-{what}-{batch}-{precision}.json")
+        record = {"lib": lib, "what": what, "batch": batch, "precision": precision}
+        began = time.monotonic()
+        try:
+            proc = subprocess.run(command(lib, case, args, json_path), cwd=ROOT,
+                                  capture_output=True, text=True, timeout=timeout_s)
+            if proc.returncode == 0 and os.path.exists(json_path):
+                with open(json_path) as f:
+                    record.update(json.load(f))
+            else:
+                record["error"] = f"exit {proc.returncode}: {proc.stderr[-1500:]}"
+        except subprocess.TimeoutExpired:
+            record["error"] = f"timed out after {timeout_s:.0f} s"
+        record["wall_s"] = round(time.monotonic() - began, 1)
+        with open(out_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps({k: record.get(k) for k in (
+            "lib", "what", "batch", "precision", "images_per_s", "ms_per_image",
+            "compile_s", "wall_s", "error")}), flush=True)
+        return record
+
+    return run
+
+
+def _speed(record):
+    if record is None or "error" in record or record.get("skipped"):
+        return None
+    return record.get("images_per_s", record.get("ms_per_image"))
+
+
+def table(records):
+    """Markdown table of the newest record per (lib, case), with `ours x`."""
+    latest = {}
+    for r in records:
+        if _speed(r) is not None or _key(r) not in latest:
+            latest[_key(r)] = r
+    cases = sorted({k[1:] for k in latest}, key=lambda c: (c[0] != "train", c[2], -c[1]))
+    lines = ["| what | batch | precision | ours | torchvision | ours x | ours compile s "
+             "| ours peak GiB | torchvision peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for what, batch, precision in cases:
+        ours = latest.get(("ours", what, batch, precision))
+        peer = latest.get(("torchvision", what, batch, precision))
+        a, b = _speed(ours), _speed(peer)
+        ratio = "-"
+        if a and b:
+            ratio = f"{a / b:.2f}" if what == "train" else f"{b / a:.2f}"
+        unit = "img/s" if what == "train" else "ms/img"
+
+        def cell(r, v):
+            if v is not None:
+                return f"{v} {unit}"
+            if r is None:
+                return "-"
+            return "skipped" if r.get("skipped") else "failed"
+
+        def gib(r):
+            m = (r or {}).get("peak_memory_bytes")
+            return f"{m / 2**30:.1f}" if m else "-"
+
+        lines.append(f"| {what} | {batch} | {precision} | {cell(ours, a)} | "
+                     f"{cell(peer, b)} | {ratio} | {(ours or {}).get('compile_s', '-')} "
+                     f"| {gib(ours)} | {gib(peer)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", help="JSON-lines file the reports are appended to")
+    p.add_argument("--table", nargs="+", metavar="JSONL",
+                   help="only print the table of these files")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES))
+    p.add_argument("--only", choices=LIBS, help="run one library only")
+    p.add_argument("--done", nargs="*", default=[],
+                   help="JSON-lines files whose measured cases are skipped")
+    p.add_argument("--budget_s", type=float, default=540.0)
+    p.add_argument("--min_start_s", type=float, default=60.0)
+    p.add_argument("--image_size", default="800,1216")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--gin_file", action="append", default=None)
+    p.add_argument("--gin_bindings", action="append", default=[])
+    p.add_argument("--noxla", dest="xla", action="store_false")
+    p.add_argument("--profile_case", default="train:8:bfloat16")
+    p.add_argument("--profile_dir", default=None,
+                   help="trace --profile_case of ours there (bin/bench --profile_dir)")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(load(args.table)))
+        return 0
+    if not args.out:
+        p.error("--out is required (or --table)")
+    args.gin_file = args.gin_file or [os.path.join(ROOT, "gin", "r50_fpn_1x.gin")]
+    try:
+        cases = [parse_case(c) for c in args.cases.split(",") if c]
+    except ValueError as e:
+        p.error(str(e))
+    libs = (args.only,) if args.only else LIBS
+    runner = subprocess_runner(args, args.out)
+    run_matrix(cases, libs, runner, args.budget_s, done=load(args.done),
+               min_start_s=args.min_start_s)
+    print(table(load(args.done + [args.out])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
