@@ -137,7 +137,7 @@ class MaskRCNN(keras.Model):
 
 
 @gin.configurable
-def build_mask_rcnn(*, num_classes=80, depth=50, norm="frozen_bn",
+def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     freeze_at=2, fpn_channels=256, fc_dim=1024,
                     mask_channels=256, num_samples=512,
                     pre_nms_topk_train=2000, pre_nms_topk_test=1000,
@@ -146,12 +146,13 @@ def build_mask_rcnn(*, num_classes=80, depth=50, norm="frozen_bn",
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
     Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
-    81 with background). Smaller values (depth=18, fpn_channels=64,
+    81 with background). `width` is `ResNet.width` (stem and res2
+    channels, 64 in the recipe). Smaller values (depth=18, fpn_channels=64,
     fc_dim=256, num_samples=128, top-k 200) give a model that trains in
     seconds per step on a CPU.
     """
     return MaskRCNN(
-        backbone=ResNet(depth=depth, norm=norm, freeze_at=freeze_at),
+        backbone=ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at),
         fpn=FPN(channels=fpn_channels),
         rpn_head=RpnHead(channels=fpn_channels,
                          pre_nms_topk_train=pre_nms_topk_train,

@@ -185,7 +185,9 @@ class OverfitTest(tf.test.TestCase):
 
     def test_overfit_two_images(self):
         keras.utils.set_random_seed(0)
-        model = build_mask_rcnn(**{**_SMALL, 'freeze_at': 0})
+        # Half-width ResNet (as the demo): at 150 steps seeds 0 and 1 end with
+        # losses at <= 0.48 of their start and best IoUs >= 0.94.
+        model = build_mask_rcnn(**{**_SMALL, 'freeze_at': 0, 'width': 32})
         batch = synthetic_batch()
         model(batch, training=True)  # build variables eagerly
         optimizer = keras.optimizers.Adam(1e-3)
