@@ -23,9 +23,8 @@ import re
 import tensorflow as tf
 
 # Scope components that say how an op was called, not which module it is in.
-_WRAPPERS = re.compile(r"^(StatefulPartitionedCall(_\d+)?|PartitionedCall(_\d+)?|"
-                       r"gradient_tape|replica_\d+|while(_\d+)?|cond(_\d+)?|_\d+|"
-                       r"(Identity|body|cond)_?\d*|.*_inference_.*)$")
+_WRAPPERS = re.compile(r"^((Stateful)?PartitionedCall|while|cond|body|Identity|"
+                       r"replica|gradient_tape)?(_\d+)?$|_inference_")
 _BACKWARD = ("gradient_tape",)
 
 
@@ -148,7 +147,7 @@ def _events(space):
 def _scope(op_name, depth):
     parts = op_name.split("/")
     backward = any(p in _BACKWARD for p in parts)
-    parts = [p for p in parts[:-1] if not _WRAPPERS.match(p)]
+    parts = [p for p in parts[:-1] if not _WRAPPERS.search(p)]
     scope = "/".join(parts[:depth]) or "(top level)"
     return scope + (" [backward]" if backward else "")
 

@@ -218,7 +218,8 @@ def test_eval_watch_evaluates_each_checkpoint_then_stops(run):
 @pytest.mark.parametrize("what,mode", [("train", "--eager"), ("infer", "--noxla")])
 def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     out = tmp_path / "bench.json"
-    profile = [f"--profile_dir={tmp_path / 'trace'}", "--profile_steps=2"] * (what == "infer")
+    profile = ([f"--profile_dir={tmp_path / 'trace'}", "--profile_steps=2"]
+               if what == "infer" else [])
     proc = _run("bench", f"--what={what}", mode, "--image_size=64,64", "--batch=2",
                 "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", *profile,
                 bindings=TINY)
