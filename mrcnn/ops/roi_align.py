@@ -78,7 +78,8 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
       3. For each of the `sampling_ratio**2` samples of a bin and each of its
          four neighbours, gather `[B, K, oh, ow, C]` rows of the table at
          `row_offset + y * width + x` and add them, weighted, to a float32
-         accumulator: no intermediate is larger than the output.
+         accumulator: no forward intermediate is larger than the output
+         (`_weighted_gather`, which also gives the scatter-add gradient).
       4. Divide by `sampling_ratio**2` (the bin average).
 
     Args:
@@ -124,23 +125,62 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
     y_wts = [_split_bins(w, oh, sr) for w in y_wts]  # [B, K, oh, sr]
     x_idx = [_split_bins(i, ow, sr) for i in x_idx]  # [B, K, ow, sr]
     x_wts = [_split_bins(w, ow, sr) for w in x_wts]  # [B, K, ow, sr]
-    # Step 3: 4 * sr**2 gathers (static Python loop over sample slots, not
-    # over data), each the size of the output.
-    acc = None
+    # Step 3: 4 * sr**2 (index, weight) pairs per bin (static Python loop
+    # over sample slots, not over data).
+    index, weight = [], []
     for s in range(sr):
         for t in range(sr):
             for rows, wy in zip(y_rows, y_wts):
                 for cols, wx in zip(x_idx, x_wts):
-                    index = (rows[..., :, None, s]
-                             + cols[..., None, :, t])  # [B, K, oh, ow]
-                    weight = (wy[..., :, None, s]
-                              * wx[..., None, :, t])  # [B, K, oh, ow]
-                    value = tf.cast(tf.gather(table, index),
-                                    tf.float32)  # [B, K, oh, ow, C]
-                    term = value * weight[..., None]
-                    acc = term if acc is None else acc + term
+                    index.append(rows[..., :, None, s]
+                                 + cols[..., None, :, t])  # [B, K, oh, ow]
+                    weight.append(wy[..., :, None, s]
+                                  * wx[..., None, :, t])  # [B, K, oh, ow]
+    acc = _weighted_gather(table, index, weight)  # [B, K, oh, ow, C]
     # Step 4.
     return acc * (1.0 / (sr * sr))
+
+
+def _weighted_gather(table, index, weight):
+    """`sum_j weight[..., j] * table[index[..., j]]`, differentiable in `table`.
+
+    The forward pass adds one output-sized gather at a time into a float32
+    accumulator. The gradient is written by hand: autodiff of those gathers
+    gives one IndexedSlices per neighbour and sample, which TF concatenates
+    (a copy of all of them) and sums in the table's dtype; here the updates
+    are formed in one broadcast multiply and summed in float32 by a single
+    `unsorted_segment_sum`. Forward and backward of `multilevel_roi_align`
+    at the R50-FPN head sizes ran 1.3-1.4x faster on CPU, graph and XLA.
+
+    Args:
+      table: any float dtype [T, C].
+      index: J int32 [...] tensors, rows of `table`, all in [0, T).
+      weight: J float32 [...] tensors.
+
+    Returns:
+      float32 [..., C]; its gradient reaches `table` only.
+    """
+    channels = table.shape[-1]
+
+    @tf.custom_gradient
+    def gather(table):
+        acc = None
+        for rows, w in zip(index, weight):
+            term = tf.cast(tf.gather(table, rows), tf.float32) * w[..., None]
+            acc = term if acc is None else acc + term  # [..., C]
+
+        def grad(upstream):  # float32 [..., C]
+            updates = (upstream[..., None, :]
+                       * tf.stack(weight, -1)[..., None])  # [..., J, C]
+            dtable = tf.math.unsorted_segment_sum(
+                tf.reshape(updates, [-1, channels]),
+                tf.reshape(tf.stack(index, -1), [-1]),
+                tf.shape(table)[0])  # [T, C]
+            return tf.cast(dtable, table.dtype)
+
+        return acc, grad
+
+    return gather(table)
 
 
 @scoped

@@ -63,6 +63,47 @@ def roi_align_reference(features, boxes, output_size=(7, 7), spatial_scale=1.0,
         for b in range(boxes.shape[0])])
 
 
+def bilinear_adjoint(grad_map, y, x, upstream):
+    """Adds the gradient of one bilinear sample into grad_map [H, W, C]."""
+    height, width = grad_map.shape[:2]
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return
+    y = min(max(y, 0.0), height - 1.0)
+    x = min(max(x, 0.0), width - 1.0)
+    y0, x0 = int(math.floor(y)), int(math.floor(x))
+    y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+    ly, lx = y - y0, x - x0
+    grad_map[y0, x0] += (1 - ly) * (1 - lx) * upstream
+    grad_map[y0, x1] += (1 - ly) * lx * upstream
+    grad_map[y1, x0] += ly * (1 - lx) * upstream
+    grad_map[y1, x1] += ly * lx * upstream
+
+
+def roi_align_one_box_adjoint(grad_map, box, upstream, spatial_scale,
+                              sampling_ratio, aligned):
+    """Adds d<roi_align_one_box(fmap, box), upstream>/d fmap into grad_map.
+
+    ROIAlign is linear in the features, so its gradient is its adjoint:
+    every sample hands `upstream[i, j] / sampling_ratio**2` back to its four
+    neighbours with the same bilinear weights.
+    """
+    oh, ow = upstream.shape[:2]
+    offset = 0.5 if aligned else 0.0
+    y1, x1, y2, x2 = [float(v) * spatial_scale - offset for v in box]
+    roi_h, roi_w = y2 - y1, x2 - x1
+    if not aligned:
+        roi_h, roi_w = max(roi_h, 1.0), max(roi_w, 1.0)
+    bin_h, bin_w = roi_h / oh, roi_w / ow
+    for i in range(oh):
+        for j in range(ow):
+            for s in range(sampling_ratio):
+                for t in range(sampling_ratio):
+                    y = y1 + (i + (s + 0.5) / sampling_ratio) * bin_h
+                    x = x1 + (j + (t + 0.5) / sampling_ratio) * bin_w
+                    bilinear_adjoint(grad_map, y, x,
+                                     upstream[i, j] / sampling_ratio ** 2)
+
+
 def assign_levels_reference(boxes, min_level=2, max_level=5):
     """int [B, K]: FPN Eq. 1 in float64."""
     boxes = np.asarray(boxes, np.float64)
@@ -163,6 +204,31 @@ class RoiAlignTest(tf.test.TestCase, parameterized.TestCase):
             tape.watch(boxes)
             out = ra.roi_align(features, boxes, (2, 2))
         self.assertIsNone(tape.gradient(out, boxes))
+
+    @parameterized.named_parameters(('aligned', True, 2, 0.5),
+                                    ('unaligned', False, 1, 0.25))
+    def test_gradient_matches_adjoint_reference(self, aligned, sr, scale):
+        rng = np.random.default_rng(11)
+        features = tf.constant(rng.normal(size=(2, 9, 11, 3)), tf.float32)
+        boxes = random_boxes(rng, (2, 6), -6, 26, max_size=20)
+        boxes[1, 0] = 0.0  # a padded slot
+        upstream = rng.normal(size=(2, 6, 3, 2, 3))
+        expected = np.zeros((2, 9, 11, 3))
+        for b in range(2):
+            for k in range(6):
+                roi_align_one_box_adjoint(expected[b], boxes[b, k],
+                                          upstream[b, k], scale, sr, aligned)
+
+        def grad(f):
+            with tf.GradientTape() as tape:
+                tape.watch(f)
+                out = ra.roi_align(f, boxes, (3, 2), scale, sr, aligned)
+                total = tf.reduce_sum(out * tf.constant(upstream, tf.float32))
+            return tape.gradient(total, f)
+
+        self.assertAllClose(grad(features), expected, atol=1e-5)
+        self.assertAllClose(tf.function(grad, jit_compile=True)(features),
+                            expected, atol=1e-5)
 
     def test_linear_map_downscale_property(self):
         # On a linear map, bilinear sampling is exact and 2x2 average pooling
@@ -268,6 +334,38 @@ class MultilevelRoiAlignTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(tf.cast(out, tf.float32),
                             ra.multilevel_roi_align(f32, boxes, (2, 2)),
                             atol=6e-2)
+
+    @parameterized.named_parameters(('f32', tf.float32, 1e-5),
+                                    ('bf16', tf.bfloat16, 3e-2))
+    def test_gradient_matches_adjoint_reference(self, dtype, atol):
+        rng = np.random.default_rng(12)
+        features = self._pyramid(rng, canvas=64, channels=2)
+        boxes = self._boxes(rng) / 4
+        boxes[0, 0] = 0.0  # a padded slot
+        levels = assign_levels_reference(boxes)
+        upstream = rng.normal(size=(2, 12, 2, 3, 2))
+        expected = {lvl: np.zeros(f.shape) for lvl, f in features.items()}
+        for b in range(2):
+            for k in range(12):
+                lvl = levels[b, k]
+                roi_align_one_box_adjoint(expected[lvl][b], boxes[b, k],
+                                          upstream[b, k], 2.0 ** -lvl, 2, True)
+        inputs = {lvl: tf.cast(f, dtype) for lvl, f in features.items()}
+
+        def grad(f):
+            with tf.GradientTape() as tape:
+                tape.watch(f)
+                out = ra.multilevel_roi_align(f, boxes, (2, 3))
+                total = tf.reduce_sum(tf.cast(out, tf.float32)
+                                      * tf.constant(upstream, tf.float32))
+            return tape.gradient(total, f)
+
+        for got in (grad(inputs), tf.function(grad, jit_compile=True)(inputs)):
+            self.assertIsNone(got[6])  # P6 is present but never read
+            for lvl in range(2, 6):
+                self.assertEqual(got[lvl].dtype, dtype)
+                self.assertAllClose(tf.cast(got[lvl], tf.float64),
+                                    expected[lvl], atol=atol, rtol=atol)
 
     def test_missing_level_raises(self):
         with self.assertRaisesRegex(ValueError, "lacks levels"):
