@@ -14,7 +14,11 @@ Architecture (Detectron2 `ResNet`, `stride_in_1x1=False`):
   then 'valid'), as PyTorch and tensorpack's "AlignPadding" models do, so
   weights trained there see the same pixel grid here; Keras 'same' would pad
   0 before / 1 after on even inputs.
-  Convs have no bias: each is followed by a norm layer.
+  Convs have no bias: each is followed by a norm layer. A frozen BN is
+  folded into its conv (`conv(x, W * scale) + offset`, the kernel scaled in
+  float32 each call, so its gradient still reaches `W`): exact in real
+  arithmetic, and it leaves conv + bias (+ relu) for TF and XLA to fuse into
+  one kernel instead of an extra pass over each activation.
 
 Norms (`norm=`): 'frozen_bn' (default, Detectron2 `FrozenBN`: affine with
 fixed statistics, all four vectors non-trainable), 'bn' (Keras
@@ -94,8 +98,10 @@ class FrozenBatchNorm(keras.layers.Layer):
 
     gamma, beta, moving_mean and moving_variance are all non-trainable
     weights (Detectron2 `FrozenBatchNorm2d`), initialised to the identity.
-    The affine scale and offset are computed in float32 and applied in the
-    input's dtype.
+    They are read in float32 under any dtype policy (no autocast), the affine
+    scale and offset are computed in float32 (`affine`) and applied in the
+    input's dtype. Inside `ResNet` the affine is folded into the preceding
+    conv instead (`_Conv(x, norm=...)`).
     """
 
     def __init__(self, *, epsilon=_BN_EPSILON, **kwargs):
@@ -109,14 +115,19 @@ class FrozenBatchNorm(keras.layers.Layer):
                            ("moving_variance", "ones")):
             setattr(self, name, self.add_weight(
                 name=name, shape=(channels,), initializer=init,
-                trainable=False))
+                trainable=False, autocast=False))
 
-    def call(self, x):
+    def affine(self):
+        """(scale, offset), float32 [C] each: `y = x * scale + offset`."""
         gamma = tf.cast(self.gamma.value, tf.float32)
         scale = gamma * tf.math.rsqrt(
             tf.cast(self.moving_variance.value, tf.float32) + self.epsilon)
         offset = tf.cast(self.beta.value, tf.float32) - tf.cast(
             self.moving_mean.value, tf.float32) * scale
+        return scale, offset
+
+    def call(self, x):
+        scale, offset = self.affine()
         return x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype)
 
     def get_config(self):
@@ -137,21 +148,44 @@ def _make_norm(norm, name):
 
 
 class _Conv(keras.layers.Layer):
-    """Bias-free conv with PyTorch-style symmetric padding."""
+    """Bias-free conv with PyTorch-style symmetric padding.
+
+    Call: `conv(x)`, or `conv(x, norm=frozen_bn)` for `frozen_bn(conv(x))`
+    with the norm folded into the kernel (see the module docstring).
+    """
 
     def __init__(self, filters, kernel_size, strides, name):
         super().__init__(name=name)
         self.pad = (kernel_size - 1) // 2 if strides > 1 else 0
+        self.strides = strides
         self.conv = keras.layers.Conv2D(
             filters, kernel_size, strides=strides,
             padding="valid" if strides > 1 else "same", use_bias=False,
             kernel_initializer=_msra_fill(), name=name)
 
-    def call(self, x):
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+
+    def call(self, x, norm=None):
         if self.pad:
             p = self.pad
             x = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
-        return self.conv(x)
+        if norm is None:
+            return self.conv(x)
+        if not norm.built:
+            norm.build(tuple(x.shape[:-1]) + (self.conv.filters,))
+        scale, offset = norm.affine()  # float32 [filters]
+        kernel = tf.cast(self.conv.kernel, tf.float32) * scale
+        y = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), self.strides,
+                         self.conv.padding.upper())
+        return tf.nn.bias_add(y, tf.cast(offset, x.dtype))
+
+
+def _conv_norm(conv, norm, x, training):
+    """norm(conv(x)), the norm folded into the conv when it is frozen BN."""
+    if isinstance(norm, FrozenBatchNorm):
+        return conv(x, norm=norm)
+    return norm(conv(x), training=training)
 
 
 class _Block(keras.layers.Layer):
@@ -180,9 +214,10 @@ class _Block(keras.layers.Layer):
     def call(self, x, training=None):
         shortcut = x
         if self.shortcut is not None:
-            shortcut = self.shortcut_norm(self.shortcut(x), training=training)
+            shortcut = _conv_norm(self.shortcut, self.shortcut_norm, x,
+                                  training)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            x = norm(conv(x), training=training)
+            x = _conv_norm(conv, norm, x, training)
             if i + 1 < len(self.convs):
                 x = tf.nn.relu(x)
         return tf.nn.relu(x + shortcut)
@@ -260,8 +295,8 @@ class ResNet(keras.layers.Layer):
             l: expansion * width * 2 ** (l - 2) for l in range(2, 6)}
 
     def call(self, images, training=None):
-        x = self.stem_conv(images)
-        x = tf.nn.relu(self.stem_norm(x, training=training))
+        x = tf.nn.relu(_conv_norm(self.stem_conv, self.stem_norm, images,
+                                  training))
         # 3x3/2 max-pool with padding 1: zeros pad like -inf after the relu.
         x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
         x = tf.nn.max_pool2d(x, 3, 2, "VALID")
