@@ -11,7 +11,9 @@ the `.xplane.pb` it wrote with TF's own protos and sums op time per step:
   from the HLO protos the trace carries).
 
 Where the trace has device planes (`/device:GPU:N`), only their kernel
-streams count (the host only launches); otherwise the host plane does.
+streams count (the host only launches); otherwise the host plane does. A
+kernel is named by its HLO op (XLA) or by its `tf_op` stat (graph mode,
+`scope/name:Type`), else by the kernel's own name.
 Op time is not wall time: ops on parallel threads or streams add up.
 """
 
@@ -117,6 +119,7 @@ def _events(space):
         stat_names = {k: v.name for k, v in plane.stat_metadata.items()}
         hlo_module = next((k for k, v in stat_names.items() if v == "hlo_module"), None)
         hlo_op = next((k for k, v in stat_names.items() if v == "hlo_op"), None)
+        tf_op = next((k for k, v in stat_names.items() if v == "tf_op"), None)
         for line in plane.lines:
             if device and not line.name.startswith("Stream"):
                 continue  # derived lines (XLA Ops, TensorFlow Ops) repeat the kernels
@@ -132,8 +135,14 @@ def _events(space):
                     yield name or f"(xla) {op}", kind or "hlo", event.duration_ps
                     continue
                 if device:
-                    name = plane.event_metadata[event.metadata_id].name
-                    yield f"(kernel) {name}", "kernel", event.duration_ps
+                    value = (_stat_value(stats[tf_op], stat_names)
+                             if tf_op in stats else None)
+                    if value and ":" in value:
+                        op, kind = value.rsplit(":", 1)
+                        yield op, kind, event.duration_ps
+                    else:
+                        name = plane.event_metadata[event.metadata_id].name
+                        yield f"(kernel) {name}", "kernel", event.duration_ps
                     continue
                 name = plane.event_metadata[event.metadata_id].name
                 if ":" not in name or "::" in name or " " in name:

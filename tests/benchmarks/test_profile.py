@@ -76,3 +76,73 @@ def test_ops_open_a_name_scope_of_their_own():
     assert "Args:" in roi_align_ops.roi_align.__doc__
     np.testing.assert_equal(
         roi_align_ops.roi_align(features, boxes, (2, 2)).shape, [1, 1, 2, 2, 4])
+
+
+def _gpu_space():
+    """An XSpace as a GPU run writes it: kernels on device stream lines, the
+    same kernels again on derived lines, host ops, and the HLO protos."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    try:
+        from tensorflow.compiler.xla.service import hlo_pb2
+    except ImportError:  # pragma: no cover
+        from xla.service import hlo_pb2
+    space = xplane_pb2.XSpace()
+
+    hlo = hlo_pb2.HloProto()
+    hlo.hlo_module.name = "cluster_7"
+    body = hlo.hlo_module.computations.add(id=2, name="fused_body", root_id=21)
+    body.instructions.add(id=21, name="mul.3", opcode="multiply").metadata.op_name = (
+        "mask_rcnn/box_head/fc1/MatMul")
+    entry = hlo.hlo_module.computations.add(id=1, name="entry", root_id=11)
+    fusion = entry.instructions.add(id=11, name="fusion.1", opcode="fusion")
+    fusion.called_computation_ids.append(2)
+    conv = entry.instructions.add(id=12, name="conv.5", opcode="convolution")
+    conv.metadata.op_name = "gradient_tape/mask_rcnn/fpn/output_p2/Conv2D"
+    conv.metadata.op_type = "Conv2DBackpropInput"
+    meta = space.planes.add(name="/host:metadata")
+    meta.stat_metadata[1].name = "hlo_proto"
+    meta.event_metadata[1].stats.add(metadata_id=1,
+                                     bytes_value=hlo.SerializeToString())
+
+    gpu = space.planes.add(name="/device:GPU:0")
+    for i, name in enumerate(["hlo_module", "hlo_op", "tf_op"], 1):
+        gpu.stat_metadata[i].name = name
+    for i, name in enumerate(["fusion_1", "conv_kernel", "sgemm_kernel",
+                              "memcpy"], 1):
+        gpu.event_metadata[i].name = name
+    stream = gpu.lines.add(name="Stream #13(Compute)")
+    for meta_id, stats, ps in [
+            (1, [(1, "cluster_7"), (2, "fusion.1")], 3e9),
+            (2, [(1, "cluster_7"), (2, "conv.5")], 5e9),
+            (3, [(3, "mask_rcnn/rpn_head/conv/Conv2D:Conv2D")], 2e9),
+            (4, [], 1e9)]:
+        event = stream.events.add(metadata_id=meta_id, duration_ps=int(ps))
+        for stat_id, value in stats:
+            event.stats.add(metadata_id=stat_id, str_value=value)
+    derived = gpu.lines.add(name="XLA Ops")
+    derived.events.add(metadata_id=2, duration_ps=int(5e9))
+
+    host = space.planes.add(name="/host:CPU")
+    host.event_metadata[1].name = "mask_rcnn/rpn_head/conv/Conv2D:Conv2D"
+    host.lines.add(name="tf_Compute").events.add(metadata_id=1,
+                                                 duration_ps=int(9e9))
+    return space
+
+
+def test_gpu_trace_counts_device_streams_only(tmp_path):
+    run_dir = tmp_path / "plugins" / "profile" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "gpu.xplane.pb").write_bytes(_gpu_space().SerializeToString())
+    summary = profile.summarize(str(tmp_path), steps=1, depth=3, top=10)
+    # 3 + 5 + 2 + 1 ms on the stream; the derived line and the host launch
+    # of the same kernels are not counted again.
+    assert summary["op_ms_per_step"] == pytest.approx(11.0)
+    scopes = {name: ms for name, ms, _ in summary["by_scope"]}
+    assert scopes == pytest.approx({
+        "mask_rcnn/fpn/output_p2 [backward]": 5.0,  # HLO op metadata
+        "mask_rcnn/box_head/fc1": 3.0,  # a fusion, named from its body
+        "mask_rcnn/rpn_head/conv": 2.0,  # a graph-mode kernel's tf_op
+        "(top level)": 1.0})  # a kernel with no TF op
+    types = {name: ms for name, ms, _ in summary["by_type"]}
+    assert types == pytest.approx({"Conv2DBackpropInput": 5.0, "multiply": 3.0,
+                                   "Conv2D": 2.0, "kernel": 1.0})
