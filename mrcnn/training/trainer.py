@@ -124,9 +124,12 @@ def _input_iterator(strategy, dataset_fn):
 def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0):
     """The training step `train` runs (and `bin/bench --what=train` times).
 
-    The forward and backward pass is one XLA program per replica (when
-    `xla`); the optimizer update, with its cross-replica gradient sum, runs
-    outside it.
+    With `xla` and one replica, the forward and backward pass and the
+    optimizer update are one XLA program: the update's few ops per variable
+    fuse instead of running as hundreds of small kernels. With several
+    replicas the forward and backward pass is one XLA program per replica,
+    and the update, with its cross-replica gradient sum, runs outside it
+    (a cross-replica sum cannot sit inside a replica's XLA program).
 
     Args:
       model: keras.Model returning a dict of float32 scalar losses.
@@ -159,6 +162,30 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
         losses["total"] = total
         return losses, grads
 
+    if xla and replicas == 1:
+        def whole_step(batch):
+            losses, grads = forward_backward(batch)
+            optimizer.apply(grads, model.trainable_variables)
+            return losses
+
+        replica_step = tf.function(whole_step, jit_compile=True)
+    else:
+        replica_step = _split_step(forward_backward, optimizer, model,
+                                   replicas, xla)
+
+    @tf.function
+    def train_step(batch):
+        losses = strategy.run(replica_step, args=(batch,))
+        if step is not None:
+            step.assign_add(1)
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in losses.items()}
+
+    return train_step
+
+
+def _split_step(forward_backward, optimizer, model, replicas, xla):
+    """Replica step: forward_backward (XLA when `xla`), then the update."""
     compiled = tf.function(forward_backward, jit_compile=xla)
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
@@ -176,15 +203,7 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
         optimizer.apply(grads, model.trainable_variables)
         return losses
 
-    @tf.function
-    def train_step(batch):
-        losses = strategy.run(replica_step, args=(batch,))
-        if step is not None:
-            step.assign_add(1)
-        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                for k, v in losses.items()}
-
-    return train_step
+    return replica_step
 
 
 @gin.configurable(denylist=["model_dir"])

@@ -1,6 +1,8 @@
 """The training loop on a toy model: resume, NaN guard, schedule, strategies, precision."""
 
+import contextlib
 import os
+from unittest import mock
 
 import keras
 import numpy as np
@@ -174,6 +176,32 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         finally:
             keras.mixed_precision.set_global_policy("float32")
         self.assertTrue(np.isfinite(out["losses"]["total"]))
+
+    @parameterized.named_parameters(
+        ("one_device", lambda: tf.distribute.OneDeviceStrategy("/cpu:0")),
+        ("mirrored_one_cpu", lambda: tf.distribute.MirroredStrategy(["/cpu:0"])))
+    def test_one_replica_xla_step_includes_the_update(self, make_strategy):
+        # With one replica the optimizer update joins the XLA program; it
+        # must train exactly as the graph step with the update outside.
+        holder = {}
+        self._train(os.path.join(self.get_temp_dir(), "init"), holder,
+                    init_seed=3, total_steps=5, stop_after=0)
+        start = _weights(holder["model"])
+        runs = {}
+        for xla in (False, True):
+            holder = {}
+            split = mock.patch.object(trainer, "_split_step",
+                                      side_effect=AssertionError("split step"))
+            with split if xla else contextlib.nullcontext():
+                out = self._train(os.path.join(self.get_temp_dir(), f"xla{xla}"),
+                                  holder, init_seed=3, total_steps=5,
+                                  xla=xla, strategy=make_strategy())
+            self.assertEqual(out["step"], 5)
+            runs[xla] = _weights(holder["model"])
+        moved = max(float(np.abs(w - w0).max()) for w, w0 in zip(runs[True], start))
+        self.assertGreater(moved, 1e-3)
+        for graph, whole, w0 in zip(runs[False], runs[True], start):
+            self.assertAllClose(whole - w0, graph - w0, rtol=1e-3, atol=1e-6)
 
     def test_mirrored_two_cpus(self):
         devices = _logical_cpus(2)
