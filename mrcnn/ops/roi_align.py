@@ -161,6 +161,10 @@ def _weighted_gather(table, index, weight):
       float32 [..., C]; its gradient reaches `table` only.
     """
     channels = table.shape[-1]
+    # The gradient is built outside this op's name scope; open it again, under
+    # gradient_tape/ as autodiff would, so profiles file it as this op's
+    # backward pass.
+    grad_scope = "/".join(["gradient_tape", tf.get_current_name_scope()]).rstrip("/") + "/"
 
     @tf.custom_gradient
     def gather(table):
@@ -170,13 +174,14 @@ def _weighted_gather(table, index, weight):
             acc = term if acc is None else acc + term  # [..., C]
 
         def grad(upstream):  # float32 [..., C]
-            updates = (upstream[..., None, :]
-                       * tf.stack(weight, -1)[..., None])  # [..., J, C]
-            dtable = tf.math.unsorted_segment_sum(
-                tf.reshape(updates, [-1, channels]),
-                tf.reshape(tf.stack(index, -1), [-1]),
-                tf.shape(table)[0])  # [T, C]
-            return tf.cast(dtable, table.dtype)
+            with tf.name_scope(grad_scope):
+                updates = (upstream[..., None, :]
+                           * tf.stack(weight, -1)[..., None])  # [..., J, C]
+                dtable = tf.math.unsorted_segment_sum(
+                    tf.reshape(updates, [-1, channels]),
+                    tf.reshape(tf.stack(index, -1), [-1]),
+                    tf.shape(table)[0])  # [T, C]
+                return tf.cast(dtable, table.dtype)
 
         return acc, grad
 

@@ -146,3 +146,22 @@ def test_gpu_trace_counts_device_streams_only(tmp_path):
     types = {name: ms for name, ms, _ in summary["by_type"]}
     assert types == pytest.approx({"Conv2DBackpropInput": 5.0, "multiply": 3.0,
                                    "Conv2D": 2.0, "kernel": 1.0})
+
+
+def test_roi_align_gradient_is_filed_under_its_backward_scope():
+    # Its hand-written gradient is built outside the op's scope; it reopens
+    # it, so a profile counts the scatter-add as roi_align [backward].
+    features = tf.zeros([1, 8, 8, 4])
+    boxes = tf.constant([[[0.0, 0.0, 4.0, 4.0]]])
+
+    def grad(f):
+        with tf.GradientTape() as tape:
+            tape.watch(f)
+            out = roi_align_ops.roi_align(f, boxes, (2, 2))
+        return tape.gradient(out, f)
+
+    graph = tf.function(grad).get_concrete_function(features).graph
+    sums = [op.name for op in graph.get_operations()
+            if op.type == "UnsortedSegmentSum"]
+    assert sums and all(profile._scope(n, depth=1) == "roi_align [backward]"
+                        for n in sums), sums
