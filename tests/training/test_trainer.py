@@ -203,6 +203,22 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         for graph, whole, w0 in zip(runs[False], runs[True], start):
             self.assertAllClose(whole - w0, graph - w0, rtol=1e-3, atol=1e-6)
 
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_step_traces_once(self, xla):
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+        with strategy.scope():
+            model = ToyDetector()
+            optimizer, _, _ = optimization.build_optimizer(4, 8, 8)
+        batches = iter(_dataset_fn()(tf.distribute.InputContext()))
+        with strategy.scope():
+            model(next(batches), training=True)
+            optimizer.build(model.trainable_variables)
+        step = trainer.make_train_step(model, optimizer, strategy, xla)
+        for _ in range(4):
+            losses = step(next(batches))
+        self.assertTrue(np.isfinite(float(losses["total"])))
+        self.assertEqual(step.experimental_get_tracing_count(), 1)
+
     def test_mirrored_two_cpus(self):
         devices = _logical_cpus(2)
         if len(devices) < 2:
