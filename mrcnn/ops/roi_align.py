@@ -149,8 +149,12 @@ def _weighted_gather(table, index, weight):
     gives one IndexedSlices per neighbour and sample, which TF concatenates
     (a copy of all of them) and sums in the table's dtype; here the updates
     are formed in one broadcast multiply and summed in float32 by a single
-    `unsorted_segment_sum`. Forward and backward of `multilevel_roi_align`
-    at the R50-FPN head sizes ran 1.3-1.4x faster on CPU, graph and XLA.
+    `unsorted_segment_sum`: with bf16 features its error against the float32
+    gradient was 5x smaller, and forward plus backward of
+    `multilevel_roi_align` at the R50-FPN head sizes ran 1.3-1.4x faster on
+    CPU, graph and XLA. (In the whole R50 step in graph mode on CPU, Grappler
+    then turns the forward sum into in-place accumulation and the step was
+    no faster; the demo step was 4-7% faster.)
 
     Args:
       table: any float dtype [T, C].

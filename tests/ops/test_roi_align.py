@@ -14,23 +14,30 @@ from absl.testing import parameterized
 from mrcnn.ops import roi_align as ra
 
 
-def bilinear_reference(fmap, y, x):
-    """float64 [C]: one bilinear sample of fmap [H, W, C] (contract rules)."""
-    height, width = fmap.shape[:2]
+def bilinear_neighbours(height, width, y, x):
+    """[((row, col), weight)] of one bilinear sample (contract rules)."""
     if y < -1.0 or y > height or x < -1.0 or x > width:
-        return np.zeros(fmap.shape[-1])
+        return []
     y = min(max(y, 0.0), height - 1.0)
     x = min(max(x, 0.0), width - 1.0)
     y0, x0 = int(math.floor(y)), int(math.floor(x))
     y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
     ly, lx = y - y0, x - x0
-    return ((1 - ly) * (1 - lx) * fmap[y0, x0] + (1 - ly) * lx * fmap[y0, x1]
-            + ly * (1 - lx) * fmap[y1, x0] + ly * lx * fmap[y1, x1])
+    return [((y0, x0), (1 - ly) * (1 - lx)), ((y0, x1), (1 - ly) * lx),
+            ((y1, x0), ly * (1 - lx)), ((y1, x1), ly * lx)]
 
 
-def roi_align_one_box(fmap, box, output_size, spatial_scale, sampling_ratio,
-                      aligned):
-    """float64 [oh, ow, C]: ROIAlign of one box over fmap [H, W, C]."""
+def bilinear_reference(fmap, y, x):
+    """float64 [C]: one bilinear sample of fmap [H, W, C]."""
+    total = np.zeros(fmap.shape[-1])
+    for cell, weight in bilinear_neighbours(*fmap.shape[:2], y, x):
+        total += weight * fmap[cell]
+    return total
+
+
+def box_samples(box, output_size, spatial_scale, sampling_ratio, aligned):
+    """Yields (i, j, y, x): bin (i, j) and the feature coordinates of each of
+    its sampling_ratio**2 samples, for one box in image pixels."""
     oh, ow = output_size
     offset = 0.5 if aligned else 0.0
     y1, x1, y2, x2 = [float(v) * spatial_scale - offset for v in box]
@@ -38,17 +45,36 @@ def roi_align_one_box(fmap, box, output_size, spatial_scale, sampling_ratio,
     if not aligned:
         roi_h, roi_w = max(roi_h, 1.0), max(roi_w, 1.0)
     bin_h, bin_w = roi_h / oh, roi_w / ow
-    out = np.zeros((oh, ow, fmap.shape[-1]))
     for i in range(oh):
         for j in range(ow):
-            total = np.zeros(fmap.shape[-1])
             for s in range(sampling_ratio):
                 for t in range(sampling_ratio):
-                    y = y1 + (i + (s + 0.5) / sampling_ratio) * bin_h
-                    x = x1 + (j + (t + 0.5) / sampling_ratio) * bin_w
-                    total += bilinear_reference(fmap, y, x)
-            out[i, j] = total / sampling_ratio ** 2
+                    yield (i, j, y1 + (i + (s + 0.5) / sampling_ratio) * bin_h,
+                           x1 + (j + (t + 0.5) / sampling_ratio) * bin_w)
+
+
+def roi_align_one_box(fmap, box, output_size, spatial_scale, sampling_ratio,
+                      aligned):
+    """float64 [oh, ow, C]: ROIAlign of one box over fmap [H, W, C]."""
+    out = np.zeros(tuple(output_size) + (fmap.shape[-1],))
+    for i, j, y, x in box_samples(box, output_size, spatial_scale,
+                                  sampling_ratio, aligned):
+        out[i, j] += bilinear_reference(fmap, y, x) / sampling_ratio ** 2
     return out
+
+
+def roi_align_one_box_adjoint(grad_map, box, upstream, spatial_scale,
+                              sampling_ratio, aligned):
+    """Adds d<roi_align_one_box(fmap, box), upstream>/d fmap into grad_map.
+
+    ROIAlign is linear in the features, so its gradient is its adjoint:
+    every sample hands `upstream[i, j] / sampling_ratio**2` back to its four
+    neighbours with the same bilinear weights.
+    """
+    for i, j, y, x in box_samples(box, upstream.shape[:2], spatial_scale,
+                                  sampling_ratio, aligned):
+        for cell, weight in bilinear_neighbours(*grad_map.shape[:2], y, x):
+            grad_map[cell] += weight * upstream[i, j] / sampling_ratio ** 2
 
 
 def roi_align_reference(features, boxes, output_size=(7, 7), spatial_scale=1.0,
@@ -61,47 +87,6 @@ def roi_align_reference(features, boxes, output_size=(7, 7), spatial_scale=1.0,
                                     spatial_scale, sampling_ratio, aligned)
                   for box in boxes[b]])
         for b in range(boxes.shape[0])])
-
-
-def bilinear_adjoint(grad_map, y, x, upstream):
-    """Adds the gradient of one bilinear sample into grad_map [H, W, C]."""
-    height, width = grad_map.shape[:2]
-    if y < -1.0 or y > height or x < -1.0 or x > width:
-        return
-    y = min(max(y, 0.0), height - 1.0)
-    x = min(max(x, 0.0), width - 1.0)
-    y0, x0 = int(math.floor(y)), int(math.floor(x))
-    y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
-    ly, lx = y - y0, x - x0
-    grad_map[y0, x0] += (1 - ly) * (1 - lx) * upstream
-    grad_map[y0, x1] += (1 - ly) * lx * upstream
-    grad_map[y1, x0] += ly * (1 - lx) * upstream
-    grad_map[y1, x1] += ly * lx * upstream
-
-
-def roi_align_one_box_adjoint(grad_map, box, upstream, spatial_scale,
-                              sampling_ratio, aligned):
-    """Adds d<roi_align_one_box(fmap, box), upstream>/d fmap into grad_map.
-
-    ROIAlign is linear in the features, so its gradient is its adjoint:
-    every sample hands `upstream[i, j] / sampling_ratio**2` back to its four
-    neighbours with the same bilinear weights.
-    """
-    oh, ow = upstream.shape[:2]
-    offset = 0.5 if aligned else 0.0
-    y1, x1, y2, x2 = [float(v) * spatial_scale - offset for v in box]
-    roi_h, roi_w = y2 - y1, x2 - x1
-    if not aligned:
-        roi_h, roi_w = max(roi_h, 1.0), max(roi_w, 1.0)
-    bin_h, bin_w = roi_h / oh, roi_w / ow
-    for i in range(oh):
-        for j in range(ow):
-            for s in range(sampling_ratio):
-                for t in range(sampling_ratio):
-                    y = y1 + (i + (s + 0.5) / sampling_ratio) * bin_h
-                    x = x1 + (j + (t + 0.5) / sampling_ratio) * bin_w
-                    bilinear_adjoint(grad_map, y, x,
-                                     upstream[i, j] / sampling_ratio ** 2)
 
 
 def assign_levels_reference(boxes, min_level=2, max_level=5):
