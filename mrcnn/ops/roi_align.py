@@ -168,7 +168,8 @@ def _weighted_gather(table, index, weight):
     # The gradient is built outside this op's name scope; open it again, under
     # gradient_tape/ as autodiff would, so profiles file it as this op's
     # backward pass.
-    grad_scope = "/".join(["gradient_tape", tf.get_current_name_scope()]).rstrip("/") + "/"
+    scope = tf.get_current_name_scope()
+    grad_scope = f"gradient_tape/{scope}/" if scope else "gradient_tape/"
 
     @tf.custom_gradient
     def gather(table):
