@@ -38,6 +38,8 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 # Random bits per element: the low 24 give the flip draw, the rest the scale.
 _FLIP_BITS = 24
+# The groups of `group_by_orientation`, by index.
+_GROUP_NAMES = ("landscape", "portrait")
 
 
 def resize_image(image, min_size, max_size):
@@ -105,13 +107,27 @@ class CocoInput:
     `filter_empty`. Evaluation: every image once, ordered by image id, at the
     largest `min_size`, no flip; the last batch is padded with `image_id -1`.
 
+    With `group_by_orientation` (Detectron2's aspect-ratio grouping, with
+    static shapes), each batch holds landscape images (width >= height) on
+    a `canvas_size` of (short, long) sides, or portrait images on its
+    transpose: a COCO batch at 800 x 1333 then pads to 832 x 1344 or
+    1344 x 832, 38% fewer pixels than the square 1344 x 1344 canvas that
+    holds both, and the model compiles one program per orientation. In
+    training, one seeded draw per step picks the orientation (landscape with
+    the dataset's landscape fraction) for every replica of every input
+    pipeline, so that all replicas of a step share one canvas. Evaluation
+    reads the landscape images, then the portrait ones, each part padded to
+    whole batches.
+
     Bad input (see mrcnn/data/coco.py for the list): with `skip_bad` the
     training reader drops the images concerned and evaluation drops the bad
     annotations (evaluation still raises for a missing image file); each
     skip is counted in `self.counts`, listed in `self.problems`, and logged
     once when the json has been read. An image file that fails to decode in
-    the pipeline is skipped in training (counted as `undecodable_images`,
-    logged once per file) and raises elsewhere, naming the file and image id.
+    the pipeline is replaced in training by the next image of the same
+    orientation that decodes (counted as `undecodable_images`, logged once
+    per file), so that the stream keeps its length and its batches their
+    canvas; elsewhere it raises, naming the file and image id.
     Without `skip_bad`, every problem raises `mrcnn.data.coco.DataError`.
 
     Args:
@@ -129,6 +145,9 @@ class CocoInput:
       canvas_size: (H, W) ints, the static padded size; each a multiple of
         `size_divisor` and large enough for every resized image (checked at
         load). Default (1344, 1344): the smallest multiple of 64 >= 1333.
+        With `group_by_orientation`, the canvas of the landscape images
+        (its sides are sorted: short, long); portrait ones use its
+        transpose. (832, 1344) holds COCO's 800 x 1333.
       size_divisor: int, 2**max_level of the FPN (64 for P6).
       max_instances: int M, gt slots per image (COCO's largest image has 93
         instances). Extra instances are dropped and counted.
@@ -146,6 +165,9 @@ class CocoInput:
         trainer passes one kept in its checkpoint), else draws at random.
       annotation_file, image_dir: str or None, override the layout paths.
       check_files: bool, check at load that every image file exists.
+      group_by_orientation: bool, batch landscape and portrait images apart,
+        each on its own canvas (see above). Several input pipelines need a
+        seed, so that they draw the same orientations.
     """
 
     def __init__(self, data_dir=None, split="train2017", training=True,
@@ -154,7 +176,7 @@ class CocoInput:
                  mask_size=112, flip_probability=0.5, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD, skip_bad=True, filter_empty=True,
                  shuffle_buffer=None, seed=None, annotation_file=None,
-                 image_dir=None, check_files=True):
+                 image_dir=None, check_files=True, group_by_orientation=False):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
         canvas_size = tuple(int(s) for s in canvas_size)
         if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
@@ -174,6 +196,9 @@ class CocoInput:
         self.batch_size = int(batch_size)
         self.min_sizes = min_sizes
         self.max_size = int(max_size)
+        self.group_by_orientation = bool(group_by_orientation)
+        if self.group_by_orientation:
+            canvas_size = tuple(sorted(canvas_size))
         self.canvas_size = canvas_size
         self.max_instances = int(max_instances)
         self.mask_size = int(mask_size)
@@ -199,6 +224,15 @@ class CocoInput:
             self.counts["empty_images"] += len(records) - len(kept)
             records = kept
         self.records = records
+        # Each record's group, the index of its canvas in `self.canvases`:
+        # with grouping 0 landscape (w >= h) and 1 portrait, else all 0.
+        if self.group_by_orientation:
+            self.canvases = (canvas_size, canvas_size[::-1])
+            self._group = np.array([int(r.height > r.width) for r in records], np.int64)
+        else:
+            self.canvases = (canvas_size,)
+            self._group = np.zeros(len(records), np.int64)
+        self._members = [np.flatnonzero(self._group == g) for g in range(len(self.canvases))]
         self._check_canvas()
         self._lock = threading.Lock()
         self._reported = set()
@@ -221,16 +255,14 @@ class CocoInput:
         return self.category_map.num_classes
 
     def num_batches(self, input_context=None):
-        """Evaluation batches per epoch of one pipeline (the last one padded)."""
+        """Evaluation batches per epoch of one pipeline (each group's last one padded)."""
         batch = self._per_pipeline_batch(input_context)
-        return -(-len(self.shard_records(input_context)) // batch)
+        groups = self._group[self._shard(input_context)]
+        return sum(-(-int((groups == g).sum()) // batch) for g in range(len(self.canvases)))
 
     def shard_records(self, input_context=None):
         """The image records one input pipeline reads, in file-list order."""
-        if input_context is None:
-            return list(self.records)
-        return self.records[input_context.input_pipeline_id::
-                            input_context.num_input_pipelines]
+        return [self.records[i] for i in self._shard(input_context)]
 
     def __call__(self, input_context=None, start=0, seed=None):
         """The dataset of one input pipeline.
@@ -241,45 +273,52 @@ class CocoInput:
             stream were already read. They are skipped on the stream of image
             indices, before anything is decoded, so that a resumed run reads
             on where the interrupted one stopped (exactly, when the order is
-            seeded and every image decodes: a skipped undecodable image
-            shifts the position by one).
+            seeded: an undecodable image is replaced, not dropped).
           seed: int or None, used when `self.seed` is None: the trainer's run
             seed, kept in its checkpoint, so that the order survives a restart.
 
         Returns:
-          tf.data.Dataset of batch dicts (module docstring), static shapes.
+          tf.data.Dataset of batch dicts (module docstring), static shapes;
+          with `group_by_orientation` the image height and width are known
+          per batch, not in the spec (one of `self.canvases`).
         """
-        records = self.shard_records(input_context)
-        if not records:
+        shard = self._shard(input_context)
+        if not len(shard):
             raise ValueError(f"{self.annotation_file}: no images to read in this "
                              f"input pipeline ({len(self.records)} in total)")
         if start and not self.training:
             raise ValueError("CocoInput: start is for the training stream; "
                              "evaluation reads every image once")
         batch = self._per_pipeline_batch(input_context)
-        seed = self.seed if self.seed is not None else seed
+        run_seed = self.seed if self.seed is not None else seed
+        seed = run_seed
         if seed is not None and input_context is not None:
             seed = seed + 1000003 * input_context.input_pipeline_id
-        index_of = {id(r): i for i, r in enumerate(self.records)}
-        indices = tf.constant([index_of[id(r)] for r in records], tf.int64)
-        ds = tf.data.Dataset.from_tensor_slices(indices)
         if self.training:
-            ds = ds.shuffle(self.shuffle_buffer or len(records), seed=seed,
-                            reshuffle_each_iteration=True).repeat()
+            ds = self._training_indices(shard, input_context, batch, seed, run_seed)
             ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
             # Integers only up to here: skipping an epoch of COCO costs
             # milliseconds, not a decode of 118k images.
             ds = ds.skip(int(start))
+            ds = ds.map(self._example, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=seed is not None)
         else:
-            ds = ds.map(lambda i: (i, tf.constant(0, tf.int64)))
-        ds = ds.map(self._example, num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=not self.training or seed is not None)
-        if self.training:
-            ds = ds.filter(lambda ex: ex["ok"])
-        ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "ok"})
-        if not self.training and len(records) % batch:
-            ds = ds.concatenate(tf.data.Dataset.from_tensors(self._padding())
-                                .repeat(batch - len(records) % batch))
+            parts = []
+            for g, canvas in enumerate(self.canvases):
+                indices = shard[self._group[shard] == g]
+                if not len(indices):
+                    continue
+                part = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
+                part = part.map(lambda i: (i, tf.constant(0, tf.int64)))
+                part = part.map(self._example, num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
+                if len(indices) % batch:
+                    part = part.concatenate(tf.data.Dataset.from_tensors(
+                        self._padding(canvas)).repeat(batch - len(indices) % batch))
+                parts.append(part)
+            ds = parts[0]
+            for part in parts[1:]:
+                ds = ds.concatenate(part)
         ds = ds.batch(batch, drop_remainder=True,
                       num_parallel_calls=tf.data.AUTOTUNE)
         options = tf.data.Options()
@@ -288,6 +327,56 @@ class CocoInput:
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
     # -- internals ---------------------------------------------------------
+
+    def _shard(self, input_context):
+        """int64 [n], this pipeline's indices into self.records."""
+        indices = np.arange(len(self.records), dtype=np.int64)
+        if input_context is None:
+            return indices
+        return indices[input_context.input_pipeline_id::input_context.num_input_pipelines]
+
+    def _training_indices(self, shard, input_context, batch, seed, run_seed):
+        """The endless stream of record indices of one training pipeline.
+
+        Ungrouped: the shard, shuffled each epoch. Grouped: each group's
+        indices shuffled each epoch and cut into windows of one step's
+        images (`batch` x this pipeline's replicas); a draw per step, seeded
+        by the run seed alone so that every pipeline draws alike, picks the
+        group whose window comes next.
+        """
+        def shuffled(indices, seed):
+            ds = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
+            return ds.shuffle(self.shuffle_buffer or len(indices), seed=seed,
+                              reshuffle_each_iteration=True).repeat()
+
+        present = [g for g in range(len(self.canvases)) if (self._group == g).any()]
+        if len(present) == 1:
+            return shuffled(shard, seed)
+        pipelines = input_context.num_input_pipelines if input_context else 1
+        if pipelines > 1 and run_seed is None:
+            raise ValueError("CocoInput: group_by_orientation over several input "
+                             "pipelines needs a seed (the trainer passes one)")
+        groups = self._group[shard]
+        for g in present:
+            if not (groups == g).any():
+                raise ValueError(
+                    f"{self.annotation_file}: input pipeline "
+                    f"{input_context.input_pipeline_id} of {pipelines} has no "
+                    f"{_GROUP_NAMES[g]} image; use fewer pipelines or "
+                    f"group_by_orientation=False")
+        replicas = (input_context.num_replicas_in_sync // pipelines
+                    if input_context else 1)
+        window = batch * max(replicas, 1)
+        windows = [shuffled(shard[groups == g], None if seed is None else seed + g)
+                   .batch(window) for g in present]
+        # P(portrait step) = the portrait share of the whole dataset, the
+        # same number in every pipeline.
+        portrait_share = float((self._group == 1).mean())
+        threshold = int(round(portrait_share * (1 << 32)))
+        choice = tf.data.Dataset.random(
+            seed=None if run_seed is None else run_seed + 7919).map(
+                lambda r: tf.cast(r % (1 << 32) < threshold, tf.int64))
+        return tf.data.Dataset.choose_from_datasets(windows, choice).unbatch()
 
     def _per_pipeline_batch(self, input_context):
         del input_context  # the batch is per replica whatever the strategy
@@ -298,51 +387,69 @@ class CocoInput:
         return round(height * scale), round(width * scale), scale
 
     def _check_canvas(self):
-        for r in self.records:
+        for r, g in zip(self.records, self._group):
+            canvas = self.canvases[g]
             rh, rw, _ = self._resized_size(r.height, r.width, max(self.min_sizes))
-            if rh > self.canvas_size[0] or rw > self.canvas_size[1]:
+            if rh > canvas[0] or rw > canvas[1]:
+                grouped = (f" (a {_GROUP_NAMES[g]} image: canvas {canvas})"
+                           if self.group_by_orientation else "")
                 raise ValueError(
                     f"CocoInput: image id {r.image_id} ({r.path}) resizes to "
-                    f"{rh}x{rw}, larger than canvas_size={self.canvas_size}; "
+                    f"{rh}x{rw}, larger than canvas_size={self.canvas_size}{grouped}; "
                     f"raise canvas_size or lower min_size/max_size")
 
     def _load(self, index):
-        """numpy_function body: decode one record (mrcnn/data/decode.py)."""
-        record = self.records[int(index)]
+        """numpy_function body: decode one record (mrcnn/data/decode.py).
+
+        In training with `skip_bad`, a record that does not decode is replaced
+        by the next one of its group (in record order, cyclically) that does.
+        Returns the decoded arrays and the index of the record they are of.
+        """
+        index = int(index)
+        members = self._members[self._group[index]]
+        candidates = np.roll(members, -int(np.searchsorted(members, index)))
         s = self.mask_size
-        try:
-            image, boxes, classes, masks, dropped = decode.decode_example(
-                record, s, self.max_instances)
-        except coco.DataError as e:
-            if not (self.training and self.skip_bad):
-                raise
-            with self._lock:
-                self.counts["undecodable_images"] += 1
-                if record.path not in self._reported:
-                    self._reported.add(record.path)
-                    self.problems.append(str(e))
-                    logging.warning("skipping: %s", e)
-                if len(self._reported) == len(self.records):   # would spin forever
-                    raise coco.DataError(
-                        f"{self.annotation_file}: no image decodes; last: {e}") from None
-            return (np.zeros((1, 1, 3), np.uint8), np.zeros((0, 4), np.float32),
-                    np.zeros((0,), np.int32), np.zeros((0, s, s), np.uint8), False)
-        if dropped:
-            with self._lock:
-                self.counts["dropped_instances"] += dropped
-        return image, boxes, classes, masks, True
+        error = None
+        for k, i in enumerate(candidates):
+            record = self.records[i]
+            if record.path in self._reported:   # known bad: not decoded again
+                if k == 0:
+                    with self._lock:
+                        self.counts["undecodable_images"] += 1
+                continue
+            try:
+                image, boxes, classes, masks, dropped = decode.decode_example(
+                    record, s, self.max_instances)
+            except coco.DataError as e:
+                if not (self.training and self.skip_bad):
+                    raise
+                error = e
+                with self._lock:
+                    self.counts["undecodable_images"] += 1
+                    if record.path not in self._reported:
+                        self._reported.add(record.path)
+                        self.problems.append(str(e))
+                        logging.warning("skipping: %s", e)
+                continue
+            if dropped:
+                with self._lock:
+                    self.counts["dropped_instances"] += dropped
+            return image, boxes, classes, masks, np.int64(i)
+        raise coco.DataError(
+            f"{self.annotation_file}: no image decodes among the {len(members)} "
+            f"that can replace image id {self.records[index].image_id}; last: {error}")
 
     def _example(self, index, random_bits):
         """One image: decode (host), resize, flip, normalise, pad."""
         m, s = self.max_instances, self.mask_size
-        image, boxes, classes, masks, ok = tf.numpy_function(
-            self._load, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.bool],
+        image, boxes, classes, masks, index = tf.numpy_function(
+            self._load, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64],
             stateful=False)
         image.set_shape([None, None, 3])
         boxes.set_shape([None, 4])
         classes.set_shape([None])
         masks.set_shape([None, s, s])
-        ok.set_shape([])
+        index.set_shape([])
         image_ids = tf.constant([r.image_id for r in self.records], tf.int64)
 
         # 1. Size: shorter side to min_size (drawn in training), longer <= max.
@@ -368,8 +475,15 @@ class CocoInput:
                 lambda: boxes)
             masks = tf.cond(flip, lambda: tf.reverse(masks, [2]), lambda: masks)
 
-        # 3. Normalise, then pad bottom/right to the canvas.
-        image = normalize_and_pad(image, self.mean, self.std, self.canvas_size)
+        # 3. Normalise, then pad bottom/right to the record's canvas.
+        if len(self.canvases) == 1:
+            image = normalize_and_pad(image, self.mean, self.std, self.canvas_size)
+        else:
+            portrait = tf.gather(tf.constant(self._group, tf.int64), index) > 0
+            image = tf.cond(
+                portrait,
+                lambda: normalize_and_pad(image, self.mean, self.std, self.canvases[1]),
+                lambda: normalize_and_pad(image, self.mean, self.std, self.canvases[0]))
 
         # 4. Pad gt to M slots.
         pad = m - tf.shape(classes)[0]
@@ -381,7 +495,6 @@ class CocoInput:
             "gt_classes": tf.pad(classes, [[0, pad]]),
             "gt_valid": tf.sequence_mask(tf.shape(classes)[0], m),
             "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
-            "ok": ok,
         }
         example["image_info"].set_shape([5])
         example["gt_boxes"].set_shape([m, 4])
@@ -389,11 +502,11 @@ class CocoInput:
         example["gt_masks"].set_shape([m, s, s])
         return example
 
-    def _padding(self):
-        """The all-zero example with image_id -1 that fills the last eval batch."""
+    def _padding(self, canvas):
+        """The all-zero example with image_id -1 that fills a last eval batch."""
         m, s = self.max_instances, self.mask_size
         return {
-            "images": tf.zeros(self.canvas_size + (3,), tf.float32),
+            "images": tf.zeros(tuple(canvas) + (3,), tf.float32),
             "image_info": tf.zeros([5], tf.float32),
             "image_id": tf.constant(-1, tf.int64),
             "gt_boxes": tf.zeros([m, 4], tf.float32),

@@ -80,8 +80,23 @@ def _weights_finite(model):
     return True
 
 
-def _zeros_like_spec(spec):
-    return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+def _zeros_like_spec(spec, canvas_size=None):
+    """A zero batch of `spec`, to build the variables on.
+
+    A dataset whose batches come on several canvases (CocoInput with
+    `group_by_orientation`) leaves the image height and width unknown in its
+    spec; they are then taken from `canvas_size` (any canvas builds the same
+    variables).
+    """
+    def zeros(s):
+        shape = s.shape.as_list()
+        if None in shape[1:]:
+            if canvas_size is None or len(shape) != 4:
+                raise ValueError(f"dataset_fn gives a batch of unknown shape {shape} "
+                                 f"and no canvas_size to build the model on")
+            shape = [shape[0], *canvas_size, shape[3]]
+        return tf.zeros(shape, s.dtype)
+    return tf.nest.map_structure(zeros, spec)
 
 
 def _format_eta(seconds):
@@ -224,6 +239,11 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         it also takes keywords `start` (images this input pipeline already
         read) and `seed` (a run seed, kept in the checkpoint), as CocoInput
         does, a resumed run reads on where the interrupted one stopped.
+        Batches may come on several canvases (image height and width left
+        unknown in the spec, as with CocoInput's `group_by_orientation`):
+        the replicas of a step must then share one, the step is traced and
+        compiled once per canvas, and `dataset_fn.canvas_size` gives the
+        canvas the model is built on.
       init_fn: optional (model) -> None, run once on a fresh start and never
         over a resumed checkpoint: ImageNet backbone weights
         (`load_backbone_weights`).
@@ -287,7 +307,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     # Variables exist only after a first call: build them on a zero batch so
     # that the restore below fills every one of them.
     with strategy.scope():
-        strategy.run(lambda: model(_zeros_like_spec(spec), training=True))
+        canvas = getattr(dataset_fn, "canvas_size", None)
+        strategy.run(lambda: model(_zeros_like_spec(spec, canvas), training=True))
         optimizer.build(model.trainable_variables)
 
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,

@@ -45,3 +45,22 @@ def write_dataset(root, dataset=None, split="train2017"):
     with open(path, "w") as f:
         json.dump(dataset, f)
     return path, image_dir
+
+
+def write_orientations(root):
+    """train2017 and val2017 of 10 images, one box each: ids 1-5 landscape
+    (32 x 40), 6 square (36 x 36, landscape by the rule w >= h), 7-10
+    portrait (40 x 32); each image the solid colour `id * 37 % 256`."""
+    sizes = {i: (32, 40) for i in range(1, 6)}
+    sizes[6] = (36, 36)
+    sizes.update({i: (40, 32) for i in range(7, 11)})
+    dataset = {"images": [], "annotations": [], "categories": copy.deepcopy(CATEGORIES)}
+    for i, (h, w) in sorted(sizes.items()):
+        dataset["images"].append({"id": i, "file_name": f"{i:06d}.jpg",
+                                  "height": h, "width": w})
+        dataset["annotations"].append({
+            "id": 100 + i, "image_id": i, "category_id": 5,
+            "bbox": [4.0, 6.0, 10.0, 8.0], "area": 80.0, "iscrowd": 0,
+            "segmentation": [_square(4, 6, 10, 8)]})
+    for split in ("train2017", "val2017"):
+        write_dataset(root, dataset, split)

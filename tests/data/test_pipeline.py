@@ -395,5 +395,123 @@ class BadInputPipelineTest(tf.test.TestCase):
         with self.assertRaisesRegex(tf.errors.OpError, "000011.jpg.*image id 11"):
             list(builder())
 
+class OrientationGroupingTest(tf.test.TestCase):
+    """group_by_orientation on `fixtures.write_orientations`' dataset."""
+
+    LANDSCAPE, PORTRAIT = {1, 2, 3, 4, 5, 6}, {7, 8, 9, 10}
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.root = tmp.name
+        fixtures.write_orientations(self.root)
+
+    def _build(self, **kwargs):
+        args = dict(batch_size=2, min_size=32, max_size=40, canvas_size=(128, 64),
+                    max_instances=4, mask_size=8, seed=5, group_by_orientation=True)
+        args.update(kwargs)
+        return CocoInput(self.root, **args)
+
+    def _check_batch(self, batch):
+        """One orientation, its canvas, and each slot the image its id names."""
+        ids = [int(i) for i in batch["image_id"] if i >= 0]
+        portrait = ids[0] in self.PORTRAIT
+        self.assertTrue({*ids} <= (self.PORTRAIT if portrait else self.LANDSCAPE), ids)
+        canvas = (128, 64) if portrait else (64, 128)
+        self.assertEqual(batch["images"].shape[1:3], canvas)
+        for b, image_id in enumerate(ids):
+            rh, rw = (int(v) for v in batch["image_info"][b, 2:4])
+            self.assertEqual((rh, rw), {True: (40, 32), False: (32, 40)}[portrait]
+                             if image_id != 6 else (32, 32))
+            pixels = batch["images"][b] * STD + MEAN
+            self.assertAllClose(pixels[:rh, :rw], np.full((rh, rw, 3), image_id * 37 % 256),
+                                atol=3.0)
+            self.assertFalse(batch["images"][b, rh:].any())
+            self.assertFalse(batch["images"][b, :, rw:].any())
+        return portrait
+
+    def test_training_batches_share_an_orientation_and_its_canvas(self):
+        builder = self._build()
+        self.assertEqual(builder.canvas_size, (64, 128))   # sides sorted
+        self.assertEqual(builder.canvases, ((64, 128), (128, 64)))
+        spec = builder().element_spec["images"]
+        self.assertEqual(spec.shape.as_list(), [2, None, None, 3])
+        batches = _numpy_batches(builder(), 40)
+        orientations = [self._check_batch(b) for b in batches]
+        self.assertTrue(any(orientations) and not all(orientations))
+        seen = {int(i) for b in batches for i in b["image_id"]}
+        self.assertEqual(seen, self.LANDSCAPE | self.PORTRAIT)
+        # One seeded draw per step: landscape with its share of the dataset (6/10).
+        share = 1 - np.mean(orientations)
+        self.assertBetween(share, 0.35, 0.85)
+
+    def test_replicas_of_a_step_share_it_across_pipelines(self):
+        builder = self._build(batch_size=1, seed=None)
+        steps = []
+        for pipeline in range(2):
+            context = tf.distribute.InputContext(
+                num_input_pipelines=2, input_pipeline_id=pipeline,
+                num_replicas_in_sync=4)   # two replicas per pipeline
+            batches = _numpy_batches(builder(context, seed=21), 24)
+            portrait = [self._check_batch(b) for b in batches]
+            # The iterator hands consecutive batches to a pipeline's replicas.
+            self.assertEqual(portrait[0::2], portrait[1::2])
+            steps.append(portrait[0::2])
+        self.assertEqual(steps[0], steps[1])
+        self.assertTrue(any(steps[0]) and not all(steps[0]))
+        with self.assertRaisesRegex(ValueError, "needs a seed"):
+            builder(context)
+
+    def test_start_reads_on_the_grouped_stream(self):
+        builder = self._build()
+
+        def stream(ds, count):
+            return [(tuple(b["image_id"]), b["images"].shape, float(b["images"].sum()))
+                    for b in _numpy_batches(ds, count)]
+
+        whole = stream(builder(), 12)
+        self.assertEqual(stream(builder(start=14), 5), whole[7:])
+
+    def test_a_pipeline_without_one_orientation_is_an_error(self):
+        builder = self._build()
+        context = tf.distribute.InputContext(num_input_pipelines=10,
+                                             input_pipeline_id=0, num_replicas_in_sync=10)
+        with self.assertRaisesRegex(ValueError, "pipeline 0 of 10 has no portrait"):
+            builder(context, seed=1)
+
+    def test_evaluation_reads_each_orientation_in_order_then_pads_it(self):
+        builder = self._build(split="val2017", training=False, batch_size=4)
+        batches = _numpy_batches(builder())
+        self.assertLen(batches, builder.num_batches())
+        self.assertEqual([b["image_id"].tolist() for b in batches],
+                         [[1, 2, 3, 4], [5, 6, -1, -1], [7, 8, 9, 10]])
+        for b in batches:
+            self._check_batch(b)
+
+    def test_undecodable_image_replaced_by_one_of_its_orientation(self):
+        path = os.path.join(self.root, "train2017", "000010.jpg")
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 3])
+        builder = self._build()
+        batches = _numpy_batches(builder(), 30)
+        for b in batches:
+            self._check_batch(b)
+        seen = collections.Counter(int(i) for b in batches for i in b["image_id"])
+        self.assertNotIn(10, seen)
+        self.assertEqual(set(seen), (self.LANDSCAPE | self.PORTRAIT) - {10})
+        self.assertGreaterEqual(builder.counts["undecodable_images"], 1)
+        # The next portrait, cyclically, stands in for 10: 7 comes about
+        # twice as often as the other portraits.
+        self.assertGreater(seen[7], max(seen[8], seen[9]))
+
+    def test_canvas_too_small_for_an_orientation_names_it(self):
+        with self.assertRaisesRegex(ValueError, "image id 1 .*a landscape image: "
+                                    "canvas \\(32, 32\\)"):
+            self._build(canvas_size=(32, 32), size_divisor=8)
+
+
 if __name__ == "__main__":
     tf.test.main()

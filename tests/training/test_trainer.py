@@ -1,5 +1,6 @@
 """The training loop on a toy model: resume, NaN guard, schedule, strategies, precision."""
 
+import collections
 import contextlib
 import os
 from unittest import mock
@@ -10,7 +11,9 @@ import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 
+from mrcnn.data import CocoInput
 from mrcnn.training import optimization, trainer
+from tests.data import fixtures
 
 
 def _logical_cpus(n=2):
@@ -40,6 +43,24 @@ class ToyDetector(keras.Model):
         err = pred - batch["target"]
         return {"a": tf.reduce_mean(tf.square(err[:, 0])),
                 "b": tf.reduce_mean(tf.abs(err[:, 1]))}
+
+
+class CanvasToy(keras.Model):
+    """Fits the mean gt box from the image; notes each canvas it is traced on
+    (in a graph: not the eager calls that build it)."""
+
+    def __init__(self):
+        super().__init__(autocast=False)
+        self.conv = keras.layers.Conv2D(4, 3, padding="same")
+        self.head = keras.layers.Dense(1)
+        self.canvases = []
+
+    def call(self, batch, training=False):
+        if not tf.executing_eagerly():
+            self.canvases.append(tuple(batch["images"].shape[1:3]))
+        pred = self.head(tf.reduce_mean(self.conv(batch["images"]), axis=[1, 2]))
+        target = tf.reduce_mean(batch["gt_boxes"], axis=[1, 2])[:, None]
+        return {"a": tf.reduce_mean(tf.square(pred - target / 40.0))}
 
 
 def _dataset_fn(nan_from=None, global_batch=4):
@@ -234,6 +255,42 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
             copies = [v.numpy() for v in mirrored.values]
             self.assertLen(copies, 2)
             self.assertAllEqual(copies[0], copies[1])
+
+    def test_grouped_canvases_two_replicas_one_trace_each(self):
+        devices = _logical_cpus(2)
+        if len(devices) < 2:
+            self.skipTest("logical CPUs could not be configured in this process")
+        root = self.get_temp_dir()
+        fixtures.write_orientations(root)
+        data = CocoInput(root, batch_size=1, min_size=32, max_size=40,
+                         canvas_size=(128, 64), max_instances=4, mask_size=8,
+                         group_by_orientation=True)
+        steps, holder = [], {}
+        make = trainer.make_train_step
+
+        def recording(*args, **kw):
+            steps.append(make(*args, **kw))
+            return steps[-1]
+
+        def model_fn():
+            holder["model"] = CanvasToy()
+            return holder["model"]
+
+        with mock.patch.object(trainer, "make_train_step", side_effect=recording):
+            out = trainer.train(
+                os.path.join(root, "run"), model_fn=model_fn, dataset_fn=data,
+                total_steps=16, xla=False, checkpoint_every=16, log_every=8,
+                strategy=tf.distribute.MirroredStrategy(devices))
+        self.assertEqual(out["step"], 16)
+        self.assertTrue(np.isfinite(out["losses"]["total"]))
+        # Traced once per canvas, each time with both replicas on it (what
+        # comes before is Keras building the model on the zero batch).
+        self.assertEqual(steps[0].experimental_get_tracing_count(), 2)
+        traced = holder["model"].canvases[-4:]
+        self.assertEqual(collections.Counter(traced),
+                         {(64, 128): 2, (128, 64): 2})
+        for a, b in zip(traced[0::2], traced[1::2]):
+            self.assertEqual(a, b)
 
 
 class ScheduleTest(tf.test.TestCase):
