@@ -38,8 +38,6 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 # Random bits per element: the low 24 give the flip draw, the rest the scale.
 _FLIP_BITS = 24
-# The groups of `group_by_orientation`, by index.
-_GROUP_NAMES = ("landscape", "portrait")
 
 
 def resize_image(image, min_size, max_size):
@@ -108,16 +106,17 @@ class CocoInput:
     largest `min_size`, no flip; the last batch is padded with `image_id -1`.
 
     With `group_by_orientation` (Detectron2's aspect-ratio grouping, with
-    static shapes), each batch holds landscape images (width >= height) on
-    a `canvas_size` of (short, long) sides, or portrait images on its
-    transpose: a COCO batch at 800 x 1333 then pads to 832 x 1344 or
-    1344 x 832, 38% fewer pixels than the square 1344 x 1344 canvas that
-    holds both, and the model compiles one program per orientation. In
-    training, one seeded draw per step picks the orientation (landscape with
-    the dataset's landscape fraction) for every replica of every input
-    pipeline, so that all replicas of a step share one canvas. Evaluation
-    reads the landscape images, then the portrait ones, each part padded to
-    whole batches.
+    static shapes), landscape images (width >= height) and portrait ones
+    are batched apart, each on the smallest canvas (multiple of
+    `size_divisor`) that holds every resized image of its orientation in the
+    split: COCO 2017 at 800 / 1333 pads to 832 x 1344 or 1344 x 832, 38%
+    fewer pixels than the square 1344 x 1344 canvas that holds both, and the
+    model compiles one program per canvas. In training, one seeded draw per
+    step picks the orientation (landscape with the split's landscape
+    share) for every replica of every input pipeline, so that all replicas
+    of a step share one canvas. Evaluation reads the landscape images, then
+    the portrait ones, each part padded to whole batches. When both
+    orientations get the same canvas, they are one group.
 
     Bad input (see mrcnn/data/coco.py for the list): with `skip_bad` the
     training reader drops the images concerned and evaluation drops the bad
@@ -145,9 +144,8 @@ class CocoInput:
       canvas_size: (H, W) ints, the static padded size; each a multiple of
         `size_divisor` and large enough for every resized image (checked at
         load). Default (1344, 1344): the smallest multiple of 64 >= 1333.
-        With `group_by_orientation`, the canvas of the landscape images
-        (its sides are sorted: short, long); portrait ones use its
-        transpose. (832, 1344) holds COCO's 800 x 1333.
+        With `group_by_orientation`, a bound: `self.canvases` are the
+        canvases batches come on.
       size_divisor: int, 2**max_level of the FPN (64 for P6).
       max_instances: int M, gt slots per image (COCO's largest image has 93
         instances). Extra instances are dropped and counted.
@@ -166,8 +164,8 @@ class CocoInput:
       annotation_file, image_dir: str or None, override the layout paths.
       check_files: bool, check at load that every image file exists.
       group_by_orientation: bool, batch landscape and portrait images apart,
-        each on its own canvas (see above). Several input pipelines need a
-        seed, so that they draw the same orientations.
+        each on its own tight canvas (see above). Several input pipelines
+        need a seed, so that they draw the same orientations.
     """
 
     def __init__(self, data_dir=None, split="train2017", training=True,
@@ -197,9 +195,8 @@ class CocoInput:
         self.min_sizes = min_sizes
         self.max_size = int(max_size)
         self.group_by_orientation = bool(group_by_orientation)
-        if self.group_by_orientation:
-            canvas_size = tuple(sorted(canvas_size))
         self.canvas_size = canvas_size
+        self.size_divisor = int(size_divisor)
         self.max_instances = int(max_instances)
         self.mask_size = int(mask_size)
         self.flip_probability = float(flip_probability)
@@ -224,16 +221,9 @@ class CocoInput:
             self.counts["empty_images"] += len(records) - len(kept)
             records = kept
         self.records = records
-        # Each record's group, the index of its canvas in `self.canvases`:
-        # with grouping 0 landscape (w >= h) and 1 portrait, else all 0.
-        if self.group_by_orientation:
-            self.canvases = (canvas_size, canvas_size[::-1])
-            self._group = np.array([int(r.height > r.width) for r in records], np.int64)
-        else:
-            self.canvases = (canvas_size,)
-            self._group = np.zeros(len(records), np.int64)
-        self._members = [np.flatnonzero(self._group == g) for g in range(len(self.canvases))]
         self._check_canvas()
+        self._group, self.canvases, self._group_names = self._groups()
+        self._members = [np.flatnonzero(self._group == g) for g in range(len(self.canvases))]
         self._lock = threading.Lock()
         self._reported = set()
         if self.problems:
@@ -349,30 +339,28 @@ class CocoInput:
             return ds.shuffle(self.shuffle_buffer or len(indices), seed=seed,
                               reshuffle_each_iteration=True).repeat()
 
-        present = [g for g in range(len(self.canvases)) if (self._group == g).any()]
-        if len(present) == 1:
+        if len(self.canvases) == 1:
             return shuffled(shard, seed)
         pipelines = input_context.num_input_pipelines if input_context else 1
         if pipelines > 1 and run_seed is None:
             raise ValueError("CocoInput: group_by_orientation over several input "
                              "pipelines needs a seed (the trainer passes one)")
         groups = self._group[shard]
-        for g in present:
+        for g in range(len(self.canvases)):
             if not (groups == g).any():
                 raise ValueError(
                     f"{self.annotation_file}: input pipeline "
                     f"{input_context.input_pipeline_id} of {pipelines} has no "
-                    f"{_GROUP_NAMES[g]} image; use fewer pipelines or "
+                    f"{self._group_names[g]} image; use fewer pipelines or "
                     f"group_by_orientation=False")
         replicas = (input_context.num_replicas_in_sync // pipelines
                     if input_context else 1)
         window = batch * max(replicas, 1)
         windows = [shuffled(shard[groups == g], None if seed is None else seed + g)
-                   .batch(window) for g in present]
-        # P(portrait step) = the portrait share of the whole dataset, the
-        # same number in every pipeline.
-        portrait_share = float((self._group == 1).mean())
-        threshold = int(round(portrait_share * (1 << 32)))
+                   .batch(window) for g in range(len(self.canvases))]
+        # P(portrait step) = the portrait share of the whole split, the same
+        # number in every pipeline.
+        threshold = int(round(float((self._group == 1).mean()) * (1 << 32)))
         choice = tf.data.Dataset.random(
             seed=None if run_seed is None else run_seed + 7919).map(
                 lambda r: tf.cast(r % (1 << 32) < threshold, tf.int64))
@@ -387,16 +375,40 @@ class CocoInput:
         return round(height * scale), round(width * scale), scale
 
     def _check_canvas(self):
-        for r, g in zip(self.records, self._group):
-            canvas = self.canvases[g]
+        for r in self.records:
             rh, rw, _ = self._resized_size(r.height, r.width, max(self.min_sizes))
-            if rh > canvas[0] or rw > canvas[1]:
-                grouped = (f" (a {_GROUP_NAMES[g]} image: canvas {canvas})"
-                           if self.group_by_orientation else "")
+            if rh > self.canvas_size[0] or rw > self.canvas_size[1]:
                 raise ValueError(
                     f"CocoInput: image id {r.image_id} ({r.path}) resizes to "
-                    f"{rh}x{rw}, larger than canvas_size={self.canvas_size}{grouped}; "
+                    f"{rh}x{rw}, larger than canvas_size={self.canvas_size}; "
                     f"raise canvas_size or lower min_size/max_size")
+
+    def _groups(self):
+        """Each record's group, the groups' canvases and names.
+
+        Returns (int64 [len(records)] indices into the canvases, tuple of
+        (H, W), tuple of str): one group on `canvas_size` unless grouping,
+        else landscape then portrait (those present), each on the smallest
+        multiple of size_divisor holding its resized images.
+        """
+        n = len(self.records)
+        if not self.group_by_orientation or not n:
+            return np.zeros(n, np.int64), (self.canvas_size,), ("all",)
+        d = self.size_divisor
+        portrait = np.array([r.height > r.width for r in self.records])
+        sizes = np.array([self._resized_size(r.height, r.width, max(self.min_sizes))[:2]
+                          for r in self.records])
+        canvases, names, group = [], [], np.zeros(n, np.int64)
+        for flag, name in ((False, "landscape"), (True, "portrait")):
+            if not (portrait == flag).any():
+                continue
+            canvas = tuple(int(-(-v // d) * d) for v in sizes[portrait == flag].max(0))
+            if canvas in canvases:       # the same shape: one group
+                continue
+            group[portrait == flag] = len(canvases)
+            canvases.append(canvas)
+            names.append(name)
+        return group, tuple(canvases), tuple(names)
 
     def _load(self, index):
         """numpy_function body: decode one record (mrcnn/data/decode.py).
@@ -477,7 +489,7 @@ class CocoInput:
 
         # 3. Normalise, then pad bottom/right to the record's canvas.
         if len(self.canvases) == 1:
-            image = normalize_and_pad(image, self.mean, self.std, self.canvas_size)
+            image = normalize_and_pad(image, self.mean, self.std, self.canvases[0])
         else:
             portrait = tf.gather(tf.constant(self._group, tf.int64), index) > 0
             image = tf.cond(

@@ -408,8 +408,9 @@ class OrientationGroupingTest(tf.test.TestCase):
         fixtures.write_orientations(self.root)
 
     def _build(self, **kwargs):
-        args = dict(batch_size=2, min_size=32, max_size=40, canvas_size=(128, 64),
-                    max_instances=4, mask_size=8, seed=5, group_by_orientation=True)
+        args = dict(batch_size=2, min_size=32, max_size=40, canvas_size=(64, 64),
+                    size_divisor=8, max_instances=4, mask_size=8, seed=5,
+                    group_by_orientation=True)
         args.update(kwargs)
         return CocoInput(self.root, **args)
 
@@ -418,7 +419,7 @@ class OrientationGroupingTest(tf.test.TestCase):
         ids = [int(i) for i in batch["image_id"] if i >= 0]
         portrait = ids[0] in self.PORTRAIT
         self.assertTrue({*ids} <= (self.PORTRAIT if portrait else self.LANDSCAPE), ids)
-        canvas = (128, 64) if portrait else (64, 128)
+        canvas = (40, 32) if portrait else (32, 40)
         self.assertEqual(batch["images"].shape[1:3], canvas)
         for b, image_id in enumerate(ids):
             rh, rw = (int(v) for v in batch["image_info"][b, 2:4])
@@ -433,8 +434,8 @@ class OrientationGroupingTest(tf.test.TestCase):
 
     def test_training_batches_share_an_orientation_and_its_canvas(self):
         builder = self._build()
-        self.assertEqual(builder.canvas_size, (64, 128))   # sides sorted
-        self.assertEqual(builder.canvases, ((64, 128), (128, 64)))
+        # The tightest multiples of 8 (square 36 x 36 resizes to 32 x 32).
+        self.assertEqual(builder.canvases, ((32, 40), (40, 32)))
         spec = builder().element_spec["images"]
         self.assertEqual(spec.shape.as_list(), [2, None, None, 3])
         batches = _numpy_batches(builder(), 40)
@@ -507,11 +508,37 @@ class OrientationGroupingTest(tf.test.TestCase):
         # twice as often as the other portraits.
         self.assertGreater(seen[7], max(seen[8], seen[9]))
 
-    def test_canvas_too_small_for_an_orientation_names_it(self):
-        with self.assertRaisesRegex(ValueError, "image id 1 .*a landscape image: "
-                                    "canvas \\(32, 32\\)"):
-            self._build(canvas_size=(32, 32), size_divisor=8)
+    def test_coco_sizes_get_832_by_1344(self):
+        # The json alone decides the canvases: COCO's common sizes, no pixels.
+        sizes = [(427, 640), (640, 427), (360, 640), (480, 640), (640, 480), (640, 360)]
+        dataset = {"images": [{"id": i, "file_name": f"{i:06d}.jpg", "height": h,
+                               "width": w} for i, (h, w) in enumerate(sizes, 1)],
+                   "annotations": [{"id": i, "image_id": i, "category_id": 5,
+                                    "bbox": [1.0, 1.0, 20.0, 20.0], "area": 400.0,
+                                    "iscrowd": 0, "segmentation": [fixtures._square(1, 1, 20, 20)]}
+                                   for i in range(1, len(sizes) + 1)],
+                   "categories": fixtures.base_dataset()["categories"]}
+        os.makedirs(os.path.join(self.root, "coco", "annotations"))
+        with open(os.path.join(self.root, "coco", "annotations",
+                               "instances_train2017.json"), "w") as f:
+            json.dump(dataset, f)
+        builder = CocoInput(os.path.join(self.root, "coco"), group_by_orientation=True,
+                            check_files=False)
+        self.assertEqual(builder.canvases, ((832, 1344), (1344, 832)))
 
+    def test_orientations_on_one_canvas_are_one_group(self):
+        # At multiples of 64 both orientations fit 64 x 64: one group, the
+        # ungrouped stream, and fully static shapes.
+        grouped = self._build(size_divisor=64)
+        self.assertEqual(grouped.canvases, ((64, 64),))
+        self.assertTrue(grouped().element_spec["images"].shape.is_fully_defined())
+        plain = self._build(size_divisor=64, group_by_orientation=False)
+        ids = [[b["image_id"].tolist() for b in _numpy_batches(x(), 8)]
+               for x in (grouped, plain)]
+        self.assertEqual(ids[0], ids[1])
+        # Grouping needs no bigger canvas than canvas_size to check against.
+        with self.assertRaisesRegex(ValueError, "larger than canvas_size"):
+            self._build(canvas_size=(32, 32))
 
 if __name__ == "__main__":
     tf.test.main()

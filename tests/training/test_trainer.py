@@ -263,8 +263,8 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         root = self.get_temp_dir()
         fixtures.write_orientations(root)
         data = CocoInput(root, batch_size=1, min_size=32, max_size=40,
-                         canvas_size=(128, 64), max_instances=4, mask_size=8,
-                         group_by_orientation=True)
+                         canvas_size=(64, 64), size_divisor=8, max_instances=4,
+                         mask_size=8, group_by_orientation=True)
         steps, holder = [], {}
         make = trainer.make_train_step
 
@@ -288,7 +288,7 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(steps[0].experimental_get_tracing_count(), 2)
         traced = holder["model"].canvases[-4:]
         self.assertEqual(collections.Counter(traced),
-                         {(64, 128): 2, (128, 64): 2})
+                         {(32, 40): 2, (40, 32): 2})
         for a, b in zip(traced[0::2], traced[1::2]):
             self.assertEqual(a, b)
 
