@@ -319,11 +319,15 @@ class CocoInput:
     # -- internals ---------------------------------------------------------
 
     def _shard(self, input_context):
-        """int64 [n], this pipeline's indices into self.records."""
-        indices = np.arange(len(self.records), dtype=np.int64)
+        """int64 [n], this pipeline's indices into self.records, in order.
+
+        Each group is sharded on its own, so that every pipeline gets its
+        share of every orientation.
+        """
         if input_context is None:
-            return indices
-        return indices[input_context.input_pipeline_id::input_context.num_input_pipelines]
+            return np.arange(len(self.records), dtype=np.int64)
+        k, n = input_context.input_pipeline_id, input_context.num_input_pipelines
+        return np.sort(np.concatenate([m[k::n] for m in self._members])).astype(np.int64)
 
     def _training_indices(self, shard, input_context, batch, seed, run_seed):
         """The endless stream of record indices of one training pipeline.

@@ -474,11 +474,17 @@ class OrientationGroupingTest(tf.test.TestCase):
         whole = stream(builder(), 12)
         self.assertEqual(stream(builder(start=14), 5), whole[7:])
 
-    def test_a_pipeline_without_one_orientation_is_an_error(self):
+    def test_shards_per_orientation_and_an_empty_one_is_an_error(self):
         builder = self._build()
+        # Each orientation is sharded on its own (landscapes 1-6, portraits
+        # 7-10): with 10 pipelines, pipeline 5 has no portrait.
+        for pipelines, pipeline, ids in ((5, 0, {1, 6, 7}), (5, 3, {4, 10})):
+            context = tf.distribute.InputContext(
+                num_input_pipelines=pipelines, input_pipeline_id=pipeline)
+            self.assertEqual({r.image_id for r in builder.shard_records(context)}, ids)
         context = tf.distribute.InputContext(num_input_pipelines=10,
-                                             input_pipeline_id=0, num_replicas_in_sync=10)
-        with self.assertRaisesRegex(ValueError, "pipeline 0 of 10 has no portrait"):
+                                             input_pipeline_id=5, num_replicas_in_sync=10)
+        with self.assertRaisesRegex(ValueError, "pipeline 5 of 10 has no portrait"):
             builder(context, seed=1)
 
     def test_evaluation_reads_each_orientation_in_order_then_pads_it(self):

@@ -1,10 +1,11 @@
 """One worker of tests/training/test_multiworker.py (run as a script).
 
-  python multiworker_worker.py TASK_INDEX PORT0,PORT1 MODEL_DIR DATA_DIR OUT.npz
+  python multiworker_worker.py TASK_INDEX PORT0,PORT1 MODEL_DIR DATA_DIR OUT.npz [BINDINGS]
 
 Sets TF_CONFIG for a two-worker cluster on 127.0.0.1, trains a few steps of
 a tiny shapes config through `trainer.train` (as bin/train does), then
-writes its copy of the weights.
+writes its copy of the weights and prints how often the step was traced.
+BINDINGS: more gin bindings, separated by ';'.
 """
 
 import json
@@ -12,6 +13,7 @@ import os
 import sys
 
 task, ports, model_dir, data_dir, out = sys.argv[1:6]
+extra = [b for b in (sys.argv[6] if len(sys.argv) > 6 else "").split(";") if b]
 os.environ["TF_CONFIG"] = json.dumps({
     "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
     "task": {"type": "worker", "index": int(task)},
@@ -30,7 +32,18 @@ from test_programs import TINY  # noqa: E402
 programs.parse_gin_files(
     [os.path.join(ROOT, "gin", "shapes_demo.gin")],
     TINY + [f"DATA_DIR = '{data_dir}'", "train.total_steps = 3",
-            "train.checkpoint_every = 3", "train/CocoInput.seed = 0"])
+            "train.checkpoint_every = 3", "train/CocoInput.seed = 0"] + extra)
+steps = []
+make = trainer.make_train_step
+
+
+def recording(*args, **kw):
+    steps.append(make(*args, **kw))
+    return steps[-1]
+
+
+trainer.make_train_step = recording
 result = trainer.train(model_dir)
 np.savez(out, *[w.numpy() for w in result["model"].weights])
-print(f"worker {task}: step {result['step']} losses {result['losses']}")
+print(f"worker {task}: step {result['step']} losses {result['losses']} "
+      f"traces {steps[0].experimental_get_tracing_count()}")
