@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.data import fixtures
+
 STEPS = 40   # enough for a decisive RPN: an untrained one ranks proposals by rounding noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,6 +118,36 @@ def test_eval_writes_coco_results_and_tables(run):
     if results:  # an untrained model may keep nothing; then the file is []
         gt.loadRes(str(run["model_dir"] / "eval" / f"results-{STEPS}.json"))
         assert {r["category_id"] for r in results} <= {1, 3, 7}
+
+
+def test_eval_on_landscape_and_portrait_images(run, tmp_path):
+    # Batched by orientation (the recipe's default) on 64 x 128 and 128 x 64.
+    data = tmp_path / "mixed"
+    subprocess.run([sys.executable, os.path.join(BIN, "make_shapes"), f"--out={data}",
+                    "--num_train=2", "--num_val=6", "--height=64", "--width=128"],
+                   check=True, capture_output=True, cwd=ROOT)
+    fixtures.transpose_odd_images(data, "val2017")
+    bindings = run["bindings"] + [f"DATA_DIR = '{data}'", "MIN_SIZE = 64",
+                                  "MAX_SIZE = 128", "CANVAS = (128, 128)",
+                                  "evaluate.num_pictures = 0"]
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    for f in run["model_dir"].glob(f"ckpt-{STEPS}.*"):
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    (model_dir / "checkpoint").write_text(
+        f'model_checkpoint_path: "ckpt-{STEPS}"\n')
+    _run("eval", f"--model_dir={model_dir}", bindings=bindings)
+    metrics = json.loads((model_dir / "eval" / f"metrics-{STEPS}.json").read_text())
+    assert metrics["num_images"] == 6
+    images = {im["id"]: im for im in json.loads(
+        (data / "annotations" / "instances_val2017.json").read_text())["images"]}
+    assert {(im["height"], im["width"]) for im in images.values()} == {(64, 128), (128, 64)}
+    results = json.loads((model_dir / "eval" / f"results-{STEPS}.json").read_text())
+    assert any(images[r["image_id"]]["height"] > 64 for r in results)   # portrait ones
+    for r in results:   # boxes in each image's own frame
+        x, y, w, h = r["bbox"]
+        im = images[r["image_id"]]
+        assert x + w <= im["width"] + 1e-3 and y + h <= im["height"] + 1e-3, r
 
 
 def test_predict_writes_png_and_json(run, tmp_path):

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
 
 HEIGHT, WIDTH = 32, 40
 CATEGORIES = [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}]
@@ -64,3 +65,33 @@ def write_orientations(root):
             "segmentation": [_square(4, 6, 10, 8)]})
     for split in ("train2017", "val2017"):
         write_dataset(root, dataset, split)
+
+
+def transpose_odd_images(data, split="train2017"):
+    """Turns every other image of a split (a pathlib.Path root) into its
+    transpose, annotations with it: landscape images become portrait ones."""
+    path = data / "annotations" / f"instances_{split}.json"
+    dataset = json.loads(path.read_text())
+    odd = {im["id"] for im in dataset["images"][1::2]}
+    for im in dataset["images"]:
+        if im["id"] in odd:
+            file = data / split / im["file_name"]
+            Image.open(file).transpose(Image.Transpose.TRANSPOSE).save(file)
+            im["height"], im["width"] = im["width"], im["height"]
+    for ann in dataset["annotations"]:
+        if ann["image_id"] not in odd:
+            continue
+        x, y, w, h = ann["bbox"]
+        ann["bbox"] = [y, x, h, w]
+        seg = ann["segmentation"]
+        if isinstance(seg, list):
+            ann["segmentation"] = [
+                [v for pair in zip(p[1::2], p[0::2]) for v in pair] for p in seg]
+        else:
+            rle = dict(seg, counts=seg["counts"].encode()) if isinstance(
+                seg["counts"], str) else mask_util.frPyObjects(seg, *seg["size"])
+            full = np.asfortranarray(mask_util.decode(rle).T)
+            out = mask_util.encode(full)
+            ann["segmentation"] = {"size": list(out["size"]),
+                                   "counts": out["counts"].decode()}
+    path.write_text(json.dumps(dataset))
