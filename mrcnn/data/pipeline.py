@@ -235,9 +235,12 @@ class CocoInput:
                 + self.counts["orphan_annotations"],
                 ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())),
                 "\n  ".join(self.problems[:10]))
-        logging.info("%s: %d images, %d classes (%s)", self.annotation_file,
+        logging.info("%s: %d images, %d classes (%s); canvases %s", self.annotation_file,
                      len(self.records), self.category_map.num_classes,
-                     "training" if training else "evaluation")
+                     "training" if training else "evaluation",
+                     ", ".join(f"{name} {h}x{w} ({int((self._group == g).sum())} images)"
+                               for g, (name, (h, w)) in enumerate(
+                                   zip(self._group_names, self.canvases))))
 
     @property
     def num_classes(self):
