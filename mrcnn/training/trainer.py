@@ -8,7 +8,6 @@ checkpoint with no flag.
 """
 
 import inspect
-import json
 import math
 import os
 import time

@@ -395,6 +395,7 @@ class BadInputPipelineTest(tf.test.TestCase):
         with self.assertRaisesRegex(tf.errors.OpError, "000011.jpg.*image id 11"):
             list(builder())
 
+
 class OrientationGroupingTest(tf.test.TestCase):
     """group_by_orientation on `fixtures.write_orientations`' dataset."""
 
