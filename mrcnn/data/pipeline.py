@@ -221,8 +221,11 @@ class CocoInput:
             self.counts["empty_images"] += len(records) - len(kept)
             records = kept
         self.records = records
-        self._check_canvas()
-        self._group, self.canvases, self._group_names = self._groups()
+        # Resized (h, w) of each record at the largest min_size: int [n, 2].
+        sizes = np.array([self._resized_size(r.height, r.width, max(self.min_sizes))[:2]
+                          for r in records], np.int64).reshape(-1, 2)
+        self._check_canvas(sizes)
+        self._group, self.canvases, self._group_names = self._groups(sizes)
         self._members = [np.flatnonzero(self._group == g) for g in range(len(self.canvases))]
         self._lock = threading.Lock()
         self._reported = set()
@@ -381,17 +384,17 @@ class CocoInput:
         scale = min(min_size / min(height, width), self.max_size / max(height, width))
         return round(height * scale), round(width * scale), scale
 
-    def _check_canvas(self):
-        for r in self.records:
-            rh, rw, _ = self._resized_size(r.height, r.width, max(self.min_sizes))
+    def _check_canvas(self, sizes):
+        for r, (rh, rw) in zip(self.records, sizes):
             if rh > self.canvas_size[0] or rw > self.canvas_size[1]:
                 raise ValueError(
                     f"CocoInput: image id {r.image_id} ({r.path}) resizes to "
                     f"{rh}x{rw}, larger than canvas_size={self.canvas_size}; "
                     f"raise canvas_size or lower min_size/max_size")
 
-    def _groups(self):
-        """Each record's group, the groups' canvases and names.
+    def _groups(self, sizes):
+        """Each record's group, the groups' canvases and names, from the
+        records' resized sizes (int [n, 2]).
 
         Returns (int64 [len(records)] indices into the canvases, tuple of
         (H, W), tuple of str): one group on `canvas_size` unless grouping,
@@ -403,8 +406,6 @@ class CocoInput:
             return np.zeros(n, np.int64), (self.canvas_size,), ("all",)
         d = self.size_divisor
         portrait = np.array([r.height > r.width for r in self.records])
-        sizes = np.array([self._resized_size(r.height, r.width, max(self.min_sizes))[:2]
-                          for r in self.records])
         canvases, names, group = [], [], np.zeros(n, np.int64)
         for flag, name in ((False, "landscape"), (True, "portrait")):
             if not (portrait == flag).any():
@@ -426,10 +427,11 @@ class CocoInput:
         """
         index = int(index)
         members = self._members[self._group[index]]
-        candidates = np.roll(members, -int(np.searchsorted(members, index)))
+        first = int(np.searchsorted(members, index))   # members[first] == index
         s = self.mask_size
         error = None
-        for k, i in enumerate(candidates):
+        for k in range(len(members)):
+            i = int(members[(first + k) % len(members)])
             record = self.records[i]
             if record.path in self._reported:   # known bad: not decoded again
                 if k == 0:
