@@ -135,6 +135,14 @@ def _input_iterator(strategy, dataset_fn):
     return iter(strategy.distribute_datasets_from_function(dataset_fn))
 
 
+def _step_kind(xla, replicas):
+    if not xla:
+        return "graph (XLA off)"
+    if replicas == 1:
+        return "XLA: the whole step, update included"
+    return "XLA: forward and backward per replica, update outside"
+
+
 def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0):
     """The training step `train` runs (and `bin/bench --what=train` times).
 
@@ -353,17 +361,35 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     last_losses = {}
     window_start, window_images = time.perf_counter(), 0
     run_start = time.perf_counter()
-    for current in range(start + 1, end + 1):
-        losses = train_step(next(iterator))
-        total = float(losses["total"])
-        if not np.isfinite(total):
+    logging.info("Training steps %d-%d of %d: %d replica(s) x %d images, precision "
+                 "%s, %s", start + 1, end, total_steps, replicas, per_replica_batch,
+                 precision, _step_kind(xla, replicas))
+
+    def check_finite(current, losses):
+        if not np.isfinite(float(losses["total"])):
             named = {k: float(v) for k, v in losses.items()}
             raise NonFiniteLossError(
                 f"loss became non-finite at step {current}: {named}; the last good "
                 f"checkpoint ({manager.latest_checkpoint or 'none'}) is kept. Lower the "
                 f"learning rate or enable gradient clipping "
                 f"(build_optimizer.clip_norm).")
+
+    # Reading a loss on the host waits for its step to finish. Step k's loss
+    # is read after step k + 1 is dispatched, so that an accelerator never
+    # idles while the host fetches the next batch and launches the step;
+    # before a log line or a checkpoint the step's own loss is read.
+    pending = None
+    for current in range(start + 1, end + 1):
+        losses = train_step(next(iterator))
+        if pending is not None:
+            check_finite(*pending)
+        pending = (current, losses)
         window_images += global_batch
+        boundary = (current % log_every == 0 or current % checkpoint_every == 0
+                    or current == end)
+        if boundary:
+            check_finite(current, losses)
+            pending = None
         if current % log_every == 0 or current == end:
             now = time.perf_counter()
             ips = window_images / max(now - window_start, 1e-9)

@@ -194,11 +194,14 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         out = self._train(d, holder, total_steps=60, log_every=60, checkpoint_every=60)
         self.assertLess(out["losses"]["total"], 1.0)
 
-    def test_nan_guard_keeps_last_good_checkpoint(self):
+    @parameterized.named_parameters(("between_checkpoints", 7), ("at_a_checkpoint", 8))
+    def test_nan_guard_keeps_last_good_checkpoint(self, nan_from):
+        # Step 7's loss is read once step 8 is dispatched; step 8's (a
+        # checkpoint step) before its checkpoint is written.
         d = os.path.join(self.get_temp_dir(), "nan")
         holder = {}
-        with self.assertRaisesRegex(trainer.NonFiniteLossError, "step 7"):
-            self._train(d, holder, dataset_fn=_dataset_fn(nan_from=7))
+        with self.assertRaisesRegex(trainer.NonFiniteLossError, f"at step {nan_from}:"):
+            self._train(d, holder, dataset_fn=_dataset_fn(nan_from=nan_from))
         self.assertEqual(tf.train.latest_checkpoint(d), os.path.join(d, "ckpt-4"))
 
     @parameterized.named_parameters(("bf16", "bfloat16"), ("fp16", "float16"))
