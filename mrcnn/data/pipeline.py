@@ -90,6 +90,31 @@ def preprocess_image(image, *, min_size, max_size, canvas_size, mean=IMAGENET_ME
     return images, info
 
 
+def orientation_canvases(min_size, max_size, canvas_size, size_divisor=64):
+    """The canvases that hold the inference resize of any image, by orientation.
+
+    A landscape image (width >= height) resizes to at most `min_size` rows
+    by `max_size` columns, a portrait one to the transpose: each gets the
+    smallest multiple of `size_divisor` holding that, capped at
+    `canvas_size`, the square bound that holds both. COCO at 800 / 1333 with
+    divisor 64: 832 x 1344 and 1344 x 832, 38% fewer pixels than 1344 x 1344.
+
+    Args:
+      min_size, max_size: ints, the shorter-side target and the longer-side cap.
+      canvas_size: (H, W) ints, the bound.
+      size_divisor: int, 2**max_level of the FPN.
+
+    Returns:
+      ((H, W) landscape, (H, W) portrait) ints.
+    """
+    def up(v):
+        return int(-(-int(v) // size_divisor) * size_divisor)
+    h, w = (int(s) for s in canvas_size)
+    landscape = (min(up(min_size), h), min(up(max_size), w))
+    portrait = (min(up(max_size), h), min(up(min_size), w))
+    return landscape, portrait
+
+
 @gin.configurable
 class CocoInput:
     """Builds the training or evaluation dataset of one COCO-format split.

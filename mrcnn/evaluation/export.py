@@ -5,7 +5,10 @@
 
 `B` is fixed at export (`batch_size`): the model is built on static shapes
 so that one XLA program serves every call; export one SavedModel per batch
-size you serve.
+size you serve. A call runs on the canvas of its images' orientation
+(`pipeline.orientation_canvases`: 832 x 1344 or 1344 x 832 for COCO's
+sizes) when every image of the call fits it, else on the square
+`canvas_size`: the graph holds one model call per canvas.
 
 Both apply the eval transform of `mrcnn.data.pipeline.preprocess_image`
 inside the graph and return `detection_boxes float32 [B, D, 4]` (y1, x1, y2,
@@ -48,17 +51,42 @@ def decode_image(data):
         lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
 
 
+def _on_fitting_canvas(images, info, canvases, fn):
+    """fn(images cut to the first of `canvases` that holds every resized
+    image of the batch, info): the images lie at the top left of the bound
+    canvas, zeros beyond, so the cut is the batch padded to that canvas.
+
+    Args:
+      images: float32 [B, H, W, 3] on the bound canvas (H, W), which is the
+        last of `canvases` (or the batch holds an image of each orientation).
+      info: float32 [B, 5], resized height and width in columns 2 and 3.
+      canvases: distinct (h, w) <= (H, W), tried in order.
+      fn: (images [B, h, w, 3], info) -> dict of tensors, traced per canvas.
+    """
+    def on(canvas):
+        return lambda: fn(images[:, :canvas[0], :canvas[1]], info)
+    if len(canvases) == 1:
+        return on(canvases[0])()
+    fits = [tf.reduce_all((info[:, 2] <= h) & (info[:, 3] <= w)) for h, w in canvases[:-1]]
+    return tf.case([(f, on(c)) for f, c in zip(fits, canvases[:-1])],
+                   default=on(canvases[-1]), exclusive=False)
+
+
 @gin.configurable(denylist=["model_dir", "export_dir"])
 def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                        min_size=800, max_size=1333, canvas_size=(1344, 1344),
-                       dataset_fn=None, batch_size=1, checkpoint=None):
+                       size_divisor=64, dataset_fn=None, batch_size=1,
+                       checkpoint=None):
     """Writes a SavedModel of the latest (or given) checkpoint to `export_dir`.
 
     Args:
       model_dir: str, training run directory.
       export_dir: str, output SavedModel directory.
       model_fn: () -> keras.Model.
-      min_size, max_size, canvas_size: the eval transform (as CocoInput's).
+      min_size, max_size: the eval transform (as CocoInput's).
+      canvas_size: (H, W), the square bound; a call whose images all share
+        an orientation runs on that orientation's smaller canvas.
+      size_divisor: int, 2**max_level of the FPN.
       dataset_fn: optional `CocoInput` whose category map gives the COCO
         category ids returned beside the contiguous classes.
       batch_size: int, images per call of both signatures.
@@ -67,8 +95,15 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
     Returns:
       (step, checkpoint path) of the exported weights.
     """
+    canvas_size = tuple(int(v) for v in canvas_size)
+    landscape, portrait = pipeline.orientation_canvases(min_size, max_size, canvas_size,
+                                                        size_divisor)
+    # serve_images' images share one size, so one of the two canvases holds
+    # them all; serve_encoded's may mix orientations when batch_size > 1.
+    same_size = list(dict.fromkeys([landscape, portrait]))
+    mixed = list(dict.fromkeys(same_size + ([canvas_size] if batch_size > 1 else [])))
     model, step, path = runner.restore_model(model_fn, checkpoint or model_dir,
-                                             canvas_size)
+                                             landscape)
     table = None
     if dataset_fn is not None:
         from mrcnn.training import trainer
@@ -96,21 +131,18 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                 "detection_masks": tf.cast(out["detection_masks"], tf.float32),
                 "num_detections": tf.cast(out["num_detections"], tf.int32)}
 
+    signature = (tf.TensorSpec(canvas_size + (3,), tf.float32),
+                 tf.TensorSpec([5], tf.float32))
+
     def serve_images(images):
-        images, info = tf.map_fn(
-            preprocess, images, fn_output_signature=(
-                tf.TensorSpec(tuple(canvas_size) + (3,), tf.float32),
-                tf.TensorSpec([5], tf.float32)))
-        return detect(images, info)
+        images, info = tf.map_fn(preprocess, images, fn_output_signature=signature)
+        return _on_fitting_canvas(images, info, same_size, detect)
 
     def serve_encoded(encoded):
         def one(data):
             return preprocess(decode_image(data))
-        images, info = tf.map_fn(
-            one, encoded, fn_output_signature=(
-                tf.TensorSpec(tuple(canvas_size) + (3,), tf.float32),
-                tf.TensorSpec([5], tf.float32)))
-        return detect(images, info)
+        images, info = tf.map_fn(one, encoded, fn_output_signature=signature)
+        return _on_fitting_canvas(images, info, mixed, detect)
 
     archive = keras.export.ExportArchive()
     archive.track(model)

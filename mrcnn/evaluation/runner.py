@@ -184,8 +184,14 @@ def image_files(inputs):
 @gin.configurable(denylist=["model_dir", "inputs", "out_dir"])
 def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
             dataset_fn=None, min_size=800, max_size=1333,
-            canvas_size=(1344, 1344), score_threshold=0.5, checkpoint=None):
+            canvas_size=(1344, 1344), size_divisor=64, score_threshold=0.5,
+            checkpoint=None):
     """Detects objects in image files; writes detections.json and one PNG per image.
+
+    Each image is padded to the first of `pipeline.orientation_canvases`
+    (landscape, portrait: 832 x 1344 and 1344 x 832 for COCO's sizes) that
+    holds its resize, the rule of the exported model's `serve_images`, so
+    the model is traced at most twice.
 
     Args:
       model_dir: str, run directory (its latest checkpoint) unless `checkpoint`.
@@ -193,7 +199,9 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
       out_dir: str, where `detections.json` and `<name>.png` go.
       model_fn: () -> keras.Model.
       dataset_fn: optional `CocoInput` whose category map names the classes.
-      min_size, max_size, canvas_size: the eval transform (as CocoInput's).
+      min_size, max_size: the eval transform (as CocoInput's).
+      canvas_size: (H, W), the bound on both orientations' canvases.
+      size_divisor: int, 2**max_level of the FPN.
       score_threshold: float, detections drawn and written at or above it.
 
     Returns:
@@ -201,12 +209,15 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
     """
     files = image_files(inputs)
     category_names = dataset_fn.category_map.names if dataset_fn is not None else None
-    model, step, path = restore_model(model_fn, checkpoint or model_dir, canvas_size)
+    canvas_size = tuple(int(v) for v in canvas_size)
+    canvases = pipeline.orientation_canvases(min_size, max_size, canvas_size,
+                                             size_divisor)
+    model, step, path = restore_model(model_fn, checkpoint or model_dir, canvases[0])
     if dataset_fn is not None:
         trainer.check_num_classes(model, dataset_fn)
     infer = tf.function(lambda b: model(b, training=False))
     os.makedirs(out_dir, exist_ok=True)
-    written = []
+    written, used = [], {}
     for file in files:
         try:
             image = np.asarray(Image.open(file).convert("RGB"))
@@ -214,6 +225,10 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
             raise ValueError(f"{file}: cannot read image ({e})") from e
         images, info = pipeline.preprocess_image(
             image, min_size=min_size, max_size=max_size, canvas_size=canvas_size)
+        rh, rw = float(info[2]), float(info[3])
+        canvas = next((c for c in canvases if rh <= c[0] and rw <= c[1]), canvas_size)
+        used[canvas] = used.get(canvas, 0) + 1
+        images = images[:canvas[0], :canvas[1]]   # the image is at the top left
         det = {k: v.numpy()[0] for k, v in infer(
             {"images": images[None], "image_info": info[None]}).items()}
         keep = np.arange(int(det["num_detections"]))
@@ -238,4 +253,6 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
                                               det["detection_scores"][keep])]})
     with open(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump({"checkpoint": path, "step": step, "images": written}, f, indent=2)
+    logging.info("Predicted %d images: %s", len(files), ", ".join(
+        f"{n} on {h}x{w}" for (h, w), n in sorted(used.items())))
     return written

@@ -153,44 +153,73 @@ def test_eval_on_landscape_and_portrait_images(run, tmp_path):
 
 
 def test_predict_writes_png_and_json(run, tmp_path):
+    # A square image, a landscape and a portrait one (cut from val images),
+    # and a fourth that --max_images leaves out.
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    val = [np.asarray(Image.open(f)) for f in sorted((run["data"] / "val2017").glob("*.jpg"))]
+    Image.fromarray(val[0]).save(inputs / "a.png")
+    Image.fromarray(val[1][16:48]).save(inputs / "b.png")
+    Image.fromarray(val[2][:, 16:48]).save(inputs / "c.png")
+    Image.fromarray(val[3]).save(inputs / "d.png")
     out = tmp_path / "pictures"
-    _run("predict", f"--model_dir={run['model_dir']}", f"--out_dir={out}",
-         "--max_images=2", str(run["data"] / "val2017"),
-         bindings=run["bindings"] + ["predict.score_threshold = 0.0"])
+    proc = _run("predict", f"--model_dir={run['model_dir']}", f"--out_dir={out}",
+                "--max_images=3", str(inputs),
+                bindings=run["bindings"] + ["predict.score_threshold = 0.0",
+                                            "MAX_SIZE = 128", "CANVAS = (128, 128)"])
+    # Each orientation on its own canvas: 64 x 128 (the square image with
+    # the landscape one) and 128 x 64, not the 128 x 128 bound.
+    assert "Predicted 3 images: 2 on 64x128, 1 on 128x64" in proc.stderr, proc.stderr[-2000:]
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 2
-    assert np.asarray(Image.open(pngs[0])).shape == (64, 64, 3)
+    assert [p.name for p in pngs] == ["a.png", "b.png", "c.png"]
+    assert [np.asarray(Image.open(p)).shape for p in pngs] == [
+        (64, 64, 3), (32, 64, 3), (64, 32, 3)]
     report = json.loads((out / "detections.json").read_text())
-    assert report["step"] == STEPS and len(report["images"]) == 2
+    assert report["step"] == STEPS and len(report["images"]) == 3
+    for entry, (h, w) in zip(report["images"], [(64, 64), (32, 64), (64, 32)]):
+        assert entry["detections"], entry["file"]
+        for d in entry["detections"]:
+            y1, x1, y2, x2 = d["box_yxyx"]
+            assert 0 <= y1 <= y2 <= h and 0 <= x1 <= x2 <= w, (entry["file"], d)
 
 
 _LOAD_AND_RUN = """
 import sys, numpy as np, tensorflow as tf
 from PIL import Image
 loaded = tf.saved_model.load(sys.argv[1])
-image = np.asarray(Image.open(sys.argv[2]).convert('RGB'))
-out = loaded.serve_images(tf.constant(image[None]))
-enc = loaded.serve_encoded(tf.constant([open(sys.argv[2], 'rb').read()]))
-np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()},
-         **{'encoded_' + k: v.numpy() for k, v in enc.items()})
+out = {}
+for k, file in enumerate(sys.argv[3:]):
+    image = np.asarray(Image.open(file).convert('RGB'))
+    out.update({f'{k}_{name}': v.numpy() for name, v in
+                loaded.serve_images(tf.constant(image[None])).items()})
+    out.update({f'{k}_encoded_{name}': v.numpy() for name, v in
+                loaded.serve_encoded(tf.constant([open(file, 'rb').read()])).items()})
+np.savez(sys.argv[2], **out)
 """
 
 
 def test_export_round_trip_in_fresh_process(run, tmp_path):
     # A model trained 40 steps may score every detection under the default
     # 0.05 and keep none; with no threshold it keeps max_detections each time.
-    bindings = run["bindings"] + ["RoiHeads.score_threshold = 0.0"]
+    # MAX_SIZE 128 in a 128 x 128 bound: canvases 64 x 128 and 128 x 64.
+    bindings = run["bindings"] + ["RoiHeads.score_threshold = 0.0", "MAX_SIZE = 128",
+                                  "CANVAS = (128, 128)"]
     export_dir = tmp_path / "saved_model"
     _run("export", f"--model_dir={run['model_dir']}", f"--export_dir={export_dir}",
          bindings=bindings)
-    image_file = sorted((run["data"] / "val2017").glob("*.jpg"))[0]
+    # A landscape and a portrait JPEG, cut from val images.
+    val = [np.asarray(Image.open(f)) for f in sorted((run["data"] / "val2017").glob("*.jpg"))]
+    files = [tmp_path / "landscape.jpg", tmp_path / "portrait.jpg"]
+    Image.fromarray(val[0][16:48]).save(files[0])
+    Image.fromarray(val[1][:, 16:48]).save(files[1])
     out_file = tmp_path / "out.npz"
-    subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(export_dir), str(image_file),
-                    str(out_file)], check=True, cwd=ROOT, capture_output=True,
+    subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(export_dir), str(out_file)]
+                   + [str(f) for f in files], check=True, cwd=ROOT, capture_output=True,
                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     served = np.load(out_file)
 
-    # The same detections from the model restored in this process.
+    # The same detections from the model restored in this process, each
+    # image on its orientation's canvas.
     import gin
     import tensorflow as tf
     from mrcnn import programs
@@ -198,29 +227,31 @@ def test_export_round_trip_in_fresh_process(run, tmp_path):
     from mrcnn.evaluation import runner
     gin.clear_config()
     programs.parse_gin_files([os.path.join(ROOT, "gin", "shapes_demo.gin")], bindings)
+    ours = []
     try:
-        model, _, _ = runner.restore_model(_model_fn, str(run["model_dir"]), (64, 64))
-        image = np.asarray(Image.open(image_file).convert("RGB"))
-        images, info = pipeline.preprocess_image(image, min_size=64, max_size=64,
-                                                 canvas_size=(64, 64))
+        model, _, _ = runner.restore_model(_model_fn, str(run["model_dir"]), (64, 128))
         # As served: a graph (eager kernels round differently, and a model
         # trained 40 steps has near-tied scores that rounding reorders).
         detect = tf.function(lambda x: model(x, training=False))
-        ours = detect({"images": images[None], "image_info": info[None]})
+        for file, canvas in zip(files, [(64, 128), (128, 64)]):
+            image = np.asarray(Image.open(file).convert("RGB"))
+            images, info = pipeline.preprocess_image(image, min_size=64, max_size=128,
+                                                     canvas_size=canvas)
+            ours.append({k: v.numpy()[0] for k, v in detect(
+                {"images": images[None], "image_info": info[None]}).items()})
     finally:
         gin.clear_config()
-    ours = {k: v.numpy()[0] for k, v in ours.items()}
-    served_np = {k: served[k][0] for k in served.files}
-    assert int(ours["num_detections"]) > 0, "the fixture model detects nothing"
-    # Both signatures must see the pixels bin/eval sees (PIL's JPEG decoding).
-    for prefix in ("", "encoded_"):
-        for key, atol in (("num_detections", 0), ("detection_classes", 0),
-                          ("detection_scores", 1e-5), ("detection_boxes", 1e-3),
-                          ("detection_masks", 1e-4)):
-            np.testing.assert_allclose(served_np[prefix + key], ours[key], atol=atol,
-                                       rtol=0, err_msg=prefix + key)
-    n = int(served_np["num_detections"])
-    assert set(served_np["detection_category_ids"][:n].tolist()) <= {1, 3, 7}
+    for k, mine in enumerate(ours):
+        assert int(mine["num_detections"]) > 0, "the fixture model detects nothing"
+        # Both signatures must see the pixels bin/eval sees (PIL's JPEG decoding).
+        for prefix in (f"{k}_", f"{k}_encoded_"):
+            for key, atol in (("num_detections", 0), ("detection_classes", 0),
+                              ("detection_scores", 1e-5), ("detection_boxes", 1e-3),
+                              ("detection_masks", 1e-4)):
+                np.testing.assert_allclose(served[prefix + key][0], mine[key], atol=atol,
+                                           rtol=0, err_msg=prefix + key)
+        n = int(served[f"{k}_num_detections"][0])
+        assert set(served[f"{k}_detection_category_ids"][0, :n].tolist()) <= {1, 3, 7}
 
 
 def _model_fn():

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from mrcnn.benchmarks import input as input_bench
-from mrcnn.data import CocoInput, DataError, make_shapes
+from mrcnn.data import CocoInput, DataError, make_shapes, pipeline
 from tests.data import fixtures
 
 H, W = 48, 65                 # source images
@@ -532,6 +532,27 @@ class OrientationGroupingTest(tf.test.TestCase):
         builder = CocoInput(os.path.join(self.root, "coco"), group_by_orientation=True,
                             check_files=False)
         self.assertEqual(builder.canvases, ((832, 1344), (1344, 832)))
+        # The bound predict uses for images it has not seen is the same here.
+        self.assertEqual(pipeline.orientation_canvases(800, 1333, (1344, 1344), 64),
+                         builder.canvases)
+
+    def test_orientation_canvases_hold_every_resize(self):
+        rng = np.random.default_rng(0)
+        for min_size, max_size, bound in ((800, 1333, (1344, 1344)), (64, 128, (128, 128)),
+                                          (600, 1000, (1024, 1024)), (128, 128, (128, 128))):
+            canvases = pipeline.orientation_canvases(min_size, max_size, bound, 64)
+            for canvas in canvases:
+                self.assertTrue(all(c % 64 == 0 and c <= b for c, b in zip(canvas, bound)))
+            sizes = np.concatenate([rng.integers(50, 2000, (30, 2)),
+                                    [[40, 3000], [3000, 40], [100, 100], [7, 8]]])
+            for h, w in sizes:
+                image = tf.zeros([int(h), int(w), 3], tf.uint8)
+                _, _, resized, _ = pipeline.resize_image(image, min_size, max_size)
+                canvas = canvases[int(h > w)]
+                self.assertTrue(resized[0] <= canvas[0] and resized[1] <= canvas[1],
+                                (h, w, resized.numpy(), canvas))
+        self.assertEqual(pipeline.orientation_canvases(128, 128, (128, 128), 64),
+                         ((128, 128), (128, 128)))
 
     def test_orientations_on_one_canvas_are_one_group(self):
         # At multiples of 64 both orientations fit 64 x 64: one group, the
