@@ -57,10 +57,10 @@ def _on_fitting_canvas(images, info, canvases, fn):
     canvas, zeros beyond, so the cut is the batch padded to that canvas.
 
     Args:
-      images: float32 [B, H, W, 3] on the bound canvas (H, W), which is the
-        last of `canvases` (or the batch holds an image of each orientation).
+      images: float32 [B, H, W, 3] on the bound canvas (H, W).
       info: float32 [B, 5], resized height and width in columns 2 and 3.
-      canvases: distinct (h, w) <= (H, W), tried in order.
+      canvases: distinct (h, w) <= (H, W), tried in order; the last is
+        taken without a test, so it must hold any batch the call can get.
       fn: (images [B, h, w, 3], info) -> dict of tensors, traced per canvas.
     """
     def on(canvas):

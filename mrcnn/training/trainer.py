@@ -375,8 +375,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                 f"(build_optimizer.clip_norm).")
 
     # Reading a loss on the host waits for its step to finish. Step k's loss
-    # is read after step k + 1 is dispatched, so that an accelerator never
-    # idles while the host fetches the next batch and launches the step;
+    # is read after step k + 1 is dispatched, so that an accelerator is not
+    # left idle while the host fetches the next batch and launches the step;
     # before a log line or a checkpoint the step's own loss is read.
     pending = None
     for current in range(start + 1, end + 1):
