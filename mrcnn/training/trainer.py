@@ -385,12 +385,18 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             check_finite(*pending)
         pending = (current, losses)
         window_images += global_batch
-        boundary = (current % log_every == 0 or current % checkpoint_every == 0
-                    or current == end)
-        if boundary:
+        first = current == start + 1
+        logged = current % log_every == 0 or current == end
+        if first or logged or current % checkpoint_every == 0:
             check_finite(current, losses)
             pending = None
-        if current % log_every == 0 or current == end:
+        if first and not logged:
+            # The first step traces (and with XLA compiles) the step: keep it
+            # out of the first window's img/s and ETA.
+            logging.info("Step %d took %.1f s (tracing%s the step)", current,
+                         time.perf_counter() - run_start, " and compiling" if xla else "")
+            window_start, window_images = time.perf_counter(), 0
+        if logged:
             now = time.perf_counter()
             ips = window_images / max(now - window_start, 1e-9)
             last_losses = {k: float(v) for k, v in losses.items()}

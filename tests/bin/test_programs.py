@@ -63,6 +63,7 @@ def test_train_writes_checkpoints_config_and_progress(run):
     assert os.path.exists(run["model_dir"] / f"ckpt-{STEPS}.index")
     assert (run["model_dir"] / "operative_config.gin").read_text().strip()
     assert f"step {STEPS}/{STEPS}" in run["train_log"] and "img/s" in run["train_log"]
+    assert "Step 1 took" in run["train_log"]   # kept out of the first window's img/s
     # Rerunning the finished command does nothing and says so.
     proc = _run("train", f"--model_dir={run['model_dir']}",
                 bindings=run["bindings"] + [f"train.total_steps = {STEPS}"])
