@@ -235,6 +235,8 @@ class CocoEvaluator:
         """Forgets all accumulated detections and seen images."""
         self._results = []
         self._image_ids = set()
+        # {iou_type: {category name: AP}} of the last `evaluate`.
+        self.per_category = {}
 
     def update(self, detections, batch):
         """Adds one batch of model output.
@@ -284,7 +286,7 @@ class CocoEvaluator:
             raise ValueError("iou_types has 'segm' but include_masks=False")
         if not self._image_ids:
             raise ValueError("evaluate() before any update() with a real image")
-        metrics = {}
+        metrics, self.per_category = {}, {}
         for iou_type in iou_types:
             # loadRes adds keys (id, area, ...) to the entries it is given:
             # hand it copies so that `results` stays what `update` made.
@@ -304,7 +306,25 @@ class CocoEvaluator:
                 coco_eval.summarize()
             metrics[iou_type] = {name: float(value) for name, value
                                  in zip(STAT_NAMES, coco_eval.stats)}
+            self.per_category[iou_type] = self._per_category_ap(coco_eval)
         return metrics
+
+    def _per_category_ap(self, coco_eval):
+        """{category name: AP at IoU .50:.95, all areas, 100 detections}, -1
+        for a category without ground truth in the seen images.
+
+        COCOeval's AP is the mean of these over the categories that have
+        ground truth. precision is [T iou, R recall, K category, A area, M
+        max detections], -1 where undefined.
+        """
+        precision = coco_eval.eval["precision"]
+        names = {c["id"]: c["name"] for c in self._coco_gt.loadCats(coco_eval.params.catIds)}
+        out = {}
+        for k, category in enumerate(coco_eval.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            out[names[category]] = float(p.mean()) if p.size else -1.0
+        return out
 
     def write_results(self, path):
         """Writes the accumulated results as a COCO results JSON list."""
@@ -339,4 +359,30 @@ def format_metrics(metrics, digits=3):
             cells.append(("-" if value < 0 else f"{value:.{digits}f}")
                          .rjust(width))
         lines.append(iou_type.ljust(label) + "".join(cells))
+    return "\n".join(lines)
+
+
+def format_per_category(per_category, digits=3):
+    """`CocoEvaluator.per_category` as a text table: one row per category,
+    one AP column per IoU type, '-' where a category has no ground truth.
+
+    Args:
+      per_category: {iou_type: {category name: AP}}.
+      digits: Python int, decimals per value.
+
+    Returns:
+      str, lines joined by newlines, no trailing newline.
+    """
+    types = list(per_category)
+    names = list(dict.fromkeys(n for t in types for n in per_category[t]))
+    columns = [f"{t} AP" for t in types]
+    label = max([len("category")] + [len(n) for n in names]) + 1
+    width = max([digits + 3] + [len(c) for c in columns]) + 2
+    lines = ["category".ljust(label) + "".join(c.rjust(width) for c in columns)]
+    for name in names:
+        cells = []
+        for t in types:
+            value = per_category[t].get(name, -1.0)
+            cells.append(("-" if value < 0 else f"{value:.{digits}f}").rjust(width))
+        lines.append(name.ljust(label) + "".join(cells))
     return "\n".join(lines)

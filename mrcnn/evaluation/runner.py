@@ -109,8 +109,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         `watch_timeout` seconds.
 
     Returns:
-      dict: {'step', 'bbox': {AP, AP50, ...}, 'segm': {...}} of the last
-      evaluation.
+      dict: {'step', 'bbox': {AP, AP50, ...}, 'segm': {...}, 'per_category':
+      {'bbox': {category name: AP}, 'segm': {...}}} of the last evaluation
+      (-1 for a category without ground truth in the images seen).
     """
     if dataset_fn.training:
         raise ValueError("evaluate.dataset_fn must be a CocoInput with training=False")
@@ -147,11 +148,14 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     print(f"step {step}: {num_images} images in {seconds:.1f} s "
           f"({num_images / max(seconds, 1e-9):.1f} img/s)")
     print(coco_eval.format_metrics(metrics))
+    per_category = evaluator.per_category
+    print(coco_eval.format_per_category(per_category))
 
     out_dir = os.path.join(model_dir, "eval")
     tf.io.gfile.makedirs(out_dir)
     evaluator.write_results(os.path.join(out_dir, f"results-{step}.json"))
-    report = {"step": step, "checkpoint": path, "num_images": num_images, **metrics}
+    report = {"step": step, "checkpoint": path, "num_images": num_images, **metrics,
+              "per_category": per_category}
     with open(os.path.join(out_dir, f"metrics-{step}.json"), "w") as f:
         json.dump(report, f, indent=2)
     writer = tf.summary.create_file_writer(out_dir)
@@ -159,6 +163,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         for iou_type, stats in metrics.items():
             for name, value in stats.items():
                 tf.summary.scalar(f"{iou_type}/{name}", value)
+            for name, value in per_category[iou_type].items():
+                if value >= 0:
+                    tf.summary.scalar(f"{iou_type}_per_category/AP-{name}", value)
         for k, picture in enumerate(pictures):
             tf.summary.image(f"detections/{k}", picture[None], max_outputs=1)
     writer.flush()

@@ -121,6 +121,10 @@ def test_eval_writes_coco_results_and_tables(run):
     assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75", "ARl"}
     assert metrics["num_images"] == 6
     gt = COCO(str(run["data"] / "annotations" / "instances_val2017.json"))
+    names = {c["name"] for c in gt.loadCats(gt.getCatIds())}
+    for iou_type in ("bbox", "segm"):
+        assert set(metrics["per_category"][iou_type]) == names
+    assert "category" in proc.stdout and "segm AP" in proc.stdout
     results = json.loads((run["model_dir"] / "eval" / f"results-{STEPS}.json").read_text())
     if results:  # an untrained model may keep nothing; then the file is []
         gt.loadRes(str(run["model_dir"] / "eval" / f"results-{STEPS}.json"))

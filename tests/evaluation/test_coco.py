@@ -225,6 +225,40 @@ class CocoEvaluatorTest(_GtTestCase):
         for iou_type in ("bbox", "segm"):
             self.assertBetween(metrics[iou_type]["AP"], 0.05, 0.95)
 
+    def test_per_category_ap_averages_to_ap(self):
+        # Image 11's square and diamond swap classes: diamond (gt in image
+        # 11 only) scores 0, ell is untouched, square is half right.
+        detections = {k: v.copy() for k, v in self.perfect[0].items()}
+        detections["detection_classes"][0, :2] = (
+            detections["detection_classes"][0, 1::-1])
+        evaluator = self.evaluator()
+        evaluator.update(detections, self.perfect[1])
+        metrics = evaluator.evaluate()
+        for iou_type in ("bbox", "segm"):
+            per = evaluator.per_category[iou_type]
+            self.assertEqual(sorted(per), ["diamond", "ell", "square"])
+            self.assertAllClose(per["ell"], 1.0, atol=1e-6)
+            self.assertAllClose(per["diamond"], 0.0, atol=1e-6)
+            self.assertBetween(per["square"], 0.05, 0.95)
+            # COCOeval's AP is the mean over categories with ground truth.
+            self.assertAllClose(np.mean(list(per.values())), metrics[iou_type]["AP"],
+                                atol=1e-9)
+        table = coco_eval.format_per_category(evaluator.per_category).splitlines()
+        self.assertEqual(table[0].split(), ["category", "bbox", "AP", "segm", "AP"])
+        self.assertEqual([r.split()[0] for r in table[1:]], ["square", "diamond", "ell"])
+        self.assertEqual(table[3].split()[1:], ["1.000", "1.000"])
+
+    def test_per_category_without_gt_is_minus_one(self):
+        # Only image 37 (no gt) seen: every category is undefined.
+        detections, batch = self.perfect
+        evaluator = self.evaluator()
+        evaluator.update({k: v[3:4] for k, v in detections.items()},
+                         {k: v[3:4] for k, v in batch.items()})
+        evaluator.evaluate(("bbox",))
+        self.assertEqual(evaluator.per_category["bbox"],
+                         {"square": -1.0, "diamond": -1.0, "ell": -1.0})
+        self.assertIn("-", coco_eval.format_per_category(evaluator.per_category))
+
     def test_zero_detections_give_zero_ap(self):
         detections = {k: v.copy() for k, v in self.perfect[0].items()}
         detections["num_detections"][:] = 0
