@@ -214,26 +214,25 @@ class CocoEvaluatorTest(_GtTestCase):
         for iou_type in ("bbox", "segm"):
             self.assertAllClose(metrics[iou_type]["AP"], 0.0, atol=1e-6)
 
-    def test_shuffled_classes_score_lower(self):
+    def _swapped_image_11(self):
+        """Evaluator and metrics with image 11's two classes swapped."""
         detections = {k: v.copy() for k, v in self.perfect[0].items()}
-        # Swap the two classes of image 11 only: half right, half wrong.
         detections["detection_classes"][0, :2] = (
             detections["detection_classes"][0, 1::-1])
         evaluator = self.evaluator()
         evaluator.update(detections, self.perfect[1])
-        metrics = evaluator.evaluate()
+        return evaluator, evaluator.evaluate()
+
+    def test_shuffled_classes_score_lower(self):
+        # Swap the two classes of image 11 only: half right, half wrong.
+        _, metrics = self._swapped_image_11()
         for iou_type in ("bbox", "segm"):
             self.assertBetween(metrics[iou_type]["AP"], 0.05, 0.95)
 
     def test_per_category_ap_averages_to_ap(self):
         # Image 11's square and diamond swap classes: diamond (gt in image
         # 11 only) scores 0, ell is untouched, square is half right.
-        detections = {k: v.copy() for k, v in self.perfect[0].items()}
-        detections["detection_classes"][0, :2] = (
-            detections["detection_classes"][0, 1::-1])
-        evaluator = self.evaluator()
-        evaluator.update(detections, self.perfect[1])
-        metrics = evaluator.evaluate()
+        evaluator, metrics = self._swapped_image_11()
         for iou_type in ("bbox", "segm"):
             per = evaluator.per_category[iou_type]
             self.assertEqual(sorted(per), ["diamond", "ell", "square"])
