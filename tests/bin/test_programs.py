@@ -91,8 +91,8 @@ def test_kill_minus_nine_then_rerun_resumes(run, tmp_path):
     assert saved, "no checkpoint was written before the kill"
     target = saved[-1] + 2
     rerun = _run("train", f"--model_dir={model_dir}",
-                 bindings=run["bindings"] + [f"train.total_steps = 400",
-                                             f"train.stop_after = 2"])
+                 bindings=run["bindings"] + ["train.total_steps = 400",
+                                             "train.stop_after = 2"])
     assert "Resumed from" in rerun.stderr
     assert f"ckpt-{saved[-1]}" in rerun.stderr or f"step {saved[-1]}" in rerun.stderr
     assert os.path.exists(model_dir / f"ckpt-{target}.index"), rerun.stderr[-2000:]

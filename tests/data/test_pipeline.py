@@ -451,9 +451,9 @@ class OrientationGroupingTest(tf.test.TestCase):
     def test_replicas_of_a_step_share_it_across_pipelines(self):
         builder = self._build(batch_size=1, seed=None)
         steps = []
-        for pipeline in range(2):
+        for pipeline_id in range(2):
             context = tf.distribute.InputContext(
-                num_input_pipelines=2, input_pipeline_id=pipeline,
+                num_input_pipelines=2, input_pipeline_id=pipeline_id,
                 num_replicas_in_sync=4)   # two replicas per pipeline
             batches = _numpy_batches(builder(context, seed=21), 24)
             portrait = [self._check_batch(b) for b in batches]
@@ -479,9 +479,9 @@ class OrientationGroupingTest(tf.test.TestCase):
         builder = self._build()
         # Each orientation is sharded on its own (landscapes 1-6, portraits
         # 7-10): with 10 pipelines, pipeline 5 has no portrait.
-        for pipelines, pipeline, ids in ((5, 0, {1, 6, 7}), (5, 3, {4, 10})):
+        for pipelines, pipeline_id, ids in ((5, 0, {1, 6, 7}), (5, 3, {4, 10})):
             context = tf.distribute.InputContext(
-                num_input_pipelines=pipelines, input_pipeline_id=pipeline)
+                num_input_pipelines=pipelines, input_pipeline_id=pipeline_id)
             self.assertEqual({r.image_id for r in builder.shard_records(context)}, ids)
         context = tf.distribute.InputContext(num_input_pipelines=10,
                                              input_pipeline_id=5, num_replicas_in_sync=10)

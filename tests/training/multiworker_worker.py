@@ -28,22 +28,14 @@ import numpy as np  # noqa: E402
 from mrcnn import programs  # noqa: E402
 from mrcnn.training import trainer  # noqa: E402
 from test_programs import TINY  # noqa: E402
+from tests.training.recording import recorded_train_steps  # noqa: E402
 
 programs.parse_gin_files(
     [os.path.join(ROOT, "gin", "shapes_demo.gin")],
     TINY + [f"DATA_DIR = '{data_dir}'", "train.total_steps = 3",
             "train.checkpoint_every = 3", "train/CocoInput.seed = 0"] + extra)
-steps = []
-make = trainer.make_train_step
-
-
-def recording(*args, **kw):
-    steps.append(make(*args, **kw))
-    return steps[-1]
-
-
-trainer.make_train_step = recording
-result = trainer.train(model_dir)
+with recorded_train_steps() as steps:
+    result = trainer.train(model_dir)
 np.savez(out, *[w.numpy() for w in result["model"].weights])
 print(f"worker {task}: step {result['step']} losses {result['losses']} "
       f"traces {steps[0].experimental_get_tracing_count()}")

@@ -13,6 +13,7 @@ from absl.testing import parameterized
 from mrcnn.data import CocoInput
 from mrcnn.training import optimization, trainer
 from tests.data import fixtures
+from tests.training.recording import recorded_train_steps
 
 
 def _logical_cpus(n=2):
@@ -284,18 +285,13 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         data = CocoInput(root, batch_size=1, min_size=32, max_size=40,
                          canvas_size=(64, 64), size_divisor=8, max_instances=4,
                          mask_size=8, group_by_orientation=True)
-        steps, holder = [], {}
-        make = trainer.make_train_step
-
-        def recording(*args, **kw):
-            steps.append(make(*args, **kw))
-            return steps[-1]
+        holder = {}
 
         def model_fn():
             holder["model"] = CanvasToy()
             return holder["model"]
 
-        with mock.patch.object(trainer, "make_train_step", side_effect=recording):
+        with recorded_train_steps() as steps:
             out = trainer.train(
                 os.path.join(root, "run"), model_fn=model_fn, dataset_fn=data,
                 total_steps=16, xla=xla, checkpoint_every=16, log_every=8,
