@@ -140,7 +140,8 @@ def _step_kind(xla, replicas):
         return "graph (XLA off)"
     if replicas == 1:
         return "XLA: the whole step, update included"
-    return "XLA: forward and backward per replica, update outside"
+    return ("XLA: forward and backward per replica, then the gradient sum, "
+            "then each device's update")
 
 
 def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0):
@@ -150,8 +151,9 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
     optimizer update are one XLA program: the update's few ops per variable
     fuse instead of running as hundreds of small kernels. With several
     replicas the forward and backward pass is one XLA program per replica,
-    and the update, with its cross-replica gradient sum, runs outside it
-    (a cross-replica sum cannot sit inside a replica's XLA program).
+    then Keras sums the gradients across replicas (one packed all-reduce,
+    which cannot sit inside a replica's XLA program), then each device's
+    copy of the variables is updated by one XLA program (`_fuse_updates`).
 
     Args:
       model: keras.Model returning a dict of float32 scalar losses.
@@ -184,6 +186,8 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
         losses["total"] = total
         return losses, grads
 
+    if xla and replicas > 1:
+        _fuse_updates(optimizer)
     if xla and replicas == 1:
         def whole_step(batch):
             losses, grads = forward_backward(batch)
@@ -206,6 +210,61 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
     return train_step
 
 
+def _fuse_updates(optimizer):
+    """Makes `optimizer` update all variables of a device in one XLA program.
+
+    Under a mirrored strategy Keras' TF optimizer runs one
+    `extended.update` per variable, which loops over the devices: with R
+    replicas and V variables, R x V small groups of kernels, each launched on
+    its own. This replaces that loop (`_distributed_tf_update_step`, called
+    in cross-replica context after the gradient all-reduce) with one call of
+    `extended.update` whose function applies the optimizer's own
+    `update_step` to every variable of that device inside one
+    `tf.function(jit_compile=True)`, compiled once per device. The
+    arithmetic is Keras' (`update_step`), so any Keras optimizer works; the
+    gradient sum, unscaling, clipping and the iteration count stay Keras'.
+
+    Args:
+      optimizer: a Keras optimizer built in a multi-replica strategy's scope,
+        or a LossScaleOptimizer around one.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not hasattr(inner, "_distributed_tf_update_step"):
+        logging.warning("Keras %s has no _distributed_tf_update_step: the "
+                        "update runs per variable, outside XLA", keras.__version__)
+        return
+    programs = {}  # device index -> its compiled update
+
+    def update(distribution, grads_and_vars, learning_rate):
+        grads, variables = zip(*grads_and_vars)
+        first = distribution.experimental_local_results(variables[0])
+
+        def on_device(component, grads, learning_rate):
+            # `extended.update` calls this once per device, with that
+            # device's copy of variables[0] and of the arguments, inside the
+            # update context that makes reads and writes of any mirrored
+            # variable (the momentum slots) go to that copy.
+            index = next(k for k, c in enumerate(first) if c is component)
+            if index not in programs:
+                copies = [distribution.experimental_local_results(v)[index]
+                          for v in variables]
+
+                def apply(grads, learning_rate):
+                    for grad, copy in zip(grads, copies):
+                        inner.update_step(grad, copy, learning_rate)
+
+                programs[index] = tf.function(apply, jit_compile=True)
+            return programs[index](list(grads), learning_rate)
+
+        distribution.extended.update(variables[0], on_device,
+                                     args=(list(grads), learning_rate), group=False)
+
+    # What was compiled, kept on the function: a dict attribute of the
+    # optimizer would be tracked and checkpointed.
+    update.programs = programs
+    inner._distributed_tf_update_step = update
+
+
 def _split_step(forward_backward, optimizer, model, replicas, xla):
     """Replica step: forward_backward (XLA when `xla`), then the update."""
     compiled = tf.function(forward_backward, jit_compile=xla)
@@ -218,8 +277,10 @@ def _split_step(forward_backward, optimizer, model, replicas, xla):
             # follows the first replica; make all replicas skip together, or
             # an overflow elsewhere would reach the weights.
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-            finite = tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32)) > 0
+            # ReduceOp has only SUM and MEAN: count the replicas that overflowed.
+            overflowed = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+            finite = overflowed == 0.0
             grads = [tf.where(finite, g, tf.fill(tf.shape(g), tf.constant(np.nan, g.dtype)))
                      for g in grads]
         optimizer.apply(grads, model.trainable_variables)

@@ -256,21 +256,86 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(np.isfinite(float(losses["total"])))
         self.assertEqual(step.experimental_get_tracing_count(), 1)
 
-    def test_mirrored_two_cpus(self):
+    @parameterized.named_parameters(("float32", "float32", 1e-4),
+                                    ("float16_loss_scaled", "float16", 1e-2))
+    def test_mirrored_two_cpus_fused_update_trains_as_keras(self, precision, tol):
+        # With XLA each device's update is one program (trainer._fuse_updates);
+        # it must train as Keras' per-variable update of the graph step.
         devices = _logical_cpus(2)
         if len(devices) < 2:
             self.skipTest("logical CPUs could not be configured in this process")
         strategy = _two_cpu_mirrored(devices)
         holder = {}
-        out = self._train(os.path.join(self.get_temp_dir(), "mirror"), holder,
-                          strategy=strategy, total_steps=4, xla=True,
-                          dataset_fn=_dataset_fn(global_batch=8))
-        self.assertEqual(out["step"], 4)
-        for weight in holder["model"].trainable_weights:
-            mirrored = getattr(weight, "_value", weight)  # the tf MirroredVariable
-            copies = [v.numpy() for v in mirrored.values]
+        self._train(os.path.join(self.get_temp_dir(), "start"), holder,
+                    init_seed=5, total_steps=4, stop_after=0)
+        start = [w.numpy() for w in holder["model"].trainable_weights]
+        runs, fused = {}, {}
+        for xla in (False, True):
+            holder = {}
+            optimizers = []
+            build = optimization.build_optimizer
+
+            def recording(*args, **kw):
+                optimizers.append(build(*args, **kw))
+                return optimizers[-1]
+
+            with mock.patch.object(optimization, "build_optimizer", side_effect=recording):
+                try:
+                    out = self._train(os.path.join(self.get_temp_dir(), f"{precision}{xla}"),
+                                      holder, init_seed=5, strategy=strategy,
+                                      total_steps=4, xla=xla, precision=precision,
+                                      dataset_fn=_dataset_fn(global_batch=8))
+                finally:
+                    keras.mixed_precision.set_global_policy("float32")
+            self.assertEqual(out["step"], 4)
+            runs[xla] = holder["model"]
+            optimizer = optimizers[0].optimizer
+            update = getattr(optimizer, "inner_optimizer", optimizer)._distributed_tf_update_step
+            fused[xla] = getattr(update, "programs", None)
+        self.assertIsNone(fused[False])
+        self.assertEqual(sorted(fused[True]), [0, 1])   # one program per device
+        moved = max(float(np.abs(w.numpy() - w0).max())
+                    for w, w0 in zip(runs[True].trainable_weights, start))
+        self.assertGreater(moved, 1e-3)
+        for graph, xla, w0 in zip(runs[False].trainable_weights,
+                                  runs[True].trainable_weights, start):
+            copies = [v.numpy() for v in getattr(xla, "_value", xla).values]
             self.assertLen(copies, 2)
             self.assertAllEqual(copies[0], copies[1])
+            self.assertAllClose(copies[0] - w0, graph.numpy() - w0, rtol=tol, atol=1e-6)
+
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_loss_scale_overflow_on_one_replica_skips_the_step_on_all(self, xla):
+        # Keras' LossScaleOptimizer checks each replica's own gradients and
+        # follows the first replica: an overflow on the second alone would
+        # reach the weights through the gradient sum.
+        devices = _logical_cpus(2)
+        if len(devices) < 2:
+            self.skipTest("logical CPUs could not be configured in this process")
+        strategy = _two_cpu_mirrored(devices)
+        holder = {}
+        self._train(os.path.join(self.get_temp_dir(), "start"), holder,
+                    init_seed=5, total_steps=1, stop_after=0)
+        start = [w.numpy() for w in holder["model"].trainable_weights]
+
+        def overflowing(ctx):
+            # Replicas take consecutive batches: batch 1 is replica 1's of step 1.
+            return _dataset_fn(global_batch=8)(ctx).enumerate().map(lambda i, b: {
+                "images": b["images"],
+                "target": tf.where(i == 1, 1e6, b["target"])})
+
+        holder = {}
+        try:
+            out = self._train(os.path.join(self.get_temp_dir(), f"overflow{xla}"), holder,
+                              init_seed=5, strategy=strategy, total_steps=1, xla=xla,
+                              precision="float16", dataset_fn=overflowing)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        self.assertEqual(out["step"], 1)
+        for w, w0 in zip(holder["model"].trainable_weights, start):
+            copies = [v.numpy() for v in getattr(w, "_value", w).values]
+            self.assertAllEqual(copies[0], w0)
+            self.assertAllEqual(copies[1], w0)
 
     @parameterized.named_parameters(("two_replicas_graph", 2, False),
                                     ("one_replica_whole_step_xla", 1, True))
