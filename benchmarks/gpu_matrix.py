@@ -53,7 +53,10 @@ def command(lib, case, args, json_path):
     if lib == "torchvision":
         return [sys.executable, os.path.join(ROOT, "benchmarks", "peers",
                                              "torchvision_maskrcnn.py"),
-                *common, f"--precision={precision}", f"--steps={args.runs}"]
+                *common, f"--precision={precision}", f"--steps={args.runs}",
+                # Ours always runs the mask head on 100 static detections.
+                *(["--box_score_thresh=0"] if what == "infer" else []),
+                *args.peer_args.split()]
     cmd = [sys.executable, os.path.join(ROOT, "bin", "bench"), *common,
            f"--dtype={precision}", f"--runs={args.runs}",
            "--xla" if args.xla else "--noxla"]
@@ -201,6 +204,8 @@ def main(argv=None):
     p.add_argument("--gin_file", action="append", default=None)
     p.add_argument("--gin_bindings", action="append", default=[])
     p.add_argument("--noxla", dest="xla", action="store_false")
+    p.add_argument("--peer_args", default="",
+                   help="more flags for the torchvision script, e.g. --frozen_backbone")
     p.add_argument("--profile_case", default="train:8:bfloat16")
     p.add_argument("--profile_dir", default=None,
                    help="trace --profile_case of ours there (bin/bench --profile_dir)")

@@ -1,6 +1,7 @@
 """The GPU matrix driver: case parsing, the time budget, resuming, the table,
 and one real case of ours on a tiny model."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -82,3 +83,15 @@ def test_one_real_case_of_ours(tmp_path, capsys):
     assert "error" not in record, record["error"]
     assert record["ms_per_image"] > 0 and record["mode"] == "graph"
     assert "| infer | 1 | float32 |" in capsys.readouterr().out
+
+
+def test_peer_command_matches_our_static_detections_and_passes_peer_args():
+    args = argparse.Namespace(image_size="800,1216", runs=20, peer_args="--frozen_backbone",
+                              xla=True, gin_file=[], gin_bindings=[], profile_dir=None,
+                              profile_case="train:8:bfloat16")
+    infer = gpu_matrix.command("torchvision", ("infer", 1, "float32"), args, "x.json")
+    train = gpu_matrix.command("torchvision", ("train", 8, "bfloat16"), args, "y.json")
+    assert "--box_score_thresh=0" in infer and "--box_score_thresh=0" not in train
+    assert infer[-1] == train[-1] == "--frozen_backbone"
+    ours = gpu_matrix.command("ours", ("train", 8, "bfloat16"), args, "z.json")
+    assert "--frozen_backbone" not in ours and "--dtype=bfloat16" in ours
