@@ -1,4 +1,4 @@
-"""Records the training steps `trainer.train` builds, to count their traces."""
+"""Records what a module-level function returns while the trainer runs."""
 
 import contextlib
 from unittest import mock
@@ -7,14 +7,19 @@ from mrcnn.training import trainer
 
 
 @contextlib.contextmanager
-def recorded_train_steps():
-    """Within it, each step `trainer.make_train_step` builds is appended to the yielded list."""
-    steps = []
-    make = trainer.make_train_step
+def recorded_calls(module, name):
+    """Within it, each value `module.name(...)` returns is appended to the yielded list."""
+    results = []
+    original = getattr(module, name)
 
     def recording(*args, **kw):
-        steps.append(make(*args, **kw))
-        return steps[-1]
+        results.append(original(*args, **kw))
+        return results[-1]
 
-    with mock.patch.object(trainer, "make_train_step", side_effect=recording):
-        yield steps
+    with mock.patch.object(module, name, side_effect=recording):
+        yield results
+
+
+def recorded_train_steps():
+    """Each step `trainer.make_train_step` builds, to count its traces."""
+    return recorded_calls(trainer, "make_train_step")

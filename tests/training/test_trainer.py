@@ -13,7 +13,7 @@ from absl.testing import parameterized
 from mrcnn.data import CocoInput
 from mrcnn.training import optimization, trainer
 from tests.data import fixtures
-from tests.training.recording import recorded_train_steps
+from tests.training.recording import recorded_calls, recorded_train_steps
 
 
 def _logical_cpus(n=2):
@@ -256,30 +256,27 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(np.isfinite(float(losses["total"])))
         self.assertEqual(step.experimental_get_tracing_count(), 1)
 
+    def _two_cpus_and_start(self):
+        """The two-CPU MirroredStrategy and the trainable weights a seed-5 run starts from."""
+        devices = _logical_cpus(2)
+        if len(devices) < 2:
+            self.skipTest("logical CPUs could not be configured in this process")
+        holder = {}
+        self._train(os.path.join(self.get_temp_dir(), "start"), holder,
+                    init_seed=5, total_steps=1, stop_after=0)
+        start = [w.numpy() for w in holder["model"].trainable_weights]
+        return _two_cpu_mirrored(devices), start
+
     @parameterized.named_parameters(("float32", "float32", 1e-4),
                                     ("float16_loss_scaled", "float16", 1e-2))
     def test_mirrored_two_cpus_fused_update_trains_as_keras(self, precision, tol):
         # With XLA each device's update is one program (trainer._fuse_updates);
         # it must train as Keras' per-variable update of the graph step.
-        devices = _logical_cpus(2)
-        if len(devices) < 2:
-            self.skipTest("logical CPUs could not be configured in this process")
-        strategy = _two_cpu_mirrored(devices)
-        holder = {}
-        self._train(os.path.join(self.get_temp_dir(), "start"), holder,
-                    init_seed=5, total_steps=4, stop_after=0)
-        start = [w.numpy() for w in holder["model"].trainable_weights]
+        strategy, start = self._two_cpus_and_start()
         runs, fused = {}, {}
         for xla in (False, True):
             holder = {}
-            optimizers = []
-            build = optimization.build_optimizer
-
-            def recording(*args, **kw):
-                optimizers.append(build(*args, **kw))
-                return optimizers[-1]
-
-            with mock.patch.object(optimization, "build_optimizer", side_effect=recording):
+            with recorded_calls(optimization, "build_optimizer") as optimizers:
                 try:
                     out = self._train(os.path.join(self.get_temp_dir(), f"{precision}{xla}"),
                                       holder, init_seed=5, strategy=strategy,
@@ -309,14 +306,7 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         # Keras' LossScaleOptimizer checks each replica's own gradients and
         # follows the first replica: an overflow on the second alone would
         # reach the weights through the gradient sum.
-        devices = _logical_cpus(2)
-        if len(devices) < 2:
-            self.skipTest("logical CPUs could not be configured in this process")
-        strategy = _two_cpu_mirrored(devices)
-        holder = {}
-        self._train(os.path.join(self.get_temp_dir(), "start"), holder,
-                    init_seed=5, total_steps=1, stop_after=0)
-        start = [w.numpy() for w in holder["model"].trainable_weights]
+        strategy, start = self._two_cpus_and_start()
 
         def overflowing(ctx):
             # Replicas take consecutive batches: batch 1 is replica 1's of step 1.
