@@ -8,7 +8,8 @@ so that one XLA program serves every call; export one SavedModel per batch
 size you serve. A call runs on the canvas of its images' orientation
 (`pipeline.orientation_canvases`: 832 x 1344 or 1344 x 832 for COCO's
 sizes) when every image of the call fits it, else on the square
-`canvas_size`: the graph holds one model call per canvas.
+`canvas_size`: the graph holds one model function per canvas, shared by
+the two signatures.
 
 Both apply the eval transform of `mrcnn.data.pipeline.preprocess_image`
 inside the graph and return `detection_boxes float32 [B, D, 4]` (y1, x1, y2,
@@ -51,20 +52,22 @@ def decode_image(data):
         lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
 
 
-def _on_fitting_canvas(images, info, canvases, fn):
-    """fn(images cut to the first of `canvases` that holds every resized
-    image of the batch, info): the images lie at the top left of the bound
-    canvas, zeros beyond, so the cut is the batch padded to that canvas.
+def _on_fitting_canvas(images, info, detect_on):
+    """detect_on[canvas](images cut to the first canvas that holds every
+    resized image of the batch, info): the images lie at the top left of the
+    bound canvas, zeros beyond, so the cut is the batch padded to that canvas.
 
     Args:
       images: float32 [B, H, W, 3] on the bound canvas (H, W).
       info: float32 [B, 5], resized height and width in columns 2 and 3.
-      canvases: distinct (h, w) <= (H, W), tried in order; the last is
-        taken without a test, so it must hold any batch the call can get.
-      fn: (images [B, h, w, 3], info) -> dict of tensors, traced per canvas.
+      detect_on: {(h, w): fn} with distinct canvases <= (H, W), tried in
+        order; the last is taken without a test, so it must hold any batch
+        the call can get. fn: (images [B, h, w, 3], info) -> dict of tensors.
     """
+    canvases = list(detect_on)
+
     def on(canvas):
-        return lambda: fn(images[:, :canvas[0], :canvas[1]], info)
+        return lambda: detect_on[canvas](images[:, :canvas[0], :canvas[1]], info)
     if len(canvases) == 1:
         return on(canvases[0])()
     fits = [tf.reduce_all((info[:, 2] <= h) & (info[:, 3] <= w)) for h, w in canvases[:-1]]
@@ -131,18 +134,27 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                 "detection_masks": tf.cast(out["detection_masks"], tf.float32),
                 "num_detections": tf.cast(out["num_detections"], tf.int32)}
 
+    # One function per canvas, called by both signatures: the SavedModel
+    # holds each canvas's model graph once, and export traces it once (and
+    # once more inside tf.saved_model.save, whose save context is part of
+    # TF's trace cache key) rather than once per signature.
+    detect_on = {canvas: tf.function(
+        detect, autograph=False,
+        input_signature=[tf.TensorSpec([batch_size, *canvas, 3], tf.float32),
+                         tf.TensorSpec([batch_size, 5], tf.float32)])
+        for canvas in mixed}
     signature = (tf.TensorSpec(canvas_size + (3,), tf.float32),
                  tf.TensorSpec([5], tf.float32))
 
     def serve_images(images):
         images, info = tf.map_fn(preprocess, images, fn_output_signature=signature)
-        return _on_fitting_canvas(images, info, same_size, detect)
+        return _on_fitting_canvas(images, info, {c: detect_on[c] for c in same_size})
 
     def serve_encoded(encoded):
         def one(data):
             return preprocess(decode_image(data))
         images, info = tf.map_fn(one, encoded, fn_output_signature=signature)
-        return _on_fitting_canvas(images, info, mixed, detect)
+        return _on_fitting_canvas(images, info, detect_on)
 
     archive = keras.export.ExportArchive()
     archive.track(model)

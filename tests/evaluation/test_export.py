@@ -60,7 +60,7 @@ def test_call_runs_on_first_canvas_holding_all_its_images(sizes, want):
 
     def fn(cut, info):
         return {"cut": cut, "info": info}
-    out = tf.function(lambda x, i: export._on_fitting_canvas(x, i, canvases, fn))(
+    out = tf.function(lambda x, i: export._on_fitting_canvas(x, i, {c: fn for c in canvases}))(
         tf.constant(images), tf.constant(info))
     # Every branch is traced; only the chosen one runs, on the cut batch.
     out = {k: v.numpy() for k, v in out.items()}
