@@ -4,7 +4,8 @@
 
 Sets TF_CONFIG for a two-worker cluster on 127.0.0.1, trains a few steps of
 a tiny shapes config through `trainer.train` (as bin/train does), then
-writes its copy of the weights and prints how often the step was traced.
+writes its copy of the weights and prints how often the step was traced
+and how many fused update programs (trainer._fuse_updates) it compiled.
 BINDINGS: more gin bindings, separated by ';'.
 """
 
@@ -28,14 +29,19 @@ import numpy as np  # noqa: E402
 from mrcnn import programs  # noqa: E402
 from mrcnn.training import trainer  # noqa: E402
 from test_programs import TINY  # noqa: E402
-from tests.training.recording import recorded_train_steps  # noqa: E402
+from mrcnn.training import optimization  # noqa: E402
+from tests.training.recording import recorded_calls, recorded_train_steps  # noqa: E402
 
 programs.parse_gin_files(
     [os.path.join(ROOT, "gin", "shapes_demo.gin")],
     TINY + [f"DATA_DIR = '{data_dir}'", "train.total_steps = 3",
             "train.checkpoint_every = 3", "train/CocoInput.seed = 0"] + extra)
-with recorded_train_steps() as steps:
+with recorded_train_steps() as steps, \
+        recorded_calls(optimization, "build_optimizer") as optimizers:
     result = trainer.train(model_dir)
 np.savez(out, *[w.numpy() for w in result["model"].weights])
+optimizer = optimizers[0].optimizer
+update = getattr(optimizer, "inner_optimizer", optimizer)._distributed_tf_update_step
 print(f"worker {task}: step {result['step']} losses {result['losses']} "
-      f"traces {steps[0].experimental_get_tracing_count()}")
+      f"traces {steps[0].experimental_get_tracing_count()} "
+      f"fused {len(getattr(update, 'programs', {}))}")

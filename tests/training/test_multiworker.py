@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.data import fixtures
 
@@ -32,7 +33,11 @@ def _free_ports(n):
     return ports
 
 
-def test_two_workers_hold_identical_weights(tmp_path):
+# With XLA each device applies its update in one compiled program
+# (trainer._fuse_updates): the recipe's multi-machine path, slow here for
+# its CPU compiles (`make test-slow`).
+@pytest.mark.parametrize("xla", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_two_workers_hold_identical_weights(tmp_path, xla):
     data = tmp_path / "shapes"
     subprocess.run([sys.executable, os.path.join(ROOT, "bin", "make_shapes"),
                     f"--out={data}", "--num_train=8", "--num_val=2",
@@ -41,7 +46,8 @@ def test_two_workers_hold_identical_weights(tmp_path):
     # Canvases 64 x 128 and 128 x 64; the seeded draw (data seed 0) gives
     # both orientations within the 3 steps, to every replica of a step alike.
     fixtures.transpose_odd_images(data)
-    bindings = ";".join(["MIN_SIZE = 64", "MAX_SIZE = 128", "CANVAS = (128, 128)"])
+    bindings = ";".join(["MIN_SIZE = 64", "MAX_SIZE = 128", "CANVAS = (128, 128)",
+                         f"train.xla = {xla}"])
     traces = 2
     ports = ",".join(str(p) for p in _free_ports(2))
     model_dir = tmp_path / "run"
@@ -59,6 +65,7 @@ def test_two_workers_hold_identical_weights(tmp_path):
     for code, out, err in logs:
         assert code == 0, err
         assert "step 3" in out and f"traces {traces}" in out, out
+        assert f"fused {int(xla)}" in out, out   # one device per worker
     w0, w1 = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
     assert len(w0.files) == len(w1.files) > 0
     for k in w0.files:
