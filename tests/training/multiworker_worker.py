@@ -27,9 +27,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "bin"))
 import numpy as np  # noqa: E402
 
 from mrcnn import programs  # noqa: E402
-from mrcnn.training import trainer  # noqa: E402
+from mrcnn.training import optimization, trainer  # noqa: E402
 from test_programs import TINY  # noqa: E402
-from mrcnn.training import optimization  # noqa: E402
 from tests.training.recording import recorded_calls, recorded_train_steps  # noqa: E402
 
 programs.parse_gin_files(
