@@ -209,10 +209,12 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
     def test_mixed_precision_runs(self, precision):
         d = os.path.join(self.get_temp_dir(), precision)
         try:
-            out = self._train(d, {}, total_steps=3, precision=precision, xla=True)
+            with self.assertLogs(level="INFO") as logs:
+                out = self._train(d, {}, total_steps=3, precision=precision, xla=True)
         finally:
             keras.mixed_precision.set_global_policy("float32")
         self.assertTrue(np.isfinite(out["losses"]["total"]))
+        self.assertIn(f"precision {precision}, XLA: the whole step", "\n".join(logs.output))
 
     @parameterized.named_parameters(
         ("one_device", lambda: tf.distribute.OneDeviceStrategy("/cpu:0")),
