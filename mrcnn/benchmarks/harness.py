@@ -26,6 +26,7 @@ OP_CASES = {
     "match": ("ops_targets", "bench_match"),
     "mask_targets": ("ops_masks", "bench_mask_targets"),
     "paste_masks": ("ops_masks", "bench_paste_masks"),
+    "coco_rle": ("ops_masks", "bench_coco_rle"),
 }
 
 

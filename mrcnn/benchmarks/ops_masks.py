@@ -12,12 +12,21 @@ the whole batch would be `B * 100 * canvas**2` bytes). Its baseline is
 crop_and_resize of each mask with the inverse box (the image frame expressed in
 mask-cell coordinates) at the image size, then the in-box test.
 `CropAndResize` has no XLA kernel, so the baselines run as graphs.
+
+`coco_rle` is the host side of COCO evaluation for one image: `num_gt`
+masks pasted at a `canvas x canvas` original size and COCO-RLE encoded, by
+`evaluation.coco.paste_masks_rle` (inside each box only) beside the op's
+whole-image paste then pycocotools' encoder. Both run eagerly, as
+evaluation does; the masks are smooth blobs, so the run counts are those of
+real masks rather than of noise.
 """
 
 import numpy as np
 import tensorflow as tf
+from pycocotools import mask as mask_util
 
 from mrcnn.benchmarks.common import BenchConfig, Entry, random_boxes
+from mrcnn.evaluation import coco as coco_eval
 from mrcnn.ops import masks as mask_ops
 
 # Side of the gt mask crops the data pipeline stores (one per instance).
@@ -110,4 +119,29 @@ def bench_paste_masks(cfg: BenchConfig):
               f"{num} masks into {canvas}x{canvas}; two separable matmuls"),
         Entry("crop_and_resize with inverse boxes", baseline, False,
               "image-size crop per mask, then in-box test; no XLA kernel"),
+    ]
+
+
+def bench_coco_rle(cfg: BenchConfig):
+    rng = np.random.default_rng(cfg.seed)
+    num, canvas, size = cfg.num_gt, cfg.canvas, cfg.mask_size
+    boxes = random_boxes(rng, (num,), canvas, min_size=16.0, max_size=512.0)
+    cells = (np.arange(size) + 0.5) / size - 0.5
+    blob = np.exp(-(cells[:, None] ** 2 + cells ** 2) / 0.1)  # [size, size]
+    masks = (blob * rng.uniform(0.6, 1.4, (num, 1, 1))).astype(np.float32)
+
+    def ours():
+        return coco_eval.paste_masks_rle(masks, boxes, (canvas, canvas))
+
+    def baseline():
+        pasted = mask_ops.paste_masks(masks[None], boxes[None],
+                                      (canvas, canvas)).numpy()[0]
+        return mask_util.encode(np.asfortranarray(
+            np.transpose(pasted, (1, 2, 0)).astype(np.uint8)))
+
+    return [
+        Entry("mrcnn paste_masks_rle (1 image)", ours, None,
+              f"{num} masks at {canvas}x{canvas}, inside each box; NumPy"),
+        Entry("paste_masks + pycocotools encode", baseline, None,
+              "whole-image paste, then encode of [H, W, K]"),
     ]

@@ -93,19 +93,29 @@ def mask_targets(gt_masks, rois, matched_index, output_size=(28, 28),
     return tf.cast(keep, tf.float32)
 
 
-def _paste_weights(starts, ends, size, cells):
-    """Separable interpolation matrix of pixel centres into box mask cells.
+@scoped
+def paste_coordinates(starts, ends, size, cells):
+    """Where each pixel centre along one axis samples a box's mask.
+
+    `paste_masks`' pixel model along one axis, as indices and a fraction
+    rather than a dense matrix, so that a caller can paste only the pixels
+    inside each box (`mrcnn.evaluation.coco` does, on the host): the value of
+    pixel `i` is `m[low] * (1 - frac) + m[high] * frac` along this axis.
 
     Args:
-      starts, ends: float32 [B, K], the box extent along one axis.
-      size: Python int, image pixels along that axis.
-      cells: Python int, mask cells along that axis.
+      starts, ends: float32 [B, K], the box extent along the axis, in pixels.
+      size: Python int, image pixels along the axis.
+      cells: Python int, mask cells along the axis.
 
     Returns:
-      weights: float32 [B, K, size, cells], row `i` holds the two bilinear
-        weights of pixel centre `i + 0.5` (edges clamped);
-      inside: bool [B, K, size], whether that centre lies in [start, end).
+      low, high: int32 [B, K, size], the two mask cells pixel centre
+        `i + 0.5` interpolates between (edges clamped);
+      frac: float32 [B, K, size], the weight of `high`;
+      inside: bool [B, K, size], whether the centre lies in [start, end)
+        (True on one contiguous run of pixels, or nowhere).
     """
+    starts = tf.cast(starts, tf.float32)
+    ends = tf.cast(ends, tf.float32)
     centres = tf.range(size, dtype=tf.float32) + 0.5  # [size]
     extent = ends - starts
     safe_extent = tf.where(extent > 0.0, extent, 1.0)
@@ -116,10 +126,27 @@ def _paste_weights(starts, ends, size, cells):
     frac = coords - low_f
     low = tf.cast(low_f, tf.int32)
     high = tf.minimum(low + 1, cells - 1)
-    weights = (tf.one_hot(low, cells) * (1.0 - frac)[..., None]
-               + tf.one_hot(high, cells) * frac[..., None])  # [B, K, size, cells]
     inside = tf.logical_and(centres >= starts[..., None],
                             centres < ends[..., None])  # [B, K, size]
+    return low, high, frac, inside
+
+
+def _paste_weights(starts, ends, size, cells):
+    """Separable interpolation matrix of pixel centres into box mask cells.
+
+    Args:
+      starts, ends: float32 [B, K], the box extent along one axis.
+      size: Python int, image pixels along that axis.
+      cells: Python int, mask cells along that axis.
+
+    Returns:
+      weights: float32 [B, K, size, cells], row `i` holds the two bilinear
+        weights of pixel centre `i + 0.5` (`paste_coordinates`);
+      inside: bool [B, K, size], whether that centre lies in [start, end).
+    """
+    low, high, frac, inside = paste_coordinates(starts, ends, size, cells)
+    weights = (tf.one_hot(low, cells) * (1.0 - frac)[..., None]
+               + tf.one_hot(high, cells) * frac[..., None])  # [B, K, size, cells]
     return weights, inside
 
 

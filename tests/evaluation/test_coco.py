@@ -147,10 +147,10 @@ class DetectionsToCocoTest(_GtTestCase):
                 detections, self.perfect[1]["image_id"],
                 self.perfect[1]["image_info"], fixtures.CLASS_TO_CATEGORY)
 
-    def test_calls_ops_paste_masks_per_image(self):
+    def test_pastes_each_image_at_its_size(self):
         detections, batch = self.perfect
-        with mock.patch.object(mask_ops, "paste_masks",
-                               wraps=mask_ops.paste_masks) as paste:
+        with mock.patch.object(coco_eval, "paste_masks_rle",
+                               wraps=coco_eval.paste_masks_rle) as paste:
             coco_eval.detections_to_coco(
                 detections, batch["image_id"], batch["image_info"],
                 fixtures.CLASS_TO_CATEGORY, mask_threshold=0.3)
@@ -159,9 +159,79 @@ class DetectionsToCocoTest(_GtTestCase):
         for call, size in zip(paste.call_args_list, [(120, 160), (140, 150)]):
             masks, boxes, image_shape = call.args
             self.assertEqual(tuple(image_shape), size)
-            self.assertEqual(masks.shape, (1, 2, 28, 28))
-            self.assertEqual(boxes.shape, (1, 2, 4))
+            self.assertEqual(masks.shape, (2, 28, 28))
+            self.assertEqual(boxes.shape, (2, 4))
             self.assertEqual(call.kwargs["threshold"], 0.3)
+
+
+def _edge_boxes(height, width):
+    """float32 [8, 4]: whole image, beyond it, corners, empty, thin, subpixel."""
+    return np.array([
+        [0, 0, height, width],
+        [-7.5, -3.2, height + 4.1, width + 9.0],
+        [0, 0, 3.3, 2.7],                            # first pixel in
+        [height - 2.2, width - 4.6, height, width],  # last pixel in
+        [5, 5, 5, 12],                               # empty
+        [2.4, 0.3, 2.6, width],                      # no pixel centre inside
+        [1.2, 6.7, height - 0.4, 7.6],               # one column
+        [height + 3, 2, height + 9, 8],              # below the image
+    ], np.float32)
+
+
+class PasteMasksRleTest(tf.test.TestCase, parameterized.TestCase):
+    """`paste_masks_rle` against the op it stands in for, `paste_masks`."""
+
+    def decoded(self, masks, boxes, shape, threshold=0.5):
+        rles = coco_eval.paste_masks_rle(masks, boxes, shape, threshold)
+        for rle in rles:
+            self.assertEqual(rle["size"], list(shape))
+            self.assertIsInstance(rle["counts"], str)
+        return np.stack([mask_util.decode(r) for r in rles]).astype(bool)
+
+    @parameterized.parameters((17, 23), (1, 9), (9, 1), (40, 31))
+    def test_full_masks_give_the_ops_rle_exactly(self, height, width):
+        # All-ones masks interpolate to exactly 1 (no rounding near the
+        # threshold), so the RLE strings must equal pycocotools' encoding of
+        # the op's pixels, edge cases of the run layout included.
+        boxes = _edge_boxes(height, width)
+        masks = np.ones((len(boxes), 28, 28), np.float32)
+        expected = mask_ops.paste_masks(masks[None], boxes[None],
+                                        (height, width)).numpy()[0]
+        encoded = mask_util.encode(np.asfortranarray(
+            np.transpose(expected, (1, 2, 0)).astype(np.uint8)))
+        got = coco_eval.paste_masks_rle(masks, boxes, (height, width))
+        self.assertEqual([r["counts"] for r in got],
+                         [r["counts"].decode("ascii") for r in encoded])
+
+    @parameterized.parameters((0.5, 0), (0.3, 1), (0.7, 2))
+    def test_random_masks_match_the_op_off_the_threshold(self, threshold,
+                                                          seed):
+        rng = np.random.default_rng(seed)
+        height, width = 37, 52
+        corners = rng.uniform(-10, 60, (24, 2, 2)).astype(np.float32)
+        corners.sort(axis=1)
+        boxes = np.concatenate([
+            _edge_boxes(height, width),
+            corners.transpose(0, 2, 1).reshape(-1, 4)[:, [0, 2, 1, 3]]])
+        masks = rng.uniform(0, 1, (len(boxes), 28, 14)).astype(np.float32)
+        got = self.decoded(masks, boxes, (height, width), threshold)
+
+        def op(t):
+            return mask_ops.paste_masks(masks[None], boxes[None],
+                                        (height, width), t).numpy()[0]
+
+        # Float32 interpolation in NumPy and in the op's matmuls may round
+        # one ulp apart: a pixel may differ only where its value is within
+        # 1e-5 of the threshold.
+        above, below = op(threshold + 1e-5), op(threshold - 1e-5)
+        self.assertFalse(np.any(above & ~got))
+        self.assertFalse(np.any(got & ~below))
+        self.assertLess(np.sum(below & ~above), 5)
+        self.assertGreater(got.sum(), 1000)
+
+    def test_no_masks(self):
+        self.assertEqual(coco_eval.paste_masks_rle(
+            np.zeros((0, 28, 28)), np.zeros((0, 4)), (5, 6)), [])
 
 
 class CocoEvaluatorTest(_GtTestCase):

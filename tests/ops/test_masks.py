@@ -242,3 +242,48 @@ class PasteMasksTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+def paste_coordinates_reference(starts, ends, size, cells):
+    """float64 (low, high, frac, inside) [B, K, size], one pixel at a time."""
+    shape = starts.shape + (size,)
+    low, high = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    frac, inside = np.zeros(shape), np.zeros(shape, bool)
+    for idx in np.ndindex(starts.shape):
+        s, e = float(starts[idx]), float(ends[idx])
+        extent = e - s if e > s else 1.0
+        for i in range(size):
+            c = min(max((i + 0.5 - s) * cells / extent - 0.5, 0.0), cells - 1.0)
+            low[idx + (i,)] = math.floor(c)
+            high[idx + (i,)] = min(math.floor(c) + 1, cells - 1)
+            frac[idx + (i,)] = c - math.floor(c)
+            inside[idx + (i,)] = s <= i + 0.5 < e
+    return low, high, frac, inside
+
+
+class PasteCoordinatesTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.named_parameters(("eager", False), ("xla", True))
+    def test_matches_reference(self, xla):
+        rng = np.random.default_rng(5)
+        starts = rng.uniform(-8, 20, (2, 6)).astype(np.float32)
+        ends = (starts + rng.uniform(0.3, 15, (2, 6))).astype(np.float32)
+        starts[0, 0], ends[0, 0] = 4.0, 4.0      # empty
+        starts[0, 1], ends[0, 1] = -3.0, 40.0    # beyond both ends
+        starts[1, 0], ends[1, 0] = 2.25, 2.4     # no pixel centre inside
+        fn = tf.function(lambda s, e: mask_ops.paste_coordinates(s, e, 17, 7),
+                         jit_compile=xla)
+        low, high, frac, inside = (t.numpy() for t in fn(starts, ends))
+        ref = paste_coordinates_reference(starts, ends, 17, 7)
+        self.assertEqual(low.dtype, np.int32)
+        self.assertEqual(frac.dtype, np.float32)
+        self.assertAllEqual(inside, ref[3])
+        # A coordinate within float32 rounding of an integer may floor to
+        # either side; the interpolated value is the same either way.
+        near = np.abs(ref[2] - np.round(ref[2])) < 1e-5
+        self.assertAllEqual(np.where(near, 0, low), np.where(near, 0, ref[0]))
+        self.assertAllEqual(np.where(near, 0, high), np.where(near, 0, ref[1]))
+        self.assertAllClose(np.where(near, 0, frac), np.where(near, 0, ref[2]),
+                            atol=1e-5)
+        self.assertFalse(inside[0, 0].any() or inside[1, 0].any())
+        self.assertTrue(inside[0, 1].all())
