@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from mrcnn.data import pipeline
 from mrcnn.evaluation import coco as coco_eval
@@ -195,6 +196,10 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
             checkpoint=None):
     """Detects objects in image files; writes detections.json and one PNG per image.
 
+    detections.json holds, per image, each detection's box (y1, x1, y2, x2 in
+    the image's pixels), class, name, score and mask (`segmentation`, COCO
+    RLE at the image's size: `pycocotools.mask.decode` gives [H, W]).
+
     Each image is padded to the first of `pipeline.orientation_canvases`
     (landscape, portrait: 832 x 1344 and 1344 x 832 for COCO's sizes) that
     holds its resize, the rule of the exported model's `serve_images`, so
@@ -241,8 +246,10 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
         keep = np.arange(int(det["num_detections"]))
         keep = keep[det["detection_scores"][keep] >= score_threshold]
         boxes = det["detection_boxes"][keep]
-        masks = mask_ops.paste_masks(det["detection_masks"][None, keep], boxes[None],
-                                     image.shape[:2]).numpy()[0] if len(keep) else None
+        rles = coco_eval.paste_masks_rle(det["detection_masks"][keep], boxes,
+                                         image.shape[:2])
+        masks = (np.transpose(mask_util.decode(rles), (2, 0, 1)).astype(bool)
+                 if rles else None)   # [K, H, W]
         classes = det["detection_classes"][keep]
         names = {c: (category_names[c - 1] if category_names and c <= len(category_names)
                      else str(c)) for c in set(classes.tolist())}
@@ -255,9 +262,10 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
             "file": file,
             "detections": [{"box_yxyx": [round(float(v), 2) for v in b],
                             "class": int(c), "name": names[int(c)],
-                            "score": round(float(s), 4)}
-                           for b, c, s in zip(boxes, classes,
-                                              det["detection_scores"][keep])]})
+                            "score": round(float(s), 4), "segmentation": rle}
+                           for b, c, s, rle in zip(boxes, classes,
+                                                   det["detection_scores"][keep],
+                                                   rles)]})
     with open(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump({"checkpoint": path, "step": step, "images": written}, f, indent=2)
     logging.info("Predicted %d images: %s", len(files), ", ".join(

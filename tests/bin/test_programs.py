@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from tests.data import fixtures
 
@@ -191,11 +192,18 @@ def test_predict_writes_png_and_json(run, tmp_path):
         for d in entry["detections"]:
             y1, x1, y2, x2 = d["box_yxyx"]
             assert 0 <= y1 <= y2 <= h and 0 <= x1 <= x2 <= w, (entry["file"], d)
+            assert d["segmentation"]["size"] == [h, w], (entry["file"], d)
+            mask = mask_util.decode(d["segmentation"]).astype(bool)   # [h, w]
+            rows, cols = np.nonzero(mask)
+            if rows.size:   # the mask lies in its box (2-decimal rounding)
+                assert y1 - 0.51 <= rows.min() and rows.max() + 0.5 <= y2 + 0.01
+                assert x1 - 0.51 <= cols.min() and cols.max() + 0.5 <= x2 + 0.01
 
 
 _LOAD_AND_RUN = """
 import sys, numpy as np, tensorflow as tf
 from PIL import Image
+from pycocotools import mask as mask_util
 loaded = tf.saved_model.load(sys.argv[1])
 out = {}
 for k, file in enumerate(sys.argv[3:]):
