@@ -23,7 +23,7 @@ def synthetic_batch(batch, image_size, num_gt=10, num_classes=80, mask_size=112,
     """A training batch in the data pipeline's format (see mrcnn.data).
 
     Returns:
-      dict of tensors: images [B, H, W, 3], image_info [B, 5], image_id [B],
+      dict of tensors: images uint8 [B, H, W, 3], image_info [B, 5], image_id [B],
       gt_boxes [B, M, 4], gt_classes [B, M], gt_valid [B, M],
       gt_masks uint8 [B, M, S, S] with M = num_gt.
     """
@@ -36,7 +36,7 @@ def synthetic_batch(batch, image_size, num_gt=10, num_classes=80, mask_size=112,
     u = (np.arange(mask_size) + 0.5) / mask_size - 0.5
     ellipse = ((u[:, None] / 0.5) ** 2 + (u[None] / 0.5) ** 2 <= 1).astype(np.uint8)
     return {
-        "images": tf.constant(rng.normal(size=(batch, h, w, 3)), tf.float32),
+        "images": tf.constant(rng.integers(0, 256, (batch, h, w, 3)), tf.uint8),
         "image_info": tf.constant([[h, w, h, w, 1.0]] * batch, tf.float32),
         "image_id": tf.range(batch, dtype=tf.int64),
         "gt_boxes": tf.constant(boxes),

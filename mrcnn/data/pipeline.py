@@ -4,8 +4,10 @@ Shape letters: `B` images per batch (per replica), `H, W` the static canvas,
 `M` gt slots per image, `S` the mask size.
 
 A batch is a dict:
-  images: float32 [B, H, W, 3] RGB, `(pixel - mean) / std`, the resized image
-    at the top left, zeros (after normalisation) below and right of it.
+  images: uint8 [B, H, W, 3] RGB pixels, the resized image (bilinear,
+    rounded) at the top left, zeros below and right of it. The model
+    normalises them on the device (`MaskRCNN.pixel_mean`, `pixel_std`):
+    uint8 is a quarter of float32's bytes to pad, batch, buffer and copy.
   image_info: float32 [B, 5] (original_height, original_width,
     resized_height, resized_width, scale), `resized = round(original * scale)`.
   image_id: int64 [B], the COCO image id; -1 marks a padded slot of the last
@@ -32,10 +34,6 @@ from absl import logging
 
 from mrcnn.data import coco, decode
 
-# ImageNet statistics of RGB pixels in [0, 255], the ones torchvision-trained
-# ResNet-50 weights expect.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 # Random bits per element: the low 24 give the flip draw, the rest the scale.
 _FLIP_BITS = 24
 
@@ -43,13 +41,16 @@ _FLIP_BITS = 24
 def resize_image(image, min_size, max_size):
     """Resizes so the shorter side is `min_size` and the longer at most `max_size`.
 
+    Bilinear (half-pixel centres, no antialiasing), then rounded back to
+    uint8 pixels: at most half a grey level from the float resize.
+
     Args:
-      image: uint8 or float [h, w, 3].
+      image: uint8 [h, w, 3].
       min_size: float scalar (Python or tensor), target shorter side.
       max_size: float, cap on the longer side.
 
     Returns:
-      (image float32 [h', w', 3], size float64 [2] (h, w), resized float64 [2]
+      (image uint8 [h', w', 3], size float64 [2] (h, w), resized float64 [2]
       (h', w') = round(size * scale), scale float64 scalar).
     """
     size = tf.cast(tf.shape(image)[:2], tf.float64)
@@ -58,21 +59,7 @@ def resize_image(image, min_size, max_size):
                        tf.cast(max_size, tf.float64) / tf.reduce_max(size))
     resized = tf.round(size * scale)
     image = tf.image.resize(image, tf.cast(resized, tf.int32), method="bilinear")
-    return image, size, resized, scale
-
-
-def normalize(image, mean, std):
-    """float32 `(image - mean) / std` per RGB channel, [h, w, 3].
-
-    The pipelines normalise before resizing: a bilinear resize averages
-    neighbours with weights summing to 1, so it commutes with this per-channel
-    affine map (to float32 rounding, ~1e-6), and the broadcast over 3 channels, the costliest
-    elementwise op of the transform, runs on the smaller original image (at
-    COCO sizes, 480 x 640 against 800 x 1066: the transform of one image
-    took 24 ms instead of 51 ms on one CPU thread).
-    """
-    return ((tf.cast(image, tf.float32) - tf.constant(mean, tf.float32))
-            / tf.constant(std, tf.float32))
+    return tf.saturate_cast(tf.round(image), tf.uint8), size, resized, scale
 
 
 def pad_to_canvas(image, canvas_size):
@@ -82,19 +69,17 @@ def pad_to_canvas(image, canvas_size):
     return image
 
 
-def preprocess_image(image, *, min_size, max_size, canvas_size, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD):
+def preprocess_image(image, *, min_size, max_size, canvas_size):
     """The inference transform of one image, as the eval pipeline applies it.
 
     Args:
       image: uint8 [h, w, 3] RGB.
 
     Returns:
-      (images float32 [H, W, 3], image_info float32 [5] = (original h, w,
+      (images uint8 [H, W, 3], image_info float32 [5] = (original h, w,
       resized h, w, scale)).
     """
-    resized_image, size, resized, scale = resize_image(
-        normalize(image, mean, std), min_size, max_size)
+    resized_image, size, resized, scale = resize_image(image, min_size, max_size)
     images = pad_to_canvas(resized_image, canvas_size)
     info = tf.cast(tf.concat([size, resized, [scale]], 0), tf.float32)
     return images, info
@@ -187,7 +172,6 @@ class CocoInput:
       mask_size: int S. 112 keeps 100 masks at 1.25 MB per image, four times
         the 28 x 28 mask head output so targets can be resampled from it.
       flip_probability: float in [0, 1], training only.
-      mean, std: 3 floats, RGB normalisation on the [0, 255] scale.
       skip_bad: bool, skip (training) instead of raising on bad input.
       filter_empty: bool, drop training images without a non-crowd
         annotation (Detectron2's FILTER_EMPTY_ANNOTATIONS).
@@ -206,8 +190,7 @@ class CocoInput:
     def __init__(self, data_dir=None, split="train2017", training=True,
                  batch_size=16, min_size=800, max_size=1333,
                  canvas_size=(1344, 1344), size_divisor=64, max_instances=100,
-                 mask_size=112, flip_probability=0.5, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, skip_bad=True, filter_empty=True,
+                 mask_size=112, flip_probability=0.5, skip_bad=True, filter_empty=True,
                  shuffle_buffer=None, seed=None, annotation_file=None,
                  image_dir=None, check_files=True, group_by_orientation=False):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
@@ -220,8 +203,6 @@ class CocoInput:
                              f"and <= max_size={max_size}")
         if not 0.0 <= flip_probability <= 1.0:
             raise ValueError(f"CocoInput: flip_probability={flip_probability}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError("CocoInput: mean and std need 3 values (RGB)")
         if data_dir is None and (annotation_file is None or image_dir is None):
             raise ValueError("CocoInput: give data_dir, or annotation_file and "
                              "image_dir")
@@ -235,8 +216,6 @@ class CocoInput:
         self.max_instances = int(max_instances)
         self.mask_size = int(mask_size)
         self.flip_probability = float(flip_probability)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
         self.skip_bad = bool(skip_bad)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -496,7 +475,7 @@ class CocoInput:
             f"that can replace image id {self.records[index].image_id}; last: {error}")
 
     def _example(self, index, random_bits):
-        """One image: decode (host), normalise, resize, flip, pad."""
+        """One image: decode (host), resize, flip, pad."""
         m, s = self.max_instances, self.mask_size
         image, boxes, classes, masks, index = tf.numpy_function(
             self._load, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64],
@@ -514,7 +493,6 @@ class CocoInput:
             min_size = tf.gather(tf.constant(self.min_sizes, tf.float64), pick)
         else:
             min_size = tf.constant(max(self.min_sizes), tf.float64)
-        image = normalize(image, self.mean, self.std)   # before the resize: cheaper
         image, size, resized, scale = resize_image(image, min_size, self.max_size)
         factor = tf.cast(resized / size, tf.float32)
         boxes = boxes * tf.tile(factor, [2])[None, :]   # [n, 4]
@@ -562,7 +540,7 @@ class CocoInput:
         """The all-zero example with image_id -1 that fills a last eval batch."""
         m, s = self.max_instances, self.mask_size
         return {
-            "images": tf.zeros(tuple(canvas) + (3,), tf.float32),
+            "images": tf.zeros(tuple(canvas) + (3,), tf.uint8),
             "image_info": tf.zeros([5], tf.float32),
             "image_id": tf.constant(-1, tf.int64),
             "gt_boxes": tf.zeros([m, 4], tf.float32),

@@ -249,7 +249,7 @@ class CocoEvaluator:
     Example:
       evaluator = CocoEvaluator('instances_val2017.json', class_to_category)
       for batch in dataset:
-        evaluator.update(model(batch['images'], training=False), batch)
+        evaluator.update(model(batch, training=False), batch)
       print(format_metrics(evaluator.evaluate()))
     """
 

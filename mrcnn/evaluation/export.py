@@ -58,7 +58,7 @@ def _on_fitting_canvas(images, info, detect_on):
     bound canvas, zeros beyond, so the cut is the batch padded to that canvas.
 
     Args:
-      images: float32 [B, H, W, 3] on the bound canvas (H, W).
+      images: uint8 [B, H, W, 3] on the bound canvas (H, W).
       info: float32 [B, 5], resized height and width in columns 2 and 3.
       detect_on: {(h, w): fn} with distinct canvases <= (H, W), tried in
         order; the last is taken without a test, so it must hold any batch
@@ -140,10 +140,10 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
     # TF's trace cache key) rather than once per signature.
     detect_on = {canvas: tf.function(
         detect, autograph=False,
-        input_signature=[tf.TensorSpec([batch_size, *canvas, 3], tf.float32),
+        input_signature=[tf.TensorSpec([batch_size, *canvas, 3], tf.uint8),
                          tf.TensorSpec([batch_size, 5], tf.float32)])
         for canvas in mixed}
-    signature = (tf.TensorSpec(canvas_size + (3,), tf.float32),
+    signature = (tf.TensorSpec(canvas_size + (3,), tf.uint8),
                  tf.TensorSpec([5], tf.float32))
 
     def serve_images(images):

@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 def _zero_inference_batch(canvas_size, batch=1):
     h, w = canvas_size
-    return {"images": tf.zeros([batch, h, w, 3], tf.float32),
+    return {"images": tf.zeros([batch, h, w, 3], tf.uint8),
             "image_info": tf.constant([[h, w, h, w, 1.0]] * batch, tf.float32)}
 
 
@@ -70,7 +70,7 @@ def _class_maps(category_map):
             {c: category_map.names[c - 1] for c in ids})
 
 
-def _summary_pictures(batch, detections, mean, std, class_names, limit):
+def _summary_pictures(batch, detections, class_names, limit):
     """uint8 [n, h, w, 3] pictures of the first images of a batch, at the resized size."""
     pictures = []
     info = batch["image_info"]
@@ -78,8 +78,7 @@ def _summary_pictures(batch, detections, mean, std, class_names, limit):
         if batch["image_id"][i] < 0:
             continue
         rh, rw, scale = int(info[i, 2]), int(info[i, 3]), float(info[i, 4])
-        image = batch["images"][i, :rh, :rw] * np.array(std) + np.array(mean)
-        image = np.clip(image, 0, 255).astype(np.uint8)
+        image = batch["images"][i, :rh, :rw]
         n = int(detections["num_detections"][i])
         boxes = detections["detection_boxes"][i, :n] * scale
         masks = mask_ops.paste_masks(detections["detection_masks"][i:i + 1, :n],
@@ -141,8 +140,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         evaluator.update(detections, batch)
         num_images += int((batch["image_id"] >= 0).sum())
         if len(pictures) < num_pictures:
-            pictures += _summary_pictures(batch, detections, dataset_fn.mean,
-                                          dataset_fn.std, class_names,
+            pictures += _summary_pictures(batch, detections, class_names,
                                           num_pictures - len(pictures))
     seconds = time.perf_counter() - start
     metrics = evaluator.evaluate()

@@ -6,7 +6,11 @@ levels), `P` proposals per image, `K` sampled rois (512), `Kp` mask rois
 (128), `C` foreground classes, `D` detections per image (100).
 
 The batch (the data pipeline's output, see `mrcnn.data`):
-  images: float32 [B, H, W, 3] normalised RGB, zero-padded bottom/right.
+  images: uint8 (or float) [B, H, W, 3] RGB pixels on the [0, 255] scale,
+    each resized image at the top left of the canvas. The model normalises
+    them, `(pixel - pixel_mean) / pixel_std`, and zeroes everything outside
+    each image's resized area (`image_info`), so the backbone sees what
+    normalising then zero-padding gives, whatever the padding holds.
   image_info: float32 [B, 5] (orig h, orig w, resized h, resized w, scale).
   gt_boxes: float32 [B, M, 4] (y1, x1, y2, x2) resized-image pixels;
     padded slots 0.            (training only, as the next three)
@@ -18,7 +22,8 @@ Mixed precision: the layers follow the global `keras.mixed_precision`
 policy (`mixed_float16`, `mixed_bfloat16`); every head casts its outputs to
 float32, and boxes, anchors, decoding, softmax and losses stay float32 (this
 model never casts its input batch to the compute dtype; the backbone casts
-the images). Under `mixed_float16` the trainer applies loss scaling.
+the normalised images). Under `mixed_float16` the trainer applies loss
+scaling.
 """
 
 import gin
@@ -29,7 +34,7 @@ from mrcnn.modeling._config import configurable_layer
 
 from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling.fpn import FPN
-from mrcnn.modeling.resnet import ResNet
+from mrcnn.modeling.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
 from mrcnn.modeling.rpn import RpnHead
 
@@ -43,6 +48,10 @@ class MaskRCNN(keras.Model):
       fpn: a built `FPN` ({2..5: C_l} -> {2..6: P_l}).
       rpn_head: a built `RpnHead`.
       roi_heads: a built `RoiHeads`.
+      pixel_mean, pixel_std: 3 floats each, the RGB input normalisation on
+        the [0, 255] scale (Detectron2's MODEL.PIXEL_MEAN / PIXEL_STD);
+        ImageNet's by default, which `load_backbone_weights` adapts the
+        pretrained stem to.
 
     `call(batch, training=True)` returns the losses dict {rpn_objectness,
     rpn_box, rcnn_class, rcnn_box, mask} of float32 scalars (the trainer sums
@@ -52,8 +61,14 @@ class MaskRCNN(keras.Model):
     variables are not created inside a compiled function.
     """
 
-    def __init__(self, *, backbone, fpn, rpn_head, roi_heads, **kwargs):
+    def __init__(self, *, backbone, fpn, rpn_head, roi_heads,
+                 pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, **kwargs):
         super().__init__(**kwargs)
+        if len(pixel_mean) != 3 or len(pixel_std) != 3 or min(pixel_std) <= 0:
+            raise ValueError(f"MaskRCNN: pixel_mean={pixel_mean} and pixel_std="
+                             f"{pixel_std} need 3 RGB values each, std > 0")
+        self.pixel_mean = tuple(float(m) for m in pixel_mean)
+        self.pixel_std = tuple(float(v) for v in pixel_std)
         if fpn.min_level != rpn_head.min_level or fpn.max_level != rpn_head.max_level:
             raise ValueError(
                 f"MaskRCNN: fpn levels {fpn.min_level}..{fpn.max_level} != "
@@ -80,6 +95,27 @@ class MaskRCNN(keras.Model):
         # Parts build on their first call; nothing to create here.
         self.built = True
 
+    def normalize_images(self, images, image_info):
+        """The backbone's input: normalised pixels, zero outside each image.
+
+        On the device rather than in the input pipeline, so that the host
+        pads, batches and copies uint8 (Detectron2 normalises on the GPU too).
+
+        Args:
+          images: uint8 or float [B, H, W, 3] RGB pixels in [0, 255].
+          image_info: float32 [B, 5]; columns 2, 3 the resized height, width.
+
+        Returns:
+          float32 [B, H, W, 3].
+        """
+        x = ((tf.cast(images, tf.float32) - tf.constant(self.pixel_mean, tf.float32))
+             / tf.constant(self.pixel_std, tf.float32))
+        h, w = images.shape[1], images.shape[2]
+        rows = tf.range(h, dtype=tf.float32)[None, :] < image_info[:, 2:3]   # [B, H]
+        cols = tf.range(w, dtype=tf.float32)[None, :] < image_info[:, 3:4]   # [B, W]
+        inside = rows[:, :, None, None] & cols[:, None, :, None]
+        return tf.where(inside, x, tf.zeros_like(x))
+
     def call(self, batch, training=False):
         images = batch["images"]
         canvas = (images.shape[1], images.shape[2])
@@ -87,6 +123,7 @@ class MaskRCNN(keras.Model):
             raise ValueError(f"MaskRCNN: canvas {canvas} must be a multiple of "
                              f"2**max_level = {2 ** self.fpn.max_level}")
         image_info = tf.cast(batch["image_info"], tf.float32)
+        images = self.normalize_images(images, image_info)
         features = self.fpn(self.backbone(images, training=training))
         objectness, deltas = self.rpn_head(features)
         anchors = self.rpn_head.anchors(canvas)
@@ -142,7 +179,8 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     mask_channels=256, num_samples=512,
                     pre_nms_topk_train=2000, pre_nms_topk_test=1000,
                     post_nms_topk_train=1000, post_nms_topk_test=1000,
-                    rpn_num_samples=256, max_detections=100):
+                    rpn_num_samples=256, max_detections=100,
+                    pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
     Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
@@ -164,4 +202,5 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
             box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
             mask_head=MaskHead(num_classes=num_classes,
                                channels=mask_channels),
-            num_samples=num_samples, max_detections=max_detections))
+            num_samples=num_samples, max_detections=max_detections),
+        pixel_mean=pixel_mean, pixel_std=pixel_std)

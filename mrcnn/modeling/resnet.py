@@ -67,8 +67,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mrcnn.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from mrcnn.modeling._config import checkpointed, configurable_layer
+
+# ImageNet statistics of RGB pixels in [0, 255], the ones torchvision-trained
+# ResNet-50 weights expect: MaskRCNN's default input normalisation.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 # Blocks per stage res2..res5 and whether blocks are bottlenecks, per depth.
 _DEPTHS = {
@@ -537,7 +541,7 @@ def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
                         pixel_std=IMAGENET_STD):
     """Folds a source network's input convention into the stem, after loading.
 
-    Our images are RGB `(pixel - pixel_mean) / pixel_std` (mrcnn.data). The
+    Our backbone sees RGB `(pixel - pixel_mean) / pixel_std` (MaskRCNN). The
     source saw `(pixel - src_mean) / src_std` in its own channel order, which
     is `(pixel_std / src_std) * x + (pixel_mean - src_mean) / src_std` of
     ours: the channel order and scale go into the stem kernel, the constant
@@ -546,7 +550,7 @@ def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
     Args:
       resnet: a ResNet just loaded from `source` weights, batch-norm variant.
       source: 'keras' or 'tensorpack'.
-      pixel_mean, pixel_std: RGB, the data pipeline's normalisation.
+      pixel_mean, pixel_std: RGB, the model's input normalisation.
     """
     order, src_mean, src_std = _SOURCE_INPUT[source]
     kernel = resnet.stem_conv.conv.kernel
@@ -564,21 +568,20 @@ def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
 
 
 @gin.configurable
-def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras",
-                          pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras"):
     """Initialises `model.backbone` from ImageNet weights (`train.init_fn`).
 
     The weights are loaded one to one, then `adapt_stem_to_input` folds the
     source's input convention (BGR, its mean and std) into the stem, so the
-    backbone sees our RGB, normalised images as the source saw its own.
+    backbone sees our RGB images, normalised by the model's `pixel_mean` and
+    `pixel_std`, as the source saw its own.
 
     Args:
-      model: a built model with a `backbone` ResNet.
+      model: a built model with a `backbone` ResNet and RGB `pixel_mean`,
+        `pixel_std` (MaskRCNN's).
       path: str, the weights file.
       file_format: 'keras' (a keras.applications.ResNet50 weights file) or
         'tensorpack' (ImageNet-R50-AlignPadding.npz).
-      pixel_mean, pixel_std: the data pipeline's RGB normalisation
-        (CocoInput.mean, CocoInput.std).
 
     Raises:
       FileNotFoundError: no such file; ValueError: see the loaders.
@@ -591,4 +594,4 @@ def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras",
             f"{path}: backbone weights not found (load_backbone_weights.path); "
             f"set train.init_fn = None to train from scratch")
     _LOADERS[file_format](model.backbone, path)
-    adapt_stem_to_input(model.backbone, file_format, pixel_mean, pixel_std)
+    adapt_stem_to_input(model.backbone, file_format, model.pixel_mean, model.pixel_std)

@@ -53,9 +53,9 @@ def test_call_runs_on_first_canvas_holding_all_its_images(sizes, want):
     canvases = list(pipeline.orientation_canvases(64, 128, (128, 128), 64)) + [(128, 128)]
     assert canvases == [(64, 128), (128, 64), (128, 128)]
     rng = np.random.default_rng(0)
-    images = np.zeros((len(sizes), 128, 128, 3), np.float32)
+    images = np.zeros((len(sizes), 128, 128, 3), np.uint8)
     for i, (h, w) in enumerate(sizes):
-        images[i, :h, :w] = rng.normal(size=(h, w, 3))
+        images[i, :h, :w] = rng.integers(1, 256, (h, w, 3))
     info = np.array([[h, w, h, w, 1.0] for h, w in sizes], np.float32)
 
     def fn(cut, info):

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
 from mrcnn.modeling.fpn import FPN
-from mrcnn.modeling.resnet import ResNet
+from mrcnn.modeling.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
 from mrcnn.modeling.rpn import RpnHead
 from mrcnn.ops.boxes import box_iou
@@ -24,7 +24,9 @@ _SMALL = dict(num_classes=_NUM_CLASSES, depth=18, fpn_channels=64,
 
 
 def synthetic_batch():
-    """2 images, 3 ellipses each (class = colour), in the data pipeline's format."""
+    """2 images, 3 ellipses each (class = colour), in the data pipeline's format:
+    uint8 pixels whose normalised values are about +-1.5 (colours) and 0.1
+    (noise)."""
     boxes = np.array([[[10, 12, 60, 54], [30, 70, 100, 122], [84, 20, 124, 64],
                        [0, 0, 0, 0]],
                       [[50, 50, 110, 100], [8, 8, 40, 60], [70, 4, 120, 40],
@@ -44,8 +46,9 @@ def synthetic_batch():
                       + ((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 <= 1)
             images[b][inside] = colours[classes[b, m]]
             masks[b, m] = crop
+    pixels = np.clip(np.round(images * IMAGENET_STD + np.array(IMAGENET_MEAN)), 0, 255)
     return dict(
-        images=tf.constant(images),
+        images=tf.constant(pixels.astype(np.uint8)),
         image_info=tf.constant([[_CANVAS, _CANVAS, _CANVAS, _CANVAS, 1.0]] * _B,
                                tf.float32),
         image_id=tf.constant([1, 2], tf.int64),
@@ -90,6 +93,51 @@ class MaskRCNNTest(tf.test.TestCase):
                 self.assertTrue((classes[b, n[b]:] == 0).all())
             masks = out['detection_masks'].numpy()
             self.assertTrue(((masks >= 0) & (masks <= 1)).all())
+
+    def test_normalize_images_against_numpy(self):
+        rng = np.random.default_rng(4)
+        pixels = rng.integers(0, 256, (3, 64, 96, 3)).astype(np.uint8)
+        # Resized (h, w): the whole canvas, a landscape and a portrait image,
+        # non-integer scale products rounded by the pipeline to whole pixels.
+        info = np.array([[64, 96, 64, 96, 1.0], [30, 50, 41, 69, 1.37],
+                         [80, 20, 64, 16, 0.8]], np.float32)
+        model = MaskRCNN(backbone=self.model.backbone, fpn=self.model.fpn,
+                         rpn_head=self.model.rpn_head, roi_heads=self.model.roi_heads,
+                         pixel_mean=(100.0, 120.0, 140.0), pixel_std=(50.0, 60.0, 70.0))
+        ref = (pixels.astype(np.float64) - [100, 120, 140]) / [50, 60, 70]
+        for b, (h, w) in enumerate(info[:, 2:4].astype(int)):
+            ref[b, h:] = 0
+            ref[b, :, w:] = 0
+        xla = tf.function(model.normalize_images, jit_compile=True)
+        for images in (tf.constant(pixels), tf.constant(pixels, tf.float32)):
+            for fn in (model.normalize_images, xla):
+                got = fn(images, tf.constant(info))
+                self.assertEqual(got.dtype, tf.float32)
+                self.assertAllClose(got, ref, atol=1e-6)
+        with self.assertRaisesRegex(ValueError, 'pixel_std'):
+            MaskRCNN(backbone=self.model.backbone, fpn=self.model.fpn,
+                     rpn_head=self.model.rpn_head, roi_heads=self.model.roi_heads,
+                     pixel_std=(1.0, 0.0, 1.0))
+
+    def test_pixels_outside_the_resized_image_are_ignored(self):
+        # The model sees normalised-then-zero-padded input whatever the
+        # canvas holds below and right of each image.
+        batch = dict(self.batch)
+        batch['image_info'] = tf.constant([[100, 90, 100, 90, 1.0],
+                                           [128, 70, 128, 70, 1.0]], tf.float32)
+        images = self.batch['images'].numpy()
+        noisy = images.copy()
+        noisy[0, 100:], noisy[0, :, 90:], noisy[1, :, 70:] = 255, 17, 200
+        zeroed = images.copy()
+        zeroed[0, 100:], zeroed[0, :, 90:], zeroed[1, :, 70:] = 0, 0, 0
+        outs = [self.model.detect({**batch, 'images': tf.constant(x)})
+                for x in (noisy, zeroed)]
+        for key in outs[0]:
+            self.assertAllClose(outs[0][key], outs[1][key], atol=1e-5, msg=key)
+        # ... and the content inside does matter.
+        brighter = np.minimum(zeroed.astype(np.int32) + 40, 255).astype(np.uint8)
+        other = self.model.detect({**batch, 'images': tf.constant(brighter)})
+        self.assertNotAllClose(other['detection_scores'], outs[1]['detection_scores'])
 
     def test_gradients_reach_every_trainable_variable(self):
         model = self.model
@@ -152,7 +200,7 @@ class MaskRCNNTest(tf.test.TestCase):
         # R50-FPN Mask R-CNN for COCO (80 + background): ~44 M as Detectron2.
         model = build_mask_rcnn(num_classes=80)
         batch = {k: v[:1] for k, v in self.batch.items()}
-        batch['images'] = tf.zeros([1, 64, 64, 3])
+        batch['images'] = tf.zeros([1, 64, 64, 3], tf.uint8)
         model(batch, training=False)
         self.assertBetween(model.count_params(), 44.0e6, 44.5e6)
 

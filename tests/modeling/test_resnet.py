@@ -275,10 +275,12 @@ class KerasLoaderTest(tf.test.TestCase):
                 resnet_lib.ResNet(depth=50, width=32), self.path)
 
     def test_train_init_sees_our_images_as_keras_saw_its_own(self):
-        # Keras ResNet50 takes BGR minus the caffe mean; we feed RGB
-        # (x - mean) / std. After load_backbone_weights the stems agree.
+        # Keras ResNet50 takes BGR minus the caffe mean; the model feeds RGB
+        # (x - pixel_mean) / pixel_std, its own (here not ImageNet's) values.
+        # After load_backbone_weights the stems agree.
         class Holder:
             backbone = resnet_lib.ResNet(depth=50)
+            pixel_mean, pixel_std = (110.0, 120.0, 100.0), (50.0, 60.0, 55.0)
         Holder.backbone(tf.zeros([1, 64, 64, 3]))
         resnet_lib.load_backbone_weights(Holder, path=self.path)
         pixels = np.random.default_rng(3).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
@@ -286,8 +288,8 @@ class KerasLoaderTest(tf.test.TestCase):
                              self.keras_model.get_layer('conv1_relu').output)(
             keras.applications.resnet50.preprocess_input(pixels.copy()))
         net = Holder.backbone
-        x = (pixels - np.array([123.675, 116.28, 103.53], np.float32)) / np.array(
-            [58.395, 57.12, 57.375], np.float32)
+        x = (pixels - np.array(Holder.pixel_mean, np.float32)) / np.array(
+            Holder.pixel_std, np.float32)
         ours = tf.nn.relu(net.stem_norm(net.stem_conv(x)))
         # Interior only: zero padding means a different pixel in each space.
         ours, theirs = np.asarray(ours)[0, 2:-2, 2:-2], np.asarray(theirs)[0, 2:-2, 2:-2]
@@ -296,6 +298,7 @@ class KerasLoaderTest(tf.test.TestCase):
     def test_load_backbone_weights_as_train_init(self):
         class Holder:
             backbone = resnet_lib.ResNet(depth=50)
+            pixel_mean, pixel_std = resnet_lib.IMAGENET_MEAN, resnet_lib.IMAGENET_STD
         with self.assertRaisesRegex(FileNotFoundError, 'nowhere.h5.*init_fn'):
             resnet_lib.load_backbone_weights(Holder, path='/nowhere.h5')
         with self.assertRaisesRegex(ValueError, 'file_format'):

@@ -71,7 +71,8 @@ class CanvasToy(keras.Model):
     def call(self, batch, training=False):
         if not tf.executing_eagerly():
             self.canvases.append(tuple(batch["images"].shape[1:3]))
-        pred = self.head(tf.reduce_mean(self.conv(batch["images"]), axis=[1, 2]))
+        images = tf.cast(batch["images"], tf.float32) / 255.0   # uint8 from CocoInput
+        pred = self.head(tf.reduce_mean(self.conv(images), axis=[1, 2]))
         target = tf.reduce_mean(batch["gt_boxes"], axis=[1, 2])[:, None]
         return {"a": tf.reduce_mean(tf.square(pred - target / 40.0))}
 
