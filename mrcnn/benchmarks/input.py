@@ -49,14 +49,17 @@ def bench_input(data_dir, split="train2017", batch=4, min_size=800,
         min_size=min_size, max_size=max_size, canvas_size=tuple(canvas),
         seed=seed)
     iterator = iter(builder())
-    for _ in range(warmup):
-        first = next(iterator)
-    arrays = {k: v.numpy() for k, v in first.items()}
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        out = next(iterator)
-    out["images"].numpy()   # the last batch is really there
-    seconds = time.perf_counter() - start
+    try:
+        for _ in range(warmup):
+            first = next(iterator)
+        arrays = {k: v.numpy() for k, v in first.items()}
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            out = next(iterator)
+        out["images"].numpy()   # the last batch is really there
+        seconds = time.perf_counter() - start
+    finally:
+        del iterator   # not kept to exit by a traceback (trainer.train says why)
     return {
         "setting": f"{split} batch {batch}, {min_size}/{max_size}, canvas "
                    f"{canvas[0]}x{canvas[1]}",

@@ -149,6 +149,14 @@ class CocoInput:
     canvas; elsewhere it raises, naming the file and image id.
     Without `skip_bad`, every problem raises `mrcnn.data.coco.DataError`.
 
+    Images are decoded in `tf.numpy_function` (Python, for pycocotools and
+    PIL): drop an iterator of these datasets before the interpreter exits
+    (`del`, or iterate in a `for` loop or a function). One still alive at
+    exit while its pipeline is decoding can hang the process, whose decoder
+    threads then wait for a GIL that finalisation no longer hands out
+    (tensorflow/tensorflow#21277); `trainer.train` drops its iterator
+    however its loop ends.
+
     Args:
       data_dir: str, the root of a COCO 2017-layout dataset.
       split: str, e.g. "train2017": reads `annotations/instances_<split>.json`

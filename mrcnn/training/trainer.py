@@ -439,47 +439,54 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     # is read after step k + 1 is dispatched, so that an accelerator is not
     # left idle while the host fetches the next batch and launches the step;
     # before a log line or a checkpoint the step's own loss is read.
-    pending = None
-    for current in range(start + 1, end + 1):
-        losses = train_step(next(iterator))
-        if pending is not None:
-            check_finite(*pending)
-        pending = (current, losses)
-        window_images += global_batch
-        first = current == start + 1
-        logged = current % log_every == 0 or current == end
-        if first or logged or current % checkpoint_every == 0:
-            check_finite(current, losses)
-            pending = None
-        if first and not logged:
-            # The first step traces (and with XLA compiles) the step: keep it
-            # out of the first window's img/s and ETA.
-            logging.info("Step %d took %.1f s (tracing%s the step)", current,
-                         time.perf_counter() - run_start, " and compiling" if xla else "")
-            window_start, window_images = time.perf_counter(), 0
-        if logged:
-            now = time.perf_counter()
-            ips = window_images / max(now - window_start, 1e-9)
-            last_losses = {k: float(v) for k, v in losses.items()}
-            lr = float(schedule(current))
-            eta = (total_steps - current) * global_batch / max(ips, 1e-9)
-            loss_text = "  ".join(f"{k} {v:.4f}" for k, v in last_losses.items())
-            logging.info("step %d/%d  %s  lr %.5f  %.1f img/s  ETA %s", current,
-                         total_steps, loss_text, lr, ips, _format_eta(eta))
-            with writer.as_default(step=current):
-                for k, v in last_losses.items():
-                    tf.summary.scalar(f"loss/{k}", v)
-                tf.summary.scalar("learning_rate", lr)
-                tf.summary.scalar("images_per_second", ips)
-                tf.summary.scalar("step_time_s", global_batch / max(ips, 1e-9))
-            writer.flush()
-            window_start, window_images = time.perf_counter(), 0
-        if current % checkpoint_every == 0 or current == end:
-            if not _weights_finite(model):
-                raise NonFiniteLossError(
-                    f"weights became non-finite at step {current}; the last good "
-                    f"checkpoint ({manager.latest_checkpoint or 'none'}) is kept")
-            manager.save(checkpoint_number=current)
+    try:
+        pending = None
+        for current in range(start + 1, end + 1):
+            losses = train_step(next(iterator))
+            if pending is not None:
+                check_finite(*pending)
+            pending = (current, losses)
+            window_images += global_batch
+            first = current == start + 1
+            logged = current % log_every == 0 or current == end
+            if first or logged or current % checkpoint_every == 0:
+                check_finite(current, losses)
+                pending = None
+            if first and not logged:
+                # The first step traces (and with XLA compiles) the step: keep it
+                # out of the first window's img/s and ETA.
+                logging.info("Step %d took %.1f s (tracing%s the step)", current,
+                             time.perf_counter() - run_start, " and compiling" if xla else "")
+                window_start, window_images = time.perf_counter(), 0
+            if logged:
+                now = time.perf_counter()
+                ips = window_images / max(now - window_start, 1e-9)
+                last_losses = {k: float(v) for k, v in losses.items()}
+                lr = float(schedule(current))
+                eta = (total_steps - current) * global_batch / max(ips, 1e-9)
+                loss_text = "  ".join(f"{k} {v:.4f}" for k, v in last_losses.items())
+                logging.info("step %d/%d  %s  lr %.5f  %.1f img/s  ETA %s", current,
+                             total_steps, loss_text, lr, ips, _format_eta(eta))
+                with writer.as_default(step=current):
+                    for k, v in last_losses.items():
+                        tf.summary.scalar(f"loss/{k}", v)
+                    tf.summary.scalar("learning_rate", lr)
+                    tf.summary.scalar("images_per_second", ips)
+                    tf.summary.scalar("step_time_s", global_batch / max(ips, 1e-9))
+                writer.flush()
+                window_start, window_images = time.perf_counter(), 0
+            if current % checkpoint_every == 0 or current == end:
+                if not _weights_finite(model):
+                    raise NonFiniteLossError(
+                        f"weights became non-finite at step {current}; the last good "
+                        f"checkpoint ({manager.latest_checkpoint or 'none'}) is kept")
+                manager.save(checkpoint_number=current)
+    finally:
+        # However the loop ends: an exception's traceback keeps this frame
+        # alive until the interpreter exits, and a tf.data iterator alive then
+        # can hang the process (its numpy_function decoders wait for a GIL that
+        # finalisation no longer gives; tensorflow/tensorflow#21277).
+        del iterator
     if not _is_chief(strategy):
         tf.io.gfile.rmtree(_checkpoint_dir(model_dir, strategy))
     logging.info("Trained steps %d-%d in %.1f s", start + 1, end,

@@ -3,6 +3,8 @@
 import collections
 import contextlib
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import keras
@@ -205,6 +207,29 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(trainer.NonFiniteLossError, f"at step {nan_from}:"):
             self._train(d, holder, dataset_fn=_dataset_fn(nan_from=nan_from))
         self.assertEqual(tf.train.latest_checkpoint(d), os.path.join(d, "ckpt-4"))
+
+    @parameterized.named_parameters(("first_step_one_replica", 1, 1),
+                                    ("first_step_two_replicas", 1, 2),
+                                    ("later_step", 3, 1))
+    def test_a_run_stopped_by_an_exception_exits(self, stop_at, replicas):
+        # Stopped at its first step, while the input pipeline is still filling
+        # its buffers, the process hung at exit when the traceback kept the
+        # iterator alive (numpy_function decoders and interpreter finalisation).
+        root = self.get_temp_dir()
+        fixtures.write_orientations(root)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "interrupted_run.py")
+        try:
+            proc = subprocess.run(
+                [sys.executable, script, root, os.path.join(root, "run"), str(stop_at),
+                 str(replicas)], capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            self.fail("the interrupted run did not exit within 180 s")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn(f"KeyboardInterrupt: stopped at step {stop_at}", proc.stderr)
+        if stop_at > 2:
+            self.assertEqual(tf.train.latest_checkpoint(os.path.join(root, "run")),
+                             os.path.join(root, "run", "ckpt-2"))
 
     @parameterized.named_parameters(("bf16", "bfloat16"), ("fp16", "float16"))
     def test_mixed_precision_runs(self, precision):
