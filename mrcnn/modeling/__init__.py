@@ -8,12 +8,14 @@ is gin-configurable with the R50-FPN 1x recipe as defaults.
 
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
-from mrcnn.modeling.resnet import (FrozenBatchNorm, ResNet,
+from mrcnn.modeling.resnet import (FrozenBatchNorm, ResNet, SourceInput,
+                                   load_detectron2_resnet_weights,
                                    load_keras_resnet50_weights,
                                    load_tensorpack_resnet_weights)
 from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
 from mrcnn.modeling.rpn import RpnHead
 
 __all__ = ["FPN", "MaskRCNN", "build_mask_rcnn", "FrozenBatchNorm", "ResNet",
+           "SourceInput", "load_detectron2_resnet_weights",
            "load_keras_resnet50_weights", "load_tensorpack_resnet_weights",
            "BoxHead", "MaskHead", "RoiHeads", "RpnHead"]

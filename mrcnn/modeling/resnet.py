@@ -3,13 +3,15 @@
 Shape letters: `B` batch, `H` x `W` the padded input canvas, `C_l` the
 channels of stage output `C<l>` (stride `2**l`).
 
-Architecture (Detectron2 `ResNet`, `stride_in_1x1=False`):
+Architecture (Detectron2 `ResNet`):
   stem: 7x7/2 conv 64 -> norm -> relu -> 3x3/2 max-pool (padding 1)
   res2..res5: (3, 4, 6, 3) blocks for depth 50; bottleneck blocks
   (1x1 -> 3x3 -> 1x1, 4x expansion) for depth 50/101, basic blocks
   (3x3 -> 3x3) for depth 18/34. The stride of res3..res5 sits on the 3x3
-  conv of the first block (ResNet "v1.5" / torchvision / Detectron2), not on
-  the 1x1 as in the original Caffe model.
+  conv of the first block (ResNet "v1.5": torchvision, tensorpack), or with
+  `stride_in_1x1` on its first 1x1 as in the original MSRA Caffe model
+  (keras.applications' ResNet50, Detectron2's MSRA R-50.pkl and
+  `RESNETS.STRIDE_IN_1X1 = True`, the R50-FPN 1x recipe's).
   Every strided conv pads symmetrically (explicit (k - 1) // 2 zeros each side,
   then 'valid'), as PyTorch and tensorpack's "AlignPadding" models do, so
   weights trained there see the same pixel grid here; Keras 'same' would pad
@@ -35,37 +37,59 @@ projection of a block's input):
   stem_conv/kernel             conv1_conv/kernel                conv0/W
   stem_norm/{gamma,beta}       conv1_bn/{gamma,beta}            conv0/bn/{gamma,beta}
   stem_norm/moving_mean        conv1_bn/moving_mean - bias (*)  conv0/bn/mean/EMA
-  stem_norm/moving_variance    conv1_bn/moving_variance         conv0/bn/variance/EMA
+  stem_norm/moving_variance    conv1_bn/moving_variance (**)    conv0/bn/variance/EMA
   res<s>_block<b>_conv<i>      conv<s>_block<b+1>_<i>_conv      group<s-2>/block<b>/conv<i>/W
   res<s>_block<b>_norm<i>      conv<s>_block<b+1>_<i>_bn        group<s-2>/block<b>/conv<i>/bn/...
   res<s>_block<b>_shortcut     conv<s>_block<b+1>_0_conv        group<s-2>/block<b>/convshortcut/W
   res<s>_block<b>_shortcut_norm conv<s>_block<b+1>_0_bn         group<s-2>/block<b>/convshortcut/bn/...
 
+  ours                         Detectron2 .pkl                  Caffe2 .pkl (MSRA)
+  stem_conv/kernel             stem.conv1.weight                conv1_w
+  stem_norm/{gamma,beta}       stem.conv1.norm.{weight,bias}    res_conv1_bn_{s,b}
+  stem_norm/moving_{mean,var.} stem.conv1.norm.running_{mean,var} (0, 1 - eps) (***)
+  res<s>_block<b>_conv<i>      res<s>.<b>.conv<i>.weight        res<s>_<b>_branch2{a,b,c}_w
+  res<s>_block<b>_norm<i>      res<s>.<b>.conv<i>.norm.*        res<s>_<b>_branch2{a,b,c}_bn_*
+  res<s>_block<b>_shortcut     res<s>.<b>.shortcut.weight       res<s>_<b>_branch1_w
+  res<s>_block<b>_shortcut_norm res<s>.<b>.shortcut.norm.*      res<s>_<b>_branch1_bn_*
+
 (*) Keras' ResNet50 convs carry a bias before their BN; since
 `BN(Wx + bias) = gamma * (Wx - (mean - bias)) / sqrt(var + eps) + beta`, the
-bias folds exactly into the moving mean. Keras' ResNet50 puts the stride of
-res3..res5 on the first 1x1 conv (Caffe style) and uses BN epsilon 1.001e-5
-(ours 1e-5): the arrays map one to one all the same (same shapes), and
-fine-tuning absorbs the difference, as it does for torchvision weights in
-Detectron2. The Keras file is read with h5py, in both the Keras 3
-`.weights.h5` layout (written by `save_weights`, layer groups named by class
-and creation order, which we recover from a freshly built
-`keras.applications.ResNet50`) and the legacy Keras 2 `.h5` layout (groups
-named by layer, as in the downloadable ImageNet files). Tensorpack's
-`ImageNet-R50-AlignPadding.npz` stores TF-layout (HWIO) kernels, so every
-array maps without transposition; keys may carry a `:0` suffix.
-Both loaders check that every variable of the backbone is loaded (a missing
-or mis-shaped array raises a ValueError naming our variable and the source
-key) and that no backbone array of the file is left unused; they support the
-batch-norm variants only ('gn' has no statistics to load).
+bias folds exactly into the moving mean. (**) Its BN epsilon is 1.001e-5,
+ours 1e-5: the difference is added to the variance, which gives the same
+scale (to float32 rounding). With `stride_in_1x1` the backbone is then
+keras.applications' network, C2..C5 within 1e-5 relative (tested); without it the
+arrays load all the same (same shapes), and fine-tuning has to absorb the
+moved stride, which the loaders log. The Keras file is read with h5py, in
+both the Keras 3 `.weights.h5` layout (written by `save_weights`, layer
+groups named by class and creation order, which we recover from a freshly
+built `keras.applications.ResNet50`) and the legacy Keras 2 `.h5` layout
+(groups named by layer, as in the downloadable ImageNet files).
+Tensorpack's `ImageNet-R50-AlignPadding.npz` stores TF-layout (HWIO)
+kernels, so every array maps without transposition; keys may carry a `:0`
+suffix. Detectron2 and Caffe2 files hold PyTorch-layout `[out, in, kh, kw]`
+kernels (transposed here) and are unpickled for NumPy arrays only; a
+Detectron2 file's names may sit under a prefix (`backbone.bottom_up.` in a
+trained model). (***) The MSRA norms are affine only (scale `_s`, bias
+`_b`): mean 0 and variance `1 - eps` make our folded scale the file's.
+Every loader checks that every variable of the backbone is loaded (a
+missing or mis-shaped array raises a ValueError naming our variable and the
+source key) and that no backbone array of the file is left unused; they
+support the batch-norm variants only ('gn' has no statistics to load), and
+each returns the `SourceInput` (channel order, mean, std) its network was
+trained on, which `load_backbone_weights` folds into the stem.
 """
 
+import codecs
+import collections
+import pickle
 import re
+import zipfile
 
 import gin
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from mrcnn.modeling._config import checkpointed, configurable_layer
 
@@ -84,6 +108,8 @@ _DEPTHS = {
 _NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
 # Detectron2 FrozenBatchNorm2d and nn.BatchNorm2d default epsilon.
 _BN_EPSILON = 1e-5
+# keras.applications.ResNet50's BatchNormalization epsilon.
+_KERAS_BN_EPSILON = 1.001e-5
 # Keras momentum 0.9 is PyTorch's BatchNorm momentum 0.1 (Detectron2's).
 _BN_MOMENTUM = 0.9
 # Detectron2 GroupNorm: 32 groups.
@@ -196,11 +222,12 @@ class _Block(keras.layers.Layer):
     """One residual block: bottleneck (3 convs) or basic (2 convs)."""
 
     def __init__(self, *, in_channels, out_channels, bottleneck_channels,
-                 stride, bottleneck, norm, name):
+                 stride, bottleneck, norm, name, stride_in_1x1=False):
         super().__init__(name=name)
         if bottleneck:
-            specs = [(bottleneck_channels, 1, 1),
-                     (bottleneck_channels, 3, stride),
+            s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+            specs = [(bottleneck_channels, 1, s1),
+                     (bottleneck_channels, 3, s3),
                      (out_channels, 1, 1)]
         else:
             specs = [(out_channels, 3, stride), (out_channels, 3, 1)]
@@ -241,6 +268,13 @@ class ResNet(keras.layers.Layer):
         doubling per stage (default 64, every published ResNet; Detectron2's
         `STEM_OUT_CHANNELS` and `WIDTH_PER_GROUP` together). Other widths
         train from scratch only: the weight loaders need 64.
+      stride_in_1x1: bool, put the stride of res3..res5 on the first 1x1
+        conv of a bottleneck block (the original MSRA/Caffe ResNet, as
+        keras.applications' and Detectron2's MSRA `R-50.pkl` weights were
+        trained) instead of its 3x3 (default False: torchvision, tensorpack,
+        ResNet "v1.5"; Detectron2 `RESNETS.STRIDE_IN_1X1`). Basic blocks
+        (depth 18/34) ignore it. The variables are the same either way; the
+        loaders warn when the file was trained the other way.
 
     Call:
       images: float [B, H, W, 3], H and W multiples of 32.
@@ -252,7 +286,7 @@ class ResNet(keras.layers.Layer):
     """
 
     def __init__(self, *, depth=50, norm="frozen_bn", freeze_at=2, width=64,
-                 **kwargs):
+                 stride_in_1x1=False, **kwargs):
         super().__init__(**kwargs)
         if depth not in _DEPTHS:
             raise ValueError(
@@ -270,6 +304,7 @@ class ResNet(keras.layers.Layer):
         self.width = width
         self.norm = norm
         self.freeze_at = freeze_at
+        self.stride_in_1x1 = bool(stride_in_1x1)
         num_blocks, self.bottleneck = _DEPTHS[depth]
         self.stem_conv = _Conv(width, 7, 2, name="stem_conv")
         self.stem_norm = _make_norm(norm, "stem_norm")
@@ -289,7 +324,7 @@ class ResNet(keras.layers.Layer):
                     bottleneck_channels=width * mult,
                     stride=2 if (b == 0 and stage > 2) else 1,
                     bottleneck=self.bottleneck, norm=norm,
-                    name=f"res{stage}_block{b}")
+                    name=f"res{stage}_block{b}", stride_in_1x1=self.stride_in_1x1)
                 if freeze_at >= stage:
                     block.trainable = False
                 blocks.append(block)
@@ -323,7 +358,7 @@ class ResNet(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "depth": self.depth,
                 "norm": self.norm, "freeze_at": self.freeze_at,
-                "width": self.width}
+                "width": self.width, "stride_in_1x1": self.stride_in_1x1}
 
 
 # ---------------------------------------------------------------- loaders
@@ -363,12 +398,13 @@ def _assign(variable, array, source):
     variable.assign(array.astype(variable.dtype))
 
 
-def _load_units(resnet, fetch, bias_folded):
+def _load_units(resnet, fetch, bias_folded, source_epsilon=_BN_EPSILON):
     """Assigns every conv kernel and norm vector from `fetch(unit_key, var)`.
 
     `fetch` returns (array, source_name) or raises KeyError with the source
     name. With `bias_folded`, fetch(.., 'bias') gives a conv bias that is
-    subtracted from the moving mean.
+    subtracted from the moving mean. A source epsilon other than ours goes
+    into the variance: `var + source_epsilon - ours` gives the same scale.
     """
     for conv, norm, stage, block, index in _named_units(resnet):
         key = (stage, block, index)
@@ -386,6 +422,11 @@ def _load_units(resnet, fetch, bias_folded):
             raise ValueError(
                 f"ResNet weights: no array {e.args[0]!r} in the file for "
                 f"{conv.conv.kernel.path} / {norm.name}") from None
+        if source_epsilon != _BN_EPSILON:
+            var, var_src = arrays["moving_variance"]
+            arrays["moving_variance"] = (
+                np.asarray(var, np.float64) + (source_epsilon - _BN_EPSILON),
+                f"{var_src} + (epsilon {source_epsilon} - {_BN_EPSILON})")
         for name, (array, src) in arrays.items():
             _assign(getattr(norm, name), array, src)
 
@@ -446,6 +487,9 @@ def load_keras_resnet50_weights(resnet, path):
       path: str, a Keras 3 `.weights.h5` (from `model.save_weights`) or a
         legacy Keras 2 `.h5` weights file, with or without the top.
 
+    Returns:
+      The `SourceInput` the file's network was trained on.
+
     Raises:
       ValueError naming our variable and the source array when an array is
       missing or mis-shaped, or when a backbone array of the file is unused.
@@ -473,12 +517,14 @@ def load_keras_resnet50_weights(resnet, path):
         used.add(name)
         return arrays[name], name
 
-    _load_units(resnet, fetch, bias_folded=True)
+    _load_units(resnet, fetch, bias_folded=True, source_epsilon=_KERAS_BN_EPSILON)
     unused = sorted(k for k in arrays
                     if k not in used and re.match(r"conv\d", k))
     if unused:
         raise ValueError(f"ResNet weights: arrays of {path} not loaded: "
                          f"{unused[:10]}")
+    _warn_stride(resnet, path, trained_stride_in_1x1=True)
+    return _SOURCES["keras"]
 
 
 def load_tensorpack_resnet_weights(resnet, path):
@@ -490,6 +536,9 @@ def load_tensorpack_resnet_weights(resnet, path):
         `.../bn/{gamma,beta,mean/EMA,variance/EMA}`, optional `:0` suffix).
         Keys outside `conv0/` and `group*/` (a classifier, step counters)
         are ignored.
+
+    Returns:
+      The `SourceInput` the file's network was trained on.
 
     Raises:
       ValueError naming our variable and the source key when an array is
@@ -522,20 +571,206 @@ def load_tensorpack_resnet_weights(resnet, path):
     if unused:
         raise ValueError(f"ResNet weights: arrays of {path} not loaded: "
                          f"{unused[:10]}")
+    _warn_stride(resnet, path, trained_stride_in_1x1=False)
+    return _SOURCES["tensorpack"]
+
+
+SourceInput = collections.namedtuple("SourceInput", ["channels", "pixel_mean", "pixel_std"])
+SourceInput.__doc__ = """How a source network took its input: `(pixel - pixel_mean) / pixel_std`.
+
+  channels: 'RGB' or 'BGR', the order of the three channels.
+  pixel_mean, pixel_std: three floats each, in that order, pixels in [0, 255].
+"""
+
+# keras.applications' ResNet50 takes BGR minus the caffe mean with no scaling;
+# tensorpack's ImageNet models take BGR normalised by the ImageNet mean and
+# std (its image_preprocess reverses mean and std for BGR input); the MSRA
+# Caffe ResNets (Detectron2's R-50.pkl, its default PIXEL_MEAN / PIXEL_STD)
+# BGR minus a mean, unscaled; torchvision's RGB by the ImageNet mean and std.
+_SOURCES = {
+    "keras": SourceInput("BGR", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+    "tensorpack": SourceInput("BGR", (103.53, 116.28, 123.675), (57.375, 57.12, 58.395)),
+    "msra": SourceInput("BGR", (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)),
+    "torchvision": SourceInput("RGB", IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def _warn_stride(resnet, path, trained_stride_in_1x1):
+    """Logs when the file's network put the stride on the other conv."""
+    if resnet.bottleneck and resnet.stride_in_1x1 != trained_stride_in_1x1:
+        logging.warning(
+            "ResNet weights %s were trained with the stride of res3..res5 on the "
+            "%s conv; this backbone has it on the %s (ResNet.stride_in_1x1 = %s): the "
+            "arrays load, but the network differs from the one they were trained "
+            "in until fine-tuning adapts it. Set ResNet.stride_in_1x1 = %s for the "
+            "trained network.", path, "1x1" if trained_stride_in_1x1 else "3x3",
+            "1x1" if resnet.stride_in_1x1 else "3x3", resnet.stride_in_1x1,
+            trained_stride_in_1x1)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads dicts of NumPy arrays and nothing else.
+
+    A pickle can run any code it names; Detectron2's weight files only need
+    these constructors, so any other name is refused instead of imported.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol 2 pickles
+    }
+    for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        _ALLOWED[(_module, "_reconstruct")] = np.ndarray.__reduce__(np.zeros(0))[0]
+        _ALLOWED[(_module, "scalar")] = np.float32(0).__reduce__()[0]
+    del _module
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"holds a {module}.{name}, not only NumPy arrays")
+
+
+def _read_detectron2_pickle(path):
+    """({name: array}, author or None) from a Detectron2 or Caffe2 `.pkl`."""
+    if zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path}: a PyTorch checkpoint (zip), not a Detectron2 .pkl of NumPy "
+            "arrays; convert torchvision weights with Detectron2's "
+            "tools/convert-torchvision-to-d2.py, or save a Detectron2 model's "
+            "state_dict as {'model': {name: tensor.numpy()}} with pickle")
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            # latin1: the Caffe2 model zoo files are Python 2 pickles.
+            data = _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read as a Detectron2 weights pickle "
+                         f"({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a Detectron2 weights pickle holds a dict, not "
+                         f"a {type(data).__name__}")
+    author = None
+    if "model" in data and isinstance(data["model"], dict):
+        author = data.get("__author__")
+        data = data["model"]
+    elif "blobs" in data:  # the Caffe2 / Detectron 1 model zoo layout
+        data = data["blobs"]
+    arrays = {k: np.asarray(v) for k, v in data.items() if isinstance(k, str)
+              and not k.endswith("_momentum")}
+    return arrays, author
+
+
+# Our norm variables -> Detectron2's norm names and the Caffe2 suffixes
+# (Detectron2's convert_basic_c2_names: `_bn_s` scale, `_bn_b` bias,
+# `_bn_rm` running mean, `_bn_riv` running variance).
+_D2_NORM = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+            "moving_variance": "running_var"}
+_C2_NORM = {"gamma": "s", "beta": "b", "moving_mean": "rm", "moving_variance": "riv"}
+
+
+def load_detectron2_resnet_weights(resnet, path):
+    """Loads the ResNet of a Detectron2 or Caffe2 weights `.pkl` into `resnet`.
+
+    Two naming schemes, told apart by their stem's name:
+      Detectron2 (`{'model': {...}, '__author__': ...}`): `stem.conv1.weight`,
+        `stem.conv1.norm.{weight,bias,running_mean,running_var}`,
+        `res<s>.<b>.conv<i>.weight` and `.norm.*`, `res<s>.<b>.shortcut.*`,
+        under any common prefix (`backbone.bottom_up.` in a trained Mask
+        R-CNN's `model_final_*.pkl`: its backbone loads, the rest is left).
+        `__author__ == 'torchvision'` marks torchvision ImageNet weights
+        converted by Detectron2's tools/convert-torchvision-to-d2.py.
+      Caffe2 (the MSRA ImageNet models, e.g. Detectron2's
+        `ImageNetPretrained/MSRA/R-50.pkl`): `conv1_w`, `res_conv1_bn_{s,b}`,
+        `res<s>_<b>_branch2{a,b,c}_w`, `res<s>_<b>_branch1_w` and their
+        `_bn_{s,b}`. These norms are affine (scale, bias) only: the mean
+        loads as 0 and the variance as 1 - epsilon, so that the folded
+        scale is the file's exactly.
+    Kernels are PyTorch's `[out, in, kh, kw]`, transposed to ours.
+
+    Args:
+      resnet: a `ResNet` of the file's depth, width 64, batch-norm variant
+        (built here if it is not yet).
+      path: str, the `.pkl`. Only NumPy arrays are unpickled (a file that
+        names anything else is refused, not run); a PyTorch `.pth` raises
+        with how to convert it.
+
+    Returns:
+      The `SourceInput` the network was trained on: the MSRA models' BGR
+      mean without scaling for Caffe2 files (Detectron2's default
+      PIXEL_MEAN / PIXEL_STD, which its model zoo configs keep), RGB
+      ImageNet mean and std for torchvision's; `None` for other Detectron2
+      files, whose input convention is in their config, not the file.
+
+    Raises:
+      ValueError naming our variable and the source key when an array is
+      missing or mis-shaped, or when a backbone array of the file is unused.
+    """
+    _check_loadable(resnet)
+    arrays, author = _read_detectron2_pickle(path)
+    stems = [k for k in arrays if k == "stem.conv1.weight"
+             or k.endswith(".stem.conv1.weight")]
+    if len(stems) == 1:
+        prefix = stems[0][:-len("stem.conv1.weight")]
+        caffe2 = False
+    elif "conv1_w" in arrays:
+        prefix, caffe2 = "", True
+    else:
+        raise ValueError(
+            f"{path}: no ResNet stem in the file (a Detectron2 'stem.conv1.weight' "
+            f"under one prefix, or Caffe2's 'conv1_w'; {len(stems)} Detectron2 stems "
+            f"found); its first keys: {sorted(arrays)[:5]}")
+    used = set()
+
+    def fetch(key, var):
+        stage, block, index = key
+        if caffe2:
+            unit = ("res_conv1" if stage == 1 else f"res{stage}_{block}_branch"
+                    + ("1" if index == 0 else "2" + "abc"[index - 1]))
+            if var == "kernel":
+                name = "conv1_w" if stage == 1 else f"{unit}_w"
+            else:
+                name = f"{unit}_bn_{_C2_NORM[var]}"
+            if name not in arrays and var in ("moving_mean", "moving_variance"):
+                # The affine-only norm of the MSRA models.
+                shape = arrays.get(f"{unit}_bn_s", np.zeros(0)).shape
+                value = 0.0 if var == "moving_mean" else 1.0 - _BN_EPSILON
+                return np.full(shape, value, np.float32), f"(none: {unit}_bn affine)"
+        else:
+            unit = prefix + ("stem.conv1" if stage == 1 else f"res{stage}.{block}."
+                             + ("shortcut" if index == 0 else f"conv{index}"))
+            name = f"{unit}.weight" if var == "kernel" else f"{unit}.norm.{_D2_NORM[var]}"
+        if name not in arrays:
+            raise KeyError(name)
+        used.add(name)
+        array = arrays[name]
+        if var == "kernel":
+            array = np.transpose(array, (2, 3, 1, 0)) if array.ndim == 4 else array
+        return array, name
+
+    _load_units(resnet, fetch, bias_folded=False)
+    if caffe2:
+        backbone = [k for k in arrays if re.match(r"(conv1_|res_conv1_|res\d_)", k)]
+    else:
+        backbone = [k for k in arrays if k.startswith(prefix) and re.match(
+            r"(stem|res\d)\.", k[len(prefix):])
+            and not k.endswith("num_batches_tracked")
+            and not k[len(prefix):].startswith("stem.fc.")]  # torchvision's classifier
+    unused = sorted(k for k in backbone if k not in used)
+    if unused:
+        raise ValueError(f"ResNet weights: arrays of {path} not loaded: {unused[:10]}")
+    if caffe2:
+        _warn_stride(resnet, path, trained_stride_in_1x1=True)
+        return _SOURCES["msra"]
+    if author == "torchvision":
+        _warn_stride(resnet, path, trained_stride_in_1x1=False)
+        return _SOURCES["torchvision"]
+    return None
 
 
 _LOADERS = {"keras": load_keras_resnet50_weights,
-            "tensorpack": load_tensorpack_resnet_weights}
-
-# How each source network expects its input, as (channel order, mean, std) in
-# that order: keras.applications ResNet50 takes BGR minus the caffe mean with
-# no scaling; tensorpack's ImageNet models take BGR normalised by the ImageNet
-# mean and std (its image_preprocess reverses mean and std for BGR input).
-_SOURCE_INPUT = {
-    "keras": ("bgr", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
-    "tensorpack": ("bgr", (103.53, 116.28, 123.675), (57.375, 57.12, 58.395)),
-}
-
+            "tensorpack": load_tensorpack_resnet_weights,
+            "detectron2": load_detectron2_resnet_weights}
 
 def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
                         pixel_std=IMAGENET_STD):
@@ -549,14 +784,18 @@ def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
 
     Args:
       resnet: a ResNet just loaded from `source` weights, batch-norm variant.
-      source: 'keras' or 'tensorpack'.
+      source: a `SourceInput`, or the name of a known one: 'keras',
+        'tensorpack', 'msra', 'torchvision'.
       pixel_mean, pixel_std: RGB, the model's input normalisation.
     """
-    order, src_mean, src_std = _SOURCE_INPUT[source]
+    channels, src_mean, src_std = _SOURCES[source] if isinstance(source, str) else source
+    if channels.upper() not in ("RGB", "BGR"):
+        raise ValueError(f"source channels {channels!r} must be 'RGB' or 'BGR'")
     kernel = resnet.stem_conv.conv.kernel
     w = kernel.numpy().astype(np.float64)  # [7, 7, 3, 64] in source order
-    src_mean, src_std = np.asarray(src_mean), np.asarray(src_std)
-    if order == "bgr":
+    src_mean = np.asarray(src_mean, np.float64)
+    src_std = np.asarray(src_std, np.float64)
+    if channels.upper() == "BGR":
         w, src_mean, src_std = w[:, :, ::-1, :], src_mean[::-1], src_std[::-1]
     shift = (np.asarray(pixel_mean) - src_mean) / src_std  # [3]
     const = np.einsum("hwco,c->o", w, shift)  # [64]
@@ -568,20 +807,31 @@ def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
 
 
 @gin.configurable
-def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras"):
+def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras",
+                          source_format=None, source_pixel_mean=None,
+                          source_pixel_std=None):
     """Initialises `model.backbone` from ImageNet weights (`train.init_fn`).
 
     The weights are loaded one to one, then `adapt_stem_to_input` folds the
-    source's input convention (BGR, its mean and std) into the stem, so the
-    backbone sees our RGB images, normalised by the model's `pixel_mean` and
-    `pixel_std`, as the source saw its own.
+    source's input convention (channel order, mean and std) into the stem,
+    so the backbone sees our RGB images, normalised by the model's
+    `pixel_mean` and `pixel_std`, as the source saw its own.
 
     Args:
       model: a built model with a `backbone` ResNet and RGB `pixel_mean`,
         `pixel_std` (MaskRCNN's).
       path: str, the weights file.
-      file_format: 'keras' (a keras.applications.ResNet50 weights file) or
-        'tensorpack' (ImageNet-R50-AlignPadding.npz).
+      file_format: 'keras' (a keras.applications.ResNet50 weights file),
+        'tensorpack' (ImageNet-R50-AlignPadding.npz) or 'detectron2' (a
+        Detectron2 or Caffe2 `.pkl`: MSRA's R-50.pkl, torchvision weights
+        converted for Detectron2, a trained Detectron2 model's backbone).
+      source_format, source_pixel_mean, source_pixel_std: the source's input
+        convention, Detectron2's INPUT.FORMAT ('RGB' or 'BGR'), MODEL.PIXEL_MEAN
+        and MODEL.PIXEL_STD (three floats each, in that channel order); each
+        one given overrides what the file format implies. A Detectron2 file
+        other than MSRA's and torchvision's carries no convention: without
+        these, Detectron2's defaults (MSRA's: BGR, mean 103.53, 116.28,
+        123.675, std 1) are assumed, and logged.
 
     Raises:
       FileNotFoundError: no such file; ValueError: see the loaders.
@@ -593,5 +843,17 @@ def load_backbone_weights(model, *, path=gin.REQUIRED, file_format="keras"):
         raise FileNotFoundError(
             f"{path}: backbone weights not found (load_backbone_weights.path); "
             f"set train.init_fn = None to train from scratch")
-    _LOADERS[file_format](model.backbone, path)
-    adapt_stem_to_input(model.backbone, file_format, model.pixel_mean, model.pixel_std)
+    source = _LOADERS[file_format](model.backbone, path)
+    if source is None:
+        source = _SOURCES["msra"]
+        if None in (source_format, source_pixel_mean, source_pixel_std):
+            logging.warning(
+                "%s carries no input convention; assuming Detectron2's defaults for "
+                "what is not given (load_backbone_weights.source_format = 'BGR', "
+                ".source_pixel_mean = %s, .source_pixel_std = %s)", path,
+                source.pixel_mean, source.pixel_std)
+    source = SourceInput(
+        source_format or source.channels,
+        tuple(source_pixel_mean) if source_pixel_mean is not None else source.pixel_mean,
+        tuple(source_pixel_std) if source_pixel_std is not None else source.pixel_std)
+    adapt_stem_to_input(model.backbone, source, model.pixel_mean, model.pixel_std)

@@ -1,7 +1,9 @@
-"""ResNet backbone, FrozenBatchNorm and the two weight loaders."""
+"""ResNet backbone, FrozenBatchNorm and the weight loaders."""
 
 import os
+import subprocess
 import tempfile
+import unittest
 from unittest import mock
 
 import keras
@@ -375,3 +377,284 @@ class TensorpackLoaderTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "'gn'"):
             resnet_lib.load_tensorpack_resnet_weights(
                 resnet_lib.ResNet(depth=18, norm='gn'), 'unused.npz')
+
+
+def _sane(variables, rng, tiny_variance=()):
+    """Random weights that keep a deep net's activations in range: kernels
+    by fan-in, gammas below 1. Norms whose path contains a name in
+    `tiny_variance` get variances near 1e-6, where BN epsilons matter."""
+    for v in variables:
+        shape = tuple(v.shape)
+        if len(shape) == 4:
+            value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:3]))
+        elif 'variance' in v.path:
+            value = rng.uniform(0.5, 2.0, shape)
+            if any(name in v.path for name in tiny_variance):
+                value = rng.uniform(1e-7, 1e-6, shape)
+        elif 'gamma' in v.path:
+            value = rng.uniform(0.3, 0.8, shape)
+        else:
+            value = rng.normal(0.0, 0.1, shape)
+        v.assign(value.astype(np.float32))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+class KerasParityTest(tf.test.TestCase):
+
+    def test_stride_in_1x1_backbone_is_keras_resnet50(self):
+        # keras.applications' ResNet50 is the MSRA network: stride on the
+        # 1x1 conv, BN epsilon 1.001e-5 (here made to matter in the stem,
+        # whose variances are ~1e-6). With stride_in_1x1 the loaded backbone
+        # gives its C2..C5; with the stride on the 3x3 only C2 agrees.
+        km = keras.applications.ResNet50(weights=None, include_top=False,
+                                         input_shape=(_CANVAS, _CANVAS, 3))
+        _sane(km.weights, np.random.default_rng(5), tiny_variance=('conv1_bn',))
+        path = os.path.join(self.get_temp_dir(), 'r50.weights.h5')
+        km.save_weights(path)
+        taps = ('conv2_block3_out', 'conv3_block4_out', 'conv4_block6_out',
+                'conv5_block3_out')
+        x = tf.random.stateless_normal([2, _CANVAS, _CANVAS, 3], [3, 4]) * 50.0
+        want = keras.Model(km.input, [km.get_layer(t).output for t in taps])(x)
+        for stride_in_1x1 in (True, False):
+            net = resnet_lib.ResNet(depth=50, stride_in_1x1=stride_in_1x1)
+            resnet_lib.load_keras_resnet50_weights(net, path)
+            out = net(x)
+            errors = [_rel(out[level], ref) for level, ref in zip(range(2, 6), want)]
+            if stride_in_1x1:
+                self.assertLess(max(errors), 1e-5, errors)
+            else:
+                self.assertLess(errors[0], 1e-5, errors)
+                self.assertGreater(min(errors[1:]), 0.03, errors)
+
+    def test_stride_placement(self):
+        for stride_in_1x1, strides in ((True, (2, 1, 1)), (False, (1, 2, 1))):
+            net = resnet_lib.ResNet(depth=50, stride_in_1x1=stride_in_1x1)
+            first = net.stages[1][0]  # res3_block0
+            self.assertEqual(tuple(c.strides for c in first.convs), strides)
+            self.assertEqual(first.shortcut.strides, 2)
+            out = net(tf.zeros([1, _CANVAS, _CANVAS, 3]))
+            self.assertEqual(out[5].shape, (1, 2, 2, 2048))
+            clone = resnet_lib.ResNet.from_config(net.get_config())
+            self.assertEqual(clone.stride_in_1x1, stride_in_1x1)
+
+
+def _d2_name(stage, block, index):
+    if stage == 1:
+        return 'stem.conv1'
+    return f'res{stage}.{block}.' + ('shortcut' if index == 0 else f'conv{index}')
+
+
+def _c2_name(stage, block, index):
+    if stage == 1:
+        return 'res_conv1'
+    return f'res{stage}_{block}_branch' + ('1' if index == 0 else '2' + 'abc'[index - 1])
+
+
+class Detectron2LoaderTest(tf.test.TestCase, parameterized.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.source = resnet_lib.ResNet(depth=50)
+        cls.source(tf.zeros([1, _CANVAS, _CANVAS, 3]))
+        _sane(cls.source.weights, np.random.default_rng(6))
+
+    def _d2_arrays(self, prefix=''):
+        """The source net as a Detectron2 state dict: OIHW kernels, d2 names."""
+        arrays = {}
+        for conv, norm, stage, block, index in resnet_lib._named_units(self.source):
+            unit = prefix + _d2_name(stage, block, index)
+            arrays[f'{unit}.weight'] = np.transpose(conv.conv.kernel.numpy(), (3, 2, 0, 1))
+            for ours, theirs in (('gamma', 'weight'), ('beta', 'bias'),
+                                 ('moving_mean', 'running_mean'),
+                                 ('moving_variance', 'running_var')):
+                arrays[f'{unit}.norm.{theirs}'] = getattr(norm, ours).numpy()
+        return arrays
+
+    def _c2_arrays(self):
+        """The source net's kernels and gamma / beta under Caffe2 names."""
+        arrays = {}
+        for conv, norm, stage, block, index in resnet_lib._named_units(self.source):
+            unit = _c2_name(stage, block, index)
+            kernel = 'conv1_w' if stage == 1 else f'{unit}_w'
+            arrays[kernel] = np.transpose(conv.conv.kernel.numpy(), (3, 2, 0, 1))
+            arrays[f'{unit}_bn_s'] = norm.gamma.numpy()
+            arrays[f'{unit}_bn_b'] = norm.beta.numpy()
+        return arrays
+
+    def _write(self, obj, name='w.pkl', protocol=4):
+        import pickle
+        path = os.path.join(self.get_temp_dir(), name)
+        with open(path, 'wb') as f:
+            pickle.dump(obj, f, protocol=protocol)
+        return path
+
+    def _assert_loaded(self, net, norm_stats=True):
+        for (conv, norm, *_), (src_conv, src_norm, *_) in zip(
+                resnet_lib._named_units(net), resnet_lib._named_units(self.source)):
+            self.assertAllEqual(conv.conv.kernel, src_conv.conv.kernel)
+            names = ('gamma', 'beta') + (('moving_mean', 'moving_variance')
+                                         if norm_stats else ())
+            for name in names:
+                self.assertAllEqual(getattr(norm, name), getattr(src_norm, name))
+
+    @parameterized.named_parameters(('plain', '', 'torchvision'),
+                                    ('mask_rcnn_model_zoo', 'backbone.bottom_up.',
+                                     'Detectron2 Model Zoo'))
+    def test_detectron2_names(self, prefix, author):
+        arrays = self._d2_arrays(prefix)
+        arrays[f'{prefix}stem.conv1.norm.num_batches_tracked'] = np.array(0)
+        if prefix:  # the rest of a trained Mask R-CNN is not the backbone's
+            arrays['backbone.fpn_lateral2.weight'] = np.zeros((256, 256, 1, 1))
+            arrays['roi_heads.box_predictor.cls_score.weight'] = np.zeros((81, 1024))
+        else:  # tools/convert-torchvision-to-d2.py keeps the classifier
+            arrays['stem.fc.weight'] = np.zeros((1000, 2048))
+        path = self._write({'model': arrays, '__author__': author,
+                            'matching_heuristics': True})
+        net = resnet_lib.ResNet(depth=50)
+        source = resnet_lib.load_detectron2_resnet_weights(net, path)
+        self._assert_loaded(net)
+        self.assertEqual(source, resnet_lib._SOURCES['torchvision'] if not prefix
+                         else None)
+
+    def test_caffe2_msra_names(self):
+        # Python 2 pickle of {'blobs': ...}, as the MSRA model zoo files:
+        # affine-only norms load as mean 0 and variance 1 - eps, so the
+        # folded scale is the file's scale exactly.
+        arrays = self._c2_arrays()
+        arrays['fc1000_w'] = np.zeros((1000, 2048))
+        arrays['res2_0_branch2a_w_momentum'] = np.zeros((64, 64, 1, 1))
+        path = self._write({'blobs': arrays}, protocol=2)
+        net = resnet_lib.ResNet(depth=50, stride_in_1x1=True)
+        source = resnet_lib.load_detectron2_resnet_weights(net, path)
+        self._assert_loaded(net, norm_stats=False)
+        for _, norm, *_ in resnet_lib._named_units(net):
+            self.assertAllEqual(norm.moving_mean, np.zeros(norm.gamma.shape))
+            scale, offset = norm.affine()
+            self.assertAllClose(scale, norm.gamma, rtol=1e-6, atol=0)
+            self.assertAllClose(offset, norm.beta, rtol=0, atol=0)
+        self.assertEqual(source, resnet_lib._SOURCES['msra'])
+
+    def test_stride_warning(self):
+        path = self._write({'blobs': self._c2_arrays()})
+        with self.assertLogs('absl', 'WARNING') as logs:
+            resnet_lib.load_detectron2_resnet_weights(resnet_lib.ResNet(depth=50), path)
+        self.assertIn('ResNet.stride_in_1x1 = True', logs.output[0])
+        with mock.patch.object(resnet_lib.logging, 'warning') as warning:
+            resnet_lib.load_detectron2_resnet_weights(
+                resnet_lib.ResNet(depth=50, stride_in_1x1=True), path)
+        warning.assert_not_called()
+
+    def test_errors_name_the_array(self):
+        net = resnet_lib.ResNet(depth=50)
+        arrays = self._d2_arrays()
+        del arrays['res4.0.shortcut.norm.running_var']
+        with self.assertRaisesRegex(ValueError, r"'res4.0.shortcut.norm.running_var'"
+                                    r".*res4_block0_shortcut"):
+            resnet_lib.load_detectron2_resnet_weights(
+                net, self._write({'model': arrays}))
+        arrays = self._d2_arrays()
+        arrays['res5.2.conv4.weight'] = np.zeros((1,))
+        with self.assertRaisesRegex(ValueError, 'not loaded.*res5.2.conv4.weight'):
+            resnet_lib.load_detectron2_resnet_weights(
+                net, self._write({'model': arrays}))
+        arrays = self._d2_arrays()
+        arrays['res3.1.conv2.weight'] = arrays['res3.1.conv2.weight'][:, :, :1, :1]
+        with self.assertRaisesRegex(ValueError, r'res3_block1_conv2.*\(3, 3, 128, 128\)'
+                                    r'.*res3.1.conv2.weight.*\(1, 1, 128, 128\)'):
+            resnet_lib.load_detectron2_resnet_weights(
+                net, self._write({'model': arrays}))
+        with self.assertRaisesRegex(ValueError, "no ResNet stem.*'a.b'"):
+            resnet_lib.load_detectron2_resnet_weights(
+                net, self._write({'model': {'a.b': np.zeros(1)}}))
+        two = {**self._d2_arrays('a.'), **self._d2_arrays('b.')}
+        with self.assertRaisesRegex(ValueError, '2 Detectron2 stems'):
+            resnet_lib.load_detectron2_resnet_weights(net, self._write({'model': two}))
+
+    def test_refuses_what_is_not_arrays(self):
+        net = resnet_lib.ResNet(depth=50)
+        marker = os.path.join(self.get_temp_dir(), 'ran')
+
+        class Payload:
+            def __reduce__(self):
+                return (os.mknod, (marker,))
+
+        path = self._write({'model': {'stem.conv1.weight': Payload()}})
+        with self.assertRaisesRegex(ValueError, f'{path}.*posix.mknod'):
+            resnet_lib.load_detectron2_resnet_weights(net, path)
+        self.assertFalse(os.path.exists(marker))
+        import zipfile
+        pth = os.path.join(self.get_temp_dir(), 'r50.pth')
+        with zipfile.ZipFile(pth, 'w') as z:
+            z.writestr('archive/data.pkl', b'')
+        with self.assertRaisesRegex(ValueError, 'PyTorch checkpoint.*convert-torchvision'):
+            resnet_lib.load_detectron2_resnet_weights(net, pth)
+
+    @parameterized.named_parameters(('msra', False), ('model_zoo_with_overrides', True))
+    def test_train_init_sees_our_images_as_the_source_saw_its_own(self, model_zoo):
+        # MSRA: BGR minus a mean, unscaled. A Detectron2 file without a
+        # convention takes one from load_backbone_weights' arguments (here
+        # RGB with a mean and std of its own).
+        class Holder:
+            backbone = resnet_lib.ResNet(depth=50, stride_in_1x1=True)
+            pixel_mean, pixel_std = resnet_lib.IMAGENET_MEAN, resnet_lib.IMAGENET_STD
+        Holder.backbone(tf.zeros([1, _CANVAS, _CANVAS, 3]))
+        pixels = np.random.default_rng(3).uniform(0, 255, (1, 64, 64, 3))
+        if model_zoo:
+            path = self._write({'model': self._d2_arrays('backbone.bottom_up.'),
+                                '__author__': 'Detectron2 Model Zoo'})
+            mean, std = (100.0, 110.0, 120.0), (50.0, 60.0, 70.0)
+            resnet_lib.load_backbone_weights(
+                Holder, path=path, file_format='detectron2', source_format='RGB',
+                source_pixel_mean=mean, source_pixel_std=std)
+            theirs_in = (pixels - mean) / std
+        else:
+            path = self._write({'blobs': self._c2_arrays()}, protocol=2)
+            resnet_lib.load_backbone_weights(Holder, path=path, file_format='detectron2')
+            theirs_in = pixels[..., ::-1] - np.array([103.53, 116.28, 123.675])
+        src = self.source
+        src_stem = (resnet_lib._named_units(src)[0][0].conv.kernel.numpy(),
+                    src.stem_norm)
+        if not model_zoo:  # the C2 norm is affine only
+            src_scale, src_offset = src.stem_norm.gamma.numpy(), src.stem_norm.beta.numpy()
+        else:
+            src_scale, src_offset = (t.numpy() for t in src.stem_norm.affine())
+        theirs = tf.nn.relu(tf.nn.conv2d(
+            np.pad(theirs_in, [[0, 0], [3, 3], [3, 3], [0, 0]]).astype(np.float32),
+            src_stem[0], 2, 'VALID') * src_scale + src_offset)
+        net = Holder.backbone
+        ours_in = (pixels - np.array(Holder.pixel_mean)) / np.array(Holder.pixel_std)
+        ours = tf.nn.relu(net.stem_norm(net.stem_conv(ours_in.astype(np.float32))))
+        # Interior only: zero padding means a different pixel in each space.
+        ours, theirs = np.asarray(ours)[0, 2:-2, 2:-2], np.asarray(theirs)[0, 2:-2, 2:-2]
+        self.assertAllClose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+@unittest.skipUnless(os.environ.get('MRCNN_TORCH_PYTHON'),
+                     'set MRCNN_TORCH_PYTHON to a Python with torch and torchvision')
+class TorchvisionParityTest(tf.test.TestCase):
+    """torchvision's own ResNet-50, through Detectron2's naming, gives our C2..C5.
+
+    On demand (torch is not an mrcnn dependency):
+      MRCNN_TORCH_PYTHON=/path/to/torch/venv/bin/python \\
+        .venv/bin/python -m pytest -q tests/modeling/test_resnet.py -k Torchvision
+    """
+
+    def test_detectron2_file_of_torchvision_weights(self):
+        out = self.get_temp_dir()
+        script = os.path.join(os.path.dirname(__file__), '..', '..', 'benchmarks',
+                              'peers', 'torchvision_resnet50_features.py')
+        subprocess.run([os.environ['MRCNN_TORCH_PYTHON'], script, f'--out={out}'],
+                       check=True, capture_output=True, timeout=600)
+        net = resnet_lib.ResNet(depth=50)
+        source = resnet_lib.load_detectron2_resnet_weights(
+            net, os.path.join(out, 'r50.pkl'))
+        self.assertEqual(source, resnet_lib._SOURCES['torchvision'])
+        with np.load(os.path.join(out, 'features.npz')) as theirs:
+            ours = net(tf.constant(theirs['input']))
+            for level in range(2, 6):
+                self.assertLess(_rel(ours[level], theirs[f'c{level}']), 1e-5, level)
