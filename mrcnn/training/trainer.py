@@ -4,12 +4,17 @@ A model here is any `keras.Model` whose `call(batch, training=True)` returns
 a dict of named float32 scalar losses, each already averaged over the
 replica's images; the trainer sums them, averages over replicas and steps the
 optimizer. Rerunning `train` with the same `model_dir` resumes from the last
-checkpoint with no flag.
+checkpoint with no flag. SIGTERM (a scheduler's preemption) or Ctrl-C ends
+the run after the step in flight with a checkpoint of that step, so that
+the rerun loses nothing (one machine; see `train`).
 """
 
+import contextlib
 import inspect
 import math
 import os
+import signal
+import threading
 import time
 
 import gin
@@ -68,6 +73,41 @@ def _checkpoint_dir(model_dir, strategy):
     if _is_chief(strategy):
         return model_dir
     return os.path.join(model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled):
+    """Within it, SIGTERM and SIGINT ask the training loop to stop.
+
+    Yields a list that the first such signal appends its name to; the loop
+    stops after the step in flight and checkpoints it. A second signal
+    stops at once, as without the handler (KeyboardInterrupt for SIGINT,
+    exit status 128 + 15 for SIGTERM). Python handlers can only be set from
+    the main thread: elsewhere, or when not `enabled`, signals keep their
+    handlers and the list stays empty.
+    """
+    requests = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+    signums = (signal.SIGTERM, signal.SIGINT)
+
+    def handler(signum, frame):
+        del frame
+        if requests:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        requests.append(signal.Signals(signum).name)
+        logging.warning("%s: stopping after the step in flight and checkpointing "
+                        "it (send it again to stop at once)", requests[0])
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield requests
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _weights_finite(model):
@@ -330,9 +370,17 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         an interrupted run.
       strategy: optional tf.distribute.Strategy; `make_strategy()` if None.
 
+    A SIGTERM or SIGINT (Ctrl-C) during the loop ends it after the step in
+    flight, which is checkpointed (after the NaN checks); rerunning resumes
+    there, the input position included. Under multi-worker training the
+    workers could stop at different steps and wait on each other, so there
+    the signals keep their default effect and the last periodic checkpoint
+    is what a stopped run keeps.
+
     Returns:
-      dict with the final `step`, the last logged `losses` and the trained
-      `model`.
+      dict with the final `step`, the last logged `losses`, the trained
+      `model`, and `stopped_by`: the name of the signal that stopped the run
+      early, else None.
 
     Raises:
       NonFiniteLossError: a loss became NaN or Inf; the last checkpoint
@@ -394,7 +442,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     start = int(step.numpy())
     if start >= total_steps:
         logging.info("Nothing to do: step %d >= total_steps %d", start, total_steps)
-        return {"step": start, "losses": {}, "model": model}
+        return {"step": start, "losses": {}, "model": model, "stopped_by": None}
     if _is_chief(strategy):
         with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
@@ -439,6 +487,11 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     # is read after step k + 1 is dispatched, so that an accelerator is not
     # left idle while the host fetches the next batch and launches the step;
     # before a log line or a checkpoint the step's own loss is read.
+    multi_worker = bool(getattr(getattr(strategy, "cluster_resolver", None),
+                                "task_type", None))
+    stop = contextlib.ExitStack()
+    stop_requests = stop.enter_context(_stop_requests(not multi_worker))
+    stopped_by = None
     try:
         pending = None
         for current in range(start + 1, end + 1):
@@ -475,13 +528,24 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                     tf.summary.scalar("step_time_s", global_batch / max(ips, 1e-9))
                 writer.flush()
                 window_start, window_images = time.perf_counter(), 0
-            if current % checkpoint_every == 0 or current == end:
+            if stop_requests:
+                stopped_by = stop_requests[0]
+                if pending is not None:
+                    check_finite(*pending)
+            if current % checkpoint_every == 0 or current == end or stopped_by:
                 if not _weights_finite(model):
                     raise NonFiniteLossError(
                         f"weights became non-finite at step {current}; the last good "
                         f"checkpoint ({manager.latest_checkpoint or 'none'}) is kept")
                 manager.save(checkpoint_number=current)
+            if stopped_by:
+                logging.warning("Stopped by %s at step %d of %d: checkpoint %s; rerun "
+                                "the same command to resume", stopped_by, current,
+                                total_steps, manager.latest_checkpoint)
+                end = current
+                break
     finally:
+        stop.close()
         # However the loop ends: an exception's traceback keeps this frame
         # alive until the interpreter exits, and a tf.data iterator alive then
         # can hang the process (its numpy_function decoders wait for a GIL that
@@ -491,5 +555,5 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         tf.io.gfile.rmtree(_checkpoint_dir(model_dir, strategy))
     logging.info("Trained steps %d-%d in %.1f s", start + 1, end,
                  time.perf_counter() - run_start)
-    return {"step": end, "losses": last_losses, "model": model}
+    return {"step": end, "losses": last_losses, "model": model, "stopped_by": stopped_by}
 

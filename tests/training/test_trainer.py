@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from unittest import mock
@@ -207,6 +208,55 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(trainer.NonFiniteLossError, f"at step {nan_from}:"):
             self._train(d, holder, dataset_fn=_dataset_fn(nan_from=nan_from))
         self.assertEqual(tf.train.latest_checkpoint(d), os.path.join(d, "ckpt-4"))
+
+    def _signalling_steps(self, at_step, signum, times=1):
+        """Patches make_train_step: step `at_step` sends `signum` to this process."""
+        real = trainer.make_train_step
+
+        def make(*args, **kw):
+            step, calls = real(*args, **kw), []
+
+            def signalling(batch):
+                out = step(batch)
+                calls.append(None)
+                if len(calls) == at_step:
+                    for _ in range(times):
+                        os.kill(os.getpid(), signum)
+                return out
+            return signalling
+        return mock.patch.object(trainer, "make_train_step", make)
+
+    @parameterized.named_parameters(("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT))
+    def test_a_signal_stops_the_run_with_a_checkpoint_of_its_step(self, signum):
+        d = self.get_temp_dir()
+        handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        whole, cut = {}, {}
+        data = lambda: _seeded_dataset_fn([], fixed_seed=7)  # noqa: E731
+        self._train(os.path.join(d, "whole"), whole, init_seed=1, dataset_fn=data())
+        with self._signalling_steps(6, signum):
+            out = self._train(os.path.join(d, "cut"), cut, init_seed=1, dataset_fn=data())
+        self.assertEqual((out["step"], out["stopped_by"]), (6, signal.Signals(signum).name))
+        self.assertEqual(tf.train.latest_checkpoint(os.path.join(d, "cut")),
+                         os.path.join(d, "cut", "ckpt-6"))   # between the periodic 4 and 8
+        self.assertEqual((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)),
+                         handlers)
+        out = self._train(os.path.join(d, "cut"), cut, dataset_fn=data())
+        self.assertEqual((out["step"], out["stopped_by"]), (12, None))
+        for a, b in zip(_weights(whole["model"]), _weights(cut["model"])):
+            self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
+
+    @parameterized.named_parameters(("sigterm", signal.SIGTERM, SystemExit),
+                                    ("sigint", signal.SIGINT, KeyboardInterrupt))
+    def test_a_second_signal_stops_at_once(self, signum, error):
+        d = os.path.join(self.get_temp_dir(), "twice")
+        handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        with self._signalling_steps(6, signum, times=2), self.assertRaises(error) as cm:
+            self._train(d, {})
+        if error is SystemExit:
+            self.assertEqual(cm.exception.code, 128 + signal.SIGTERM)
+        self.assertEqual(tf.train.latest_checkpoint(d), os.path.join(d, "ckpt-4"))
+        self.assertEqual((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)),
+                         handlers)
 
     @parameterized.named_parameters(("first_step_one_replica", 1, 1),
                                     ("first_step_two_replicas", 1, 2),
