@@ -452,6 +452,23 @@ class ScheduleTest(tf.test.TestCase):
         self.assertAllClose(s(80), 0.002)
         self.assertAllClose(s(115), 0.0002, rtol=1e-4)
 
+    def test_warmup_and_cosine(self):
+        # Detectron2 WarmupCosineLR: base * (end + (1 - end) * (1 + cos(pi t / T)) / 2),
+        # times the linear warm-up factor.
+        base, total, end = 0.04, 200, 0.05
+        s = optimization.WarmupCosineDecay(base, total, warmup_steps=10,
+                                           warmup_factor=0.001, end_factor=end)
+        for step in (0, 5, 10, 50, 100, 199, 200, 250):
+            cosine = (1 + np.cos(np.pi * min(step / total, 1.0))) / 2
+            warm = 0.001 * (1 - min(step / 10, 1)) + min(step / 10, 1)
+            self.assertAllClose(s(step), base * (end + (1 - end) * cosine) * warm,
+                                rtol=1e-5, atol=1e-9, msg=step)
+        _, sched, _ = optimization.build_optimizer(32, 100, 1200, schedule="cosine")
+        self.assertAllClose(sched(600), 0.04 * 0.5)  # halfway, no end floor
+        self.assertEqual(sched.total_steps, 1200)
+        with self.assertRaisesRegex(ValueError, "schedule='poly'"):
+            optimization.build_optimizer(32, 100, 1200, schedule="poly")
+
     def test_lr_scales_with_batch_and_decay_skips_norms(self):
         _, sched, wd = optimization.build_optimizer(32, 100, 1200)
         self.assertAllClose(sched(500), 0.04)
