@@ -46,6 +46,14 @@ def l2_penalty(variables, weight_decay):
     return 0.5 * weight_decay * tf.add_n(squares)
 
 
+def _warmup(step, warmup_steps, warmup_factor):
+    """float32 factor rising linearly from `warmup_factor` to 1 over `warmup_steps`."""
+    if warmup_steps <= 0:
+        return 1.0
+    alpha = tf.minimum(step / warmup_steps, 1.0)
+    return warmup_factor * (1.0 - alpha) + alpha
+
+
 class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
     """lr(step): linear warm-up from `base_lr * warmup_factor`, then x`decay_rate` at each boundary."""
 
@@ -62,10 +70,7 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         lr = tf.constant(self.base_lr, tf.float32)
         for boundary in self.boundaries:
             lr = tf.where(step >= boundary, lr * self.decay_rate, lr)
-        if self.warmup_steps > 0:
-            alpha = tf.minimum(step / self.warmup_steps, 1.0)
-            lr = lr * (self.warmup_factor * (1.0 - alpha) + alpha)
-        return lr
+        return lr * _warmup(step, self.warmup_steps, self.warmup_factor)
 
     def get_config(self):
         return {"base_lr": self.base_lr, "boundaries": self.boundaries,
@@ -90,10 +95,7 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         progress = tf.minimum(step / max(self.total_steps, 1), 1.0)
         cosine = 0.5 * (1.0 + tf.cos(math.pi * progress))
         lr = self.base_lr * (self.end_factor + (1.0 - self.end_factor) * cosine)
-        if self.warmup_steps > 0:
-            alpha = tf.minimum(step / self.warmup_steps, 1.0)
-            lr = lr * (self.warmup_factor * (1.0 - alpha) + alpha)
-        return lr
+        return lr * _warmup(step, self.warmup_steps, self.warmup_factor)
 
     def get_config(self):
         return {"base_lr": self.base_lr, "total_steps": self.total_steps,
