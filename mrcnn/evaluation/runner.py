@@ -194,9 +194,12 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
             checkpoint=None):
     """Detects objects in image files; writes detections.json and one PNG per image.
 
-    detections.json holds, per image, each detection's box (y1, x1, y2, x2 in
-    the image's pixels), class, name, score and mask (`segmentation`, COCO
-    RLE at the image's size: `pycocotools.mask.decode` gives [H, W]).
+    detections.json holds, per image, its picture's file name and each
+    detection's box (y1, x1, y2, x2 in the image's pixels), class, name,
+    score and mask (`segmentation`, COCO RLE at the image's size:
+    `pycocotools.mask.decode` gives [H, W]). Files that cannot be decoded
+    are skipped with a warning and listed under `unreadable`; ValueError
+    when none can be.
 
     Each image is padded to the first of `pipeline.orientation_canvases`
     (landscape, portrait: 832 x 1344 and 1344 x 832 for COCO's sizes) that
@@ -227,12 +230,15 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
         trainer.check_num_classes(model, dataset_fn)
     infer = tf.function(lambda b: model(b, training=False))
     os.makedirs(out_dir, exist_ok=True)
-    written, used = [], {}
+    written, used, unreadable, pictures = [], {}, [], set()
     for file in files:
         try:
-            image = np.asarray(Image.open(file).convert("RGB"))
-        except OSError as e:
-            raise ValueError(f"{file}: cannot read image ({e})") from e
+            with Image.open(file) as opened:
+                image = np.asarray(opened.convert("RGB"))
+        except OSError as e:   # one bad file in a folder must not cost the others
+            logging.warning("%s: cannot read image (%s); skipped", file, e)
+            unreadable.append({"file": file, "error": str(e)})
+            continue
         images, info = pipeline.preprocess_image(
             image, min_size=min_size, max_size=max_size, canvas_size=canvas_size)
         rh, rw = float(info[2]), float(info[3])
@@ -254,18 +260,43 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
         picture = visualize.draw_detections(image, boxes, classes,
                                             det["detection_scores"][keep], masks,
                                             names, score_threshold=score_threshold)
-        stem = os.path.splitext(os.path.basename(file))[0]
-        visualize.save_png(os.path.join(out_dir, f"{stem}.png"), picture)
+        picture_name = _unique_png_name(file, pictures)
+        visualize.save_png(os.path.join(out_dir, picture_name), picture)
         written.append({
             "file": file,
+            "picture": picture_name,
             "detections": [{"box_yxyx": [round(float(v), 2) for v in b],
                             "class": int(c), "name": names[int(c)],
                             "score": round(float(s), 4), "segmentation": rle}
                            for b, c, s, rle in zip(boxes, classes,
                                                    det["detection_scores"][keep],
                                                    rles)]})
+    if not written:
+        raise ValueError(f"none of the {len(files)} image files could be read: "
+                         + "; ".join(f"{u['file']}: {u['error']}" for u in unreadable))
+    report = {"checkpoint": path, "step": step, "images": written}
+    if unreadable:
+        report["unreadable"] = unreadable
     with open(os.path.join(out_dir, "detections.json"), "w") as f:
-        json.dump({"checkpoint": path, "step": step, "images": written}, f, indent=2)
-    logging.info("Predicted %d images: %s", len(files), ", ".join(
+        json.dump(report, f, indent=2)
+    logging.info("Predicted %d images: %s", len(written), ", ".join(
         f"{n} on {h}x{w}" for (h, w), n in sorted(used.items())))
+    if unreadable:
+        logging.warning("%d of %d files could not be read (listed under 'unreadable' "
+                        "in detections.json)", len(unreadable), len(files))
     return written
+
+
+def _unique_png_name(file, taken):
+    """`<stem>.png`, or `<stem>_<k>.png` for the k-th file of the same stem.
+
+    a.jpg and a.png, or two folders' 000001.jpg, would otherwise overwrite
+    each other's picture. `taken` (a set of names) is updated.
+    """
+    stem = os.path.splitext(os.path.basename(file))[0]
+    name, k = f"{stem}.png", 0
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}.png"
+    taken.add(name)
+    return name

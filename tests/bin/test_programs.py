@@ -164,30 +164,39 @@ def test_eval_on_landscape_and_portrait_images(run, tmp_path):
 
 
 def test_predict_writes_png_and_json(run, tmp_path):
-    # A square image, a landscape and a portrait one (cut from val images),
-    # and a fourth that --max_images leaves out.
+    # A square image, a landscape one, a file that is no image, a square JPEG
+    # and a portrait PNG of the same stem (cut from val images), and a sixth
+    # that --max_images leaves out.
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     val = [np.asarray(Image.open(f)) for f in sorted((run["data"] / "val2017").glob("*.jpg"))]
     Image.fromarray(val[0]).save(inputs / "a.png")
     Image.fromarray(val[1][16:48]).save(inputs / "b.png")
+    (inputs / "bad.jpg").write_bytes(b"not a JPEG")
+    Image.fromarray(val[3]).save(inputs / "c.jpg")
     Image.fromarray(val[2][:, 16:48]).save(inputs / "c.png")
-    Image.fromarray(val[3]).save(inputs / "d.png")
+    Image.fromarray(val[4]).save(inputs / "d.png")
     out = tmp_path / "pictures"
     proc = _run("predict", f"--model_dir={run['model_dir']}", f"--out_dir={out}",
-                "--max_images=3", str(inputs),
+                "--max_images=5", str(inputs),
                 bindings=run["bindings"] + ["predict.score_threshold = 0.0",
                                             "MAX_SIZE = 128", "CANVAS = (128, 128)"])
-    # Each orientation on its own canvas: 64 x 128 (the square image with
+    # Each orientation on its own canvas: 64 x 128 (the square images with
     # the landscape one) and 128 x 64, not the 128 x 128 bound.
-    assert "Predicted 3 images: 2 on 64x128, 1 on 128x64" in proc.stderr, proc.stderr[-2000:]
+    assert "Predicted 4 images: 3 on 64x128, 1 on 128x64" in proc.stderr, proc.stderr[-2000:]
+    assert "1 of 5 files could not be read" in proc.stderr, proc.stderr[-2000:]
+    # c.jpg and c.png each keep a picture.
     pngs = sorted(out.glob("*.png"))
-    assert [p.name for p in pngs] == ["a.png", "b.png", "c.png"]
-    assert [np.asarray(Image.open(p)).shape for p in pngs] == [
-        (64, 64, 3), (32, 64, 3), (64, 32, 3)]
+    assert [p.name for p in pngs] == ["a.png", "b.png", "c.png", "c_1.png"]
+    sizes = [(64, 64), (32, 64), (64, 64), (64, 32)]
+    assert [np.asarray(Image.open(p)).shape[:2] for p in pngs] == sizes
     report = json.loads((out / "detections.json").read_text())
-    assert report["step"] == STEPS and len(report["images"]) == 3
-    for entry, (h, w) in zip(report["images"], [(64, 64), (32, 64), (64, 32)]):
+    assert report["step"] == STEPS
+    assert [os.path.basename(e["file"]) for e in report["images"]] == [
+        "a.png", "b.png", "c.jpg", "c.png"]
+    assert [e["picture"] for e in report["images"]] == [p.name for p in pngs]
+    assert [os.path.basename(u["file"]) for u in report["unreadable"]] == ["bad.jpg"]
+    for entry, (h, w) in zip(report["images"], sizes):
         assert entry["detections"], entry["file"]
         for d in entry["detections"]:
             y1, x1, y2, x2 = d["box_yxyx"]
@@ -198,6 +207,19 @@ def test_predict_writes_png_and_json(run, tmp_path):
             if rows.size:   # the mask lies in its box (2-decimal rounding)
                 assert y1 - 0.51 <= rows.min() and rows.max() + 0.5 <= y2 + 0.01
                 assert x1 - 0.51 <= cols.min() and cols.max() + 0.5 <= x2 + 0.01
+
+
+def test_predict_fails_when_no_file_is_an_image(run, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "x.jpg").write_bytes(b"")
+    (inputs / "y.png").write_bytes(b"GIF89a")
+    proc = _run("predict", f"--model_dir={run['model_dir']}", f"--out_dir={tmp_path / 'o'}",
+                str(inputs), bindings=run["bindings"], check=False)
+    assert proc.returncode != 0
+    assert "none of the 2 image files could be read" in proc.stderr, proc.stderr[-2000:]
+    assert "x.jpg" in proc.stderr and "y.png" in proc.stderr
+    assert not (tmp_path / "o" / "detections.json").exists()
 
 
 _LOAD_AND_RUN = """
