@@ -2,10 +2,12 @@
 
 One module per part: `resnet` (backbone and weight loaders), `fpn`, `rpn`,
 `roi_heads` (box and mask heads, sampling, post-processing), `losses`,
-`mask_rcnn` (the model and the `build_mask_rcnn` factory). Every constructor
+`mask_rcnn` (the model and the `build_mask_rcnn` factory), `detectron2` (a
+trained Detectron2 Mask R-CNN's weights). Every constructor
 is gin-configurable with the R50-FPN 1x recipe as defaults.
 """
 
+from mrcnn.modeling.detectron2 import load_detectron2_weights
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
 from mrcnn.modeling.resnet import (FrozenBatchNorm, ResNet, SourceInput,
@@ -16,6 +18,6 @@ from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
 from mrcnn.modeling.rpn import RpnHead
 
 __all__ = ["FPN", "MaskRCNN", "build_mask_rcnn", "FrozenBatchNorm", "ResNet",
-           "SourceInput", "load_detectron2_resnet_weights",
+           "SourceInput", "load_detectron2_resnet_weights", "load_detectron2_weights",
            "load_keras_resnet50_weights", "load_tensorpack_resnet_weights",
            "BoxHead", "MaskHead", "RoiHeads", "RpnHead"]

@@ -15,11 +15,16 @@ from mrcnn.ops._scope import scoped
 @scoped
 def multilevel_anchors(image_size, min_level=2, max_level=6,
                        sizes=(32, 64, 128, 256, 512),
-                       aspect_ratios=(0.5, 1.0, 2.0), scales_per_octave=1):
+                       aspect_ratios=(0.5, 1.0, 2.0), scales_per_octave=1, *,
+                       offset=0.5):
     """Anchor boxes for every level of a feature pyramid.
 
     Level `l` has stride `s = 2**l` and a grid of `ceil(H / s) x ceil(W / s)`
-    cells; cell `(i, j)` is centred at `((i + 0.5) * s, (j + 0.5) * s)` (y, x).
+    cells; cell `(i, j)` is centred at `((i + offset) * s, (j + offset) * s)`
+    (y, x): the contract's `offset = 0.5` puts anchors at cell centres;
+    `offset = 0` puts them at the cells' top-left corners, as Detectron2
+    (`ANCHOR_GENERATOR.OFFSET = 0.0`) and torchvision do, which their
+    trained RPNs need.
     Level `l` uses base size `sizes[l - min_level]`; scales are `2**(k / n)`
     for `k < n = scales_per_octave`; for base `b`, scale `c` and aspect ratio
     `r = width / height`, the anchor is `b*c*sqrt(r)` wide and `b*c/sqrt(r)`
@@ -31,6 +36,8 @@ def multilevel_anchors(image_size, min_level=2, max_level=6,
       sizes: one base size in pixels per level.
       aspect_ratios: widths over heights.
       scales_per_octave: Python int n.
+      offset: Python float, the anchor centre's place in its cell, in
+        strides (a keyword argument beyond the contract's; default 0.5).
 
     Returns:
       {level: float32 [cells_l * A, 4] (y1, x1, y2, x2)}, `A = n *
@@ -53,8 +60,8 @@ def multilevel_anchors(image_size, min_level=2, max_level=6,
                 half_hw.append((0.5 * base * scale / math.sqrt(ratio),
                                 0.5 * base * scale * math.sqrt(ratio)))
         half_hw = np.asarray(half_hw, np.float64)
-        cy = (np.arange(math.ceil(height / stride)) + 0.5) * stride
-        cx = (np.arange(math.ceil(width / stride)) + 0.5) * stride
+        cy = (np.arange(math.ceil(height / stride)) + offset) * stride
+        cx = (np.arange(math.ceil(width / stride)) + offset) * stride
         cy, cx = np.meshgrid(cy, cx, indexing="ij")
         centres = np.stack([cy, cx], axis=-1).reshape(-1, 1, 2)  # [cells, 1, 2]
         lo = centres - half_hw[None]  # [cells, A, 2]

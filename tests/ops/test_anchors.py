@@ -9,14 +9,14 @@ from absl.testing import parameterized
 from mrcnn.ops import anchors as anchor_ops
 
 
-def _ref_anchors(image_size, min_level, max_level, sizes, ratios, n):
+def _ref_anchors(image_size, min_level, max_level, sizes, ratios, n, offset=0.5):
     out = {}
     for level in range(min_level, max_level + 1):
         s = 2 ** level
         rows = []
         for i in range(math.ceil(image_size[0] / s)):
             for j in range(math.ceil(image_size[1] / s)):
-                cy, cx = (i + 0.5) * s, (j + 0.5) * s
+                cy, cx = (i + offset) * s, (j + offset) * s
                 for k in range(n):
                     c = 2 ** (k / n)
                     for r in ratios:
@@ -46,6 +46,17 @@ class MultilevelAnchorsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(a[0], [2 - 16, 2 - 16, 2 + 16, 2 + 16])
         self.assertAllClose(a[1], [2 - 16, 6 - 16, 2 + 16, 6 + 16])
         self.assertEqual(a.shape, (16 * 16, 4))
+
+    @parameterized.parameters(0.0, 0.25)
+    def test_offset(self, offset):
+        got = anchor_ops.multilevel_anchors((96, 64), 3, 4, (24, 48), (0.5, 1.0, 2.0),
+                                            offset=offset)
+        ref = _ref_anchors((96, 64), 3, 4, (24, 48), (0.5, 1.0, 2.0), 1, offset)
+        for level in ref:
+            self.assertAllClose(got[level], ref[level], atol=1e-4)
+        # Detectron2's first anchor of P3 at offset 0: centred on (0, 0).
+        if offset == 0.0:
+            self.assertAllClose(got[3][1], [-12, -12, 12, 12])
 
     def test_bad_sizes_raise(self):
         with self.assertRaisesRegex(ValueError, "len\\(sizes\\)"):

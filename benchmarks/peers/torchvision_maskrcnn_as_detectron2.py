@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""torchvision's Mask R-CNN R50-FPN as a Detectron2 weights file, with its outputs.
+
+Writes, for the side-by-side check of `load_detectron2_weights`
+(tests/modeling/test_detectron2.py, `TorchvisionParityTest`):
+  OUT/model_final.pkl  the network under Detectron2's names and layouts
+                       ({'model': {name: array}}): background class last,
+                       no background box and mask predictors (as
+                       Detectron2's own model_final_*.pkl files).
+  OUT/outputs.npz      (NHWC, float32, eval mode)
+                       `input` [2, H, W, 3], already normalised;
+                       `p2`..`p6` the FPN levels;
+                       `objectness_l` [2, H_l, W_l, A], `deltas_l`
+                       [2, H_l, W_l, 4A] the RPN head's raw outputs, per
+                       anchor torchvision's (= Detectron2's) aspect ratios
+                       (0.5, 1, 2 heights over widths) and (dx, dy, dw, dh);
+                       `box_pooled` [K, 7, 7, 256] random RoI features and
+                       their `class_logits` [K, C + 1] (background first),
+                       `box_deltas` [K, C + 1, 4];
+                       `mask_pooled` [K, 14, 14, 256] and `mask_logits`
+                       [K, C + 1, 28, 28].
+The network is randomly initialised (seeded), biases and BatchNorm
+statistics included, so that every array and every permutation matters.
+torch and torchvision are not dependencies of mrcnn: run this with a Python
+that has them.
+
+  python benchmarks/peers/torchvision_maskrcnn_as_detectron2.py --out=/tmp/tvm
+"""
+
+import argparse
+import os
+import pickle
+import re
+import sys
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torchvision_resnet50_features import detectron2_name as resnet_name  # noqa: E402
+
+
+def detectron2_arrays(state, num_classes):
+    """torchvision's Mask R-CNN state dict -> Detectron2's {name: array}."""
+    out = {}
+    for name, value in state.items():
+        v = value.numpy()
+        if name.startswith("backbone.body."):
+            out["backbone.bottom_up." + resnet_name(name[len("backbone.body."):])] = v
+            continue
+        # Conv2dNormActivation wraps a conv as `<name>.0` in torchvision >= 0.13.
+        m = re.match(r"backbone\.fpn\.(inner|layer)_blocks\.(\d)\.(?:0\.)?(weight|bias)$", name)
+        if m:
+            kind = "lateral" if m.group(1) == "inner" else "output"
+            out[f"backbone.fpn_{kind}{int(m.group(2)) + 2}.{m.group(3)}"] = v
+            continue
+        m = re.match(r"rpn\.head\.(conv(?:\.0\.0)?|cls_logits|bbox_pred)\.(weight|bias)$", name)
+        if m:
+            part = {"cls_logits": "objectness_logits", "bbox_pred": "anchor_deltas"}.get(
+                m.group(1), "conv")
+            out[f"proposal_generator.rpn_head.{part}.{m.group(2)}"] = v
+            continue
+        m = re.match(r"roi_heads\.box_head\.fc([67])\.(weight|bias)$", name)
+        if m:
+            out[f"roi_heads.box_head.fc{int(m.group(1)) - 5}.{m.group(2)}"] = v
+            continue
+        m = re.match(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", name)
+        if m:
+            if m.group(1) == "cls_score":   # background first -> last
+                v = np.concatenate([v[1:], v[:1]])
+            else:   # Detectron2 has no background box regressor
+                v = v[4:]
+            out[f"roi_heads.box_predictor.{m.group(1)}.{m.group(2)}"] = v
+            continue
+        m = re.match(r"roi_heads\.mask_head\.(?:mask_fcn)?(\d)\.(?:0\.)?(weight|bias)$", name)
+        if m:
+            index = int(m.group(1)) + (1 if "mask_fcn" not in name else 0)
+            out[f"roi_heads.mask_head.mask_fcn{index}.{m.group(2)}"] = v
+            continue
+        m = re.match(r"roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)\.(weight|bias)$",
+                     name)
+        if m:
+            if m.group(1) == "mask_fcn_logits":
+                out[f"roi_heads.mask_head.predictor.{m.group(2)}"] = v[1:]   # no background
+            else:
+                out[f"roi_heads.mask_head.deconv.{m.group(2)}"] = v
+            continue
+        if name.endswith("num_batches_tracked"):
+            continue
+        raise ValueError(f"no Detectron2 name for torchvision's {name}")
+    assert out["roi_heads.box_predictor.cls_score.weight"].shape[0] == num_classes + 1
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--size", default="128,192", help="H,W, multiples of 64")
+    parser.add_argument("--num_classes", type=int, default=6, help="foreground classes")
+    parser.add_argument("--rois", type=int, default=5)
+    args = parser.parse_args()
+    height, width = (int(v) for v in args.size.split(","))
+    torch.manual_seed(0)
+    net = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=args.num_classes + 1).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.3, 0.8)
+        x = torch.randn(2, 3, height, width)
+        features = net.backbone(x)   # {'0'..'3', 'pool'}: P2..P6
+        levels = list(features.values())
+        objectness, deltas = net.rpn.head(levels)
+        k = args.rois
+        box_pooled = torch.randn(k, 256, 7, 7)
+        box_x = net.roi_heads.box_head(box_pooled)
+        class_logits, box_deltas = net.roi_heads.box_predictor(box_x)
+        mask_pooled = torch.randn(k, 256, 14, 14)
+        mask_logits = net.roi_heads.mask_predictor(net.roi_heads.mask_head(mask_pooled))
+    nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()   # noqa: E731
+    outputs = {"input": nhwc(x), "box_pooled": nhwc(box_pooled),
+               "class_logits": class_logits.numpy(),
+               "box_deltas": box_deltas.reshape(k, -1, 4).numpy(),
+               "mask_pooled": nhwc(mask_pooled), "mask_logits": mask_logits.numpy()}
+    for level, (p, o, d) in enumerate(zip(levels, objectness, deltas), start=2):
+        outputs.update({f"p{level}": nhwc(p), f"objectness_{level}": nhwc(o),
+                        f"deltas_{level}": nhwc(d)})
+    model = detectron2_arrays(net.state_dict(), args.num_classes)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "model_final.pkl"), "wb") as f:
+        pickle.dump({"model": model, "__author__": "torchvision maskrcnn_resnet50_fpn"}, f)
+    np.savez(os.path.join(args.out, "outputs.npz"), **outputs)
+    print(f"wrote {args.out}/model_final.pkl ({len(model)} arrays) and outputs.npz "
+          f"(torch {torch.__version__}, torchvision {torchvision.__version__})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""A trained Detectron2 Mask R-CNN (`model_final_*.pkl`) into `MaskRCNN`.
+
+Detectron2's R50-FPN Mask R-CNN and ours are the same network (Detectron2
+`GeneralizedRCNN` with `build_resnet_fpn_backbone`, `StandardRPNHead`,
+`FastRCNNConvFCHead` + `FastRCNNOutputLayers`, `MaskRCNNConvUpsampleHead`);
+what differs is layout and convention, converted here array by array:
+
+  kernels       PyTorch `[out, in, kh, kw]` -> `[kh, kw, in, out]`;
+                `ConvTranspose2d` `[in, out, kh, kw]` -> `[kh, kw, out, in]`;
+                `Linear` `[out, in]` -> `[in, out]`.
+  box fc1       its input is the RoI feature flattened `(C, 7, 7)`; ours
+                flattens `(7, 7, C)`: the kernel's rows are reordered.
+  deltas        Detectron2 `(dx, dy, dw, dh)`, ours `(dy, dx, dh, dw)`
+                (both with weights (1, 1, 1, 1) in the RPN, (10, 10, 5, 5)
+                in the box head, whose values read the same in both orders).
+  classes       Detectron2's background score is the last of `C + 1`, ours
+                the first; class-agnostic box or mask predictors (one set)
+                are repeated per class, which computes the same.
+  anchors       Detectron2's aspect ratios are heights over widths, ours
+                widths over heights: the RPN's per-anchor channels are
+                reordered to the model's `RpnHead.aspect_ratios`. Its anchors
+                sit at cell corners (`ANCHOR_GENERATOR.OFFSET = 0.0`): the
+                model needs `RpnHead.anchor_offset = 0.0` for the proposals
+                the weights were trained for (logged otherwise).
+  input         the model zoo's BGR pixels, mean (103.53, 116.28, 123.675),
+                std 1 (or the file's `pixel_mean` / `pixel_std` buffers):
+                the stem is flipped to RGB; with `MaskRCNN.pixel_mean =
+                (123.675, 116.28, 103.53)` and `pixel_std = (1, 1, 1)` this
+                is exact, otherwise the difference is folded into the stem
+                (`adapt_stem_to_input`, exact away from the padded border).
+
+`gin/detectron2_r50_fpn.gin` sets the model up this way. One difference is
+left: our RoIAlign samples 2 x 2 points per bin (`RoiHeads.sampling_ratio`),
+Detectron2's ROIAlignV2 `ceil(roi / bin)` (its `POOLER_SAMPLING_RATIO = 0`).
+"""
+
+import re
+
+import gin
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mrcnn.modeling import resnet as resnet_lib
+
+# Detectron2's defaults for what a model_final file does not say.
+_D2_ASPECT_RATIOS = (0.5, 1.0, 2.0)   # ANCHOR_GENERATOR.ASPECT_RATIOS, h / w
+# Keys of a Detectron2 state dict that are no weights of ours.
+_NOT_WEIGHTS = re.compile(r"(^|\.)(num_batches_tracked|pixel_mean|pixel_std)$"
+                          r"|^proposal_generator\.anchor_generator\.")
+# (dx, dy, dw, dh) -> (dy, dx, dh, dw)
+_XY_TO_YX = np.array([1, 0, 3, 2])
+
+
+def _build(model):
+    if not model.roi_heads.mask_head.predictor.built:
+        model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
+               "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])},
+              training=False)
+
+
+def _conv(array):
+    return np.transpose(array, (2, 3, 1, 0))   # [out, in, kh, kw] -> HWIO
+
+
+class _Plan(list):
+    """(variable, array) pairs, shape-checked when added, assigned at the end,
+    so that a file that fails a check leaves the heads as they were."""
+
+    def add(self, variable, array, source):
+        array = np.asarray(array)
+        if tuple(array.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"Detectron2 weights: {variable.path} has shape {tuple(variable.shape)} "
+                f"but {source} converts to {tuple(array.shape)}")
+        self.append((variable, array))
+
+    def assign(self):
+        for variable, array in self:
+            variable.assign(array.astype(variable.dtype))
+
+
+def _anchor_order(model_ratios, source_ratios):
+    """For each of our anchors (w / h), the index of Detectron2's (h / w) one."""
+    order = []
+    for ratio in model_ratios:
+        match = [j for j, r in enumerate(source_ratios) if abs(r * ratio - 1.0) < 1e-6]
+        if not match:
+            raise ValueError(
+                f"Detectron2 weights: RpnHead.aspect_ratios {tuple(model_ratios)} "
+                f"(width / height) are not the file's ANCHOR_GENERATOR.ASPECT_RATIOS "
+                f"{tuple(source_ratios)} (height / width) inverted")
+        order.append(match[0])
+    return np.array(order)
+
+
+@gin.configurable
+def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=False,
+                            source_aspect_ratios=_D2_ASPECT_RATIOS,
+                            source_format="BGR", source_pixel_mean=None,
+                            source_pixel_std=None):
+    """Loads a Detectron2 Mask R-CNN R50-FPN weights file into `model`.
+
+    Every variable of the model is assigned, and every weight array of the
+    file is used, or ValueError names the one that is not. As `train.init_fn`
+    it fine-tunes from a Detectron2 model; `bin/import_detectron2` writes it
+    as a checkpoint that `bin/eval`, `bin/predict` and `bin/export` read.
+
+    Args:
+      model: a `MaskRCNN` with a width-64 batch-norm ResNet (built here if it
+        is not yet); `ResNet.stride_in_1x1 = True` for the model zoo's R50.
+      path: str, the `.pkl` (`{'model': {name: array}}`, Detectron2's
+        `model_final_*.pkl`; see `load_detectron2_resnet_weights` for what
+        is read and refused).
+      allow_class_mismatch: bool; when the file has another number of
+        classes than the model, False raises, True keeps the model's
+        class-specific layers (box scores, box deltas, mask predictor) as
+        initialised and loads the rest (fine-tuning on other classes).
+      source_aspect_ratios: the file's ANCHOR_GENERATOR.ASPECT_RATIOS
+        (heights over widths, in its order).
+      source_format, source_pixel_mean, source_pixel_std: its INPUT.FORMAT,
+        MODEL.PIXEL_MEAN and MODEL.PIXEL_STD (in that channel order); the
+        means default to the file's `pixel_mean` / `pixel_std` arrays if
+        it has them, else to Detectron2's defaults (103.53, 116.28,
+        123.675) and (1, 1, 1).
+
+    Returns:
+      list of str, the model variables left as initialised (empty unless
+      `allow_class_mismatch` skipped the class layers).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: a missing, unused or
+      mis-shaped array, or a class count mismatch not allowed.
+    """
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: Detectron2 weights not found "
+                                f"(load_detectron2_weights.path)")
+    _build(model)
+    arrays, _ = resnet_lib._read_detectron2_pickle(path)
+    used, plan = set(), _Plan()
+
+    def take(name):
+        if name not in arrays:
+            raise ValueError(f"Detectron2 weights: {path} has no array {name!r}")
+        used.add(name)
+        return np.asarray(arrays[name], np.float64)
+
+    # The backbone, by the ResNet loader (which also checks its arrays).
+    if "backbone.bottom_up.stem.conv1.weight" not in arrays:
+        raise ValueError(
+            f"{path}: not a Detectron2 R-CNN with an FPN backbone (no "
+            f"'backbone.bottom_up.stem.conv1.weight'); its first keys: "
+            f"{sorted(arrays)[:5]}")
+    used.update(k for k in arrays if k.startswith("backbone.bottom_up."))
+
+    fpn = model.fpn
+    for i, level in enumerate(range(fpn.min_level, fpn.backbone_max_level + 1)):
+        for ours, theirs in ((fpn.lateral[i], f"backbone.fpn_lateral{level}"),
+                             (fpn.output_convs[i], f"backbone.fpn_output{level}")):
+            plan.add(ours.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
+            plan.add(ours.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+
+    rpn = model.rpn_head
+    name = "proposal_generator.rpn_head"
+    order = _anchor_order(rpn.aspect_ratios, source_aspect_ratios)
+    plan.add(rpn.conv.kernel, _conv(take(f"{name}.conv.weight")), f"{name}.conv.weight")
+    plan.add(rpn.conv.bias, take(f"{name}.conv.bias"), f"{name}.conv.bias")
+    w, b = take(f"{name}.objectness_logits.weight"), take(f"{name}.objectness_logits.bias")
+    plan.add(rpn.objectness.kernel, _conv(w[order]), f"{name}.objectness_logits.weight")
+    plan.add(rpn.objectness.bias, b[order], f"{name}.objectness_logits.bias")
+    w, b = take(f"{name}.anchor_deltas.weight"), take(f"{name}.anchor_deltas.bias")
+    deltas = (order[:, None] * 4 + _XY_TO_YX[None, :]).reshape(-1)
+    if w.shape[0] != deltas.size:
+        raise ValueError(f"Detectron2 weights: {name}.anchor_deltas has {w.shape[0]} "
+                         f"outputs, the model's RPN {deltas.size}")
+    plan.add(rpn.deltas.kernel, _conv(w[deltas]), f"{name}.anchor_deltas.weight")
+    plan.add(rpn.deltas.bias, b[deltas], f"{name}.anchor_deltas.bias")
+    if rpn.anchor_offset != 0.0:
+        logging.warning(
+            "Detectron2 weights %s: its RPN was trained with anchors at cell corners "
+            "(ANCHOR_GENERATOR.OFFSET = 0.0); this model's are at offset %s, which moves "
+            "each proposal by that many strides. Set RpnHead.anchor_offset = 0.0 for "
+            "the trained network.", path, rpn.anchor_offset)
+
+    box_head = model.roi_heads.box_head
+    pool = model.roi_heads.box_pool_size
+    for i, fc in enumerate(box_head.fcs):
+        theirs = f"roi_heads.box_head.fc{i + 1}"
+        w = take(f"{theirs}.weight")   # [out, in]
+        if i == 0 and w.shape[1] % (pool * pool) == 0:   # inputs (c, y, x) theirs, (y, x, c) ours
+            w = w.reshape(w.shape[0], -1, pool, pool).transpose(0, 2, 3, 1).reshape(
+                w.shape[0], -1)
+        plan.add(fc.kernel, w.T, f"{theirs}.weight")
+        plan.add(fc.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+
+    mask_head = model.roi_heads.mask_head
+    for i, conv in enumerate(mask_head.convs):
+        theirs = f"roi_heads.mask_head.mask_fcn{i + 1}"
+        plan.add(conv.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
+        plan.add(conv.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+    w = take("roi_heads.mask_head.deconv.weight")   # [in, out, kh, kw]
+    plan.add(mask_head.deconv.kernel, np.transpose(w, (2, 3, 1, 0)),
+            "roi_heads.mask_head.deconv.weight")
+    plan.add(mask_head.deconv.bias, take("roi_heads.mask_head.deconv.bias"),
+            "roi_heads.mask_head.deconv.bias")
+
+    skipped = _load_class_layers(model, take, plan, path, allow_class_mismatch)
+
+    unused = sorted(k for k in arrays if k not in used and not _NOT_WEIGHTS.search(k))
+    if unused:
+        raise ValueError(
+            f"Detectron2 weights: arrays of {path} with no place in this "
+            f"Mask R-CNN R50-FPN (another architecture?), {len(unused)}: {unused[:10]}")
+    # The ResNet loader checks its own arrays, then assigns.
+    resnet_lib.load_detectron2_resnet_weights(model.backbone, path)
+    plan.assign()
+
+    source_mean = (tuple(arrays["pixel_mean"].reshape(-1)) if source_pixel_mean is None
+                   and "pixel_mean" in arrays else source_pixel_mean)
+    source_std = (tuple(arrays["pixel_std"].reshape(-1)) if source_pixel_std is None
+                  and "pixel_std" in arrays else source_pixel_std)
+    default = resnet_lib._SOURCES["msra"]
+    source = resnet_lib.SourceInput(
+        source_format, tuple(float(v) for v in (source_mean or default.pixel_mean)),
+        tuple(float(v) for v in (source_std or default.pixel_std)))
+    rgb = (lambda v: tuple(v[::-1])) if source_format.upper() == "BGR" else tuple
+    if (not np.allclose(rgb(source.pixel_mean), model.pixel_mean)
+            or not np.allclose(rgb(source.pixel_std), model.pixel_std)):
+        logging.warning(
+            "Detectron2 weights %s: the network normalised its input by mean %s, std %s "
+            "(%s); this model by %s, %s (RGB). The difference is folded into the stem, "
+            "which is exact except near the padded border; set MaskRCNN.pixel_mean = %s "
+            "and MaskRCNN.pixel_std = %s for the trained network.", path,
+            source.pixel_mean, source.pixel_std, source_format, model.pixel_mean,
+            model.pixel_std, rgb(source.pixel_mean), rgb(source.pixel_std))
+    resnet_lib.adapt_stem_to_input(model.backbone, source, model.pixel_mean,
+                                   model.pixel_std)
+    logging.info("Loaded Detectron2 weights %s (%d arrays)%s", path, len(used),
+                 f"; kept as initialised: {skipped}" if skipped else "")
+    return skipped
+
+
+def _load_class_layers(model, take, plan, path, allow_class_mismatch):
+    """Box scores, box deltas and mask predictor; the variables skipped."""
+    box_head = model.roi_heads.box_head
+    mask_head = model.roi_heads.mask_head
+    classes = box_head.num_classes
+    score_w = take("roi_heads.box_predictor.cls_score.weight")   # [C' + 1, fc]
+    file_classes = score_w.shape[0] - 1
+    names = ["roi_heads.box_predictor.bbox_pred.weight",
+             "roi_heads.box_predictor.bbox_pred.bias",
+             "roi_heads.box_predictor.cls_score.bias",
+             "roi_heads.mask_head.predictor.weight", "roi_heads.mask_head.predictor.bias"]
+    if file_classes != classes:
+        if not allow_class_mismatch:
+            raise ValueError(
+                f"Detectron2 weights: {path} has {file_classes} classes, the model "
+                f"{classes} (BoxHead/MaskHead.num_classes); set "
+                f"load_detectron2_weights.allow_class_mismatch = True to fine-tune on "
+                f"other classes from its other layers")
+        for n in names:
+            take(n)
+        skipped = [v.path for layer in (box_head.class_logits, box_head.box_deltas,
+                                        mask_head.predictor) for v in layer.weights]
+        logging.warning("Detectron2 weights %s: %d classes, the model %d: its class "
+                        "layers are not loaded (%s)", path, file_classes, classes, skipped)
+        return skipped
+    # Background last in theirs, first in ours.
+    score_order = np.concatenate([[classes], np.arange(classes)])
+    plan.add(box_head.class_logits.kernel, score_w[score_order].T,
+            "roi_heads.box_predictor.cls_score.weight")
+    plan.add(box_head.class_logits.bias,
+            take("roi_heads.box_predictor.cls_score.bias")[score_order],
+            "roi_heads.box_predictor.cls_score.bias")
+    w, b = take(names[0]), take(names[1])   # [4 C or 4, fc]
+    if w.shape[0] == 4:   # CLS_AGNOSTIC_BBOX_REG
+        w, b = np.tile(w, (classes, 1)), np.tile(b, classes)
+    order = (np.arange(classes)[:, None] * 4 + _XY_TO_YX[None, :]).reshape(-1)
+    if w.shape[0] != order.size:
+        raise ValueError(f"Detectron2 weights: {names[0]} has {w.shape[0]} outputs, "
+                         f"not 4 or 4 x {classes}")
+    plan.add(box_head.box_deltas.kernel, w[order].T, names[0])
+    plan.add(box_head.box_deltas.bias, b[order], names[1])
+    w, b = take(names[3]), take(names[4])   # [C or 1, F, 1, 1]
+    if w.shape[0] == 1:   # CLS_AGNOSTIC_MASK
+        w, b = np.tile(w, (classes, 1, 1, 1)), np.tile(b, classes)
+    plan.add(mask_head.predictor.kernel, _conv(w), names[3])
+    plan.add(mask_head.predictor.bias, b, names[4])
+    return []

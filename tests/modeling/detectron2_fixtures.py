@@ -1,0 +1,107 @@
+"""Random Detectron2 Mask R-CNN state dicts, in Detectron2's names and layouts."""
+
+import pickle
+
+import numpy as np
+import tensorflow as tf
+
+from mrcnn.modeling import resnet as resnet_lib
+from mrcnn.modeling.fpn import FPN
+from mrcnn.modeling.mask_rcnn import MaskRCNN
+from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+from mrcnn.modeling.rpn import RpnHead
+
+
+def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
+                mask_convs=2, **rpn_kwargs):
+    """A MaskRCNN with a small head and the shapes of the shapes demo's."""
+    model = MaskRCNN(
+        backbone=resnet_lib.ResNet(depth=depth),
+        fpn=FPN(channels=channels),
+        rpn_head=RpnHead(channels=channels, pre_nms_topk_test=50,
+                         post_nms_topk_test=20, **rpn_kwargs),
+        roi_heads=RoiHeads(
+            box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
+            mask_head=MaskHead(num_classes=num_classes, channels=mask_channels,
+                               num_convs=mask_convs),
+            max_detections=10))
+    model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
+           "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])}, training=False)
+    return model
+
+
+def _unit_name(stage, block, index):
+    if stage == 1:
+        return "stem.conv1"
+    return f"res{stage}.{block}." + ("shortcut" if index == 0 else f"conv{index}")
+
+
+def random_state(model, seed=0, num_classes=None):
+    """{name: float32 array} of a Detectron2 Mask R-CNN with `model`'s sizes.
+
+    Shapes follow Detectron2 (OIHW kernels, Linear [out, in], background
+    score last, 4 C box deltas, C mask predictors); `num_classes` overrides
+    the model's C.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+
+    def put(name, *shape, scale=None):
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        s = scale if scale is not None else 1.0 / np.sqrt(fan_in)
+        out[name] = rng.normal(0.0, s, shape).astype(np.float32)
+
+    for conv, norm, stage, block, index in resnet_lib._named_units(model.backbone):
+        unit = "backbone.bottom_up." + _unit_name(stage, block, index)
+        kh, kw, cin, cout = conv.conv.kernel.shape
+        put(f"{unit}.weight", cout, cin, kh, kw)
+        out[f"{unit}.norm.weight"] = rng.uniform(0.3, 0.8, cout).astype(np.float32)
+        out[f"{unit}.norm.bias"] = rng.uniform(-0.1, 0.1, cout).astype(np.float32)
+        out[f"{unit}.norm.running_mean"] = rng.uniform(-0.1, 0.1, cout).astype(np.float32)
+        out[f"{unit}.norm.running_var"] = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+    f = model.fpn.channels
+    inputs = [int(layer.kernel.shape[2]) for layer in model.fpn.lateral]
+    for level, cin in zip(range(2, 6), inputs):
+        put(f"backbone.fpn_lateral{level}.weight", f, cin, 1, 1)
+        put(f"backbone.fpn_lateral{level}.bias", f, scale=0.1)
+        put(f"backbone.fpn_output{level}.weight", f, f, 3, 3)
+        put(f"backbone.fpn_output{level}.bias", f, scale=0.1)
+    a = model.rpn_head.num_anchors
+    rpn = "proposal_generator.rpn_head"
+    put(f"{rpn}.conv.weight", f, f, 3, 3)
+    put(f"{rpn}.conv.bias", f, scale=0.1)
+    put(f"{rpn}.objectness_logits.weight", a, f, 1, 1)
+    put(f"{rpn}.objectness_logits.bias", a, scale=0.1)
+    put(f"{rpn}.anchor_deltas.weight", 4 * a, f, 1, 1)
+    put(f"{rpn}.anchor_deltas.bias", 4 * a, scale=0.1)
+    box = model.roi_heads.box_head
+    c = box.num_classes if num_classes is None else num_classes
+    pool = model.roi_heads.box_pool_size
+    width = f * pool * pool
+    for i in range(box.num_fc):
+        put(f"roi_heads.box_head.fc{i + 1}.weight", box.fc_dim, width)
+        put(f"roi_heads.box_head.fc{i + 1}.bias", box.fc_dim, scale=0.1)
+        width = box.fc_dim
+    put("roi_heads.box_predictor.cls_score.weight", c + 1, width)
+    put("roi_heads.box_predictor.cls_score.bias", c + 1, scale=0.1)
+    put("roi_heads.box_predictor.bbox_pred.weight", 4 * c, width)
+    put("roi_heads.box_predictor.bbox_pred.bias", 4 * c, scale=0.1)
+    mask = model.roi_heads.mask_head
+    cin = f
+    for i in range(mask.num_convs):
+        put(f"roi_heads.mask_head.mask_fcn{i + 1}.weight", mask.channels, cin, 3, 3)
+        put(f"roi_heads.mask_head.mask_fcn{i + 1}.bias", mask.channels, scale=0.1)
+        cin = mask.channels
+    put("roi_heads.mask_head.deconv.weight", cin, mask.channels, 2, 2)
+    put("roi_heads.mask_head.deconv.bias", mask.channels, scale=0.1)
+    put("roi_heads.mask_head.predictor.weight", c, mask.channels, 1, 1)
+    put("roi_heads.mask_head.predictor.bias", c, scale=0.1)
+    return out
+
+
+def write(path, arrays, **extra):
+    """A Detectron2 `model_final_*.pkl`: {'model': arrays, '__author__': ...}."""
+    with open(path, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "Detectron2 Model Zoo", **extra}, f,
+                    protocol=4)
+    return str(path)

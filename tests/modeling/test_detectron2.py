@@ -1,0 +1,288 @@
+"""load_detectron2_weights: Detectron2's conventions against NumPy references of them,
+and (on demand) torchvision's own Mask R-CNN through Detectron2's names."""
+
+import os
+import subprocess
+import tempfile
+import unittest
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from absl.testing import parameterized
+
+from mrcnn.modeling import detectron2 as d2
+from mrcnn.modeling import resnet as resnet_lib
+from tests.modeling import detectron2_fixtures as fixtures
+
+C = 3   # foreground classes
+# Detectron2's ANCHOR_GENERATOR.ASPECT_RATIOS, heights over widths
+D2_RATIOS = (0.5, 1.0, 2.0)
+
+
+def _relu(x):
+    return np.maximum(x, 0.0)
+
+
+def _rel(ours, theirs):
+    theirs = np.asarray(theirs, np.float64)
+    return float(np.abs(np.asarray(ours, np.float64) - theirs).max() / np.abs(theirs).max())
+
+
+class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
+    """Each head's outputs against Detectron2's semantics written in NumPy."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = fixtures.small_model(num_classes=C, anchor_offset=0.0)
+        cls.arrays = fixtures.random_state(cls.model, seed=1)
+        cls.path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"),
+                                  cls.arrays)
+        cls.skipped = d2.load_detectron2_weights(
+            cls.model, path=cls.path, source_format="RGB",
+            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
+            source_pixel_std=resnet_lib.IMAGENET_STD)
+
+    def test_every_variable_loaded(self):
+        self.assertEqual(self.skipped, [])
+        fresh = fixtures.small_model(num_classes=C)
+        for ours, init in zip(self.model.weights, fresh.weights):
+            self.assertNotAllClose(ours, init, msg=ours.path)
+
+    def test_rpn_head(self):
+        # 1 x 1 levels: the 3 x 3 conv sees only its centre tap.
+        rng = np.random.default_rng(0)
+        f = self.model.fpn.channels
+        x = rng.normal(size=(2, f))
+        a = self.arrays
+        name = "proposal_generator.rpn_head"
+        hidden = _relu(x @ a[f"{name}.conv.weight"][:, :, 1, 1].T + a[f"{name}.conv.bias"])
+        objectness = hidden @ a[f"{name}.objectness_logits.weight"][:, :, 0, 0].T \
+            + a[f"{name}.objectness_logits.bias"]   # [2, A] in D2_RATIOS order
+        deltas = (hidden @ a[f"{name}.anchor_deltas.weight"][:, :, 0, 0].T
+                  + a[f"{name}.anchor_deltas.bias"]).reshape(2, 3, 4)   # (dx, dy, dw, dh)
+        ours_obj, ours_deltas = self.model.rpn_head(
+            {l: tf.constant(x[:, None, None, :], tf.float32) for l in range(2, 7)})
+        # Our anchor k has width / height RpnHead.aspect_ratios[k]: D2's with
+        # height / width = 1 / that.
+        theirs = [D2_RATIOS.index(1.0 / r) for r in self.model.rpn_head.aspect_ratios]
+        for level in range(2, 7):
+            self.assertAllClose(ours_obj[level], objectness[:, theirs], atol=1e-5)
+            want = deltas[:, theirs][..., [1, 0, 3, 2]]   # (dy, dx, dh, dw)
+            self.assertAllClose(ours_deltas[level], want, atol=1e-5)
+
+    def test_box_head(self):
+        rng = np.random.default_rng(1)
+        k, f = 4, self.model.fpn.channels
+        pooled = rng.normal(size=(k, 7, 7, f))
+        a = self.arrays
+        x = pooled.transpose(0, 3, 1, 2).reshape(k, -1)   # PyTorch's (C, 7, 7) flatten
+        for i in (1, 2):
+            x = _relu(x @ a[f"roi_heads.box_head.fc{i}.weight"].T
+                      + a[f"roi_heads.box_head.fc{i}.bias"])
+        scores = x @ a["roi_heads.box_predictor.cls_score.weight"].T \
+            + a["roi_heads.box_predictor.cls_score.bias"]   # background last
+        deltas = (x @ a["roi_heads.box_predictor.bbox_pred.weight"].T
+                  + a["roi_heads.box_predictor.bbox_pred.bias"]).reshape(k, C, 4)
+        logits, box_deltas = self.model.roi_heads.box_head(
+            tf.constant(pooled[None], tf.float32))
+        self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
+                            atol=1e-4)
+        self.assertAllClose(box_deltas[0], deltas[..., [1, 0, 3, 2]], atol=1e-4)
+
+    def test_mask_head(self):
+        # 1 x 1 RoI features: centre taps, then the 2 x 2 deconv by its definition.
+        rng = np.random.default_rng(2)
+        k, f = 4, self.model.fpn.channels
+        features = rng.normal(size=(k, f))
+        a = self.arrays
+        x = features
+        for i in (1, 2):
+            w = a[f"roi_heads.mask_head.mask_fcn{i}.weight"][:, :, 1, 1]
+            x = _relu(x @ w.T + a[f"roi_heads.mask_head.mask_fcn{i}.bias"])
+        w = a["roi_heads.mask_head.deconv.weight"]   # [in, out, kh, kw]
+        up = _relu(np.einsum("kc,coab->kabo", x, w) + a["roi_heads.mask_head.deconv.bias"])
+        logits = np.einsum("kabo,no->knab", up, a["roi_heads.mask_head.predictor.weight"][
+            :, :, 0, 0]) + a["roi_heads.mask_head.predictor.bias"][None, :, None, None]
+        classes = np.array([0, 1, 2, 1])   # class columns, 0..C-1
+        ours = self.model.roi_heads.mask_head(tf.constant(_centre(features), tf.float32),
+                                              tf.constant(classes[None]))
+        self.assertAllClose(ours[0], logits[np.arange(k), classes], atol=1e-4)
+
+    def test_fpn_top_level(self):
+        # A 32 x 32 canvas: C5 is 1 x 1, so P5 = output(lateral(C5)) at the centre tap.
+        images = tf.constant(np.random.default_rng(3).normal(size=(1, 32, 32, 3)),
+                             tf.float32)
+        c = self.model.backbone(images)
+        p = self.model.fpn(c)
+        a = self.arrays
+        lateral = c[5].numpy()[0, 0, 0] @ a["backbone.fpn_lateral5.weight"][:, :, 0, 0].T \
+            + a["backbone.fpn_lateral5.bias"]
+        want = lateral @ a["backbone.fpn_output5.weight"][:, :, 1, 1].T \
+            + a["backbone.fpn_output5.bias"]
+        self.assertAllClose(p[5][0, 0, 0], want, atol=1e-4)
+        self.assertAllClose(p[6], p[5])
+
+
+def _centre(x):
+    """[K, F] -> [1, K, 1, 1, F] RoI features of one pixel."""
+    return x[None, :, None, None, :]
+
+
+class LoaderTest(tf.test.TestCase):
+
+    def _write(self, arrays, name="model_final.pkl", **extra):
+        return fixtures.write(os.path.join(self.get_temp_dir(), name), arrays, **extra)
+
+    def test_class_mismatch_raises_or_keeps_class_layers(self):
+        model = fixtures.small_model(num_classes=C)
+        path = self._write(fixtures.random_state(model, num_classes=C + 2))
+        with self.assertRaisesRegex(ValueError, r"has 5 classes, the model 3.*"
+                                    r"allow_class_mismatch"):
+            d2.load_detectron2_weights(model, path=path)
+        before = model.roi_heads.box_head.class_logits.kernel.numpy()
+        fc1 = model.roi_heads.box_head.fcs[0].kernel.numpy()
+        self.assertAllEqual(fc1, model.roi_heads.box_head.fcs[0].kernel)   # left as it was
+        skipped = d2.load_detectron2_weights(model, path=path, allow_class_mismatch=True)
+        self.assertLen(skipped, 6)   # kernel and bias of 3 layers
+        self.assertIn("class_logits", " ".join(skipped))
+        self.assertAllEqual(model.roi_heads.box_head.class_logits.kernel, before)
+        self.assertNotAllClose(model.roi_heads.box_head.fcs[0].kernel, fc1)
+
+    def test_class_agnostic_predictors_repeat(self):
+        model = fixtures.small_model(num_classes=C)
+        arrays = fixtures.random_state(model)
+        box = "roi_heads.box_predictor.bbox_pred"
+        arrays[f"{box}.weight"] = arrays[f"{box}.weight"][:4]
+        arrays[f"{box}.bias"] = arrays[f"{box}.bias"][:4]
+        mask = "roi_heads.mask_head.predictor"
+        arrays[f"{mask}.weight"] = arrays[f"{mask}.weight"][:1]
+        arrays[f"{mask}.bias"] = arrays[f"{mask}.bias"][:1]
+        d2.load_detectron2_weights(model, path=self._write(arrays))
+        kernel = model.roi_heads.box_head.box_deltas.kernel.numpy().reshape(-1, C, 4)
+        for c in range(C):
+            self.assertAllClose(kernel[:, c], arrays[f"{box}.weight"][[1, 0, 3, 2]].T)
+        predictor = model.roi_heads.mask_head.predictor.kernel.numpy()   # [1, 1, M, C]
+        self.assertAllClose(predictor[0, 0], np.tile(arrays[f"{mask}.weight"][:, :, 0, 0].T,
+                                                     (1, C)))
+
+    def test_unknown_or_missing_arrays_raise(self):
+        model = fixtures.small_model(num_classes=C)
+        arrays = fixtures.random_state(model)
+        extra = dict(arrays, **{"roi_heads.keypoint_head.conv_fcn1.weight": np.zeros(3)})
+        with self.assertRaisesRegex(ValueError, r"no place .*, 1: .*keypoint_head"):
+            d2.load_detectron2_weights(model, path=self._write(extra))
+        missing = {k: v for k, v in arrays.items() if "mask_fcn2" not in k}
+        with self.assertRaisesRegex(ValueError, r"no array 'roi_heads.mask_head.mask_fcn2"):
+            d2.load_detectron2_weights(model, path=self._write(missing))
+        wrong = dict(arrays, **{"backbone.fpn_output3.weight": np.zeros((32, 32, 1, 1))})
+        with self.assertRaisesRegex(ValueError, r"output_p3/kernel.*fpn_output3.weight"):
+            d2.load_detectron2_weights(model, path=self._write(wrong))
+        backbone_only = {k[len("backbone.bottom_up."):]: v for k, v in arrays.items()
+                         if k.startswith("backbone.bottom_up.")}
+        with self.assertRaisesRegex(ValueError, r"not a Detectron2 R-CNN with an FPN"):
+            d2.load_detectron2_weights(model, path=self._write(backbone_only))
+        with self.assertRaises(FileNotFoundError):
+            d2.load_detectron2_weights(model, path=os.path.join(self.get_temp_dir(), "no"))
+
+    def test_aspect_ratios_must_match(self):
+        model = fixtures.small_model(num_classes=C)
+        path = self._write(fixtures.random_state(model))
+        with self.assertRaisesRegex(ValueError, r"ASPECT_RATIOS \(0.25, 1, 4\)"):
+            d2.load_detectron2_weights(model, path=path, source_aspect_ratios=(0.25, 1, 4))
+
+    def test_input_convention_and_anchor_offset(self):
+        """Detectron2's BGR, mean-only input: exact with its mean as ours; folded and
+        logged otherwise; the anchor offset is logged."""
+        matched = fixtures.small_model(num_classes=C, anchor_offset=0.0)
+        matched.pixel_mean, matched.pixel_std = (123.675, 116.28, 103.53), (1.0, 1.0, 1.0)
+        arrays = fixtures.random_state(matched)
+        path = self._write(arrays)
+        with self.assertLogs(level="WARNING") as logs:
+            logging.warning("nothing else")
+            d2.load_detectron2_weights(matched, path=path)
+        self.assertLen(logs.records, 1)
+        stem = arrays["backbone.bottom_up.stem.conv1.weight"]   # [64, 3 BGR, 7, 7]
+        self.assertAllClose(matched.backbone.stem_conv.conv.kernel,
+                            np.transpose(stem[:, ::-1], (2, 3, 1, 0)))
+        self.assertAllClose(matched.backbone.stem_norm.moving_mean,
+                            arrays["backbone.bottom_up.stem.conv1.norm.running_mean"])
+        other = fixtures.small_model(num_classes=C)   # ImageNet RGB mean and std, offset 0.5
+        with self.assertLogs(level="WARNING") as logs:
+            d2.load_detectron2_weights(other, path=path)
+        text = " ".join(r.getMessage() for r in logs.records)
+        self.assertIn("RpnHead.anchor_offset = 0.0", text)
+        self.assertIn("MaskRCNN.pixel_mean = (123.675, 116.28, 103.53)", text)
+        # Away from the border the two models see the same network.
+        image = np.random.default_rng(4).uniform(0, 255, (1, 64, 64, 3))
+        info = tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])
+        feats = [m.backbone(m.normalize_images(tf.constant(image, tf.float32), info))[4]
+                 for m in (matched, other)]
+        self.assertLess(_rel(feats[1][:, 1:-1, 1:-1], feats[0][:, 1:-1, 1:-1]), 1e-4)
+
+    def test_pixel_buffers_of_the_file(self):
+        model = fixtures.small_model(num_classes=C)
+        model.pixel_mean, model.pixel_std = (1.0, 2.0, 3.0), (4.0, 5.0, 6.0)
+        arrays = fixtures.random_state(model)
+        arrays["pixel_mean"] = np.array([3.0, 2.0, 1.0]).reshape(3, 1, 1)
+        arrays["pixel_std"] = np.array([6.0, 5.0, 4.0]).reshape(3, 1, 1)
+        with self.assertLogs(level="INFO") as logs:
+            d2.load_detectron2_weights(model, path=self._write(arrays))
+        self.assertNotIn("folded into the stem",
+                         " ".join(r.getMessage() for r in logs.records))
+
+
+@unittest.skipUnless(os.environ.get("MRCNN_TORCH_PYTHON"),
+                     "set MRCNN_TORCH_PYTHON to a Python with torch and torchvision")
+class TorchvisionParityTest(tf.test.TestCase):
+    """torchvision's Mask R-CNN, renamed to Detectron2's layout, gives our outputs.
+
+    On demand (torch is not an mrcnn dependency):
+      MRCNN_TORCH_PYTHON=/path/to/torch/venv/bin/python \\
+        .venv/bin/python -m pytest -q tests/modeling/test_detectron2.py -k Torchvision
+    """
+
+    def test_heads_match(self):
+        from mrcnn.modeling.fpn import FPN
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+        from mrcnn.modeling.rpn import RpnHead
+        out = self.get_temp_dir()
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "peers",
+                              "torchvision_maskrcnn_as_detectron2.py")
+        subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
+                        "--num_classes=6"], check=True, capture_output=True, timeout=600)
+        model = MaskRCNN(   # torchvision's R50: stride on the 3x3 conv
+            backbone=resnet_lib.ResNet(depth=50, stride_in_1x1=False), fpn=FPN(),
+            rpn_head=RpnHead(anchor_offset=0.0),
+            roi_heads=RoiHeads(box_head=BoxHead(num_classes=6),
+                               mask_head=MaskHead(num_classes=6)))
+        d2.load_detectron2_weights(
+            model, path=os.path.join(out, "model_final.pkl"), source_format="RGB",
+            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
+            source_pixel_std=resnet_lib.IMAGENET_STD)
+        with np.load(os.path.join(out, "outputs.npz")) as o:
+            theirs = dict(o)
+        features = model.fpn(model.backbone(tf.constant(theirs["input"])))
+        objectness, deltas = model.rpn_head(features)
+        for level in range(2, 7):
+            self.assertLess(_rel(features[level], theirs[f"p{level}"]), 1e-5, level)
+            # torchvision's anchors: heights over widths (0.5, 1, 2), ours the inverse.
+            want = theirs[f"objectness_{level}"][..., ::-1].reshape(2, -1)
+            self.assertLess(_rel(objectness[level], want), 1e-5, level)
+            b, h, w, _ = theirs[f"deltas_{level}"].shape
+            want = theirs[f"deltas_{level}"].reshape(b, h, w, 3, 4)[:, :, :, ::-1]
+            want = want[..., [1, 0, 3, 2]].reshape(b, -1, 4)
+            self.assertLess(_rel(deltas[level], want), 1e-5, level)
+        logits, box_deltas = model.roi_heads.box_head(tf.constant(theirs["box_pooled"][None]))
+        self.assertLess(_rel(logits[0], theirs["class_logits"]), 1e-5)   # background first
+        self.assertLess(_rel(box_deltas[0], theirs["box_deltas"][:, 1:, [1, 0, 3, 2]]), 1e-5)
+        classes = np.arange(5) % 6
+        masks = model.roi_heads.mask_head(tf.constant(theirs["mask_pooled"][None]),
+                                          tf.constant(classes[None]))
+        self.assertLess(_rel(masks[0], theirs["mask_logits"][np.arange(5), classes + 1]), 1e-5)
+
+
+if __name__ == "__main__":
+    tf.test.main()
