@@ -287,3 +287,37 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
     plan.add(mask_head.predictor.kernel, _conv(w), names[3])
     plan.add(mask_head.predictor.bias, b, names[4])
     return []
+
+
+@gin.configurable(denylist=["weights", "model_dir"])
+def import_detectron2(weights, model_dir, *, model_fn=gin.REQUIRED):
+    """Writes a Detectron2 model's weights as a checkpoint (step 0) in `model_dir`.
+
+    `bin/eval`, `bin/predict` and `bin/export` then read `model_dir` as they
+    read a training run's. To fine-tune instead, set `train.init_fn =
+    @load_detectron2_weights` (a training run resumes only from its own
+    checkpoints, which hold the optimizer too).
+
+    Args:
+      weights: str, the Detectron2 `.pkl` (see `load_detectron2_weights`,
+        whose gin bindings apply).
+      model_dir: str, a directory without a checkpoint.
+      model_fn: () -> MaskRCNN.
+
+    Returns:
+      (checkpoint path, the variables left as initialised).
+
+    Raises:
+      ValueError: `model_dir` already holds a checkpoint; see the loader.
+    """
+    latest = tf.train.latest_checkpoint(model_dir)
+    if latest:
+        raise ValueError(f"{model_dir} already holds a checkpoint ({latest}); import "
+                         f"into a new directory")
+    model = model_fn()
+    skipped = load_detectron2_weights(model, path=weights)
+    checkpoint = tf.train.Checkpoint(model=model, step=tf.Variable(0, dtype=tf.int64))
+    path = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=1).save(
+        checkpoint_number=0)
+    logging.info("Wrote %s from %s", path, weights)
+    return path, skipped

@@ -1,5 +1,5 @@
 """The programs end to end on a tiny shapes dataset: train, kill -9 and resume,
-switches, eval, predict, export (loaded in a fresh process)."""
+switches, eval, predict, export (loaded in a fresh process), import_detectron2."""
 
 import json
 import os
@@ -220,6 +220,37 @@ def test_predict_fails_when_no_file_is_an_image(run, tmp_path):
     assert "none of the 2 image files could be read" in proc.stderr, proc.stderr[-2000:]
     assert "x.jpg" in proc.stderr and "y.png" in proc.stderr
     assert not (tmp_path / "o" / "detections.json").exists()
+
+
+def test_import_detectron2_then_predict(run, tmp_path):
+    from tests.modeling import detectron2_fixtures
+    # Detectron2's R-18 at width 64 with batch norm (the demo's GN half-width
+    # net has no Detectron2 counterpart), heads as TINY's.
+    bindings = run["bindings"] + ["ResNet.norm = 'frozen_bn'", "ResNet.width = 64",
+                                  "RpnHead.anchor_offset = 0.0"]
+    model = detectron2_fixtures.small_model(num_classes=3, channels=32, fc_dim=64,
+                                            mask_channels=32, mask_convs=1)
+    weights = detectron2_fixtures.write(tmp_path / "model_final.pkl",
+                                        detectron2_fixtures.random_state(model))
+    model_dir = tmp_path / "d2"
+    proc = _run("import_detectron2", f"--weights={weights}", f"--model_dir={model_dir}",
+                bindings=bindings)
+    assert f"-> {model_dir}/ckpt-0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "folded into the stem" in proc.stderr   # ImageNet mean/std, not Detectron2's
+    assert (model_dir / "operative_config.gin").exists()
+    out = tmp_path / "pictures"
+    _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=1",
+         str(run["data"] / "val2017"),
+         bindings=bindings + ["predict.score_threshold = 0.0"])
+    assert json.loads((out / "detections.json").read_text())["step"] == 0
+    again = _run("import_detectron2", f"--weights={weights}", f"--model_dir={model_dir}",
+                 bindings=bindings, check=False)
+    assert again.returncode == 1 and "already holds a checkpoint" in again.stderr
+    other = detectron2_fixtures.write(tmp_path / "other.pkl", detectron2_fixtures.random_state(
+        model, num_classes=5))
+    mismatch = _run("import_detectron2", f"--weights={other}",
+                    f"--model_dir={tmp_path / 'd2_other'}", bindings=bindings, check=False)
+    assert mismatch.returncode == 1 and "has 5 classes, the model 3" in mismatch.stderr
 
 
 _LOAD_AND_RUN = """

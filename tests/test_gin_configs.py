@@ -1,0 +1,39 @@
+"""The recipes in gin/ parse and build the model they describe."""
+
+import os
+
+import gin
+import pytest
+import tensorflow as tf
+
+from mrcnn import programs
+
+GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+@pytest.fixture
+def parsed():
+    def parse(path):
+        programs.parse_gin_files([os.path.join(GIN, path)], [], finalize=False)
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        model = MaskRCNN()
+        model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
+               "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])}, training=False)
+        return model
+    yield parse
+    gin.clear_config()
+
+
+def test_r50_fpn_1x(parsed):
+    model = parsed("r50_fpn_1x.gin")
+    assert model.num_classes == 80 and model.backbone.depth == 50
+    assert model.backbone.stride_in_1x1 and model.rpn_head.anchor_offset == 0.5
+    assert gin.query_parameter("train.epochs") == 12
+
+
+def test_detectron2_r50_fpn(parsed):
+    model = parsed("detectron2_r50_fpn.gin")
+    assert model.num_classes == 80 and model.backbone.depth == 50
+    assert model.pixel_mean == (123.675, 116.28, 103.53) and model.pixel_std == (1, 1, 1)
+    assert model.rpn_head.anchor_offset == 0.0 and model.backbone.stride_in_1x1
+    assert gin.query_parameter("import_detectron2.model_fn").selector == "MaskRCNN"
