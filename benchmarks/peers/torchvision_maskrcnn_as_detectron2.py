@@ -18,7 +18,14 @@ Writes, for the side-by-side check of `load_detectron2_weights`
                        their `class_logits` [K, C + 1] (background first),
                        `box_deltas` [K, C + 1, 4];
                        `mask_pooled` [K, 14, 14, 256] and `mask_logits`
-                       [K, C + 1, 28, 28].
+                       [K, C + 1, 28, 28];
+                       per image i, the whole inference on `input`:
+                       `proposals_i` [P, 4], `boxes_i` [N, 4] (y1, x1, y2,
+                       x2), `scores_i` [N], `labels_i` [N] (1..C) and
+                       `masks_i` [N, 28, 28] probabilities, with
+                       Detectron2's conventions where torchvision's differ:
+                       anchors not rounded to whole pixels, RoIAlign with
+                       `aligned=True` (ROIAlignV2).
 The network is randomly initialised (seeded), biases and BatchNorm
 statistics included, so that every array and every permutation matters.
 torch and torchvision are not dependencies of mrcnn: run this with a Python
@@ -93,6 +100,40 @@ def detectron2_arrays(state, num_classes):
     return out
 
 
+def detectron2_inference(net, x, features):
+    """torchvision's RPN and RoI heads on `features`, with Detectron2's anchors and RoIAlign."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import poolers, roi_align
+    generator = net.rpn.anchor_generator
+    generator.cell_anchors = [   # generate_anchors rounds its result; Detectron2 does not
+        _unrounded_anchors(sizes, ratios) for sizes, ratios
+        in zip(generator.sizes, generator.aspect_ratios)]
+    original = poolers.roi_align
+    poolers.roi_align = lambda *args, **kwargs: roi_align(*args, aligned=True, **kwargs)
+    try:
+        sizes = [tuple(x.shape[-2:])] * x.shape[0]
+        proposals, _ = net.rpn(ImageList(x, sizes), features)
+        detections, _ = net.roi_heads(features, proposals, sizes)
+    finally:
+        poolers.roi_align = original
+    yxyx = lambda b: b[:, [1, 0, 3, 2]].numpy()   # noqa: E731
+    out = {}
+    for i, (p, d) in enumerate(zip(proposals, detections)):
+        out.update({f"proposals_{i}": yxyx(p), f"boxes_{i}": yxyx(d["boxes"]),
+                    f"scores_{i}": d["scores"].numpy(), f"labels_{i}": d["labels"].numpy(),
+                    f"masks_{i}": d["masks"][:, 0].numpy()})
+    return out
+
+
+def _unrounded_anchors(sizes, ratios):
+    """torchvision's `AnchorGenerator.generate_anchors` without its `round()`."""
+    scales = torch.as_tensor(sizes, dtype=torch.float32)
+    h_ratios = torch.sqrt(torch.as_tensor(ratios, dtype=torch.float32))
+    ws = (1 / h_ratios[:, None] * scales[None, :]).view(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+    return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -108,6 +149,9 @@ def main():
         for name, p in net.named_parameters():
             if name.endswith("bias"):
                 p.uniform_(-0.1, 0.1)
+        # Spread the scores, so that rankings do not hang on float rounding.
+        net.rpn.head.cls_logits.weight.mul_(30.0)
+        net.roi_heads.box_predictor.cls_score.weight.mul_(30.0)
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
@@ -123,11 +167,13 @@ def main():
         class_logits, box_deltas = net.roi_heads.box_predictor(box_x)
         mask_pooled = torch.randn(k, 256, 14, 14)
         mask_logits = net.roi_heads.mask_predictor(net.roi_heads.mask_head(mask_pooled))
+        inference = detectron2_inference(net, x, features)
     nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()   # noqa: E731
     outputs = {"input": nhwc(x), "box_pooled": nhwc(box_pooled),
                "class_logits": class_logits.numpy(),
                "box_deltas": box_deltas.reshape(k, -1, 4).numpy(),
                "mask_pooled": nhwc(mask_pooled), "mask_logits": mask_logits.numpy()}
+    outputs.update(inference)
     for level, (p, o, d) in enumerate(zip(levels, objectness, deltas), start=2):
         outputs.update({f"p{level}": nhwc(p), f"objectness_{level}": nhwc(o),
                         f"deltas_{level}": nhwc(d)})

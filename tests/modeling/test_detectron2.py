@@ -236,34 +236,41 @@ class LoaderTest(tf.test.TestCase):
 @unittest.skipUnless(os.environ.get("MRCNN_TORCH_PYTHON"),
                      "set MRCNN_TORCH_PYTHON to a Python with torch and torchvision")
 class TorchvisionParityTest(tf.test.TestCase):
-    """torchvision's Mask R-CNN, renamed to Detectron2's layout, gives our outputs.
+    """torchvision's Mask R-CNN, renamed to Detectron2's layout, gives our outputs:
+    each head's, and the whole inference's with torchvision's anchors not
+    rounded and its RoIAlign aligned (Detectron2's conventions, ours).
 
     On demand (torch is not an mrcnn dependency):
       MRCNN_TORCH_PYTHON=/path/to/torch/venv/bin/python \\
         .venv/bin/python -m pytest -q tests/modeling/test_detectron2.py -k Torchvision
     """
 
-    def test_heads_match(self):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
         from mrcnn.modeling.fpn import FPN
         from mrcnn.modeling.mask_rcnn import MaskRCNN
         from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
         from mrcnn.modeling.rpn import RpnHead
-        out = self.get_temp_dir()
+        out = tempfile.mkdtemp()
         script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "peers",
                               "torchvision_maskrcnn_as_detectron2.py")
         subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
                         "--num_classes=6"], check=True, capture_output=True, timeout=600)
-        model = MaskRCNN(   # torchvision's R50: stride on the 3x3 conv
+        cls.model = MaskRCNN(   # torchvision's R50: stride on the 3x3 conv
             backbone=resnet_lib.ResNet(depth=50, stride_in_1x1=False), fpn=FPN(),
             rpn_head=RpnHead(anchor_offset=0.0),
             roi_heads=RoiHeads(box_head=BoxHead(num_classes=6),
                                mask_head=MaskHead(num_classes=6)))
         d2.load_detectron2_weights(
-            model, path=os.path.join(out, "model_final.pkl"), source_format="RGB",
+            cls.model, path=os.path.join(out, "model_final.pkl"), source_format="RGB",
             source_pixel_mean=resnet_lib.IMAGENET_MEAN,
             source_pixel_std=resnet_lib.IMAGENET_STD)
         with np.load(os.path.join(out, "outputs.npz")) as o:
-            theirs = dict(o)
+            cls.theirs = dict(o)
+
+    def test_heads_match(self):
+        model, theirs = self.model, self.theirs
         features = model.fpn(model.backbone(tf.constant(theirs["input"])))
         objectness, deltas = model.rpn_head(features)
         for level in range(2, 7):
@@ -282,6 +289,38 @@ class TorchvisionParityTest(tf.test.TestCase):
         masks = model.roi_heads.mask_head(tf.constant(theirs["mask_pooled"][None]),
                                           tf.constant(classes[None]))
         self.assertLess(_rel(masks[0], theirs["mask_logits"][np.arange(5), classes + 1]), 1e-5)
+
+    def test_inference_matches(self):
+        """Proposals and detections (boxes, scores, classes, 28 x 28 masks) of the
+        whole model, with torchvision set to Detectron2's anchors and RoIAlign."""
+        model, theirs = self.model, self.theirs
+        x = theirs["input"]
+        h, w = x.shape[1:3]
+        images = x * np.array(resnet_lib.IMAGENET_STD) + np.array(resnet_lib.IMAGENET_MEAN)
+        info = tf.constant([[h, w, h, w, 1.0]] * 2, tf.float32)
+        features = model.fpn(model.backbone(model.normalize_images(
+            tf.constant(images, tf.float32), info)))
+        objectness, deltas = model.rpn_head(features)
+        proposals, valid = model.rpn_head.proposals(
+            objectness, deltas, model.rpn_head.anchors((h, w)), info[:, 2:4], (h, w), False)
+        detections = model({"images": tf.constant(images, tf.float32), "image_info": info},
+                           training=False)
+        for i in range(2):
+            ours = proposals[i].numpy()[valid[i].numpy()]
+            want = theirs[f"proposals_{i}"]
+            self.assertEqual(ours.shape, want.shape)
+            # As sets: near-equal objectness may order two proposals either way.
+            nearest = np.abs(ours[:, None] - want[None]).max(-1).min(1)
+            self.assertLess(nearest.max(), 1e-3)
+            n = int(detections["num_detections"][i])
+            self.assertEqual(n, len(theirs[f"scores_{i}"]))
+            self.assertAllEqual(detections["detection_classes"][i][:n], theirs[f"labels_{i}"])
+            self.assertAllClose(detections["detection_scores"][i][:n], theirs[f"scores_{i}"],
+                                atol=1e-5)
+            self.assertAllClose(detections["detection_boxes"][i][:n], theirs[f"boxes_{i}"],
+                                atol=1e-3)
+            self.assertAllClose(detections["detection_masks"][i][:n], theirs[f"masks_{i}"],
+                                atol=1e-4)
 
 
 if __name__ == "__main__":
