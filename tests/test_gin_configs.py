@@ -31,6 +31,14 @@ def test_r50_fpn_1x(parsed):
     assert gin.query_parameter("train.epochs") == 12
 
 
+def test_r50_fpn_3x(parsed):
+    model = parsed("r50_fpn_3x.gin")
+    assert model.num_classes == 80 and model.backbone.depth == 50
+    assert gin.query_parameter("train.epochs") == 36.5
+    assert gin.query_parameter("build_optimizer.decay_epochs") == (28.4, 33.8)
+    assert gin.query_parameter("train/CocoInput.min_size") == (640, 672, 704, 736, 768, 800)
+
+
 def test_detectron2_r50_fpn(parsed):
     model = parsed("detectron2_r50_fpn.gin")
     assert model.num_classes == 80 and model.backbone.depth == 50
