@@ -39,6 +39,12 @@ def test_r50_fpn_3x(parsed):
     assert gin.query_parameter("train/CocoInput.min_size") == (640, 672, 704, 736, 768, 800)
 
 
+def test_faster_rcnn_r50_fpn_1x(parsed):
+    model = parsed("faster_rcnn_r50_fpn_1x.gin")
+    assert not model.has_masks and model.num_classes == 80
+    assert gin.query_parameter("CocoInput.with_masks") is False
+
+
 def test_detectron2_r50_fpn(parsed):
     model = parsed("detectron2_r50_fpn.gin")
     assert model.num_classes == 80 and model.backbone.depth == 50

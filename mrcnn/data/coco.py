@@ -141,7 +141,7 @@ class CocoSplit:
 
 
 def load_split(annotation_file, image_dir, on_bad="skip_image",
-               check_files=True):
+               check_files=True, with_masks=True):
     """Reads and validates one COCO instances json (see the module docstring).
 
     Args:
@@ -150,6 +150,8 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
       on_bad: "raise", "skip_image" or "skip_annotation".
       check_files: bool, check that every image file exists (one `stat` per
         image: about a second for COCO train2017).
+      with_masks: bool; False reads box-only annotations: `segmentation` is
+        neither needed nor checked (records hold None for it).
 
     Returns:
       CocoSplit.
@@ -224,7 +226,7 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
         image = images.get(image_id)
         where = (f"annotation id {ann_id} (image id {image_id}, "
                  f"{os.path.join(image_dir, image['file_name']) if image else '?'})")
-        reason = _check_annotation(ann, image, category_map)
+        reason = _check_annotation(ann, image, category_map, with_masks)
         if reason:
             problem("bad_annotations", f"{where}: {reason}")
             if image_id is not None:
@@ -250,7 +252,7 @@ def _get(obj, key):
     return obj.get(key) if isinstance(obj, dict) else None
 
 
-def _check_annotation(ann, image, category_map):
+def _check_annotation(ann, image, category_map, with_masks=True):
     """Why an annotation is bad (str), or None when it is fine."""
     if not isinstance(ann, dict):
         return "not an object"
@@ -273,6 +275,8 @@ def _check_annotation(ann, image, category_map):
                 f"image by more than {tol} px")
     if min(x + w, width) - max(x, 0) <= 0 or min(y + h, height) - max(y, 0) <= 0:
         return f"bbox {bbox} is empty once clipped to the {width}x{height} image"
+    if not with_masks:
+        return None
     return _check_segmentation(ann.get("segmentation"), height, width)
 
 
@@ -317,7 +321,7 @@ def _record(image, anns, image_dir, category_map, counts):
         height=height, width=width, boxes=boxes,
         classes=np.array([category_map.to_contiguous(a["category_id"]) for a in anns],
                          np.int32),
-        segmentations=[a["segmentation"] for a in anns],
+        segmentations=[a.get("segmentation") for a in anns],
         is_crowd=is_crowd,
         annotation_ids=np.array([int(a.get("id", -1)) for a in anns], np.int64))
 

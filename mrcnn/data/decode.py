@@ -112,7 +112,7 @@ def decode_example(record, mask_size, max_instances, keep_crowd=False):
 
     Args:
       record: mrcnn.data.coco.ImageRecord.
-      mask_size: int S.
+      mask_size: int S; 0 decodes no mask (box-only data).
       max_instances: int M.
       keep_crowd: bool.
 
@@ -126,7 +126,7 @@ def decode_example(record, mask_size, max_instances, keep_crowd=False):
     num_dropped = max(len(keep) - max_instances, 0)
     keep = keep[:max_instances]
     masks = np.zeros((len(keep), mask_size, mask_size), np.uint8)
-    for i, k in enumerate(keep):
+    for i, k in enumerate(keep if mask_size else ()):
         masks[i] = box_frame_mask(record.segmentations[k], record.boxes[k],
                                   record.height, record.width, mask_size)
     return (image, record.boxes[keep].astype(np.float32),

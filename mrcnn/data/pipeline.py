@@ -18,7 +18,7 @@ A batch is a dict:
   gt_valid: bool [B, M].
   gt_masks: uint8 [B, M, S, S] of 0/1, each instance's mask cropped to its
     own `gt_boxes` row and resampled to S x S (see mrcnn/data/decode.py);
-    padded slots 0.
+    padded slots 0. Not in the batch with `with_masks=False` (box-only data).
 
 Boxes are scaled per axis by `resized / original` (the factor the image
 pixels were resized by; it differs from `scale` by under half a pixel over
@@ -179,6 +179,8 @@ class CocoInput:
         instances). Extra instances are dropped and counted.
       mask_size: int S. 112 keeps 100 masks at 1.25 MB per image, four times
         the 28 x 28 mask head output so targets can be resampled from it.
+      with_masks: bool; False for box-only data (Faster R-CNN): annotations
+        need no `segmentation`, and batches have no `gt_masks`.
       flip_probability: float in [0, 1], training only.
       skip_bad: bool, skip (training) instead of raising on bad input.
       filter_empty: bool, drop training images without a non-crowd
@@ -200,7 +202,8 @@ class CocoInput:
                  canvas_size=(1344, 1344), size_divisor=64, max_instances=100,
                  mask_size=112, flip_probability=0.5, skip_bad=True, filter_empty=True,
                  shuffle_buffer=None, seed=None, annotation_file=None,
-                 image_dir=None, check_files=True, group_by_orientation=False):
+                 image_dir=None, check_files=True, group_by_orientation=False,
+                 with_masks=True):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
         canvas_size = tuple(int(s) for s in canvas_size)
         if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
@@ -223,6 +226,7 @@ class CocoInput:
         self.size_divisor = int(size_divisor)
         self.max_instances = int(max_instances)
         self.mask_size = int(mask_size)
+        self.with_masks = bool(with_masks)
         self.flip_probability = float(flip_probability)
         self.skip_bad = bool(skip_bad)
         self.shuffle_buffer = shuffle_buffer
@@ -233,7 +237,8 @@ class CocoInput:
         on_bad = ("raise" if not skip_bad
                   else "skip_image" if training else "skip_annotation")
         loaded = coco.load_split(self.annotation_file, self.image_dir,
-                                 on_bad=on_bad, check_files=check_files)
+                                 on_bad=on_bad, check_files=check_files,
+                                 with_masks=self.with_masks)
         self.category_map = loaded.category_map
         self.counts = loaded.counts
         self.problems = loaded.problems
@@ -450,7 +455,7 @@ class CocoInput:
         index = int(index)
         members = self._members[self._group[index]]
         first = int(np.searchsorted(members, index))   # members[first] == index
-        s = self.mask_size
+        s = self._decoded_mask_size
         error = None
         for k in range(len(members)):
             i = int(members[(first + k) % len(members)])
@@ -484,7 +489,7 @@ class CocoInput:
 
     def _example(self, index, random_bits):
         """One image: decode (host), resize, flip, pad."""
-        m, s = self.max_instances, self.mask_size
+        m, s = self.max_instances, self._decoded_mask_size
         image, boxes, classes, masks, index = tf.numpy_function(
             self._load, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64],
             stateful=False)
@@ -536,23 +541,30 @@ class CocoInput:
             "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
             "gt_classes": tf.pad(classes, [[0, pad]]),
             "gt_valid": tf.sequence_mask(tf.shape(classes)[0], m),
-            "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
         }
         example["image_info"].set_shape([5])
         example["gt_boxes"].set_shape([m, 4])
         example["gt_classes"].set_shape([m])
-        example["gt_masks"].set_shape([m, s, s])
+        if self.with_masks:
+            example["gt_masks"] = tf.pad(masks, [[0, pad], [0, 0], [0, 0]])
+            example["gt_masks"].set_shape([m, s, s])
         return example
+
+    @property
+    def _decoded_mask_size(self):
+        return self.mask_size if self.with_masks else 0
 
     def _padding(self, canvas):
         """The all-zero example with image_id -1 that fills a last eval batch."""
         m, s = self.max_instances, self.mask_size
-        return {
+        padding = {
             "images": tf.zeros(tuple(canvas) + (3,), tf.uint8),
             "image_info": tf.zeros([5], tf.float32),
             "image_id": tf.constant(-1, tf.int64),
             "gt_boxes": tf.zeros([m, 4], tf.float32),
             "gt_classes": tf.zeros([m], tf.int32),
             "gt_valid": tf.zeros([m], tf.bool),
-            "gt_masks": tf.zeros([m, s, s], tf.uint8),
         }
+        if self.with_masks:
+            padding["gt_masks"] = tf.zeros([m, s, s], tf.uint8)
+        return padding

@@ -17,7 +17,8 @@ x2) in each input image's pixels, `detection_scores float32 [B, D]`,
 `detection_classes int32 [B, D]` (contiguous 1..C; padded slots as the model
 gives them), `detection_category_ids int32 [B, D]` (COCO ids when known, else
 the classes), `detection_masks float32 [B, D, 28, 28]` (mask probabilities
-inside each box; paste with `mrcnn.ops.masks.paste_masks`) and
+inside each box; paste with `mrcnn.ops.masks.paste_masks`; not from a box-only
+model) and
 `num_detections int32 [B]`.
 
 `serve_encoded` decodes JPEGs with libjpeg's accurate integer DCT, as PIL
@@ -127,12 +128,14 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
             ids = tf.where(classes > 0, ids, classes)
         else:
             ids = classes
-        return {"detection_boxes": out["detection_boxes"],
-                "detection_scores": tf.cast(out["detection_scores"], tf.float32),
-                "detection_classes": classes,
-                "detection_category_ids": ids,
-                "detection_masks": tf.cast(out["detection_masks"], tf.float32),
-                "num_detections": tf.cast(out["num_detections"], tf.int32)}
+        result = {"detection_boxes": out["detection_boxes"],
+                  "detection_scores": tf.cast(out["detection_scores"], tf.float32),
+                  "detection_classes": classes,
+                  "detection_category_ids": ids,
+                  "num_detections": tf.cast(out["num_detections"], tf.int32)}
+        if "detection_masks" in out:   # not from a box-only model
+            result["detection_masks"] = tf.cast(out["detection_masks"], tf.float32)
+        return result
 
     # One function per canvas, called by both signatures: the SavedModel
     # holds each canvas's model graph once, and export traces it once (and

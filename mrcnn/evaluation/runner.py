@@ -81,8 +81,9 @@ def _summary_pictures(batch, detections, class_names, limit):
         image = batch["images"][i, :rh, :rw]
         n = int(detections["num_detections"][i])
         boxes = detections["detection_boxes"][i, :n] * scale
-        masks = mask_ops.paste_masks(detections["detection_masks"][i:i + 1, :n],
-                                     boxes[None], (rh, rw)).numpy()[0] if n else None
+        masks = (mask_ops.paste_masks(detections["detection_masks"][i:i + 1, :n],
+                                      boxes[None], (rh, rw)).numpy()[0]
+                 if n and "detection_masks" in detections else None)
         pictures.append(visualize.draw_detections(
             image, boxes, detections["detection_classes"][i, :n],
             detections["detection_scores"][i, :n], masks, class_names))
@@ -111,7 +112,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     Returns:
       dict: {'step', 'bbox': {AP, AP50, ...}, 'segm': {...}, 'per_category':
       {'bbox': {category name: AP}, 'segm': {...}}} of the last evaluation
-      (-1 for a category without ground truth in the images seen).
+      (-1 for a category without ground truth in the images seen); no
+      'segm' for a box-only model or dataset (`CocoInput.with_masks`).
     """
     if dataset_fn.training:
         raise ValueError("evaluate.dataset_fn must be a CocoInput with training=False")
@@ -129,7 +131,10 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     trainer.check_num_classes(model, dataset_fn)
     logging.info("Evaluating %s (step %d) on %s", path, step, dataset_fn.annotation_file)
     class_to_category, class_names = _class_maps(dataset_fn.category_map)
-    evaluator = coco_eval.CocoEvaluator(dataset_fn.annotation_file, class_to_category)
+    # Masks are scored when the model makes them and the annotations have them.
+    with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
+    evaluator = coco_eval.CocoEvaluator(dataset_fn.annotation_file, class_to_category,
+                                        include_masks=with_masks)
     infer = tf.function(lambda b: model(b, training=False), jit_compile=xla)
     pictures, num_images, start = [], 0, time.perf_counter()
     for i, batch in enumerate(dataset_fn()):
@@ -143,7 +148,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             pictures += _summary_pictures(batch, detections, class_names,
                                           num_pictures - len(pictures))
     seconds = time.perf_counter() - start
-    metrics = evaluator.evaluate()
+    metrics = evaluator.evaluate(("bbox", "segm") if with_masks else ("bbox",))
     print(f"step {step}: {num_images} images in {seconds:.1f} s "
           f"({num_images / max(seconds, 1e-9):.1f} img/s)")
     print(coco_eval.format_metrics(metrics))
@@ -197,7 +202,7 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
     detections.json holds, per image, its picture's file name and each
     detection's box (y1, x1, y2, x2 in the image's pixels), class, name,
     score and mask (`segmentation`, COCO RLE at the image's size:
-    `pycocotools.mask.decode` gives [H, W]). Files that cannot be decoded
+    `pycocotools.mask.decode` gives [H, W]; not from a box-only model). Files that cannot be decoded
     are skipped with a warning and listed under `unreadable`; ValueError
     when none can be.
 
@@ -250,8 +255,9 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
         keep = np.arange(int(det["num_detections"]))
         keep = keep[det["detection_scores"][keep] >= score_threshold]
         boxes = det["detection_boxes"][keep]
-        rles = coco_eval.paste_masks_rle(det["detection_masks"][keep], boxes,
-                                         image.shape[:2])
+        rles = (coco_eval.paste_masks_rle(det["detection_masks"][keep], boxes,
+                                          image.shape[:2])
+                if "detection_masks" in det else None)   # None: a box-only model
         masks = (np.transpose(mask_util.decode(rles), (2, 0, 1)).astype(bool)
                  if rles else None)   # [K, H, W]
         classes = det["detection_classes"][keep]
@@ -262,15 +268,12 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
                                             names, score_threshold=score_threshold)
         picture_name = _unique_png_name(file, pictures)
         visualize.save_png(os.path.join(out_dir, picture_name), picture)
-        written.append({
-            "file": file,
-            "picture": picture_name,
-            "detections": [{"box_yxyx": [round(float(v), 2) for v in b],
-                            "class": int(c), "name": names[int(c)],
-                            "score": round(float(s), 4), "segmentation": rle}
-                           for b, c, s, rle in zip(boxes, classes,
-                                                   det["detection_scores"][keep],
-                                                   rles)]})
+        entries = [{"box_yxyx": [round(float(v), 2) for v in b], "class": int(c),
+                    "name": names[int(c)], "score": round(float(s), 4)}
+                   for b, c, s in zip(boxes, classes, det["detection_scores"][keep])]
+        for entry, rle in zip(entries, rles or ()):
+            entry["segmentation"] = rle
+        written.append({"file": file, "picture": picture_name, "detections": entries})
     if not written:
         raise ValueError(f"none of the {len(files)} image files could be read: "
                          + "; ".join(f"{u['file']}: {u['error']}" for u in unreadable))

@@ -53,7 +53,7 @@ _XY_TO_YX = np.array([1, 0, 3, 2])
 
 
 def _build(model):
-    if not model.roi_heads.mask_head.predictor.built:
+    if not model.roi_heads.box_head.class_logits.built:
         model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
                "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])},
               training=False)
@@ -99,7 +99,7 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
                             source_aspect_ratios=_D2_ASPECT_RATIOS,
                             source_format="BGR", source_pixel_mean=None,
                             source_pixel_std=None):
-    """Loads a Detectron2 Mask R-CNN R50-FPN weights file into `model`.
+    """Loads a Detectron2 Mask R-CNN (or Faster R-CNN) R50-FPN weights file into `model`.
 
     Every variable of the model is assigned, and every weight array of the
     file is used, or ValueError names the one that is not. As `train.init_fn`
@@ -109,6 +109,8 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
     Args:
       model: a `MaskRCNN` with a width-64 batch-norm ResNet (built here if it
         is not yet); `ResNet.stride_in_1x1 = True` for the model zoo's R50.
+        Without a mask head (`RoiHeads.mask_head = None`) it takes a Faster
+        R-CNN file, or a Mask R-CNN file whose mask head it leaves (logged).
       path: str, the `.pkl` (`{'model': {name: array}}`, Detectron2's
         `model_final_*.pkl`; see `load_detectron2_resnet_weights` for what
         is read and refused).
@@ -193,16 +195,23 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
         plan.add(fc.kernel, w.T, f"{theirs}.weight")
         plan.add(fc.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
 
-    mask_head = model.roi_heads.mask_head
-    for i, conv in enumerate(mask_head.convs):
+    mask_head = model.roi_heads.mask_head   # None: Faster R-CNN, MASK_ON False
+    for i, conv in enumerate(mask_head.convs if mask_head is not None else ()):
         theirs = f"roi_heads.mask_head.mask_fcn{i + 1}"
         plan.add(conv.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
         plan.add(conv.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
-    w = take("roi_heads.mask_head.deconv.weight")   # [in, out, kh, kw]
-    plan.add(mask_head.deconv.kernel, np.transpose(w, (2, 3, 1, 0)),
-            "roi_heads.mask_head.deconv.weight")
-    plan.add(mask_head.deconv.bias, take("roi_heads.mask_head.deconv.bias"),
-            "roi_heads.mask_head.deconv.bias")
+    if mask_head is None:
+        left = [k for k in arrays if k.startswith("roi_heads.mask_head.")]
+        used.update(left)
+        if left:
+            logging.info("Detectron2 weights %s: the model has no mask head; the file's "
+                         "%d mask head arrays are left", path, len(left))
+    else:
+        w = take("roi_heads.mask_head.deconv.weight")   # [in, out, kh, kw]
+        plan.add(mask_head.deconv.kernel, np.transpose(w, (2, 3, 1, 0)),
+                 "roi_heads.mask_head.deconv.weight")
+        plan.add(mask_head.deconv.bias, take("roi_heads.mask_head.deconv.bias"),
+                 "roi_heads.mask_head.deconv.bias")
 
     skipped = _load_class_layers(model, take, plan, path, allow_class_mismatch)
 
@@ -249,8 +258,10 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
     file_classes = score_w.shape[0] - 1
     names = ["roi_heads.box_predictor.bbox_pred.weight",
              "roi_heads.box_predictor.bbox_pred.bias",
-             "roi_heads.box_predictor.cls_score.bias",
-             "roi_heads.mask_head.predictor.weight", "roi_heads.mask_head.predictor.bias"]
+             "roi_heads.box_predictor.cls_score.bias"]
+    if mask_head is not None:
+        names += ["roi_heads.mask_head.predictor.weight",
+                  "roi_heads.mask_head.predictor.bias"]
     if file_classes != classes:
         if not allow_class_mismatch:
             raise ValueError(
@@ -260,8 +271,9 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
                 f"other classes from its other layers")
         for n in names:
             take(n)
-        skipped = [v.path for layer in (box_head.class_logits, box_head.box_deltas,
-                                        mask_head.predictor) for v in layer.weights]
+        layers = [box_head.class_logits, box_head.box_deltas] + (
+            [mask_head.predictor] if mask_head is not None else [])
+        skipped = [v.path for layer in layers for v in layer.weights]
         logging.warning("Detectron2 weights %s: %d classes, the model %d: its class "
                         "layers are not loaded (%s)", path, file_classes, classes, skipped)
         return skipped
@@ -281,6 +293,8 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
                          f"not 4 or 4 x {classes}")
     plan.add(box_head.box_deltas.kernel, w[order].T, names[0])
     plan.add(box_head.box_deltas.bias, b[order], names[1])
+    if mask_head is None:
+        return []
     w, b = take(names[3]), take(names[4])   # [C or 1, F, 1, 1]
     if w.shape[0] == 1:   # CLS_AGNOSTIC_MASK
         w, b = np.tile(w, (classes, 1, 1, 1)), np.tile(b, classes)

@@ -16,7 +16,8 @@ The batch (the data pipeline's output, see `mrcnn.data`):
     padded slots 0.            (training only, as the next three)
   gt_classes: int32 [B, M], 1..C; padded slots 0.
   gt_valid: bool [B, M].
-  gt_masks: uint8 [B, M, S_m, S_m], each mask cropped to its gt box.
+  gt_masks: uint8 [B, M, S_m, S_m], each mask cropped to its gt box (only
+    with a mask head).
 
 Mixed precision: the layers follow the global `keras.mixed_precision`
 policy (`mixed_float16`, `mixed_bfloat16`); every head casts its outputs to
@@ -55,7 +56,8 @@ class MaskRCNN(keras.Model):
 
     `call(batch, training=True)` returns the losses dict {rpn_objectness,
     rpn_box, rcnn_class, rcnn_box, mask} of float32 scalars (the trainer sums
-    them); `call(batch, training=False)` returns the detections dict of
+    them; no `mask` and no `gt_masks` needed without a mask head: Faster
+    R-CNN); `call(batch, training=False)` returns the detections dict of
     `RoiHeads.detect`. Both run under `tf.function(jit_compile=True)` for
     static batch shapes; build the model with one eager call first so that
     variables are not created inside a compiled function.
@@ -85,6 +87,11 @@ class MaskRCNN(keras.Model):
         self.fpn = fpn
         self.rpn_head = rpn_head
         self.roi_heads = roi_heads
+
+    @property
+    def has_masks(self):
+        """False for a box-only model (`RoiHeads.mask_head = None`, Faster R-CNN)."""
+        return self.roi_heads.mask_head is not None
 
     @property
     def num_classes(self):
@@ -140,14 +147,8 @@ class MaskRCNN(keras.Model):
                                      gt_classes, gt_valid)
         class_logits, box_deltas = self.roi_heads.box_outputs(features,
                                                               rois.rois)
-        kp = self.roi_heads.num_mask_rois  # positives sit in these slots
-        mask_logits = self.roi_heads.mask_outputs(
-            features, rois.rois[:, :kp], tf.maximum(rois.classes[:, :kp], 1))
-        mask_targets = self.roi_heads.mask_targets(
-            batch["gt_masks"], rois.rois[:, :kp], rois.matched_index[:, :kp],
-            gt_boxes)
         levels = range(self.rpn_head.min_level, self.rpn_head.max_level + 1)
-        return {
+        losses = {
             "rpn_objectness": loss_lib.rpn_objectness_loss(
                 tf.concat([objectness[l] for l in levels], axis=1),
                 rpn_targets.labels, self.rpn_head.num_samples),
@@ -160,9 +161,22 @@ class MaskRCNN(keras.Model):
             "rcnn_box": loss_lib.rcnn_box_loss(
                 box_deltas, rois.box_targets, rois.classes, rois.valid,
                 self.roi_heads.box_loss_beta),
-            "mask": loss_lib.mask_loss(
-                mask_logits, mask_targets, rois.classes[:, :kp] > 0),
         }
+        if not self.has_masks:
+            return losses
+        if "gt_masks" not in batch:
+            raise ValueError(
+                "MaskRCNN: the batch has no gt_masks (CocoInput.with_masks = False); "
+                "set RoiHeads.mask_head = None for a box-only model")
+        kp = self.roi_heads.num_mask_rois  # positives sit in these slots
+        mask_logits = self.roi_heads.mask_outputs(
+            features, rois.rois[:, :kp], tf.maximum(rois.classes[:, :kp], 1))
+        mask_targets = self.roi_heads.mask_targets(
+            batch["gt_masks"], rois.rois[:, :kp], rois.matched_index[:, :kp],
+            gt_boxes)
+        losses["mask"] = loss_lib.mask_loss(
+            mask_logits, mask_targets, rois.classes[:, :kp] > 0)
+        return losses
 
     def compute_losses(self, batch):
         """The losses dict of `call(batch, training=True)`: float32 scalars."""
@@ -179,7 +193,7 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     mask_channels=256, num_samples=512,
                     pre_nms_topk_train=2000, pre_nms_topk_test=1000,
                     post_nms_topk_train=1000, post_nms_topk_test=1000,
-                    rpn_num_samples=256, max_detections=100,
+                    rpn_num_samples=256, max_detections=100, masks=True,
                     pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
@@ -187,7 +201,8 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
     81 with background). `width` is `ResNet.width` (stem and res2
     channels, 64 in the recipe). Smaller values (depth=18, fpn_channels=64,
     fc_dim=256, num_samples=128, top-k 200) give a model that trains in
-    seconds per step on a CPU.
+    seconds per step on a CPU. `masks=False` leaves out the mask head
+    (Faster R-CNN).
     """
     return MaskRCNN(
         backbone=ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at),
@@ -200,7 +215,7 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                          num_samples=rpn_num_samples),
         roi_heads=RoiHeads(
             box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
-            mask_head=MaskHead(num_classes=num_classes,
-                               channels=mask_channels),
+            mask_head=(MaskHead(num_classes=num_classes, channels=mask_channels)
+                       if masks else None),
             num_samples=num_samples, max_detections=max_detections),
         pixel_mean=pixel_mean, pixel_std=pixel_std)

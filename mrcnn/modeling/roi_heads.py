@@ -153,7 +153,9 @@ class RoiHeads(keras.layers.Layer):
 
     Args (keyword-only, R50-FPN 1x defaults):
       box_head: a built `BoxHead`.
-      mask_head: a built `MaskHead`.
+      mask_head: a built `MaskHead`, or None for a box-only second stage
+        (Faster R-CNN, Detectron2's `MASK_ON = False`): no mask loss, and
+        the detections hold no masks.
       num_samples: int, K rois sampled per image in training (512).
       positive_fraction: float, largest positive share (0.25); the mask
         head trains on the first `int(num_samples * positive_fraction)`
@@ -188,7 +190,7 @@ class RoiHeads(keras.layers.Layer):
             raise ValueError(
                 f"RoiHeads: mask_size={mask_size} must be 2 * mask_pool_size"
                 f"={2 * mask_pool_size} (the mask head upsamples by 2)")
-        if box_head.num_classes != mask_head.num_classes:
+        if mask_head is not None and box_head.num_classes != mask_head.num_classes:
             raise ValueError(
                 f"RoiHeads: box_head.num_classes={box_head.num_classes} != "
                 f"mask_head.num_classes={mask_head.num_classes}")
@@ -273,9 +275,10 @@ class RoiHeads(keras.layers.Layer):
           dict: detection_boxes float32 [B, D, 4] (y1, x1, y2, x2) in
           original image pixels, detection_scores float32 [B, D],
           detection_classes int32 [B, D] (1..C), detection_masks float32
-          [B, D, S, S] probabilities, num_detections int32 [B]; padded
-          slots: boxes, scores and masks 0, classes 0. With `paste_masks`,
-          also detection_masks_canvas bool [B, D, H, W].
+          [B, D, S, S] probabilities (not without a mask head),
+          num_detections int32 [B]; padded slots: boxes, scores and masks
+          0, classes 0. With `paste_masks`, also detection_masks_canvas bool
+          [B, D, H, W].
         """
         batch, num = proposals.shape[0], proposals.shape[1]
         image_info = tf.cast(image_info, tf.float32)
@@ -299,11 +302,6 @@ class RoiHeads(keras.layers.Layer):
         slot_valid = (tf.range(self.max_detections)[None, :]
                       < kept.num_valid[:, None])  # [B, D]
         classes = tf.where(slot_valid, kept.classes + 1, 0)  # [B, D]
-        # 4.
-        mask_logits = self.mask_outputs(features, kept.boxes,
-                                        tf.maximum(classes, 1))
-        masks = tf.where(slot_valid[..., None, None],
-                         tf.sigmoid(mask_logits), 0.0)  # [B, D, S, S]
         # 5.
         scale = image_info[:, 4][:, None, None]
         original = box_ops.clip_boxes(kept.boxes / scale, image_info[:, 0:2])
@@ -311,9 +309,16 @@ class RoiHeads(keras.layers.Layer):
             "detection_boxes": tf.where(slot_valid[..., None], original, 0.0),
             "detection_scores": tf.where(slot_valid, kept.scores, 0.0),
             "detection_classes": classes,
-            "detection_masks": masks,
             "num_detections": kept.num_valid,
         }
+        if self.mask_head is None:
+            return detections
+        # 4.
+        mask_logits = self.mask_outputs(features, kept.boxes,
+                                        tf.maximum(classes, 1))
+        masks = tf.where(slot_valid[..., None, None],
+                         tf.sigmoid(mask_logits), 0.0)  # [B, D, S, S]
+        detections["detection_masks"] = masks
         if self.paste_masks:
             detections["detection_masks_canvas"] = mask_ops.paste_masks(
                 masks, kept.boxes, canvas_size)
@@ -323,7 +328,8 @@ class RoiHeads(keras.layers.Layer):
         return {
             **super().get_config(),
             "box_head": keras.saving.serialize_keras_object(self.box_head),
-            "mask_head": keras.saving.serialize_keras_object(self.mask_head),
+            "mask_head": (None if self.mask_head is None
+                          else keras.saving.serialize_keras_object(self.mask_head)),
             "num_samples": self.num_samples,
             "positive_fraction": self.positive_fraction,
             "iou_threshold": self.iou_threshold,
@@ -344,6 +350,7 @@ class RoiHeads(keras.layers.Layer):
         config = dict(config)
         config["box_head"] = keras.saving.deserialize_keras_object(
             config["box_head"])
-        config["mask_head"] = keras.saving.deserialize_keras_object(
-            config["mask_head"])
+        if config.get("mask_head") is not None:
+            config["mask_head"] = keras.saving.deserialize_keras_object(
+                config["mask_head"])
         return cls(**config)

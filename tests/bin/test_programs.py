@@ -253,6 +253,40 @@ def test_import_detectron2_then_predict(run, tmp_path):
     assert mismatch.returncode == 1 and "has 5 classes, the model 3" in mismatch.stderr
 
 
+def test_box_only_train_eval_predict_export(run, tmp_path):
+    """Faster R-CNN on box-only annotations: box AP only, no masks anywhere."""
+    data = tmp_path / "boxes"
+    (data / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        os.symlink(run["data"] / split, data / split)
+        annotations = json.loads(
+            (run["data"] / "annotations" / f"instances_{split}.json").read_text())
+        for ann in annotations["annotations"]:
+            del ann["segmentation"]
+        (data / "annotations" / f"instances_{split}.json").write_text(json.dumps(annotations))
+    bindings = TINY + [f"DATA_DIR = '{data}'", "RoiHeads.mask_head = None",
+                       "CocoInput.with_masks = False"]
+    model_dir = tmp_path / "run"
+    _run("train", f"--model_dir={model_dir}", bindings=bindings + ["train.total_steps = 4"])
+    _run("eval", f"--model_dir={model_dir}", bindings=bindings)
+    metrics = json.loads((model_dir / "eval" / "metrics-4.json").read_text())
+    assert "bbox" in metrics and "segm" not in metrics
+    out = tmp_path / "pictures"
+    _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=2",
+         str(data / "val2017"), bindings=bindings + ["predict.score_threshold = 0.0"])
+    images = json.loads((out / "detections.json").read_text())["images"]
+    assert images and all(d and "segmentation" not in d
+                          for d in (e["detections"][0] for e in images))
+    export_dir = tmp_path / "saved_model"
+    _run("export", f"--model_dir={model_dir}", f"--export_dir={export_dir}",
+         bindings=bindings)
+    probe = ("import sys, tensorflow as tf; m = tf.saved_model.load(sys.argv[1]); "
+             "print(sorted(m.signatures['serve_images'].structured_outputs))")
+    proc = subprocess.run([sys.executable, "-c", probe, str(export_dir)], check=True,
+                          capture_output=True, text=True)
+    assert "detection_boxes" in proc.stdout and "detection_masks" not in proc.stdout
+
+
 _LOAD_AND_RUN = """
 import sys, numpy as np, tensorflow as tf
 from PIL import Image

@@ -136,6 +136,35 @@ class ShapesRoundTripTest(tf.test.TestCase, parameterized.TestCase):
         for batch, b in slots:
             self._check_example("val2017", batch, b)
 
+    def test_box_only_annotations(self):
+        """with_masks=False: annotations without `segmentation` load (they are bad
+        annotations with masks), and batches carry the same boxes, no gt_masks."""
+        root = os.path.join(self.tmp.name, "boxes_only")
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        if not os.path.exists(os.path.join(root, "train2017")):
+            os.symlink(os.path.join(self.root, "train2017"), os.path.join(root, "train2017"))
+        data = json.loads(json.dumps(self.json["train2017"]))
+        for ann in data["annotations"]:
+            del ann["segmentation"]
+        with open(os.path.join(root, "annotations", "instances_train2017.json"), "w") as f:
+            json.dump(data, f)
+        with self.assertRaisesRegex(Exception, "no segmentation"):
+            _builder(root, skip_bad=False)
+        boxes = _builder(root, with_masks=False)
+        full = _builder(self.root)
+        self.assertNotIn("gt_masks", boxes().element_spec)
+        self.assertEqual(len(boxes.records), len(full.records))
+        for ours, theirs in zip(_numpy_batches(boxes(), 2), _numpy_batches(full(), 2)):
+            self.assertEqual(sorted(ours), sorted(set(theirs) - {"gt_masks"}))
+            for key in ours:
+                self.assertAllEqual(ours[key], theirs[key], msg=key)
+        with self.assertRaisesRegex(Exception, "no gt_masks"):
+            from mrcnn.modeling.mask_rcnn import build_mask_rcnn
+            batch = next(iter(boxes()))
+            build_mask_rcnn(num_classes=3, depth=18, fpn_channels=16, fc_dim=16,
+                            mask_channels=8, num_samples=16, pre_nms_topk_train=20,
+                            post_nms_topk_train=20)(batch, training=True)
+
     def test_eval_every_image_once_in_order_then_padding(self):
         ids = np.concatenate([b["image_id"] for b in self.eval_batches])
         expected = sorted(i["id"] for i in self.json["val2017"]["images"])

@@ -13,8 +13,8 @@ from mrcnn.modeling.rpn import RpnHead
 
 
 def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
-                mask_convs=2, **rpn_kwargs):
-    """A MaskRCNN with a small head and the shapes of the shapes demo's."""
+                mask_convs=2, masks=True, **rpn_kwargs):
+    """A MaskRCNN with small heads (no mask head unless `masks`)."""
     model = MaskRCNN(
         backbone=resnet_lib.ResNet(depth=depth),
         fpn=FPN(channels=channels),
@@ -22,8 +22,8 @@ def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=1
                          post_nms_topk_test=20, **rpn_kwargs),
         roi_heads=RoiHeads(
             box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
-            mask_head=MaskHead(num_classes=num_classes, channels=mask_channels,
-                               num_convs=mask_convs),
+            mask_head=(MaskHead(num_classes=num_classes, channels=mask_channels,
+                                num_convs=mask_convs) if masks else None),
             max_detections=10))
     model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
            "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])}, training=False)
@@ -87,6 +87,8 @@ def random_state(model, seed=0, num_classes=None):
     put("roi_heads.box_predictor.bbox_pred.weight", 4 * c, width)
     put("roi_heads.box_predictor.bbox_pred.bias", 4 * c, scale=0.1)
     mask = model.roi_heads.mask_head
+    if mask is None:
+        return out
     cin = f
     for i in range(mask.num_convs):
         put(f"roi_heads.mask_head.mask_fcn{i + 1}.weight", mask.channels, cin, 3, 3)

@@ -186,6 +186,24 @@ class LoaderTest(tf.test.TestCase):
         with self.assertRaises(FileNotFoundError):
             d2.load_detectron2_weights(model, path=os.path.join(self.get_temp_dir(), "no"))
 
+    def test_box_only_model(self):
+        """Faster R-CNN: a file without a mask head, or a Mask R-CNN file whose mask
+        head is left; boxes as the Mask R-CNN's."""
+        masked = fixtures.small_model(num_classes=C)
+        arrays = fixtures.random_state(masked)
+        d2.load_detectron2_weights(masked, path=self._write(arrays))
+        boxes_only = {k: v for k, v in arrays.items() if "mask_head" not in k}
+        for source in (boxes_only, arrays):
+            model = fixtures.small_model(num_classes=C, masks=False)
+            self.assertEqual(d2.load_detectron2_weights(model, path=self._write(source)), [])
+            batch = {"images": tf.constant(np.random.default_rng(5).integers(
+                0, 255, (1, 64, 64, 3)), tf.uint8),
+                "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])}
+            ours, full = model(batch, training=False), masked(batch, training=False)
+            self.assertNotIn("detection_masks", ours)
+            for key in ours:
+                self.assertAllClose(ours[key], full[key], atol=1e-5, msg=key)
+
     def test_aspect_ratios_must_match(self):
         model = fixtures.small_model(num_classes=C)
         path = self._write(fixtures.random_state(model))

@@ -170,6 +170,33 @@ class MaskRCNNTest(tf.test.TestCase):
                          (_B, 10, _CANVAS, _CANVAS))
         self.assertEqual(out['detection_masks_canvas'].dtype, tf.bool)
 
+    def test_box_only_model(self):
+        """mask_head=None (Faster R-CNN): no mask loss, batch needs no gt_masks,
+        no detection masks; the box part shares the full model's weights."""
+        model = MaskRCNN(
+            backbone=self.model.backbone, fpn=self.model.fpn,
+            rpn_head=self.model.rpn_head,
+            roi_heads=RoiHeads(box_head=self.model.roi_heads.box_head, mask_head=None,
+                               num_samples=128))
+        self.assertFalse(model.has_masks)
+        batch = {k: v for k, v in self.batch.items() if k != 'gt_masks'}
+        with tf.GradientTape() as tape:
+            losses = model(batch, training=True)
+            total = tf.add_n(list(losses.values()))
+        self.assertEqual(sorted(losses), sorted(set(_LOSSES) - {'mask'}))
+        grads = tape.gradient(total, model.trainable_variables)
+        self.assertNotIn(None, grads)
+        self.assertFalse(any('mask_head' in v.path for v in model.trainable_variables))
+        xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+        out, full = xla(batch), self.model.detect(self.batch)
+        self.assertNotIn('detection_masks', out)
+        for key in out:
+            self.assertAllClose(out[key], full[key], atol=1e-5, msg=key)
+        with self.assertRaisesRegex(ValueError, 'no gt_masks .*mask_head = None'):
+            self.model(batch, training=True)
+        clone = RoiHeads.from_config(model.roi_heads.get_config())
+        self.assertIsNone(clone.mask_head)
+
     def test_model_only_checkpoint_restores_every_weight(self):
         # Inference programs restore the model without the optimizer, so every
         # weight, trainable or not (frozen BN statistics), must be reachable
