@@ -138,7 +138,7 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
         raise FileNotFoundError(f"{path}: Detectron2 weights not found "
                                 f"(load_detectron2_weights.path)")
     _build(model)
-    arrays, _ = resnet_lib._read_detectron2_pickle(path)
+    arrays, author = resnet_lib._read_detectron2_pickle(path)
     used, plan = set(), _Plan()
 
     def take(name):
@@ -221,7 +221,8 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
             f"Detectron2 weights: arrays of {path} with no place in this "
             f"Mask R-CNN R50-FPN (another architecture?), {len(unused)}: {unused[:10]}")
     # The ResNet loader checks its own arrays, then assigns.
-    resnet_lib.load_detectron2_resnet_weights(model.backbone, path)
+    resnet_lib._check_loadable(model.backbone)
+    resnet_lib._load_detectron2_arrays(model.backbone, arrays, author, path)
     plan.assign()
 
     source_mean = (tuple(arrays["pixel_mean"].reshape(-1)) if source_pixel_mean is None

@@ -708,6 +708,11 @@ def load_detectron2_resnet_weights(resnet, path):
     """
     _check_loadable(resnet)
     arrays, author = _read_detectron2_pickle(path)
+    return _load_detectron2_arrays(resnet, arrays, author, path)
+
+
+def _load_detectron2_arrays(resnet, arrays, author, path):
+    """`load_detectron2_resnet_weights` on a file's arrays, read already."""
     stems = [k for k in arrays if k == "stem.conv1.weight"
              or k.endswith(".stem.conv1.weight")]
     if len(stems) == 1:
