@@ -50,4 +50,5 @@ def test_detectron2_r50_fpn(parsed):
     assert model.num_classes == 80 and model.backbone.depth == 50
     assert model.pixel_mean == (123.675, 116.28, 103.53) and model.pixel_std == (1, 1, 1)
     assert model.rpn_head.anchor_offset == 0.0 and model.backbone.stride_in_1x1
+    assert model.roi_heads.sampling_ratio == 0
     assert gin.query_parameter("import_detectron2.model_fn").selector == "MaskRCNN"

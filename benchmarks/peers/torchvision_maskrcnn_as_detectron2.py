@@ -25,7 +25,9 @@ Writes, for the side-by-side check of `load_detectron2_weights`
                        `masks_i` [N, 28, 28] probabilities, with
                        Detectron2's conventions where torchvision's differ:
                        anchors not rounded to whole pixels, RoIAlign with
-                       `aligned=True` (ROIAlignV2).
+                       `aligned=True` (ROIAlignV2); the same with adaptive
+                       RoIAlign sampling (`sampling_ratio=0`, Detectron2's
+                       POOLER_SAMPLING_RATIO) as `adaptive_<name>_i`.
 The network is randomly initialised (seeded), biases and BatchNorm
 statistics included, so that every array and every permutation matters.
 torch and torchvision are not dependencies of mrcnn: run this with a Python
@@ -168,6 +170,10 @@ def main():
         mask_pooled = torch.randn(k, 256, 14, 14)
         mask_logits = net.roi_heads.mask_predictor(net.roi_heads.mask_head(mask_pooled))
         inference = detectron2_inference(net, x, features)
+        for pool in (net.roi_heads.box_roi_pool, net.roi_heads.mask_roi_pool):
+            pool.sampling_ratio = 0
+        inference.update({f"adaptive_{k}": v for k, v in
+                          detectron2_inference(net, x, features).items()})
     nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()   # noqa: E731
     outputs = {"input": nhwc(x), "box_pooled": nhwc(box_pooled),
                "class_logits": class_logits.numpy(),

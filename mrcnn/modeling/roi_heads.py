@@ -8,9 +8,10 @@ resolution (28), `D` detections per image (100), `H` x `W` the canvas.
 
 Box and mask heads follow Detectron2's `FastRCNNConvFCHead` (2 x FC-1024)
 + `FastRCNNOutputLayers` (class-specific boxes) and `MaskRCNNConvUpsampleHead`
-(4 x conv 256, deconv 2x, 1x1 per-class predictor). One difference:
-RoIAlign uses `sampling_ratio=2` (the contract has no adaptive mode;
-Detectron2's default 0 samples ceil(roi / bin) points per bin).
+(4 x conv 256, deconv 2x, 1x1 per-class predictor). One default differs:
+RoIAlign takes 2 x 2 samples per bin (`sampling_ratio=2`, torchvision's and
+the TF reference's); `sampling_ratio=0` is Detectron2's adaptive
+`ceil(roi / bin)` per axis (`POOLER_SAMPLING_RATIO = 0`), at 9x the gathers.
 """
 
 import keras
@@ -163,7 +164,8 @@ class RoiHeads(keras.layers.Layer):
       iou_threshold: float, roi foreground IoU (0.5; below is background).
       box_weights: (wy, wx, wh, ww), delta weights (10, 10, 5, 5).
       box_pool_size, mask_pool_size: ints, RoIAlign outputs (7, 14).
-      sampling_ratio: int, RoIAlign samples per bin side (2).
+      sampling_ratio: int, RoIAlign samples per bin side (2); 0 adaptive
+        (`ops.roi_align.roi_align`), at most `max_sampling_ratio` (6).
       min_level, max_level: ints, FPN levels pooled from (2, 5).
       mask_size: int, S, the mask target resolution (28 = 2 x 14).
       score_threshold: float, inference score threshold (0.05).
@@ -181,7 +183,8 @@ class RoiHeads(keras.layers.Layer):
     def __init__(self, *, box_head, mask_head, num_samples=512,
                  positive_fraction=0.25, iou_threshold=0.5,
                  box_weights=(10.0, 10.0, 5.0, 5.0), box_pool_size=7,
-                 mask_pool_size=14, sampling_ratio=2, min_level=2,
+                 mask_pool_size=14, sampling_ratio=2, max_sampling_ratio=6,
+                 min_level=2,
                  max_level=5, mask_size=28, score_threshold=0.05,
                  nms_iou=0.5, max_detections=100, box_loss_beta=0.0,
                  paste_masks=False, **kwargs):
@@ -206,6 +209,7 @@ class RoiHeads(keras.layers.Layer):
         self.box_pool_size = box_pool_size
         self.mask_pool_size = mask_pool_size
         self.sampling_ratio = sampling_ratio
+        self.max_sampling_ratio = max_sampling_ratio
         self.min_level = min_level
         self.max_level = max_level
         self.mask_size = mask_size
@@ -234,7 +238,7 @@ class RoiHeads(keras.layers.Layer):
         return roi_ops.multilevel_roi_align(
             features, rois, output_size=(size, size),
             sampling_ratio=self.sampling_ratio, min_level=self.min_level,
-            max_level=self.max_level)
+            max_level=self.max_level, max_sampling_ratio=self.max_sampling_ratio)
 
     def box_outputs(self, features, rois):
         """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C, 4]."""
@@ -337,6 +341,7 @@ class RoiHeads(keras.layers.Layer):
             "box_pool_size": self.box_pool_size,
             "mask_pool_size": self.mask_pool_size,
             "sampling_ratio": self.sampling_ratio,
+            "max_sampling_ratio": self.max_sampling_ratio,
             "min_level": self.min_level, "max_level": self.max_level,
             "mask_size": self.mask_size,
             "score_threshold": self.score_threshold,

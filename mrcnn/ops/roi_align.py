@@ -66,7 +66,7 @@ def _split_bins(t, bins, sr):
 
 
 def _pool_boxes(table, row_offset, height, width, boxes, output_size,
-                sampling_ratio, aligned):
+                sampling_ratio, aligned, max_sampling_ratio=None):
     """Shared ROIAlign core: averages bilinear samples gathered from a table.
 
     Algorithm:
@@ -81,6 +81,10 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
          accumulator: no forward intermediate is larger than the output
          (`_weighted_gather`, which also gives the scatter-add gradient).
       4. Divide by `sampling_ratio**2` (the bin average).
+    With `sampling_ratio = 0` (adaptive), box `k` takes `n = ceil(roi / bins)`
+    samples per bin along each axis, at most `max_sampling_ratio`: every box
+    gathers `max_sampling_ratio**2` sample slots (static shapes), those past
+    its own `n` with weight 0, and step 4 divides by its `n_y * n_x`.
 
     Args:
       table: any float dtype [T, C], the feature maps flattened row-major;
@@ -92,16 +96,21 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
       boxes: float32 [B, K, 4] (y1, x1, y2, x2) in that map's cell units
         (image pixels times the map's spatial scale), before any shift.
       output_size: (oh, ow) Python ints.
-      sampling_ratio: Python int >= 1, samples per bin along each axis.
+      sampling_ratio: Python int >= 1, samples per bin along each axis, or
+        0 for adaptive.
       aligned: Python bool, see the module docstring.
+      max_sampling_ratio: Python int >= 1, the adaptive count's bound.
 
     Returns:
       float32 [B, K, oh, ow, C].
     """
     oh, ow = output_size
-    sr = int(sampling_ratio)
+    adaptive = int(sampling_ratio) == 0
+    sr = int(max_sampling_ratio or 0) if adaptive else int(sampling_ratio)
     if sr < 1:
-        raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
+        raise ValueError(f"sampling_ratio must be >= 1, or 0 (adaptive) with "
+                         f"max_sampling_ratio >= 1; got {sampling_ratio}, "
+                         f"{max_sampling_ratio}")
     y1, x1, y2, x2 = tf.unstack(boxes, 4, axis=-1)  # each [B, K]
     if aligned:
         y1, x1, y2, x2 = y1 - 0.5, x1 - 0.5, y2 - 0.5, x2 - 0.5
@@ -109,14 +118,29 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
     else:
         roi_h = tf.maximum(y2 - y1, 1.0)
         roi_w = tf.maximum(x2 - x1, 1.0)
-    # Step 1: sample n = bin * sr + s sits at (bin + (s + 0.5) / sr) bins.
-    grid_y = (tf.range(oh * sr, dtype=tf.float32) + 0.5) / sr  # [oh*sr]
-    grid_x = (tf.range(ow * sr, dtype=tf.float32) + 0.5) / sr  # [ow*sr]
-    ys = y1[..., None] + grid_y * (roi_h / oh)[..., None]  # [B, K, oh*sr]
-    xs = x1[..., None] + grid_x * (roi_w / ow)[..., None]  # [B, K, ow*sr]
+    # Step 1: sample n = bin * sr + s sits at (bin + (s + 0.5) / sr) bins
+    # (adaptive: / the box's own count, slots past it weighted 0).
+    def grid(start, extent, bins):
+        """Sample coordinates [B, K, bins*sr]; adaptive: also the slots taken
+        (float 0/1, same shape) and the per-box count [B, K]."""
+        slot = tf.tile(tf.range(sr, dtype=tf.float32), [bins])  # [bins*sr]
+        cell = tf.repeat(tf.range(bins, dtype=tf.float32), sr)  # [bins*sr]
+        bin_size = (extent / bins)[..., None]  # [B, K, 1]
+        if not adaptive:
+            return start[..., None] + (cell + (slot + 0.5) / sr) * bin_size, None, None
+        count = tf.clip_by_value(tf.math.ceil(extent / bins), 0.0, float(sr))  # [B, K]
+        per = tf.maximum(count, 1.0)[..., None]
+        coords = start[..., None] + (cell + (slot + 0.5) / per) * bin_size
+        return coords, tf.cast(slot < count[..., None], tf.float32), count
+
+    ys, y_take, y_count = grid(y1, roi_h, oh)  # [B, K, oh*sr]
+    xs, x_take, x_count = grid(x1, roi_w, ow)  # [B, K, ow*sr]
     # Step 2.
     y_idx, y_wts = _axis_samples(ys, height)
     x_idx, x_wts = _axis_samples(xs, width)
+    if adaptive:
+        y_wts = tuple(w * y_take for w in y_wts)
+        x_wts = tuple(w * x_take for w in x_wts)
     width_t = tf.cast(width, tf.int32)
     if width_t.shape.rank:
         width_t = width_t[..., None]  # [B, K, 1]
@@ -138,6 +162,9 @@ def _pool_boxes(table, row_offset, height, width, boxes, output_size,
                                   * wx[..., None, :, t])  # [B, K, oh, ow]
     acc = _weighted_gather(table, index, weight)  # [B, K, oh, ow, C]
     # Step 4.
+    if adaptive:
+        count = tf.maximum(y_count * x_count, 1.0)  # [B, K]
+        return acc / count[..., None, None, None]
     return acc * (1.0 / (sr * sr))
 
 
@@ -193,9 +220,15 @@ def _weighted_gather(table, index, weight):
     return gather(table)
 
 
+# The adaptive sample count's bound: exact for every R50-FPN RoI on a 1344
+# canvas (the largest, at P5, is 42 cells: 6 per 7-bin side).
+MAX_SAMPLING_RATIO = 6
+
+
 @scoped
 def roi_align(features, boxes, output_size=(7, 7), spatial_scale=1.0,
-              sampling_ratio=2, aligned=True):
+              sampling_ratio=2, aligned=True, *,
+              max_sampling_ratio=MAX_SAMPLING_RATIO):
     """ROIAlign of each box over one feature map (Mask R-CNN §3).
 
     Each box, mapped to feature cells by `spatial_scale` (and, with `aligned`,
@@ -212,9 +245,14 @@ def roi_align(features, boxes, output_size=(7, 7), spatial_scale=1.0,
         (any value, e.g. 0) give finite outputs that callers ignore.
       output_size: (oh, ow) Python ints; 7 x 7 for the box head.
       spatial_scale: Python float, 1 / stride of `features`.
-      sampling_ratio: Python int >= 1; 2 as in Detectron2's R50-FPN configs
-        (no adaptive mode: it would make the sample count data-dependent).
+      sampling_ratio: Python int >= 1; 2 as in torchvision's Mask R-CNN and
+        the contract. 0 (beyond the contract) is adaptive, Detectron2's
+        `POOLER_SAMPLING_RATIO = 0` and torchvision's `sampling_ratio <= 0`:
+        `ceil(roi_h / oh) x ceil(roi_w / ow)` samples per bin for each box,
+        with at most `max_sampling_ratio` per axis (static shapes: every
+        box gathers `max_sampling_ratio**2` slots, 9x the work of 2 at 6).
       aligned: Python bool; True is Detectron2's ROIAlignV2.
+      max_sampling_ratio: Python int, the adaptive count's bound per axis.
 
     Returns:
       [B, K, oh, ow, C] in the dtype of `features`.
@@ -229,7 +267,7 @@ def roi_align(features, boxes, output_size=(7, 7), spatial_scale=1.0,
         tf.range(batch)[:, None] * (height * width), [batch, num_boxes])  # [B, K]
     pooled = _pool_boxes(table, row_offset, height, width,
                          boxes * spatial_scale, output_size, sampling_ratio,
-                         aligned)
+                         aligned, max_sampling_ratio)
     return tf.cast(pooled, features.dtype)
 
 
@@ -262,7 +300,8 @@ def assign_levels(boxes, min_level=2, max_level=5,
 def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
                          min_level=2, max_level=5,
                          canonical_size=CANONICAL_SIZE,
-                         canonical_level=CANONICAL_LEVEL):
+                         canonical_level=CANONICAL_LEVEL, *,
+                         max_sampling_ratio=MAX_SAMPLING_RATIO):
     """ROIAlign of each box from its own FPN level (`assign_levels`).
 
     Each box is pooled once, by `roi_align(aligned=True)` semantics with
@@ -284,9 +323,10 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
       boxes: float [B, K, 4] (y1, x1, y2, x2) in image pixels; padded slots
         give finite outputs that callers ignore.
       output_size: (oh, ow) Python ints; 7 x 7 box head, 14 x 14 mask head.
-      sampling_ratio: Python int >= 1.
+      sampling_ratio: Python int >= 1, or 0 for adaptive (`roi_align`).
       min_level, max_level, canonical_size, canonical_level: as in
         `assign_levels`.
+      max_sampling_ratio: as in `roi_align`.
 
     Returns:
       [B, K, oh, ow, C] in the dtype of the features.
@@ -323,5 +363,6 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
     # Step 3.
     pooled = _pool_boxes(table, row_offset, height, width,
                          boxes * scale[..., None], output_size,
-                         sampling_ratio, aligned=True)
+                         sampling_ratio, aligned=True,
+                         max_sampling_ratio=max_sampling_ratio)
     return tf.cast(pooled, dtype)

@@ -311,8 +311,21 @@ class TorchvisionParityTest(tf.test.TestCase):
     def test_inference_matches(self):
         """Proposals and detections (boxes, scores, classes, 28 x 28 masks) of the
         whole model, with torchvision set to Detectron2's anchors and RoIAlign."""
-        model, theirs = self.model, self.theirs
-        x = theirs["input"]
+        self._check_inference(self.model, "")
+
+    def test_inference_matches_with_adaptive_sampling(self):
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        from mrcnn.modeling.roi_heads import RoiHeads
+        heads = self.model.roi_heads
+        model = MaskRCNN(backbone=self.model.backbone, fpn=self.model.fpn,
+                         rpn_head=self.model.rpn_head,
+                         roi_heads=RoiHeads(box_head=heads.box_head,
+                                            mask_head=heads.mask_head, sampling_ratio=0))
+        self._check_inference(model, "adaptive_")
+
+    def _check_inference(self, model, prefix):
+        theirs = {k[len(prefix):]: v for k, v in self.theirs.items() if k.startswith(prefix)}
+        x = self.theirs["input"]
         h, w = x.shape[1:3]
         images = x * np.array(resnet_lib.IMAGENET_STD) + np.array(resnet_lib.IMAGENET_MEAN)
         info = tf.constant([[h, w, h, w, 1.0]] * 2, tf.float32)

@@ -35,9 +35,13 @@ def bilinear_reference(fmap, y, x):
     return total
 
 
-def box_samples(box, output_size, spatial_scale, sampling_ratio, aligned):
-    """Yields (i, j, y, x): bin (i, j) and the feature coordinates of each of
-    its sampling_ratio**2 samples, for one box in image pixels."""
+def box_samples(box, output_size, spatial_scale, sampling_ratio, aligned,
+                max_sampling_ratio=ra.MAX_SAMPLING_RATIO):
+    """Yields (i, j, y, x, share): bin (i, j), the feature coordinates of each
+    of its samples, for one box in image pixels, and the sample's share of
+    the bin average. `sampling_ratio` 0 is adaptive (Detectron2's and
+    torchvision's `roi_bin_grid = ceil(roi / bins)` per axis, here at most
+    `max_sampling_ratio`, and `count = max(grid_h * grid_w, 1)`)."""
     oh, ow = output_size
     offset = 0.5 if aligned else 0.0
     y1, x1, y2, x2 = [float(v) * spatial_scale - offset for v in box]
@@ -45,21 +49,35 @@ def box_samples(box, output_size, spatial_scale, sampling_ratio, aligned):
     if not aligned:
         roi_h, roi_w = max(roi_h, 1.0), max(roi_w, 1.0)
     bin_h, bin_w = roi_h / oh, roi_w / ow
+    if sampling_ratio > 0:
+        grid_h = grid_w = sampling_ratio
+    else:
+        grid_h = min(max(math.ceil(roi_h / oh), 0), max_sampling_ratio)
+        grid_w = min(max(math.ceil(roi_w / ow), 0), max_sampling_ratio)
+    share = 1.0 / max(grid_h * grid_w, 1)
     for i in range(oh):
         for j in range(ow):
-            for s in range(sampling_ratio):
-                for t in range(sampling_ratio):
-                    yield (i, j, y1 + (i + (s + 0.5) / sampling_ratio) * bin_h,
-                           x1 + (j + (t + 0.5) / sampling_ratio) * bin_w)
+            for s in range(grid_h):
+                for t in range(grid_w):
+                    yield (i, j, y1 + (i + (s + 0.5) / grid_h) * bin_h,
+                           x1 + (j + (t + 0.5) / grid_w) * bin_w, share)
 
 
 def roi_align_one_box(fmap, box, output_size, spatial_scale, sampling_ratio,
                       aligned):
     """float64 [oh, ow, C]: ROIAlign of one box over fmap [H, W, C]."""
     out = np.zeros(tuple(output_size) + (fmap.shape[-1],))
-    for i, j, y, x in box_samples(box, output_size, spatial_scale,
-                                  sampling_ratio, aligned):
-        out[i, j] += bilinear_reference(fmap, y, x) / sampling_ratio ** 2
+    for i, j, y, x, share in box_samples(box, output_size, spatial_scale,
+                                         sampling_ratio, aligned):
+        out[i, j] += bilinear_reference(fmap, y, x) * share
+    return out
+
+
+def roi_align_one_box_capped(fmap, box, max_sampling_ratio):
+    """Adaptive [2, 2, C] ROIAlign (aligned, scale 1) with another bound."""
+    out = np.zeros((2, 2, fmap.shape[-1]))
+    for i, j, y, x, share in box_samples(box, (2, 2), 1.0, 0, True, max_sampling_ratio):
+        out[i, j] += bilinear_reference(fmap.astype(np.float64), y, x) * share
     return out
 
 
@@ -68,13 +86,13 @@ def roi_align_one_box_adjoint(grad_map, box, upstream, spatial_scale,
     """Adds d<roi_align_one_box(fmap, box), upstream>/d fmap into grad_map.
 
     ROIAlign is linear in the features, so its gradient is its adjoint:
-    every sample hands `upstream[i, j] / sampling_ratio**2` back to its four
+    every sample hands its share of `upstream[i, j]` back to its four
     neighbours with the same bilinear weights.
     """
-    for i, j, y, x in box_samples(box, upstream.shape[:2], spatial_scale,
-                                  sampling_ratio, aligned):
+    for i, j, y, x, share in box_samples(box, upstream.shape[:2], spatial_scale,
+                                         sampling_ratio, aligned):
         for cell, weight in bilinear_neighbours(*grad_map.shape[:2], y, x):
-            grad_map[cell] += weight * upstream[i, j] / sampling_ratio ** 2
+            grad_map[cell] += weight * upstream[i, j] * share
 
 
 def roi_align_reference(features, boxes, output_size=(7, 7), spatial_scale=1.0,
@@ -133,6 +151,9 @@ class RoiAlignTest(tf.test.TestCase, parameterized.TestCase):
         ("aligned_sr1_scale_half", True, 1, 0.5, (3, 4)),
         ("not_aligned_sr2", False, 2, 1.0, (7, 7)),
         ("not_aligned_sr3_scale_quarter", False, 3, 0.25, (2, 3)),
+        ("aligned_adaptive", True, 0, 1.0, (2, 2)),
+        ("aligned_adaptive_scale_half", True, 0, 0.5, (7, 7)),
+        ("not_aligned_adaptive", False, 0, 1.0, (3, 2)),
     )
     def test_matches_reference(self, aligned, sampling_ratio, scale, size):
         rng = np.random.default_rng(0)
@@ -153,6 +174,19 @@ class RoiAlignTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(got.dtype, tf.float32)
         self.assertAllClose(got, expected, atol=1e-5)
         self.assertAllClose(got[0, 0], np.zeros_like(got[0, 0]))  # outside
+
+    def test_adaptive_count_is_bounded(self):
+        # A 30-cell box wants ceil(30 / 2) = 15 samples per bin side; at most 3.
+        rng = np.random.default_rng(3)
+        features = rng.normal(size=(1, 32, 32, 2)).astype(np.float32)
+        boxes = np.array([[[1.0, 1.0, 31.0, 31.0], [2.0, 3.0, 5.0, 4.0]]], np.float32)
+        got = ra.roi_align(features, boxes, (2, 2), sampling_ratio=0, max_sampling_ratio=3)
+        want = np.stack([roi_align_one_box_capped(features[0], b, 3) for b in boxes[0]])
+        self.assertAllClose(got[0], want, atol=1e-5)
+        self.assertAllClose(got[0, 0], ra.roi_align(features, boxes, (2, 2),
+                                                    sampling_ratio=3)[0, 0], atol=1e-6)
+        with self.assertRaisesRegex(ValueError, "max_sampling_ratio >= 1"):
+            ra.roi_align(features, boxes, sampling_ratio=0, max_sampling_ratio=0)
 
     def test_xla_matches_eager(self):
         rng = np.random.default_rng(1)
@@ -191,7 +225,8 @@ class RoiAlignTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIsNone(tape.gradient(out, boxes))
 
     @parameterized.named_parameters(('aligned', True, 2, 0.5),
-                                    ('unaligned', False, 1, 0.25))
+                                    ('unaligned', False, 1, 0.25),
+                                    ('adaptive', True, 0, 1.0))
     def test_gradient_matches_adjoint_reference(self, aligned, sr, scale):
         rng = np.random.default_rng(11)
         features = tf.constant(rng.normal(size=(2, 9, 11, 3)), tf.float32)
@@ -270,7 +305,8 @@ class MultilevelRoiAlignTest(tf.test.TestCase, parameterized.TestCase):
         corner = rng.uniform(-20, 240, size=(2, 12, 2))
         return np.concatenate([corner, corner + side], -1).astype(np.float32)
 
-    def test_matches_reference(self):
+    @parameterized.parameters(2, 0)
+    def test_matches_reference(self, sampling_ratio):
         rng = np.random.default_rng(7)
         features = self._pyramid(rng)
         boxes = self._boxes(rng)
@@ -282,9 +318,13 @@ class MultilevelRoiAlignTest(tf.test.TestCase, parameterized.TestCase):
                 lvl = levels[b, k]
                 expected[b, k] = roi_align_one_box(
                     features[lvl][b].astype(np.float64), boxes[b, k], (7, 7),
-                    2.0 ** -lvl, 2, True)
-        got = ra.multilevel_roi_align(features, boxes)
+                    2.0 ** -lvl, sampling_ratio, True)
+        got = ra.multilevel_roi_align(features, boxes, sampling_ratio=sampling_ratio)
         self.assertAllClose(got, expected, atol=1e-5)
+        if sampling_ratio == 0:   # the boxes take 1 to 5 samples per bin side
+            xla = tf.function(lambda f, b: ra.multilevel_roi_align(
+                f, b, sampling_ratio=0), jit_compile=True)
+            self.assertAllClose(xla(features, boxes), expected, atol=1e-5)
 
     def test_equals_roi_align_on_assigned_level_xla(self):
         rng = np.random.default_rng(8)
