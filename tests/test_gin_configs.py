@@ -52,3 +52,10 @@ def test_detectron2_r50_fpn(parsed):
     assert model.rpn_head.anchor_offset == 0.0 and model.backbone.stride_in_1x1
     assert model.roi_heads.sampling_ratio == 0
     assert gin.query_parameter("import_detectron2.model_fn").selector == "MaskRCNN"
+
+
+def test_torchvision_r50_fpn(parsed):
+    model = parsed("torchvision_r50_fpn.gin")
+    assert not model.backbone.stride_in_1x1 and model.rpn_head.round_anchors
+    assert model.rpn_head.anchor_offset == 0.0 and not model.roi_heads.aligned
+    assert gin.query_parameter("load_detectron2_weights.source_format") == "RGB"

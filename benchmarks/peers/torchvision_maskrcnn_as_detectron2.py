@@ -27,7 +27,16 @@ Writes, for the side-by-side check of `load_detectron2_weights`
                        anchors not rounded to whole pixels, RoIAlign with
                        `aligned=True` (ROIAlignV2); the same with adaptive
                        RoIAlign sampling (`sampling_ratio=0`, Detectron2's
-                       POOLER_SAMPLING_RATIO) as `adaptive_<name>_i`.
+                       POOLER_SAMPLING_RATIO) as `adaptive_<name>_i`; and
+                       torchvision's own (rounded anchors, `aligned=False`)
+                       as `stock_<name>_i`.
+With `--weights`, a trained torchvision Mask R-CNN's state dict (`.pth`) is
+converted instead, and only the `.pkl` is written, with the input convention
+torchvision's models use (`pixel_mean` / `pixel_std`, RGB, 0-255 scale) for
+`bin/import_detectron2 --gin_file=gin/torchvision_r50_fpn.gin`:
+
+  python benchmarks/peers/torchvision_maskrcnn_as_detectron2.py --out=/tmp/tv \
+      --weights=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --classes=coco
 The network is randomly initialised (seeded), biases and BatchNorm
 statistics included, so that every array and every permutation matters.
 torch and torchvision are not dependencies of mrcnn: run this with a Python
@@ -50,9 +59,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torchvision_resnet50_features import detectron2_name as resnet_name  # noqa: E402
 
 
-def detectron2_arrays(state, num_classes):
-    """torchvision's Mask R-CNN state dict -> Detectron2's {name: array}."""
+# torchvision's COCO models predict 91 labels, the COCO category ids (ten of
+# them unused); our classes 1..80 are the 80 used ids in ascending order.
+COCO_CATEGORY_IDS = [i for i in range(1, 91)
+                     if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def detectron2_arrays(state, classes):
+    """torchvision's Mask R-CNN state dict -> Detectron2's {name: array}.
+
+    `classes`: the torchvision labels that become classes 1..C, in order.
+    """
     out = {}
+    classes = np.asarray(classes)
     for name, value in state.items():
         v = value.numpy()
         if name.startswith("backbone.body."):
@@ -77,9 +96,9 @@ def detectron2_arrays(state, num_classes):
         m = re.match(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", name)
         if m:
             if m.group(1) == "cls_score":   # background first -> last
-                v = np.concatenate([v[1:], v[:1]])
+                v = np.concatenate([v[classes], v[:1]])
             else:   # Detectron2 has no background box regressor
-                v = v[4:]
+                v = v.reshape(-1, 4, *v.shape[1:])[classes].reshape(-1, *v.shape[1:])
             out[f"roi_heads.box_predictor.{m.group(1)}.{m.group(2)}"] = v
             continue
         m = re.match(r"roi_heads\.mask_head\.(?:mask_fcn)?(\d)\.(?:0\.)?(weight|bias)$", name)
@@ -91,33 +110,34 @@ def detectron2_arrays(state, num_classes):
                      name)
         if m:
             if m.group(1) == "mask_fcn_logits":
-                out[f"roi_heads.mask_head.predictor.{m.group(2)}"] = v[1:]   # no background
+                out[f"roi_heads.mask_head.predictor.{m.group(2)}"] = v[classes]   # no background
             else:
                 out[f"roi_heads.mask_head.deconv.{m.group(2)}"] = v
             continue
         if name.endswith("num_batches_tracked"):
             continue
         raise ValueError(f"no Detectron2 name for torchvision's {name}")
-    assert out["roi_heads.box_predictor.cls_score.weight"].shape[0] == num_classes + 1
     return out
 
 
-def detectron2_inference(net, x, features):
-    """torchvision's RPN and RoI heads on `features`, with Detectron2's anchors and RoIAlign."""
+def inference(net, x, features, detectron2=True):
+    """torchvision's RPN and RoI heads on `features`: as they are, or with
+    Detectron2's anchors (not rounded) and RoIAlign (`aligned=True`)."""
     from torchvision.models.detection.image_list import ImageList
     from torchvision.ops import poolers, roi_align
     generator = net.rpn.anchor_generator
-    generator.cell_anchors = [   # generate_anchors rounds its result; Detectron2 does not
-        _unrounded_anchors(sizes, ratios) for sizes, ratios
-        in zip(generator.sizes, generator.aspect_ratios)]
-    original = poolers.roi_align
-    poolers.roi_align = lambda *args, **kwargs: roi_align(*args, aligned=True, **kwargs)
+    rounded, original = generator.cell_anchors, poolers.roi_align
+    if detectron2:
+        generator.cell_anchors = [   # generate_anchors rounds its result; Detectron2 does not
+            _unrounded_anchors(sizes, ratios) for sizes, ratios
+            in zip(generator.sizes, generator.aspect_ratios)]
+        poolers.roi_align = lambda *args, **kwargs: roi_align(*args, aligned=True, **kwargs)
     try:
         sizes = [tuple(x.shape[-2:])] * x.shape[0]
         proposals, _ = net.rpn(ImageList(x, sizes), features)
         detections, _ = net.roi_heads(features, proposals, sizes)
     finally:
-        poolers.roi_align = original
+        generator.cell_anchors, poolers.roi_align = rounded, original
     yxyx = lambda b: b[:, [1, 0, 3, 2]].numpy()   # noqa: E731
     out = {}
     for i, (p, d) in enumerate(zip(proposals, detections)):
@@ -136,13 +156,38 @@ def _unrounded_anchors(sizes, ratios):
     return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
 
+def convert(weights, classes, out):
+    """Writes OUT/model_final.pkl from a torchvision Mask R-CNN state dict."""
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    labels = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+    keep = (COCO_CATEGORY_IDS if classes == "coco" else range(1, labels) if classes == "all"
+            else [int(c) for c in classes.split(",")])
+    model = detectron2_arrays(state, keep)
+    # torchvision's GeneralizedRCNNTransform: RGB in [0, 1], ImageNet mean / std.
+    model["pixel_mean"] = np.array([123.675, 116.28, 103.53], np.float32).reshape(3, 1, 1)
+    model["pixel_std"] = np.array([58.395, 57.12, 57.375], np.float32).reshape(3, 1, 1)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "model_final.pkl"), "wb") as f:
+        pickle.dump({"model": model, "__author__": f"torchvision {weights}"}, f)
+    print(f"wrote {out}/model_final.pkl: {len(keep)} classes of {labels - 1} labels")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--size", default="128,192", help="H,W, multiples of 64")
     parser.add_argument("--num_classes", type=int, default=6, help="foreground classes")
     parser.add_argument("--rois", type=int, default=5)
+    parser.add_argument("--weights", help="a trained torchvision Mask R-CNN state dict "
+                        "(.pth) to convert, instead of the random network and outputs")
+    parser.add_argument("--classes", default="all", help="with --weights: the labels "
+                        "that become classes 1..C, comma-separated; 'coco' for the 80 COCO "
+                        "category ids of torchvision's COCO models; 'all' for 1..C")
     args = parser.parse_args()
+    if args.weights:
+        convert(args.weights, args.classes, args.out)
+        return
     height, width = (int(v) for v in args.size.split(","))
     torch.manual_seed(0)
     net = torchvision.models.detection.maskrcnn_resnet50_fpn(
@@ -169,21 +214,23 @@ def main():
         class_logits, box_deltas = net.roi_heads.box_predictor(box_x)
         mask_pooled = torch.randn(k, 256, 14, 14)
         mask_logits = net.roi_heads.mask_predictor(net.roi_heads.mask_head(mask_pooled))
-        inference = detectron2_inference(net, x, features)
+        results = inference(net, x, features)
+        results.update({f"stock_{k}": v for k, v in
+                        inference(net, x, features, detectron2=False).items()})
         for pool in (net.roi_heads.box_roi_pool, net.roi_heads.mask_roi_pool):
             pool.sampling_ratio = 0
-        inference.update({f"adaptive_{k}": v for k, v in
-                          detectron2_inference(net, x, features).items()})
+        results.update({f"adaptive_{k}": v for k, v in
+                        inference(net, x, features).items()})
     nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()   # noqa: E731
     outputs = {"input": nhwc(x), "box_pooled": nhwc(box_pooled),
                "class_logits": class_logits.numpy(),
                "box_deltas": box_deltas.reshape(k, -1, 4).numpy(),
                "mask_pooled": nhwc(mask_pooled), "mask_logits": mask_logits.numpy()}
-    outputs.update(inference)
+    outputs.update(results)
     for level, (p, o, d) in enumerate(zip(levels, objectness, deltas), start=2):
         outputs.update({f"p{level}": nhwc(p), f"objectness_{level}": nhwc(o),
                         f"deltas_{level}": nhwc(d)})
-    model = detectron2_arrays(net.state_dict(), args.num_classes)
+    model = detectron2_arrays(net.state_dict(), range(1, args.num_classes + 1))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "model_final.pkl"), "wb") as f:
         pickle.dump({"model": model, "__author__": "torchvision maskrcnn_resnet50_fpn"}, f)

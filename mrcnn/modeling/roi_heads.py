@@ -166,6 +166,8 @@ class RoiHeads(keras.layers.Layer):
       box_pool_size, mask_pool_size: ints, RoIAlign outputs (7, 14).
       sampling_ratio: int, RoIAlign samples per bin side (2); 0 adaptive
         (`ops.roi_align.roi_align`), at most `max_sampling_ratio` (6).
+      aligned: bool, RoIAlign's half-cell shift (True, Detectron2's
+        ROIAlignV2; torchvision's models pool with False).
       min_level, max_level: ints, FPN levels pooled from (2, 5).
       mask_size: int, S, the mask target resolution (28 = 2 x 14).
       score_threshold: float, inference score threshold (0.05).
@@ -184,7 +186,7 @@ class RoiHeads(keras.layers.Layer):
                  positive_fraction=0.25, iou_threshold=0.5,
                  box_weights=(10.0, 10.0, 5.0, 5.0), box_pool_size=7,
                  mask_pool_size=14, sampling_ratio=2, max_sampling_ratio=6,
-                 min_level=2,
+                 aligned=True, min_level=2,
                  max_level=5, mask_size=28, score_threshold=0.05,
                  nms_iou=0.5, max_detections=100, box_loss_beta=0.0,
                  paste_masks=False, **kwargs):
@@ -210,6 +212,7 @@ class RoiHeads(keras.layers.Layer):
         self.mask_pool_size = mask_pool_size
         self.sampling_ratio = sampling_ratio
         self.max_sampling_ratio = max_sampling_ratio
+        self.aligned = bool(aligned)
         self.min_level = min_level
         self.max_level = max_level
         self.mask_size = mask_size
@@ -238,7 +241,8 @@ class RoiHeads(keras.layers.Layer):
         return roi_ops.multilevel_roi_align(
             features, rois, output_size=(size, size),
             sampling_ratio=self.sampling_ratio, min_level=self.min_level,
-            max_level=self.max_level, max_sampling_ratio=self.max_sampling_ratio)
+            max_level=self.max_level, max_sampling_ratio=self.max_sampling_ratio,
+            aligned=self.aligned)
 
     def box_outputs(self, features, rois):
         """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C, 4]."""
@@ -342,6 +346,7 @@ class RoiHeads(keras.layers.Layer):
             "mask_pool_size": self.mask_pool_size,
             "sampling_ratio": self.sampling_ratio,
             "max_sampling_ratio": self.max_sampling_ratio,
+            "aligned": self.aligned,
             "min_level": self.min_level, "max_level": self.max_level,
             "mask_size": self.mask_size,
             "score_threshold": self.score_threshold,

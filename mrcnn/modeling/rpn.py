@@ -32,6 +32,8 @@ class RpnHead(keras.layers.Layer):
       aspect_ratios: anchor widths over heights (0.5, 1, 2).
       anchor_offset: float, anchor centres at `(i + offset) * stride` (0.5,
         cell centres; Detectron2's and torchvision's models use 0).
+      round_anchors: bool, anchor half sides rounded to whole pixels
+        (torchvision's models; False).
       pre_nms_topk_train, pre_nms_topk_test: ints, candidates kept per level
         by objectness before NMS (2000 / 1000, Detectron2
         `PRE_NMS_TOPK_TRAIN/TEST`).
@@ -59,7 +61,7 @@ class RpnHead(keras.layers.Layer):
     def __init__(self, *, channels=256, min_level=2, max_level=6,
                  anchor_sizes=(32, 64, 128, 256, 512),
                  aspect_ratios=(0.5, 1.0, 2.0), anchor_offset=0.5,
-                 pre_nms_topk_train=2000,
+                 round_anchors=False, pre_nms_topk_train=2000,
                  pre_nms_topk_test=1000, post_nms_topk_train=1000,
                  post_nms_topk_test=1000, nms_iou=0.7, min_size=0.0,
                  positive_iou=0.7, negative_iou=0.3, num_samples=256,
@@ -75,6 +77,7 @@ class RpnHead(keras.layers.Layer):
         self.anchor_sizes = tuple(anchor_sizes)
         self.aspect_ratios = tuple(aspect_ratios)
         self.anchor_offset = float(anchor_offset)
+        self.round_anchors = bool(round_anchors)
         self.pre_nms_topk_train = pre_nms_topk_train
         self.pre_nms_topk_test = pre_nms_topk_test
         self.post_nms_topk_train = post_nms_topk_train
@@ -115,7 +118,8 @@ class RpnHead(keras.layers.Layer):
         """{l: float32 [N_l, 4]} for the static canvas `(H, W)`."""
         return anchor_ops.multilevel_anchors(
             image_size, self.min_level, self.max_level, self.anchor_sizes,
-            self.aspect_ratios, offset=self.anchor_offset)
+            self.aspect_ratios, offset=self.anchor_offset,
+            round_sizes=self.round_anchors)
 
     def proposals(self, objectness, deltas, anchors, image_size, canvas_size,
                   training):
@@ -193,6 +197,7 @@ class RpnHead(keras.layers.Layer):
             "anchor_sizes": list(self.anchor_sizes),
             "aspect_ratios": list(self.aspect_ratios),
             "anchor_offset": self.anchor_offset,
+            "round_anchors": self.round_anchors,
             "pre_nms_topk_train": self.pre_nms_topk_train,
             "pre_nms_topk_test": self.pre_nms_topk_test,
             "post_nms_topk_train": self.post_nms_topk_train,

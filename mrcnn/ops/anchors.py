@@ -16,7 +16,7 @@ from mrcnn.ops._scope import scoped
 def multilevel_anchors(image_size, min_level=2, max_level=6,
                        sizes=(32, 64, 128, 256, 512),
                        aspect_ratios=(0.5, 1.0, 2.0), scales_per_octave=1, *,
-                       offset=0.5):
+                       offset=0.5, round_sizes=False):
     """Anchor boxes for every level of a feature pyramid.
 
     Level `l` has stride `s = 2**l` and a grid of `ceil(H / s) x ceil(W / s)`
@@ -38,6 +38,9 @@ def multilevel_anchors(image_size, min_level=2, max_level=6,
       scales_per_octave: Python int n.
       offset: Python float, the anchor centre's place in its cell, in
         strides (a keyword argument beyond the contract's; default 0.5).
+      round_sizes: Python bool (beyond the contract); True rounds each
+        anchor's half height and half width to whole pixels (half to even),
+        as torchvision's `AnchorGenerator` rounds its base anchors.
 
     Returns:
       {level: float32 [cells_l * A, 4] (y1, x1, y2, x2)}, `A = n *
@@ -60,6 +63,8 @@ def multilevel_anchors(image_size, min_level=2, max_level=6,
                 half_hw.append((0.5 * base * scale / math.sqrt(ratio),
                                 0.5 * base * scale * math.sqrt(ratio)))
         half_hw = np.asarray(half_hw, np.float64)
+        if round_sizes:
+            half_hw = np.round(half_hw)
         cy = (np.arange(math.ceil(height / stride)) + offset) * stride
         cx = (np.arange(math.ceil(width / stride)) + offset) * stride
         cy, cx = np.meshgrid(cy, cx, indexing="ij")

@@ -301,10 +301,11 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
                          min_level=2, max_level=5,
                          canonical_size=CANONICAL_SIZE,
                          canonical_level=CANONICAL_LEVEL, *,
-                         max_sampling_ratio=MAX_SAMPLING_RATIO):
+                         max_sampling_ratio=MAX_SAMPLING_RATIO, aligned=True):
     """ROIAlign of each box from its own FPN level (`assign_levels`).
 
-    Each box is pooled once, by `roi_align(aligned=True)` semantics with
+    Each box is pooled once, by `roi_align(aligned=True)` semantics (unless
+    `aligned=False`) with
     `spatial_scale = 2**-level`, from the level it is assigned to; no box is
     pooled from the other levels.
 
@@ -327,6 +328,8 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
       min_level, max_level, canonical_size, canonical_level: as in
         `assign_levels`.
       max_sampling_ratio: as in `roi_align`.
+      aligned: Python bool (beyond the contract): False pools as
+        `roi_align(aligned=False)`, torchvision's `MultiScaleRoIAlign`.
 
     Returns:
       [B, K, oh, ow, C] in the dtype of the features.
@@ -363,6 +366,6 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
     # Step 3.
     pooled = _pool_boxes(table, row_offset, height, width,
                          boxes * scale[..., None], output_size,
-                         sampling_ratio, aligned=True,
+                         sampling_ratio, aligned=aligned,
                          max_sampling_ratio=max_sampling_ratio)
     return tf.cast(pooled, dtype)

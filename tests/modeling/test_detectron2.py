@@ -255,8 +255,9 @@ class LoaderTest(tf.test.TestCase):
                      "set MRCNN_TORCH_PYTHON to a Python with torch and torchvision")
 class TorchvisionParityTest(tf.test.TestCase):
     """torchvision's Mask R-CNN, renamed to Detectron2's layout, gives our outputs:
-    each head's, and the whole inference's with torchvision's anchors not
-    rounded and its RoIAlign aligned (Detectron2's conventions, ours).
+    each head's, and the whole inference's, with torchvision's anchors not
+    rounded and its RoIAlign aligned (Detectron2's conventions, ours), with
+    adaptive RoIAlign sampling too, and with torchvision's own conventions.
 
     On demand (torch is not an mrcnn dependency):
       MRCNN_TORCH_PYTHON=/path/to/torch/venv/bin/python \\
@@ -271,8 +272,9 @@ class TorchvisionParityTest(tf.test.TestCase):
         from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
         from mrcnn.modeling.rpn import RpnHead
         out = tempfile.mkdtemp()
-        script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "peers",
-                              "torchvision_maskrcnn_as_detectron2.py")
+        cls.script = script = os.path.join(os.path.dirname(__file__), "..", "..",
+                                           "benchmarks", "peers",
+                                           "torchvision_maskrcnn_as_detectron2.py")
         subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
                         "--num_classes=6"], check=True, capture_output=True, timeout=600)
         cls.model = MaskRCNN(   # torchvision's R50: stride on the 3x3 conv
@@ -322,6 +324,51 @@ class TorchvisionParityTest(tf.test.TestCase):
                          roi_heads=RoiHeads(box_head=heads.box_head,
                                             mask_head=heads.mask_head, sampling_ratio=0))
         self._check_inference(model, "adaptive_")
+
+    def test_inference_matches_stock_torchvision(self):
+        """torchvision's own conventions: anchors rounded, RoIAlign not aligned."""
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        from mrcnn.modeling.roi_heads import RoiHeads
+        from mrcnn.modeling.rpn import RpnHead
+        rpn, heads = self.model.rpn_head, self.model.roi_heads
+        stock_rpn = RpnHead(anchor_offset=0.0, round_anchors=True)
+        stock_rpn.conv, stock_rpn.objectness, stock_rpn.deltas = (
+            rpn.conv, rpn.objectness, rpn.deltas)
+        model = MaskRCNN(backbone=self.model.backbone, fpn=self.model.fpn,
+                         rpn_head=stock_rpn,
+                         roi_heads=RoiHeads(box_head=heads.box_head,
+                                            mask_head=heads.mask_head, aligned=False))
+        self._check_inference(model, "stock_")
+
+    def test_convert_trained_coco_weights(self):
+        """--weights --classes=coco: torchvision's 91 COCO-id labels -> our 80 classes."""
+        out = tempfile.mkdtemp()
+        pth = os.path.join(out, "tv.pth")
+        subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], "-c",
+                        "import sys, torch, torchvision; torch.manual_seed(1); "
+                        "net = torchvision.models.detection.maskrcnn_resnet50_fpn("
+                        "weights=None, weights_backbone=None, num_classes=91); "
+                        "torch.save(net.state_dict(), sys.argv[1])", pth],
+                       check=True, capture_output=True, timeout=600)
+        subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], self.script, f"--out={out}",
+                        f"--weights={pth}", "--classes=coco"],
+                       check=True, capture_output=True, timeout=600)
+        model = fixtures.small_model(num_classes=80, depth=50, channels=256, fc_dim=1024,
+                                     mask_channels=256, mask_convs=4, anchor_offset=0.0)
+        with self.assertLogs(level="INFO") as logs:
+            d2.load_detectron2_weights(model, path=os.path.join(out, "model_final.pkl"),
+                                       source_format="RGB")
+        self.assertNotIn("folded", " ".join(r.getMessage() for r in logs.records))
+        subprocess.run(
+            [os.environ["MRCNN_TORCH_PYTHON"], "-c",
+             "import sys, torch, numpy as np; s = torch.load(sys.argv[1]); np.save(sys.argv[2], "
+             "s['roi_heads.box_predictor.cls_score.weight'].numpy())", pth,
+             os.path.join(out, "scores.npy")], check=True, capture_output=True, timeout=600)
+        theirs = np.load(os.path.join(out, "scores.npy"))   # [91, 1024]
+        ours = model.roi_heads.box_head.class_logits.kernel.numpy().T   # [81, 1024]
+        coco_ids = [i for i in range(1, 91)
+                    if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+        self.assertAllClose(ours, theirs[[0] + coco_ids])
 
     def _check_inference(self, model, prefix):
         theirs = {k[len(prefix):]: v for k, v in self.theirs.items() if k.startswith(prefix)}

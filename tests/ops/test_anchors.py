@@ -58,6 +58,16 @@ class MultilevelAnchorsTest(tf.test.TestCase, parameterized.TestCase):
         if offset == 0.0:
             self.assertAllClose(got[3][1], [-12, -12, 12, 12])
 
+    def test_round_sizes(self):
+        # torchvision's base anchors for size 32, heights over widths 0.5, 1, 2
+        # (ours: widths over heights 2, 1, 0.5): [-23, -11, 23, 11], [-16, -16,
+        # 16, 16], [-11, -23, 11, 23] as (x1, y1, x2, y2).
+        got = anchor_ops.multilevel_anchors((64, 64), 2, 2, (32,), (2.0, 1.0, 0.5),
+                                            offset=0.0, round_sizes=True)[2]
+        self.assertAllEqual(got[:3], [[-11, -23, 11, 23], [-16, -16, 16, 16],
+                                      [-23, -11, 23, 11]])
+        self.assertAllEqual(got[3:6] - got[:3], np.tile([0, 4, 0, 4], (3, 1)))
+
     def test_bad_sizes_raise(self):
         with self.assertRaisesRegex(ValueError, "len\\(sizes\\)"):
             anchor_ops.multilevel_anchors((64, 64), 2, 6, (32, 64))

@@ -305,8 +305,8 @@ class MultilevelRoiAlignTest(tf.test.TestCase, parameterized.TestCase):
         corner = rng.uniform(-20, 240, size=(2, 12, 2))
         return np.concatenate([corner, corner + side], -1).astype(np.float32)
 
-    @parameterized.parameters(2, 0)
-    def test_matches_reference(self, sampling_ratio):
+    @parameterized.parameters((2, True), (0, True), (2, False))
+    def test_matches_reference(self, sampling_ratio, aligned):
         rng = np.random.default_rng(7)
         features = self._pyramid(rng)
         boxes = self._boxes(rng)
@@ -318,8 +318,9 @@ class MultilevelRoiAlignTest(tf.test.TestCase, parameterized.TestCase):
                 lvl = levels[b, k]
                 expected[b, k] = roi_align_one_box(
                     features[lvl][b].astype(np.float64), boxes[b, k], (7, 7),
-                    2.0 ** -lvl, sampling_ratio, True)
-        got = ra.multilevel_roi_align(features, boxes, sampling_ratio=sampling_ratio)
+                    2.0 ** -lvl, sampling_ratio, aligned)
+        got = ra.multilevel_roi_align(features, boxes, sampling_ratio=sampling_ratio,
+                                      aligned=aligned)
         self.assertAllClose(got, expected, atol=1e-5)
         if sampling_ratio == 0:   # the boxes take 1 to 5 samples per bin side
             xla = tf.function(lambda f, b: ra.multilevel_roi_align(
