@@ -192,50 +192,128 @@ def image_files(inputs):
     return files
 
 
-@gin.configurable(denylist=["model_dir", "inputs", "out_dir"])
-def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
-            dataset_fn=None, min_size=800, max_size=1333,
-            canvas_size=(1344, 1344), size_divisor=64, score_threshold=0.5,
-            checkpoint=None):
-    """Detects objects in image files; writes detections.json and one PNG per image.
+class Predictor:
+    """Detections on one in-memory image at a time (Detectron2's DefaultPredictor).
 
-    detections.json holds, per image, its picture's file name and each
-    detection's box (y1, x1, y2, x2 in the image's pixels), class, name,
-    score and mask (`segmentation`, COCO RLE at the image's size:
-    `pycocotools.mask.decode` gives [H, W]; not from a box-only model). Files that cannot be decoded
-    are skipped with a warning and listed under `unreadable`; ValueError
-    when none can be.
+        predictor = Predictor("runs/shapes_demo", model_fn=MaskRCNN, min_size=128,
+                              max_size=128, canvas_size=(128, 128))
+        out = predictor(image)   # uint8 [H, W, 3] RGB
+        # or, after parsing the gin files of the run: Predictor.from_gin(model_dir)
 
-    Each image is padded to the first of `pipeline.orientation_canvases`
-    (landscape, portrait: 832 x 1344 and 1344 x 832 for COCO's sizes) that
-    holds its resize, the rule of the exported model's `serve_images`, so
-    the model is traced at most twice.
+    Each image gets the evaluation transform and is padded to the first of
+    `pipeline.orientation_canvases` (landscape, portrait: 832 x 1344 and
+    1344 x 832 for COCO's sizes) that holds its resize, the rule of the
+    exported model's `serve_images`, so the model is traced at most twice.
 
     Args:
       model_dir: str, run directory (its latest checkpoint) unless `checkpoint`.
-      inputs: list of image files or folders.
-      out_dir: str, where `detections.json` and `<name>.png` go.
       model_fn: () -> keras.Model.
       dataset_fn: optional `CocoInput` whose category map names the classes.
       min_size, max_size: the eval transform (as CocoInput's).
       canvas_size: (H, W), the bound on both orientations' canvases.
       size_divisor: int, 2**max_level of the FPN.
-      score_threshold: float, detections drawn and written at or above it.
+      score_threshold: float, detections kept at or above it.
+      checkpoint: optional checkpoint path instead of model_dir's latest.
+
+    Attributes:
+      step, checkpoint_path: of the restored checkpoint.
+      canvases_used: {(h, w): images run on that canvas}.
+    """
+
+    def __init__(self, model_dir, *, model_fn, dataset_fn=None, min_size=800,
+                 max_size=1333, canvas_size=(1344, 1344), size_divisor=64,
+                 score_threshold=0.5, checkpoint=None):
+        self.min_size, self.max_size = min_size, max_size
+        self.canvas_size = tuple(int(v) for v in canvas_size)
+        self.score_threshold = score_threshold
+        self.category_names = (dataset_fn.category_map.names if dataset_fn is not None
+                               else None)
+        self.canvases = pipeline.orientation_canvases(min_size, max_size,
+                                                      self.canvas_size, size_divisor)
+        self.model, self.step, self.checkpoint_path = restore_model(
+            model_fn, checkpoint or model_dir, self.canvases[0])
+        if dataset_fn is not None:
+            trainer.check_num_classes(self.model, dataset_fn)
+        self._infer = tf.function(lambda b: self.model(b, training=False))
+        self.canvases_used = {}
+
+    @classmethod
+    def from_gin(cls, model_dir, checkpoint=None):
+        """The Predictor `bin/predict` builds, from the parsed gin config's
+        `predict.*` bindings."""
+        kwargs = {k: v for k, v in gin.get_bindings("predict").items()
+                  if k not in ("checkpoint",)}
+        return cls(model_dir, checkpoint=checkpoint, **kwargs)
+
+    def name(self, class_id):
+        """The class's name from `dataset_fn`'s categories, else its number."""
+        names = self.category_names
+        return names[class_id - 1] if names and class_id <= len(names) else str(class_id)
+
+    def __call__(self, image):
+        """Detections of one image.
+
+        Args:
+          image: uint8 [H, W, 3] RGB.
+
+        Returns:
+          dict, K detections scoring at least `score_threshold`, by score:
+          `boxes` float32 [K, 4] (y1, x1, y2, x2) in the image's pixels,
+          `scores` float32 [K], `classes` int32 [K] (1..C), `names` list of
+          K str, and from a model with a mask head `masks` bool [K, H, W]
+          and `rles` (the same masks as K COCO RLE dicts); None without.
+        """
+        images, info = pipeline.preprocess_image(
+            image, min_size=self.min_size, max_size=self.max_size,
+            canvas_size=self.canvas_size)
+        rh, rw = float(info[2]), float(info[3])
+        canvas = next((c for c in self.canvases if rh <= c[0] and rw <= c[1]),
+                      self.canvas_size)
+        self.canvases_used[canvas] = self.canvases_used.get(canvas, 0) + 1
+        images = images[:canvas[0], :canvas[1]]   # the image is at the top left
+        det = {k: v.numpy()[0] for k, v in self._infer(
+            {"images": images[None], "image_info": info[None]}).items()}
+        keep = np.arange(int(det["num_detections"]))
+        keep = keep[det["detection_scores"][keep] >= self.score_threshold]
+        boxes = det["detection_boxes"][keep]
+        rles = masks = None   # a box-only model
+        if "detection_masks" in det:
+            rles = coco_eval.paste_masks_rle(det["detection_masks"][keep], boxes,
+                                             image.shape[:2])
+            masks = (np.transpose(mask_util.decode(rles), (2, 0, 1)).astype(bool) if rles
+                     else np.zeros((0,) + image.shape[:2], bool))
+        classes = det["detection_classes"][keep].astype(np.int32)
+        return {"boxes": boxes.astype(np.float32),
+                "scores": det["detection_scores"][keep].astype(np.float32),
+                "classes": classes, "names": [self.name(int(c)) for c in classes],
+                "masks": masks, "rles": rles}
+
+
+@gin.configurable(denylist=["model_dir", "inputs", "out_dir"])
+def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
+    """Detects objects in image files; writes detections.json and one PNG per image.
+
+    detections.json holds, per image, its picture's file name and each
+    detection's box (y1, x1, y2, x2 in the image's pixels), class, name,
+    score and mask (`segmentation`, COCO RLE at the image's size:
+    `pycocotools.mask.decode` gives [H, W]; not from a box-only model).
+    Files that cannot be decoded are skipped with a warning and listed
+    under `unreadable`; ValueError when none can be.
+
+    Args:
+      model_dir: str, run directory (its latest checkpoint) unless `checkpoint`.
+      inputs: list of image files or folders.
+      out_dir: str, where `detections.json` and `<name>.png` go.
+      model_fn, **kwargs: `Predictor`'s (dataset_fn, min_size, max_size,
+        canvas_size, size_divisor, score_threshold, checkpoint).
 
     Returns:
       list of per-image dicts as written to detections.json.
     """
     files = image_files(inputs)
-    category_names = dataset_fn.category_map.names if dataset_fn is not None else None
-    canvas_size = tuple(int(v) for v in canvas_size)
-    canvases = pipeline.orientation_canvases(min_size, max_size, canvas_size,
-                                             size_divisor)
-    model, step, path = restore_model(model_fn, checkpoint or model_dir, canvases[0])
-    if dataset_fn is not None:
-        trainer.check_num_classes(model, dataset_fn)
-    infer = tf.function(lambda b: model(b, training=False))
+    predictor = Predictor(model_dir, model_fn=model_fn, **kwargs)
     os.makedirs(out_dir, exist_ok=True)
-    written, used, unreadable, pictures = [], {}, [], set()
+    written, unreadable, pictures = [], [], set()
     for file in files:
         try:
             with Image.open(file) as opened:
@@ -244,46 +322,31 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED,
             logging.warning("%s: cannot read image (%s); skipped", file, e)
             unreadable.append({"file": file, "error": str(e)})
             continue
-        images, info = pipeline.preprocess_image(
-            image, min_size=min_size, max_size=max_size, canvas_size=canvas_size)
-        rh, rw = float(info[2]), float(info[3])
-        canvas = next((c for c in canvases if rh <= c[0] and rw <= c[1]), canvas_size)
-        used[canvas] = used.get(canvas, 0) + 1
-        images = images[:canvas[0], :canvas[1]]   # the image is at the top left
-        det = {k: v.numpy()[0] for k, v in infer(
-            {"images": images[None], "image_info": info[None]}).items()}
-        keep = np.arange(int(det["num_detections"]))
-        keep = keep[det["detection_scores"][keep] >= score_threshold]
-        boxes = det["detection_boxes"][keep]
-        rles = (coco_eval.paste_masks_rle(det["detection_masks"][keep], boxes,
-                                          image.shape[:2])
-                if "detection_masks" in det else None)   # None: a box-only model
-        masks = (np.transpose(mask_util.decode(rles), (2, 0, 1)).astype(bool)
-                 if rles else None)   # [K, H, W]
-        classes = det["detection_classes"][keep]
-        names = {c: (category_names[c - 1] if category_names and c <= len(category_names)
-                     else str(c)) for c in set(classes.tolist())}
-        picture = visualize.draw_detections(image, boxes, classes,
-                                            det["detection_scores"][keep], masks,
-                                            names, score_threshold=score_threshold)
+        out = predictor(image)
+        names = dict(zip(out["classes"].tolist(), out["names"]))
+        picture = visualize.draw_detections(image, out["boxes"], out["classes"],
+                                            out["scores"], out["masks"], names,
+                                            score_threshold=predictor.score_threshold)
         picture_name = _unique_png_name(file, pictures)
         visualize.save_png(os.path.join(out_dir, picture_name), picture)
         entries = [{"box_yxyx": [round(float(v), 2) for v in b], "class": int(c),
-                    "name": names[int(c)], "score": round(float(s), 4)}
-                   for b, c, s in zip(boxes, classes, det["detection_scores"][keep])]
-        for entry, rle in zip(entries, rles or ()):
+                    "name": n, "score": round(float(s), 4)}
+                   for b, c, n, s in zip(out["boxes"], out["classes"], out["names"],
+                                         out["scores"])]
+        for entry, rle in zip(entries, out["rles"] or ()):
             entry["segmentation"] = rle
         written.append({"file": file, "picture": picture_name, "detections": entries})
     if not written:
         raise ValueError(f"none of the {len(files)} image files could be read: "
                          + "; ".join(f"{u['file']}: {u['error']}" for u in unreadable))
-    report = {"checkpoint": path, "step": step, "images": written}
+    report = {"checkpoint": predictor.checkpoint_path, "step": predictor.step,
+              "images": written}
     if unreadable:
         report["unreadable"] = unreadable
     with open(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump(report, f, indent=2)
     logging.info("Predicted %d images: %s", len(written), ", ".join(
-        f"{n} on {h}x{w}" for (h, w), n in sorted(used.items())))
+        f"{n} on {h}x{w}" for (h, w), n in sorted(predictor.canvases_used.items())))
     if unreadable:
         logging.warning("%d of %d files could not be read (listed under 'unreadable' "
                         "in detections.json)", len(unreadable), len(files))

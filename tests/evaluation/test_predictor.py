@@ -1,0 +1,82 @@
+"""runner.Predictor: in-memory detections of one image against the model's own output."""
+
+import functools
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+from pycocotools import mask as mask_util
+
+from mrcnn import programs
+from mrcnn.data import pipeline
+from mrcnn.evaluation import runner
+from mrcnn.modeling.mask_rcnn import build_mask_rcnn
+
+SMALL = dict(num_classes=3, depth=18, fpn_channels=16, fc_dim=32, mask_channels=8,
+             num_samples=16, pre_nms_topk_test=50, post_nms_topk_test=20,
+             max_detections=10)
+SIZES = dict(min_size=64, max_size=128, canvas_size=(128, 128))
+
+
+def _run_dir(tmp_path, masks=True):
+    tf.keras.utils.set_random_seed(0)
+    model = build_mask_rcnn(masks=masks, **SMALL)
+    model(runner._zero_inference_batch((64, 128)), training=False)
+    checkpoint = tf.train.Checkpoint(model=model, step=tf.Variable(7, dtype=tf.int64))
+    tf.train.CheckpointManager(checkpoint, str(tmp_path), 1).save()
+    return model
+
+
+@pytest.mark.parametrize("shape", [(48, 80, 3), (90, 40, 3)])
+def test_matches_the_model_on_the_padded_image(tmp_path, shape):
+    model = _run_dir(tmp_path)
+    predictor = runner.Predictor(str(tmp_path), model_fn=functools.partial(
+        build_mask_rcnn, **SMALL), score_threshold=0.0, **SIZES)
+    assert predictor.step == 7
+    image = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+    out = predictor(image)
+    # The model itself on the canvas the Predictor says it used.
+    (canvas, count), = predictor.canvases_used.items()
+    assert count == 1 and canvas == ((64, 128) if shape[1] > shape[0] else (128, 64))
+    images, info = pipeline.preprocess_image(image, **SIZES)
+    det = model.detect({"images": images[None, :canvas[0], :canvas[1]],
+                        "image_info": info[None]})
+    n = int(det["num_detections"][0])
+    assert n > 0 and len(out["boxes"]) == n
+    np.testing.assert_allclose(out["boxes"], det["detection_boxes"][0, :n], atol=1e-4)
+    np.testing.assert_allclose(out["scores"], det["detection_scores"][0, :n], atol=1e-6)
+    assert out["classes"].dtype == np.int32 and out["names"] == [str(c) for c in out["classes"]]
+    assert out["masks"].shape == (n,) + shape[:2] and out["masks"].dtype == bool
+    for mask, rle in zip(out["masks"], out["rles"]):
+        np.testing.assert_array_equal(mask, mask_util.decode(rle).astype(bool))
+    assert ((out["boxes"] >= 0) & (out["boxes"] <= [shape[0], shape[1]] * 2)).all()
+
+
+def test_threshold_and_box_only_model(tmp_path):
+    _run_dir(tmp_path, masks=False)
+    model_fn = functools.partial(build_mask_rcnn, masks=False, **SMALL)
+    image = np.random.default_rng(2).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    every = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+                             **SIZES)(image)
+    assert every["masks"] is None and every["rles"] is None
+    cut = float(np.median(every["scores"]))
+    kept = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=cut,
+                            **SIZES)(image)
+    np.testing.assert_allclose(kept["scores"], every["scores"][every["scores"] >= cut])
+
+
+def test_from_gin_uses_the_predict_bindings(tmp_path):
+    _run_dir(tmp_path)
+    bindings = ["predict.model_fn = @build_mask_rcnn", "predict.score_threshold = 0.0",
+                "predict.min_size = 64", "predict.max_size = 128",
+                "predict.canvas_size = (128, 128)"]
+    bindings += [f"build_mask_rcnn.{k} = {v!r}" for k, v in SMALL.items()]
+    programs.parse_gin_files([], bindings, finalize=False)
+    try:
+        predictor = runner.Predictor.from_gin(str(tmp_path))
+        out = predictor(np.zeros((64, 100, 3), np.uint8))
+    finally:
+        gin.clear_config()
+    assert predictor.score_threshold == 0.0 and predictor.canvas_size == (128, 128)
+    assert list(predictor.canvases_used) == [(64, 128)] and len(out["boxes"]) > 0
