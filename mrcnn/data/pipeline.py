@@ -62,6 +62,40 @@ def resize_image(image, min_size, max_size):
     return tf.saturate_cast(tf.round(image), tf.uint8), size, resized, scale
 
 
+def recrop_masks(masks, boxes, new_boxes):
+    """Box-frame masks of `boxes`, cut to `new_boxes` (inside them) and resampled.
+
+    Cell `(i, j)` of an `S x S` box-frame mask covers `[i / S, (i + 1) / S)`
+    of its box and is read at its centre; each new cell centre is sampled
+    bilinearly from the old cells at the same image point, then thresholded
+    at 0.5.
+
+    Args:
+      masks: uint8 [n, S, S] of 0/1, each cropped to its row of `boxes`.
+      boxes: float32 [n, 4] (y1, x1, y2, x2).
+      new_boxes: float32 [n, 4], each within its row of `boxes`.
+
+    Returns:
+      uint8 [n, S, S] of 0/1, each cropped to its row of `new_boxes`.
+    """
+    s = masks.shape[-1]
+    height = tf.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
+    width = tf.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    a_y = (new_boxes[:, 0] - boxes[:, 0]) / height   # the new box in the old frame
+    b_y = (new_boxes[:, 2] - boxes[:, 0]) / height
+    a_x = (new_boxes[:, 1] - boxes[:, 1]) / width
+    b_x = (new_boxes[:, 3] - boxes[:, 1]) / width
+    # crop_and_resize reads input row y1 * (S - 1) + i * (y2 - y1) for output row
+    # i; the centre of new row i is old row a * S + (i + 0.5) * (b - a) - 0.5.
+    y1 = (a_y * s - 0.5 + 0.5 * (b_y - a_y)) / (s - 1)
+    x1 = (a_x * s - 0.5 + 0.5 * (b_x - a_x)) / (s - 1)
+    windows = tf.stack([y1, x1, y1 + (b_y - a_y), x1 + (b_x - a_x)], axis=1)
+    cut = tf.image.crop_and_resize(
+        tf.cast(masks, tf.float32)[..., None], windows, tf.range(tf.shape(masks)[0]),
+        (s, s), method="bilinear", extrapolation_value=0.0)[..., 0]
+    return tf.cast(cut >= 0.5, tf.uint8)
+
+
 def pad_to_canvas(image, canvas_size):
     """Zero-pads [h, w, 3] bottom/right to `canvas_size` (H, W): [H, W, 3]."""
     image = tf.image.pad_to_bounding_box(image, 0, 0, *canvas_size)
@@ -181,6 +215,15 @@ class CocoInput:
         the 28 x 28 mask head output so targets can be resampled from it.
       with_masks: bool; False for box-only data (Faster R-CNN): annotations
         need no `segmentation`, and batches have no `gt_masks`.
+      scale_jitter: optional (low, high), training only: large-scale jitter
+        (Ghiasi et al. 2021; Detectron2's `ResizeScale` + `FixedSizeCrop`
+        of its LSJ baselines, `(0.1, 2.0)` there): each image is resized by
+        `s * min(H / h, W / w)` for the canvas (H, W) and `s` drawn
+        uniformly from the range, then cropped at a random place to the
+        canvas where larger; boxes are clipped to the crop, instances left
+        empty are dropped, masks are cut to their clipped boxes. It
+        replaces the `min_size` / `max_size` resize in training (evaluation
+        keeps it) and excludes `group_by_orientation`.
       flip_probability: float in [0, 1], training only.
       skip_bad: bool, skip (training) instead of raising on bad input.
       filter_empty: bool, drop training images without a non-crowd
@@ -203,7 +246,7 @@ class CocoInput:
                  mask_size=112, flip_probability=0.5, skip_bad=True, filter_empty=True,
                  shuffle_buffer=None, seed=None, annotation_file=None,
                  image_dir=None, check_files=True, group_by_orientation=False,
-                 with_masks=True):
+                 with_masks=True, scale_jitter=None):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
         canvas_size = tuple(int(s) for s in canvas_size)
         if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
@@ -214,6 +257,14 @@ class CocoInput:
                              f"and <= max_size={max_size}")
         if not 0.0 <= flip_probability <= 1.0:
             raise ValueError(f"CocoInput: flip_probability={flip_probability}")
+        if scale_jitter is not None:
+            scale_jitter = tuple(float(v) for v in scale_jitter)
+            if len(scale_jitter) != 2 or not 0 < scale_jitter[0] <= scale_jitter[1]:
+                raise ValueError(f"CocoInput: scale_jitter={scale_jitter} must be "
+                                 f"(low, high) with 0 < low <= high")
+            if group_by_orientation:
+                raise ValueError("CocoInput: scale_jitter crops every image to the "
+                                 "canvas; group_by_orientation must be False")
         if data_dir is None and (annotation_file is None or image_dir is None):
             raise ValueError("CocoInput: give data_dir, or annotation_file and "
                              "image_dir")
@@ -227,6 +278,8 @@ class CocoInput:
         self.max_instances = int(max_instances)
         self.mask_size = int(mask_size)
         self.with_masks = bool(with_masks)
+        # Training only: evaluation keeps the min_size / max_size resize.
+        self.scale_jitter = scale_jitter if training else None
         self.flip_probability = float(flip_probability)
         self.skip_bad = bool(skip_bad)
         self.shuffle_buffer = shuffle_buffer
@@ -251,7 +304,8 @@ class CocoInput:
         # Resized (h, w) of each record at the largest min_size: int [n, 2].
         sizes = np.array([self._resized_size(r.height, r.width, max(self.min_sizes))[:2]
                           for r in records], np.int64).reshape(-1, 2)
-        self._check_canvas(sizes)
+        if self.scale_jitter is None:   # the jitter crops to the canvas
+            self._check_canvas(sizes)
         self._group, self.canvases, self._group_names = self._groups(sizes)
         self._members = [np.flatnonzero(self._group == g) for g in range(len(self.canvases))]
         self._lock = threading.Lock()
@@ -500,6 +554,9 @@ class CocoInput:
         index.set_shape([])
         image_ids = tf.constant([r.image_id for r in self.records], tf.int64)
 
+        if self.scale_jitter is not None:
+            return self._jittered_example(image, boxes, classes, masks, index,
+                                          random_bits, image_ids)
         # 1. Size: shorter side to min_size (drawn in training), longer <= max.
         if self.training:
             pick = (random_bits // (1 << _FLIP_BITS)) % len(self.min_sizes)
@@ -511,17 +568,9 @@ class CocoInput:
         boxes = boxes * tf.tile(factor, [2])[None, :]   # [n, 4]
 
         # 2. Flip (training): image, boxes and box-frame masks together.
-        if self.training and self.flip_probability > 0:
-            draw = tf.cast(random_bits % (1 << _FLIP_BITS), tf.float32) / (1 << _FLIP_BITS)
-            flip = draw < self.flip_probability
-            rw = tf.cast(resized[1], tf.float32)
-            image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
-            boxes = tf.cond(
-                flip,
-                lambda: tf.stack([boxes[:, 0], rw - boxes[:, 3],
-                                  boxes[:, 2], rw - boxes[:, 1]], axis=1),
-                lambda: boxes)
-            masks = tf.cond(flip, lambda: tf.reverse(masks, [2]), lambda: masks)
+        if self.training:
+            image, boxes, masks = self._random_flip(image, boxes, masks, random_bits,
+                                                    resized[1])
 
         # 3. Pad bottom/right to the record's canvas.
         if len(self.canvases) == 1:
@@ -548,6 +597,70 @@ class CocoInput:
         if self.with_masks:
             example["gt_masks"] = tf.pad(masks, [[0, pad], [0, 0], [0, 0]])
             example["gt_masks"].set_shape([m, s, s])
+        return example
+
+    def _random_flip(self, image, boxes, masks, random_bits, width):
+        """Flips image, boxes and box-frame masks together, with `flip_probability`."""
+        if self.flip_probability <= 0:
+            return image, boxes, masks
+        draw = tf.cast(random_bits % (1 << _FLIP_BITS), tf.float32) / (1 << _FLIP_BITS)
+        flip = draw < self.flip_probability
+        rw = tf.cast(width, tf.float32)
+        image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+        boxes = tf.cond(
+            flip,
+            lambda: tf.stack([boxes[:, 0], rw - boxes[:, 3],
+                              boxes[:, 2], rw - boxes[:, 1]], axis=1),
+            lambda: boxes)
+        masks = tf.cond(flip, lambda: tf.reverse(masks, [2]), lambda: masks)
+        return image, boxes, masks
+
+    def _jittered_example(self, image, boxes, classes, masks, index, random_bits,
+                          image_ids):
+        """`_example` with large-scale jitter: resize by a drawn scale, flip, crop."""
+        m = self.max_instances
+        target = tf.constant(self.canvas_size, tf.float64)
+        # Three uniform draws from the element's random bits: scale, crop y, x.
+        u = tf.random.stateless_uniform([3], seed=tf.stack([random_bits, index]),
+                                        dtype=tf.float64)
+        low, high = self.scale_jitter
+        size = tf.cast(tf.shape(image)[:2], tf.float64)
+        scale = (low + (high - low) * u[0]) * tf.reduce_min(target / size)
+        resized = tf.maximum(tf.round(size * scale), 1.0)
+        image = tf.saturate_cast(tf.round(tf.image.resize(
+            image, tf.cast(resized, tf.int32), method="bilinear")), tf.uint8)
+        boxes = boxes * tf.tile(tf.cast(resized / size, tf.float32), [2])[None, :]
+        image, boxes, masks = self._random_flip(image, boxes, masks, random_bits,
+                                                resized[1])
+        # Crop: a random window of the canvas size where the image is larger.
+        offset = tf.floor(u[1:] * (tf.maximum(resized - target, 0.0) + 1.0))  # [2]
+        visible = tf.minimum(resized - offset, target)  # [2]
+        o, v = tf.cast(offset, tf.int32), tf.cast(visible, tf.int32)
+        image = image[o[0]:o[0] + v[0], o[1]:o[1] + v[1]]
+        shift = tf.tile(tf.cast(offset, tf.float32), [2])[None, :]
+        limit = tf.tile(tf.cast(visible, tf.float32), [2])[None, :]
+        clipped = tf.clip_by_value(boxes - shift, 0.0, limit)  # [n, 4]
+        keep = tf.where((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))[:, 0]
+        example = {
+            "images": pad_to_canvas(image, self.canvas_size),
+            "image_info": tf.cast(tf.concat([size, visible, [scale]], 0), tf.float32),
+            "image_id": tf.gather(image_ids, index),
+        }
+        clipped, classes = tf.gather(clipped, keep), tf.gather(classes, keep)
+        pad = m - tf.shape(classes)[0]
+        example.update({
+            "gt_boxes": tf.pad(clipped, [[0, pad], [0, 0]]),
+            "gt_classes": tf.pad(classes, [[0, pad]]),
+            "gt_valid": tf.sequence_mask(tf.shape(classes)[0], m),
+        })
+        example["image_info"].set_shape([5])
+        example["gt_boxes"].set_shape([m, 4])
+        example["gt_classes"].set_shape([m])
+        if self.with_masks:
+            masks = recrop_masks(tf.gather(masks, keep), tf.gather(boxes - shift, keep),
+                                 clipped)
+            example["gt_masks"] = tf.pad(masks, [[0, pad], [0, 0], [0, 0]])
+            example["gt_masks"].set_shape([m, self.mask_size, self.mask_size])
         return example
 
     @property

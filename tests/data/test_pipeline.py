@@ -165,6 +165,73 @@ class ShapesRoundTripTest(tf.test.TestCase, parameterized.TestCase):
                             mask_channels=8, num_samples=16, pre_nms_topk_train=20,
                             post_nms_topk_train=20)(batch, training=True)
 
+    def test_scale_jitter_without_a_crop_is_the_plain_resize(self):
+        # s = 1: scale min(128 / 48, 128 / 65), as min_size = max_size = 128.
+        jittered = _builder(self.root, scale_jitter=(1.0, 1.0))
+        plain = _builder(self.root, min_size=128, max_size=128)
+        for ours, theirs in zip(_numpy_batches(jittered(), 2), _numpy_batches(plain(), 2)):
+            self.assertEqual(sorted(ours), sorted(theirs))
+            for key in ours:
+                self.assertAllClose(ours[key], theirs[key], atol=1e-6, msg=key)
+
+    def test_scale_jitter_crops_against_the_json(self):
+        """s in [1.5, 2]: every image is larger than the canvas and cropped. The
+        crop's place is found by matching pixels; each gt box and mask must be
+        its annotation's, resized, flipped and cut to the crop."""
+        builder = _builder(self.root, scale_jitter=(1.5, 2.0), flip_probability=0.5)
+        self.assertIsNone(_builder(self.root, training=False,
+                                   scale_jitter=(1.5, 2.0)).scale_jitter)
+        s = S
+        checked = recropped = 0
+        for batch in _numpy_batches(builder(), 3):
+            for b in range(4):
+                info = batch["image_info"][b]
+                self.assertAllClose(info[2:4], CANVAS)   # the whole canvas is image
+                image_id = int(batch["image_id"][b])
+                pixels = np.asarray(Image.open(os.path.join(
+                    self.root, "train2017", f"{image_id:012d}.jpg")))
+                rh, rw = round(H * float(info[4])), round(W * float(info[4]))
+                ref = _ref_resize(pixels, rh, rw)
+                got = batch["images"][b].astype(np.float64)
+                best = min(((np.abs(r[oy:oy + 128, ox:ox + 128] - got).max(), oy, ox, f)
+                            for f, r in ((False, ref), (True, ref[:, ::-1]))
+                            for oy in range(rh - 127) for ox in range(rw - 127)),
+                           key=lambda t: t[0])
+                error, oy, ox, flipped = best
+                self.assertLess(error, 1.0, msg=image_id)
+                fy, fx = rh / H, rw / W
+                wanted = []
+                for a in self._annotations("train2017", image_id):
+                    x, y, w, h = a["bbox"]
+                    box = np.array([y * fy, x * fx, (y + h) * fy, (x + w) * fx])
+                    if flipped:
+                        box = np.array([box[0], rw - box[3], box[2], rw - box[1]])
+                    crop = np.clip(box - [oy, ox, oy, ox], 0, 128)
+                    if crop[2] > crop[0] and crop[3] > crop[1]:
+                        # What is left of the box, as a share of each side.
+                        kept = min((crop[2] - crop[0]) / (box[2] - box[0]),
+                                   (crop[3] - crop[1]) / (box[3] - box[1]))
+                        wanted.append((a, crop, kept))
+                n = len(wanted)
+                self.assertAllEqual(batch["gt_valid"][b], np.arange(M) < n)
+                for k, (a, crop, kept) in enumerate(wanted):
+                    self.assertAllClose(batch["gt_boxes"][b, k], crop, atol=1e-3)
+                    if kept < 0.25:   # a sliver: under 4 of the S = 16 mask cells
+                        continue
+                    full = mask_util.decode(mask_util.merge(
+                        mask_util.frPyObjects(a["segmentation"], H, W)))
+                    if flipped:   # the crop box is in the flipped image's frame
+                        full = full[:, ::-1]
+                    orig = (crop + [oy, ox, oy, ox]) / [fy, fx, fy, fx]
+                    ref_mask = _ref_frame(full, orig, s)
+                    ours = batch["gt_masks"][b, k]
+                    iou = (ours & ref_mask).sum() / max((ours | ref_mask).sum(), 1)
+                    self.assertGreater(iou, 0.7, msg=(image_id, a["id"]))
+                    checked += 1
+                    recropped += kept < 1.0
+        self.assertGreater(checked, 10)
+        self.assertGreater(recropped, 2)   # masks that the crop did cut
+
     def test_eval_every_image_once_in_order_then_padding(self):
         ids = np.concatenate([b["image_id"] for b in self.eval_batches])
         expected = sorted(i["id"] for i in self.json["val2017"]["images"])
