@@ -543,7 +543,7 @@ class CocoInput:
 
     def _example(self, index, random_bits):
         """One image: decode (host), resize, flip, pad."""
-        m, s = self.max_instances, self._decoded_mask_size
+        s = self._decoded_mask_size
         image, boxes, classes, masks, index = tf.numpy_function(
             self._load, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64],
             stateful=False)
@@ -582,11 +582,17 @@ class CocoInput:
                             lambda: pad_to_canvas(image, self.canvases[0]))
 
         # 4. Pad gt to M slots.
+        return self._pack(image, tf.concat([size, resized, [scale]], 0),
+                          tf.gather(image_ids, index), boxes, classes, masks)
+
+    def _pack(self, image, info, image_id, boxes, classes, masks):
+        """The example dict, its gt padded to M slots, static shapes."""
+        m, s = self.max_instances, self._decoded_mask_size
         pad = m - tf.shape(classes)[0]
         example = {
             "images": image,
-            "image_info": tf.cast(tf.concat([size, resized, [scale]], 0), tf.float32),
-            "image_id": tf.gather(image_ids, index),
+            "image_info": tf.cast(info, tf.float32),
+            "image_id": image_id,
             "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
             "gt_classes": tf.pad(classes, [[0, pad]]),
             "gt_valid": tf.sequence_mask(tf.shape(classes)[0], m),
@@ -618,7 +624,6 @@ class CocoInput:
     def _jittered_example(self, image, boxes, classes, masks, index, random_bits,
                           image_ids):
         """`_example` with large-scale jitter: resize by a drawn scale, flip, crop."""
-        m = self.max_instances
         target = tf.constant(self.canvas_size, tf.float64)
         # Three uniform draws from the element's random bits: scale, crop y, x.
         u = tf.random.stateless_uniform([3], seed=tf.stack([random_bits, index]),
@@ -641,27 +646,12 @@ class CocoInput:
         limit = tf.tile(tf.cast(visible, tf.float32), [2])[None, :]
         clipped = tf.clip_by_value(boxes - shift, 0.0, limit)  # [n, 4]
         keep = tf.where((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))[:, 0]
-        example = {
-            "images": pad_to_canvas(image, self.canvas_size),
-            "image_info": tf.cast(tf.concat([size, visible, [scale]], 0), tf.float32),
-            "image_id": tf.gather(image_ids, index),
-        }
-        clipped, classes = tf.gather(clipped, keep), tf.gather(classes, keep)
-        pad = m - tf.shape(classes)[0]
-        example.update({
-            "gt_boxes": tf.pad(clipped, [[0, pad], [0, 0]]),
-            "gt_classes": tf.pad(classes, [[0, pad]]),
-            "gt_valid": tf.sequence_mask(tf.shape(classes)[0], m),
-        })
-        example["image_info"].set_shape([5])
-        example["gt_boxes"].set_shape([m, 4])
-        example["gt_classes"].set_shape([m])
         if self.with_masks:
             masks = recrop_masks(tf.gather(masks, keep), tf.gather(boxes - shift, keep),
-                                 clipped)
-            example["gt_masks"] = tf.pad(masks, [[0, pad], [0, 0], [0, 0]])
-            example["gt_masks"].set_shape([m, self.mask_size, self.mask_size])
-        return example
+                                 tf.gather(clipped, keep))
+        return self._pack(pad_to_canvas(image, self.canvas_size),
+                          tf.concat([size, visible, [scale]], 0), tf.gather(image_ids, index),
+                          tf.gather(clipped, keep), tf.gather(classes, keep), masks)
 
     @property
     def _decoded_mask_size(self):
