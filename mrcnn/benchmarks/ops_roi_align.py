@@ -100,6 +100,9 @@ def bench_multilevel_roi_align(cfg: BenchConfig):
         return ra.multilevel_roi_align(features, boxes, size, _SAMPLING_RATIO,
                                        _MIN_LEVEL, _MAX_LEVEL)
 
+    def ours_adaptive():
+        return ra.multilevel_roi_align(features, boxes, size, 0, _MIN_LEVEL, _MAX_LEVEL)
+
     def per_level_where():
         # Matterport-style PyramidROIAlign: tf.where picks each level's boxes
         # (dynamic count), crop_and_resize them, then scatter back in order.
@@ -135,6 +138,8 @@ def bench_multilevel_roi_align(cfg: BenchConfig):
     return [
         Entry("mrcnn multilevel_roi_align", ours, cfg.xla,
               "each box gathered once from its own level of one flat table"),
+        Entry("mrcnn multilevel_roi_align, sr=0 adaptive", ours_adaptive, cfg.xla,
+              "sampling_ratio=0 (Detectron2's), <= 6 x 6 slots per bin"),
         Entry("crop_and_resize per level, tf.where + scatter", per_level_where,
               False, "Matterport PyramidROIAlign style; dynamic shapes, no XLA"),
         Entry("crop_and_resize every level, then select", every_level_select,
