@@ -59,3 +59,9 @@ def test_torchvision_r50_fpn(parsed):
     assert not model.backbone.stride_in_1x1 and model.rpn_head.round_anchors
     assert model.rpn_head.anchor_offset == 0.0 and not model.roi_heads.aligned
     assert gin.query_parameter("load_detectron2_weights.source_format") == "RGB"
+
+
+def test_r50_fpn_lsj(parsed):
+    parsed("r50_fpn_lsj.gin")
+    assert gin.query_parameter("train/CocoInput.scale_jitter") == (0.1, 2.0)
+    assert gin.query_parameter("CocoInput.group_by_orientation") is False
