@@ -214,6 +214,8 @@ class Predictor:
       size_divisor: int, 2**max_level of the FPN.
       score_threshold: float, detections kept at or above it.
       checkpoint: optional checkpoint path instead of model_dir's latest.
+      batch_size: int, images per model call in `batch` (a GPU wants 8 or
+        more; the model is traced once per canvas at this batch size).
 
     Attributes:
       step, checkpoint_path: of the restored checkpoint.
@@ -222,10 +224,13 @@ class Predictor:
 
     def __init__(self, model_dir, *, model_fn, dataset_fn=None, min_size=800,
                  max_size=1333, canvas_size=(1344, 1344), size_divisor=64,
-                 score_threshold=0.5, checkpoint=None):
+                 score_threshold=0.5, checkpoint=None, batch_size=1):
         self.min_size, self.max_size = min_size, max_size
         self.canvas_size = tuple(int(v) for v in canvas_size)
         self.score_threshold = score_threshold
+        if int(batch_size) < 1:
+            raise ValueError(f"Predictor: batch_size={batch_size} must be >= 1")
+        self.batch_size = int(batch_size)
         self.category_names = (dataset_fn.category_map.names if dataset_fn is not None
                                else None)
         self.canvases = pipeline.orientation_canvases(min_size, max_size,
@@ -263,25 +268,58 @@ class Predictor:
           K str, and from a model with a mask head `masks` bool [K, H, W]
           and `rles` (the same masks as K COCO RLE dicts); None without.
         """
-        images, info = pipeline.preprocess_image(
-            image, min_size=self.min_size, max_size=self.max_size,
-            canvas_size=self.canvas_size)
-        rh, rw = float(info[2]), float(info[3])
-        canvas = next((c for c in self.canvases if rh <= c[0] and rw <= c[1]),
-                      self.canvas_size)
-        self.canvases_used[canvas] = self.canvases_used.get(canvas, 0) + 1
-        images = images[:canvas[0], :canvas[1]]   # the image is at the top left
-        det = {k: v.numpy()[0] for k, v in self._infer(
-            {"images": images[None], "image_info": info[None]}).items()}
+        return self.batch([image])[0]
+
+    def batch(self, images):
+        """Detections of several images, as `__call__`'s, in their order.
+
+        Images of one canvas run `batch_size` at a time; a last, partial
+        batch is padded with empty slots (zero image and image_info, as the
+        evaluation pipeline pads), so each canvas keeps one static shape.
+
+        Args:
+          images: list of uint8 [H_i, W_i, 3] RGB arrays.
+
+        Returns:
+          list of dicts, one per image.
+        """
+        prepared = []
+        for image in images:
+            padded, info = pipeline.preprocess_image(
+                image, min_size=self.min_size, max_size=self.max_size,
+                canvas_size=self.canvas_size)
+            rh, rw = float(info[2]), float(info[3])
+            canvas = next((c for c in self.canvases if rh <= c[0] and rw <= c[1]),
+                          self.canvas_size)
+            self.canvases_used[canvas] = self.canvases_used.get(canvas, 0) + 1
+            prepared.append((canvas, padded[:canvas[0], :canvas[1]], info))
+        results = [None] * len(images)
+        n = self.batch_size
+        for canvas in sorted({c for c, _, _ in prepared}):
+            members = [i for i, (c, _, _) in enumerate(prepared) if c == canvas]
+            for start in range(0, len(members), n):
+                chunk = members[start:start + n]
+                pad = n - len(chunk)
+                batch = {"images": tf.stack([prepared[i][1] for i in chunk]
+                                            + [tf.zeros(canvas + (3,), tf.uint8)] * pad),
+                         "image_info": tf.stack([prepared[i][2] for i in chunk]
+                                                + [tf.zeros([5], tf.float32)] * pad)}
+                det = {k: v.numpy() for k, v in self._infer(batch).items()}
+                for slot, i in enumerate(chunk):
+                    results[i] = self._select({k: v[slot] for k, v in det.items()},
+                                              images[i].shape[:2])
+        return results
+
+    def _select(self, det, size):
+        """One image's detections at or above the threshold, masks pasted at `size`."""
         keep = np.arange(int(det["num_detections"]))
         keep = keep[det["detection_scores"][keep] >= self.score_threshold]
         boxes = det["detection_boxes"][keep]
         rles = masks = None   # a box-only model
         if "detection_masks" in det:
-            rles = coco_eval.paste_masks_rle(det["detection_masks"][keep], boxes,
-                                             image.shape[:2])
+            rles = coco_eval.paste_masks_rle(det["detection_masks"][keep], boxes, size)
             masks = (np.transpose(mask_util.decode(rles), (2, 0, 1)).astype(bool) if rles
-                     else np.zeros((0,) + image.shape[:2], bool))
+                     else np.zeros((0,) + tuple(size), bool))
         classes = det["detection_classes"][keep].astype(np.int32)
         return {"boxes": boxes.astype(np.float32),
                 "scores": det["detection_scores"][keep].astype(np.float32),
@@ -305,7 +343,7 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
       inputs: list of image files or folders.
       out_dir: str, where `detections.json` and `<name>.png` go.
       model_fn, **kwargs: `Predictor`'s (dataset_fn, min_size, max_size,
-        canvas_size, size_divisor, score_threshold, checkpoint).
+        canvas_size, size_divisor, score_threshold, checkpoint, batch_size).
 
     Returns:
       list of per-image dicts as written to detections.json.
@@ -314,28 +352,21 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
     predictor = Predictor(model_dir, model_fn=model_fn, **kwargs)
     os.makedirs(out_dir, exist_ok=True)
     written, unreadable, pictures = [], [], set()
-    for file in files:
-        try:
-            with Image.open(file) as opened:
-                image = np.asarray(opened.convert("RGB"))
-        except OSError as e:   # one bad file in a folder must not cost the others
-            logging.warning("%s: cannot read image (%s); skipped", file, e)
-            unreadable.append({"file": file, "error": str(e)})
-            continue
-        out = predictor(image)
-        names = dict(zip(out["classes"].tolist(), out["names"]))
-        picture = visualize.draw_detections(image, out["boxes"], out["classes"],
-                                            out["scores"], out["masks"], names,
-                                            score_threshold=predictor.score_threshold)
-        picture_name = _unique_png_name(file, pictures)
-        visualize.save_png(os.path.join(out_dir, picture_name), picture)
-        entries = [{"box_yxyx": [round(float(v), 2) for v in b], "class": int(c),
-                    "name": n, "score": round(float(s), 4)}
-                   for b, c, n, s in zip(out["boxes"], out["classes"], out["names"],
-                                         out["scores"])]
-        for entry, rle in zip(entries, out["rles"] or ()):
-            entry["segmentation"] = rle
-        written.append({"file": file, "picture": picture_name, "detections": entries})
+    # Files are read a few batches at a time, so that each canvas's batches fill.
+    chunk = 4 * predictor.batch_size
+    for first in range(0, len(files), chunk):
+        images = []
+        for file in files[first:first + chunk]:
+            try:
+                with Image.open(file) as opened:
+                    images.append((file, np.asarray(opened.convert("RGB"))))
+            except OSError as e:   # one bad file in a folder must not cost the others
+                logging.warning("%s: cannot read image (%s); skipped", file, e)
+                unreadable.append({"file": file, "error": str(e)})
+        outs = predictor.batch([image for _, image in images])
+        for (file, image), out in zip(images, outs):
+            written.append(_write_prediction(file, image, out, predictor, out_dir,
+                                             pictures))
     if not written:
         raise ValueError(f"none of the {len(files)} image files could be read: "
                          + "; ".join(f"{u['file']}: {u['error']}" for u in unreadable))
@@ -351,6 +382,23 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
         logging.warning("%d of %d files could not be read (listed under 'unreadable' "
                         "in detections.json)", len(unreadable), len(files))
     return written
+
+
+def _write_prediction(file, image, out, predictor, out_dir, pictures):
+    """Saves one image's picture; its detections.json entry."""
+    names = dict(zip(out["classes"].tolist(), out["names"]))
+    picture = visualize.draw_detections(image, out["boxes"], out["classes"],
+                                        out["scores"], out["masks"], names,
+                                        score_threshold=predictor.score_threshold)
+    picture_name = _unique_png_name(file, pictures)
+    visualize.save_png(os.path.join(out_dir, picture_name), picture)
+    entries = [{"box_yxyx": [round(float(v), 2) for v in b], "class": int(c),
+                "name": n, "score": round(float(s), 4)}
+               for b, c, n, s in zip(out["boxes"], out["classes"], out["names"],
+                                     out["scores"])]
+    for entry, rle in zip(entries, out["rles"] or ()):
+        entry["segmentation"] = rle
+    return {"file": file, "picture": picture_name, "detections": entries}
 
 
 def _unique_png_name(file, taken):

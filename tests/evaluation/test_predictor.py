@@ -80,3 +80,26 @@ def test_from_gin_uses_the_predict_bindings(tmp_path):
         gin.clear_config()
     assert predictor.score_threshold == 0.0 and predictor.canvas_size == (128, 128)
     assert list(predictor.canvases_used) == [(64, 128)] and len(out["boxes"]) > 0
+
+
+def test_batches_equal_single_images(tmp_path):
+    """batch_size 2 over 5 images of both orientations (one padded batch each)."""
+    _run_dir(tmp_path)
+    model_fn = functools.partial(build_mask_rcnn, **SMALL)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, shape).astype(np.uint8) for shape in
+              [(48, 80, 3), (90, 40, 3), (64, 64, 3), (70, 50, 3), (30, 100, 3)]]
+    single = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+                              **SIZES)
+    batched = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+                               batch_size=2, **SIZES)
+    outs = batched.batch(images)
+    assert batched.canvases_used == {(64, 128): 3, (128, 64): 2}
+    for image, out in zip(images, outs):
+        want = single(image)
+        np.testing.assert_array_equal(out["classes"], want["classes"])
+        np.testing.assert_allclose(out["scores"], want["scores"], atol=1e-5)
+        np.testing.assert_allclose(out["boxes"], want["boxes"], atol=1e-3)
+        assert out["masks"].shape == want["masks"].shape == (len(want["boxes"]),) + image.shape[:2]
+    with pytest.raises(ValueError, match="batch_size=0"):
+        runner.Predictor(str(tmp_path), model_fn=model_fn, batch_size=0, **SIZES)
