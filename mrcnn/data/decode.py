@@ -112,7 +112,7 @@ def decode_example(record, mask_size, max_instances, keep_crowd=False):
 
     Args:
       record: mrcnn.data.coco.ImageRecord.
-      mask_size: int S; 0 decodes no mask (box-only data).
+      mask_size: int S; 0 decodes no mask (box-only data, evaluation).
       max_instances: int M.
       keep_crowd: bool.
 
