@@ -401,6 +401,49 @@ def _write_prediction(file, image, out, predictor, out_dir, pictures):
     return {"file": file, "picture": picture_name, "detections": entries}
 
 
+@gin.configurable(denylist=["out_dir"])
+def visualize_data(out_dir, *, dataset_fn=gin.REQUIRED, num_images=16):
+    """Draws what the model is fed: batch images with their gt boxes, classes, masks.
+
+    Detectron2's tools/visualize_data.py: the pictures show the pipeline's
+    output (resize, flip, scale jitter and crop, bad annotations dropped),
+    each cropped to its image's area of the canvas, as `<k>_<image id>.png`.
+
+    Args:
+      out_dir: str, where the PNGs go.
+      dataset_fn: a `CocoInput` (train.dataset_fn's, by the recipes' gin).
+      num_images: int, pictures written.
+
+    Returns:
+      list of the PNG paths written.
+    """
+    names = dict(enumerate(dataset_fn.category_map.names, start=1))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for batch in dataset_fn(seed=0) if dataset_fn.training else dataset_fn():
+        for b in range(batch["images"].shape[0]):
+            if len(paths) >= num_images:
+                return paths
+            image_id = int(batch["image_id"][b])
+            if image_id < 0:   # an evaluation batch's padding
+                continue
+            rh, rw = (int(v) for v in batch["image_info"][b, 2:4])
+            valid = batch["gt_valid"][b].numpy()
+            boxes = batch["gt_boxes"][b].numpy()[valid]
+            classes = batch["gt_classes"][b].numpy()[valid]
+            masks = None
+            if "gt_masks" in batch and len(boxes):
+                frames = tf.cast(batch["gt_masks"][b][valid], tf.float32)[None]
+                masks = mask_ops.paste_masks(frames, tf.constant(boxes)[None],
+                                             (rh, rw)).numpy()[0]
+            picture = visualize.draw_detections(batch["images"][b, :rh, :rw].numpy(),
+                                                boxes, classes, None, masks, names)
+            path = os.path.join(out_dir, f"{len(paths)}_{image_id}.png")
+            visualize.save_png(path, picture)
+            paths.append(path)
+    return paths
+
+
 def _unique_png_name(file, taken):
     """`<stem>.png`, or `<stem>_<k>.png` for the k-th file of the same stem.
 

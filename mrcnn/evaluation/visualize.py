@@ -48,7 +48,8 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
       image: uint8 [H, W, 3] RGB.
       boxes: float [K, 4] (y1, x1, y2, x2) in the image's pixels.
       classes: int [K], contiguous 1..C; padded slots -1 or 0.
-      scores: float [K]; padded slots 0.
+      scores: float [K]; padded slots 0. None (ground truth): every slot
+        with a class is drawn, labelled by its name alone.
       masks: bool [K, H, W] full-image instance masks (as `paste_masks`
         gives for one image), or None to draw boxes only.
       class_names: dict[int, str], class 1..C -> name; a class missing from
@@ -68,7 +69,9 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
     height, width = image.shape[:2]
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)  # [K, 4]
     classes = np.asarray(classes).reshape(-1)
-    scores = np.asarray(scores, np.float32).reshape(-1)
+    labelled = scores is not None
+    scores = (np.asarray(scores, np.float32).reshape(-1) if labelled
+              else np.full(classes.shape, np.inf, np.float32))
     if masks is not None:
         masks = np.asarray(masks).astype(bool)
         if masks.shape != (boxes.shape[0], height, width):
@@ -99,7 +102,7 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
     for k, color in zip(drawn, colors):
         y1, x1 = float(boxes[k, 0]), float(boxes[k, 1])
         name = class_names.get(int(classes[k]), str(int(classes[k])))
-        text = f"{name} {scores[k]:.2f}"
+        text = f"{name} {scores[k]:.2f}" if labelled else name
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left + 2, bottom - top + 2
         # Above the box when there is room, else just inside its top edge.

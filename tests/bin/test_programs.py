@@ -1,5 +1,6 @@
 """The programs end to end on a tiny shapes dataset: train, kill -9 and resume,
-switches, eval, predict, export (loaded in a fresh process), import_detectron2."""
+switches, eval, predict, export (loaded in a fresh process), import_detectron2,
+visualize_data."""
 
 import json
 import os
@@ -285,6 +286,33 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe, str(export_dir)], check=True,
                           capture_output=True, text=True)
     assert "detection_boxes" in proc.stdout and "detection_masks" not in proc.stdout
+
+
+def test_visualize_data_draws_the_training_batches(run, tmp_path):
+    plain, jittered = tmp_path / "plain", tmp_path / "jittered"
+    proc = _run("visualize_data", f"--out_dir={plain}", "--num_images=3",
+                bindings=run["bindings"])
+    assert "3 pictures" in proc.stdout
+    pictures = sorted(plain.glob("*.png"))
+    assert len(pictures) == 3
+    ids = {int(p.stem.split("_")[1]) for p in pictures}
+    train = json.loads((run["data"] / "annotations" / "instances_train2017.json").read_text())
+    assert ids <= {im["id"] for im in train["images"]}
+    # Drawn: boxes and masks change pixels of the source image at the same size.
+    for p in pictures:
+        image_id = int(p.stem.split("_")[1])
+        name = next(im["file_name"] for im in train["images"] if im["id"] == image_id)
+        source = np.asarray(Image.open(run["data"] / "train2017" / name))
+        drawn = np.asarray(Image.open(p))
+        assert drawn.shape == source.shape
+        # (the pipeline may have flipped it)
+        changed = min((drawn != s).any(axis=-1).mean() for s in (source, source[:, ::-1]))
+        assert changed > 0.01
+    _run("visualize_data", f"--out_dir={jittered}", "--num_images=2",
+         bindings=run["bindings"] + ["train/CocoInput.scale_jitter = (1.5, 2.0)",
+                                     "CocoInput.group_by_orientation = False"])
+    for p in jittered.glob("*.png"):
+        assert np.asarray(Image.open(p)).shape == (64, 64, 3)   # cropped to the canvas
 
 
 _LOAD_AND_RUN = """

@@ -72,6 +72,16 @@ class DrawDetectionsTest(tf.test.TestCase, parameterized.TestCase):
                                           _NAMES, score_threshold=0.2)
         self.assertAllEqual(loose, again)
 
+    def test_ground_truth_without_scores(self):
+        # scores=None draws every slot with a class (the low-score one too),
+        # labels without a score: narrower than the scored labels.
+        image, boxes, classes, scores, _ = _scene()
+        gt = visualize.draw_detections(image, boxes, classes, None, None, _NAMES)
+        scored = visualize.draw_detections(image, boxes, classes, np.ones(4), None, _NAMES)
+        self.assertTrue((gt[2:12, 60:78] != 100).any())   # the third box is drawn
+        self.assertFalse((gt[:, :, 0] == 100).all())
+        self.assertLess((gt != image).any(-1).sum(), (scored != image).any(-1).sum())
+
     def test_palette_distinct_and_deterministic(self):
         colours = [visualize.instance_color(i) for i in range(20)]
         self.assertLen(set(colours), 20)
