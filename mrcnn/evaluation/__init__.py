@@ -2,6 +2,9 @@
 
 `mrcnn.evaluation.coco` turns the model's batched inference output into COCO
 result entries and runs COCOeval; `mrcnn.evaluation.visualize` draws
-detections on an image. Import the submodule you need: `visualize` needs
-only numpy and PIL, `coco` also TensorFlow (for mask pasting) and pycocotools.
+detections on an image; `mrcnn.evaluation.runner` holds the programs' loops
+(evaluate, predict, `Predictor` for in-memory images, visualize_data) and
+`mrcnn.evaluation.export` the SavedModel export. Import the submodule you
+need: `visualize` needs only numpy and PIL, the others TensorFlow and
+pycocotools.
 """
