@@ -34,6 +34,7 @@ import tensorflow as tf
 from absl import logging
 
 from mrcnn.data import coco, decode
+from mrcnn.ops import masks as mask_ops
 
 # Random bits per element: the low 24 give the flip draw, the rest the scale.
 _FLIP_BITS = 24
@@ -66,10 +67,9 @@ def resize_image(image, min_size, max_size):
 def recrop_masks(masks, boxes, new_boxes):
     """Box-frame masks of `boxes`, cut to `new_boxes` (inside them) and resampled.
 
-    Cell `(i, j)` of an `S x S` box-frame mask covers `[i / S, (i + 1) / S)`
-    of its box and is read at its centre; each new cell centre is sampled
-    bilinearly from the old cells at the same image point, then thresholded
-    at 0.5.
+    The mask head's targets do the same (`ops.masks.mask_targets` with
+    `crop_boxes`: each new box ROIAligned in its old box's cell frame,
+    thresholded at 0.5); a box kept whole gives its mask back unchanged.
 
     Args:
       masks: uint8 [n, S, S] of 0/1, each cropped to its row of `boxes`.
@@ -80,21 +80,10 @@ def recrop_masks(masks, boxes, new_boxes):
       uint8 [n, S, S] of 0/1, each cropped to its row of `new_boxes`.
     """
     s = masks.shape[-1]
-    height = tf.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
-    width = tf.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
-    a_y = (new_boxes[:, 0] - boxes[:, 0]) / height   # the new box in the old frame
-    b_y = (new_boxes[:, 2] - boxes[:, 0]) / height
-    a_x = (new_boxes[:, 1] - boxes[:, 1]) / width
-    b_x = (new_boxes[:, 3] - boxes[:, 1]) / width
-    # crop_and_resize reads input row y1 * (S - 1) + i * (y2 - y1) for output row
-    # i; the centre of new row i is old row a * S + (i + 0.5) * (b - a) - 0.5.
-    y1 = (a_y * s - 0.5 + 0.5 * (b_y - a_y)) / (s - 1)
-    x1 = (a_x * s - 0.5 + 0.5 * (b_x - a_x)) / (s - 1)
-    windows = tf.stack([y1, x1, y1 + (b_y - a_y), x1 + (b_x - a_x)], axis=1)
-    cut = tf.image.crop_and_resize(
-        tf.cast(masks, tf.float32)[..., None], windows, tf.range(tf.shape(masks)[0]),
-        (s, s), method="bilinear", extrapolation_value=0.0)[..., 0]
-    return tf.cast(cut >= 0.5, tf.uint8)
+    cut = mask_ops.mask_targets(masks[None], new_boxes[None],
+                                tf.range(tf.shape(masks)[0])[None], (s, s),
+                                crop_boxes=boxes[None])[0]
+    return tf.cast(cut, tf.uint8)
 
 
 def pad_to_canvas(image, canvas_size):

@@ -69,6 +69,8 @@ def mask_targets(gt_masks, rois, matched_index, output_size=(28, 28),
     rois = tf.stop_gradient(tf.cast(rois, tf.float32))
     matched_index = tf.cast(matched_index, tf.int32)
     _, num_gt, height, width = gt_masks.shape
+    if num_gt is None:   # a variable instance count (the data pipeline's crops)
+        num_gt = tf.shape(gt_masks)[1]
     batch = tf.shape(gt_masks)[0]
     matched = matched_index >= 0  # [B, K]
     safe_index = tf.maximum(matched_index, 0)  # [B, K]
