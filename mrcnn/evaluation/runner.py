@@ -22,6 +22,7 @@ from pycocotools import mask as mask_util
 from mrcnn.data import pipeline
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import visualize
+from mrcnn.modeling import tta as tta_lib
 from mrcnn.ops import masks as mask_ops
 from mrcnn.training import trainer
 
@@ -93,7 +94,7 @@ def _summary_pictures(batch, detections, class_names, limit):
 @gin.configurable(denylist=["model_dir"])
 def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
-             num_pictures=4, watch=False, watch_timeout=3600):
+             num_pictures=4, watch=False, watch_timeout=3600, tta=None):
     """Evaluates checkpoints of `model_dir` on a COCO-format split.
 
     Args:
@@ -108,6 +109,10 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       num_pictures: int, annotated pictures logged to TensorBoard.
       watch: bool, evaluate every new checkpoint until none comes for
         `watch_timeout` seconds.
+      tta: optional `mrcnn.modeling.tta.TestTimeAugmentation` (Detectron2's
+        TEST.AUG): each batch runs at its sizes (relative to the dataset's
+        `min_size`) and flipped, merged; files and TensorBoard tags of the
+        evaluation get a `-tta` / `_tta` suffix.
 
     Returns:
       dict: {'step', 'bbox': {AP, AP50, ...}, 'segm': {...}, 'per_category':
@@ -122,7 +127,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         for path in tf.train.checkpoints_iterator(model_dir, timeout=watch_timeout):
             metrics = evaluate(model_dir, model_fn=model_fn, dataset_fn=dataset_fn,
                                checkpoint=path, precision=precision, xla=xla,
-                               max_batches=max_batches, num_pictures=num_pictures)
+                               max_batches=max_batches, num_pictures=num_pictures,
+                               tta=tta)
         return metrics
 
     trainer.set_precision(precision)
@@ -135,7 +141,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
     evaluator = coco_eval.CocoEvaluator(dataset_fn.annotation_file, class_to_category,
                                         include_masks=with_masks)
-    infer = tf.function(lambda b: model(b, training=False), jit_compile=xla)
+    infer = _inference_fn(model, tta, max(dataset_fn.min_sizes), xla)
+    suffix = "" if tta is None else "-tta"
     pictures, num_images, start = [], 0, time.perf_counter()
     for i, batch in enumerate(dataset_fn()):
         if max_batches is not None and i >= max_batches:
@@ -157,23 +164,37 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
 
     out_dir = os.path.join(model_dir, "eval")
     tf.io.gfile.makedirs(out_dir)
-    evaluator.write_results(os.path.join(out_dir, f"results-{step}.json"))
+    evaluator.write_results(os.path.join(out_dir, f"results-{step}{suffix}.json"))
     report = {"step": step, "checkpoint": path, "num_images": num_images, **metrics,
               "per_category": per_category}
-    with open(os.path.join(out_dir, f"metrics-{step}.json"), "w") as f:
+    if tta is not None:
+        report["test_time_augmentation"] = {"min_sizes": list(tta.min_sizes),
+                                            "flip": tta.flip}
+    with open(os.path.join(out_dir, f"metrics-{step}{suffix}.json"), "w") as f:
         json.dump(report, f, indent=2)
     writer = tf.summary.create_file_writer(out_dir)
     with writer.as_default(step=step):
         for iou_type, stats in metrics.items():
             for name, value in stats.items():
-                tf.summary.scalar(f"{iou_type}/{name}", value)
+                tf.summary.scalar(f"{iou_type}{suffix.replace('-', '_')}/{name}", value)
             for name, value in per_category[iou_type].items():
                 if value >= 0:
-                    tf.summary.scalar(f"{iou_type}_per_category/AP-{name}", value)
+                    tf.summary.scalar(f"{iou_type}{suffix.replace('-', '_')}_per_category"
+                                      f"/AP-{name}", value)
         for k, picture in enumerate(pictures):
             tf.summary.image(f"detections/{k}", picture[None], max_outputs=1)
     writer.flush()
     return report
+
+
+def _inference_fn(model, tta, base_min_size, xla=False):
+    """The traced detections of a batch: the model's, or through `tta`."""
+    if tta is None:
+        return tf.function(lambda b: model(b, training=False), jit_compile=xla)
+    logging.info("Test-time augmentation: %d runs per batch (sizes %s for %d%s)",
+                 tta.num_augmentations, ", ".join(map(str, tta.min_sizes)),
+                 base_min_size, ", and flipped" if tta.flip else "")
+    return tf.function(lambda b: tta(model, b, base_min_size), jit_compile=xla)
 
 
 def image_files(inputs):
@@ -216,6 +237,7 @@ class Predictor:
       checkpoint: optional checkpoint path instead of model_dir's latest.
       batch_size: int, images per model call in `batch` (a GPU wants 8 or
         more; the model is traced once per canvas at this batch size).
+      tta: optional `TestTimeAugmentation` (sizes relative to `min_size`).
 
     Attributes:
       step, checkpoint_path: of the restored checkpoint.
@@ -224,7 +246,7 @@ class Predictor:
 
     def __init__(self, model_dir, *, model_fn, dataset_fn=None, min_size=800,
                  max_size=1333, canvas_size=(1344, 1344), size_divisor=64,
-                 score_threshold=0.5, checkpoint=None, batch_size=1):
+                 score_threshold=0.5, checkpoint=None, batch_size=1, tta=None):
         self.min_size, self.max_size = min_size, max_size
         self.canvas_size = tuple(int(v) for v in canvas_size)
         self.score_threshold = score_threshold
@@ -239,7 +261,7 @@ class Predictor:
             model_fn, checkpoint or model_dir, self.canvases[0])
         if dataset_fn is not None:
             trainer.check_num_classes(self.model, dataset_fn)
-        self._infer = tf.function(lambda b: self.model(b, training=False))
+        self._infer = _inference_fn(self.model, tta, min_size)
         self.canvases_used = {}
 
     @classmethod
@@ -343,7 +365,7 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
       inputs: list of image files or folders.
       out_dir: str, where `detections.json` and `<name>.png` go.
       model_fn, **kwargs: `Predictor`'s (dataset_fn, min_size, max_size,
-        canvas_size, size_divisor, score_threshold, checkpoint, batch_size).
+        canvas_size, size_divisor, score_threshold, checkpoint, batch_size, tta).
 
     Returns:
       list of per-image dicts as written to detections.json.

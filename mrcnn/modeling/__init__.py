@@ -3,7 +3,7 @@
 One module per part: `resnet` (backbone and weight loaders), `fpn`, `rpn`,
 `roi_heads` (box and mask heads, sampling, post-processing), `losses`,
 `mask_rcnn` (the model and the `build_mask_rcnn` factory), `detectron2` (a
-trained Detectron2 Mask R-CNN's weights). Every constructor
+trained Detectron2 Mask R-CNN's weights), `tta` (test-time augmentation). Every constructor
 is gin-configurable with the R50-FPN 1x recipe as defaults.
 """
 

@@ -123,7 +123,7 @@ class MaskRCNN(keras.Model):
         inside = rows[:, :, None, None] & cols[:, None, :, None]
         return tf.where(inside, x, tf.zeros_like(x))
 
-    def call(self, batch, training=False):
+    def _first_stage(self, batch, training):
         images = batch["images"]
         canvas = (images.shape[1], images.shape[2])
         if canvas[0] % 2 ** self.fpn.max_level or canvas[1] % 2 ** self.fpn.max_level:
@@ -136,9 +136,29 @@ class MaskRCNN(keras.Model):
         anchors = self.rpn_head.anchors(canvas)
         proposals, proposal_valid = self.rpn_head.proposals(
             objectness, deltas, anchors, image_info[:, 2:4], canvas, training)
+        return features, objectness, deltas, anchors, proposals, proposal_valid
+
+    def proposals(self, batch):
+        """Inference up to the RPN, for callers that run the RoI heads themselves.
+
+        Returns:
+          (features {l: [B, H_l, W_l, F]} in the compute dtype, proposals
+          float32 [B, P, 4] in resized-image pixels, proposal_valid bool
+          [B, P]): what `RoiHeads.detect` takes (test-time augmentation
+          runs its box and mask parts apart).
+        """
+        features, _, _, _, proposals, valid = self._first_stage(batch, False)
+        return features, proposals, valid
+
+    def call(self, batch, training=False):
+        features, objectness, deltas, anchors, proposals, proposal_valid = (
+            self._first_stage(batch, training))
         if not training:
-            return self.roi_heads.detect(features, proposals, proposal_valid,
-                                         image_info, canvas)
+            images = batch["images"]
+            return self.roi_heads.detect(
+                features, proposals, proposal_valid,
+                tf.cast(batch["image_info"], tf.float32),
+                (images.shape[1], images.shape[2]))
 
         gt_boxes, gt_classes, gt_valid = (
             batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])

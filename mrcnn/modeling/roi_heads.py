@@ -288,6 +288,37 @@ class RoiHeads(keras.layers.Layer):
           0, classes 0. With `paste_masks`, also detection_masks_canvas bool
           [B, D, H, W].
         """
+        image_info = tf.cast(image_info, tf.float32)
+        boxes, scores, classes, num_valid = self.detect_boxes(
+            features, proposals, proposal_valid, image_info)
+        slot_valid = tf.range(self.max_detections)[None, :] < num_valid[:, None]
+        # 5.
+        scale = image_info[:, 4][:, None, None]
+        original = box_ops.clip_boxes(boxes / scale, image_info[:, 0:2])
+        detections = {
+            "detection_boxes": tf.where(slot_valid[..., None], original, 0.0),
+            "detection_scores": scores,
+            "detection_classes": classes,
+            "num_detections": num_valid,
+        }
+        if self.mask_head is None:
+            return detections
+        # 4.
+        masks = self.detect_masks(features, boxes, classes)
+        detections["detection_masks"] = masks
+        if self.paste_masks:
+            detections["detection_masks_canvas"] = mask_ops.paste_masks(
+                masks, boxes, canvas_size)
+        return detections
+
+    def detect_boxes(self, features, proposals, proposal_valid, image_info):
+        """Steps 1-3 of `detect`: the kept boxes in resized-image pixels.
+
+        Returns:
+          (boxes float32 [B, D, 4] in resized-image pixels, scores float32
+          [B, D], classes int32 [B, D] 1..C, num_valid int32 [B]); padded
+          slots: boxes and scores 0, classes 0.
+        """
         batch, num = proposals.shape[0], proposals.shape[1]
         image_info = tf.cast(image_info, tf.float32)
         # 1.
@@ -309,28 +340,19 @@ class RoiHeads(keras.layers.Layer):
             score_threshold=self.score_threshold)
         slot_valid = (tf.range(self.max_detections)[None, :]
                       < kept.num_valid[:, None])  # [B, D]
-        classes = tf.where(slot_valid, kept.classes + 1, 0)  # [B, D]
-        # 5.
-        scale = image_info[:, 4][:, None, None]
-        original = box_ops.clip_boxes(kept.boxes / scale, image_info[:, 0:2])
-        detections = {
-            "detection_boxes": tf.where(slot_valid[..., None], original, 0.0),
-            "detection_scores": tf.where(slot_valid, kept.scores, 0.0),
-            "detection_classes": classes,
-            "num_detections": kept.num_valid,
-        }
-        if self.mask_head is None:
-            return detections
-        # 4.
-        mask_logits = self.mask_outputs(features, kept.boxes,
-                                        tf.maximum(classes, 1))
-        masks = tf.where(slot_valid[..., None, None],
-                         tf.sigmoid(mask_logits), 0.0)  # [B, D, S, S]
-        detections["detection_masks"] = masks
-        if self.paste_masks:
-            detections["detection_masks_canvas"] = mask_ops.paste_masks(
-                masks, kept.boxes, canvas_size)
-        return detections
+        return (kept.boxes, tf.where(slot_valid, kept.scores, 0.0),
+                tf.where(slot_valid, kept.classes + 1, 0), kept.num_valid)
+
+    def detect_masks(self, features, boxes, classes):
+        """Step 4 of `detect`: float32 [B, D, S, S] mask probabilities.
+
+        Args:
+          features: {l: [B, H_l, W_l, F]}.
+          boxes: float32 [B, D, 4] in resized-image pixels.
+          classes: int32 [B, D], 1..C; 0 marks a padded slot (its mask is 0).
+        """
+        mask_logits = self.mask_outputs(features, boxes, tf.maximum(classes, 1))
+        return tf.where((classes > 0)[..., None, None], tf.sigmoid(mask_logits), 0.0)
 
     def get_config(self):
         return {

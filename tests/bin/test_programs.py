@@ -140,6 +140,20 @@ def test_eval_writes_coco_results_and_tables(run):
         assert {r["category_id"] for r in results} <= {1, 3, 7}
 
 
+def test_eval_with_test_time_augmentation(run):
+    bindings = run["bindings"] + ["evaluate.tta = @TestTimeAugmentation()",
+                                  "TestTimeAugmentation.min_sizes = (32, 64)",
+                                  "evaluate.num_pictures = 0"]
+    proc = _run("eval", f"--model_dir={run['model_dir']}", bindings=bindings)
+    assert "Test-time augmentation: 4 runs per batch" in proc.stderr
+    eval_dir = run["model_dir"] / "eval"
+    metrics = json.loads((eval_dir / f"metrics-{STEPS}-tta.json").read_text())
+    assert metrics["test_time_augmentation"] == {"min_sizes": [32, 64], "flip": True}
+    assert metrics["num_images"] == 6 and set(metrics) >= {"bbox", "segm"}
+    assert isinstance(json.loads((eval_dir / f"results-{STEPS}-tta.json").read_text()),
+                      list)
+
+
 def test_eval_on_landscape_and_portrait_images(run, tmp_path):
     # Batched by orientation (the recipe's default) on 64 x 128 and 128 x 64.
     data = tmp_path / "mixed"

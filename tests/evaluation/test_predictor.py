@@ -103,3 +103,20 @@ def test_batches_equal_single_images(tmp_path):
         assert out["masks"].shape == want["masks"].shape == (len(want["boxes"]),) + image.shape[:2]
     with pytest.raises(ValueError, match="batch_size=0"):
         runner.Predictor(str(tmp_path), model_fn=model_fn, batch_size=0, **SIZES)
+
+
+def test_test_time_augmentation_is_wired(tmp_path):
+    """One size without flip gives the model's own detections (sizes and flips:
+    tests/modeling/test_tta.py, and in a traced step the eval program test)."""
+    from mrcnn.modeling.tta import TestTimeAugmentation
+    model = _run_dir(tmp_path)
+    image = np.random.default_rng(4).integers(0, 256, (48, 80, 3)).astype(np.uint8)
+    out = runner.Predictor(str(tmp_path), model_fn=functools.partial(build_mask_rcnn, **SMALL),
+                           score_threshold=0.0, **SIZES,
+                           tta=TestTimeAugmentation(min_sizes=(64,), flip=False))(image)
+    images, info = pipeline.preprocess_image(image, **SIZES)
+    det = model.detect({"images": images[None, :64], "image_info": info[None]})
+    n = int(det["num_detections"][0])
+    assert n > 0 and len(out["boxes"]) == n
+    np.testing.assert_allclose(out["boxes"], det["detection_boxes"][0, :n], atol=1e-4)
+    np.testing.assert_allclose(out["scores"], det["detection_scores"][0, :n], atol=1e-6)
