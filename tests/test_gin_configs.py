@@ -29,6 +29,7 @@ def test_r50_fpn_1x(parsed):
     assert model.num_classes == 80 and model.backbone.depth == 50
     assert model.backbone.stride_in_1x1 and model.rpn_head.anchor_offset == 0.5
     assert gin.query_parameter("train.epochs") == 12
+    assert gin.query_parameter("train/CocoInput.min_size") == (640, 672, 704, 736, 768, 800)
 
 
 def test_r50_fpn_3x(parsed):
@@ -65,3 +66,13 @@ def test_r50_fpn_lsj(parsed):
     parsed("r50_fpn_lsj.gin")
     assert gin.query_parameter("train/CocoInput.scale_jitter") == (0.1, 2.0)
     assert gin.query_parameter("CocoInput.group_by_orientation") is False
+
+
+def test_cascade_mask_rcnn_r50_fpn_1x(parsed):
+    from mrcnn.modeling.roi_heads import CascadeRoiHeads
+    model = parsed("cascade_mask_rcnn_r50_fpn_1x.gin")
+    heads = model.roi_heads
+    assert isinstance(heads, CascadeRoiHeads) and model.num_classes == 80
+    assert len({id(h) for h in heads.box_heads}) == 3
+    assert all(h.class_agnostic and h.num_classes == 80 for h in heads.box_heads)
+    assert heads.stage_ious == (0.5, 0.6, 0.7) and heads.mask_head is not None
