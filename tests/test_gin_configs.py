@@ -29,7 +29,7 @@ def test_r50_fpn_1x(parsed):
     assert model.num_classes == 80 and model.backbone.depth == 50
     assert model.backbone.stride_in_1x1 and model.rpn_head.anchor_offset == 0.5
     assert gin.query_parameter("train.epochs") == 12
-    assert gin.query_parameter("train/CocoInput.min_size") == (640, 672, 704, 736, 768, 800)
+    assert gin.query_parameter("%TRAIN_MIN_SIZE") == (640, 672, 704, 736, 768, 800)
 
 
 def test_r50_fpn_3x(parsed):
@@ -37,7 +37,7 @@ def test_r50_fpn_3x(parsed):
     assert model.num_classes == 80 and model.backbone.depth == 50
     assert gin.query_parameter("train.epochs") == 36.5
     assert gin.query_parameter("build_optimizer.decay_epochs") == (28.4, 33.8)
-    assert gin.query_parameter("train/CocoInput.min_size") == (640, 672, 704, 736, 768, 800)
+    assert gin.query_parameter("%TRAIN_MIN_SIZE") == (640, 672, 704, 736, 768, 800)
 
 
 def test_faster_rcnn_r50_fpn_1x(parsed):
