@@ -76,3 +76,10 @@ def test_cascade_mask_rcnn_r50_fpn_1x(parsed):
     assert len({id(h) for h in heads.box_heads}) == 3
     assert all(h.class_agnostic and h.num_classes == 80 for h in heads.box_heads)
     assert heads.stage_ious == (0.5, 0.6, 0.7) and heads.mask_head is not None
+
+
+def test_detectron2_cascade_r50_fpn(parsed):
+    model = parsed("detectron2_cascade_r50_fpn.gin")
+    assert len(model.roi_heads.box_heads) == 3 and model.roi_heads.sampling_ratio == 0
+    assert model.rpn_head.anchor_offset == 0.0 and model.pixel_std == (1.0, 1.0, 1.0)
+    assert model.rpn_head.post_nms_topk_train == 2000

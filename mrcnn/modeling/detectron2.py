@@ -15,7 +15,11 @@ what differs is layout and convention, converted here array by array:
                 in the box head, whose values read the same in both orders).
   classes       Detectron2's background score is the last of `C + 1`, ours
                 the first; class-agnostic box or mask predictors (one set)
-                are repeated per class, which computes the same.
+                are repeated per class for a class-specific head of ours,
+                which computes the same.
+  cascade       a Cascade Mask R-CNN's stages (`roi_heads.box_head.K.*`,
+                `roi_heads.box_predictor.K.*`) go to `CascadeRoiHeads`'
+                box heads in order.
   anchors       Detectron2's aspect ratios are heights over widths, ours
                 widths over heights: the RPN's per-anchor channels are
                 reordered to the model's `RpnHead.aspect_ratios`. Its anchors
@@ -184,16 +188,16 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
             "each proposal by that many strides. Set RpnHead.anchor_offset = 0.0 for "
             "the trained network.", path, rpn.anchor_offset)
 
-    box_head = model.roi_heads.box_head
     pool = model.roi_heads.box_pool_size
-    for i, fc in enumerate(box_head.fcs):
-        theirs = f"roi_heads.box_head.fc{i + 1}"
-        w = take(f"{theirs}.weight")   # [out, in]
-        if i == 0 and w.shape[1] % (pool * pool) == 0:   # inputs (c, y, x) theirs, (y, x, c) ours
-            w = w.reshape(w.shape[0], -1, pool, pool).transpose(0, 2, 3, 1).reshape(
-                w.shape[0], -1)
-        plan.add(fc.kernel, w.T, f"{theirs}.weight")
-        plan.add(fc.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+    for box_head, (head_name, _) in zip(_box_stages(model), _box_stage_names(model)):
+        for i, fc in enumerate(box_head.fcs):
+            theirs = f"{head_name}.fc{i + 1}"
+            w = take(f"{theirs}.weight")   # [out, in]
+            if i == 0 and w.shape[1] % (pool * pool) == 0:   # inputs (c, y, x) theirs, (y, x, c) ours
+                w = w.reshape(w.shape[0], -1, pool, pool).transpose(0, 2, 3, 1).reshape(
+                    w.shape[0], -1)
+            plan.add(fc.kernel, w.T, f"{theirs}.weight")
+            plan.add(fc.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
 
     mask_head = model.roi_heads.mask_head   # None: Faster R-CNN, MASK_ON False
     for i, conv in enumerate(mask_head.convs if mask_head is not None else ()):
@@ -250,16 +254,28 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
     return skipped
 
 
+def _box_stages(model):
+    """The model's box heads, stage by stage (one unless a cascade)."""
+    return list(getattr(model.roi_heads, "box_heads", [model.roi_heads.box_head]))
+
+
+def _box_stage_names(model):
+    """Detectron2's (box head, box predictor) prefixes of each stage."""
+    if not hasattr(model.roi_heads, "box_heads"):
+        return [("roi_heads.box_head", "roi_heads.box_predictor")]
+    return [(f"roi_heads.box_head.{k}", f"roi_heads.box_predictor.{k}")
+            for k in range(len(model.roi_heads.box_heads))]
+
+
 def _load_class_layers(model, take, plan, path, allow_class_mismatch):
     """Box scores, box deltas and mask predictor; the variables skipped."""
-    box_head = model.roi_heads.box_head
+    stages = list(zip(_box_stages(model), (p for _, p in _box_stage_names(model))))
     mask_head = model.roi_heads.mask_head
-    classes = box_head.num_classes
-    score_w = take("roi_heads.box_predictor.cls_score.weight")   # [C' + 1, fc]
-    file_classes = score_w.shape[0] - 1
-    names = ["roi_heads.box_predictor.bbox_pred.weight",
-             "roi_heads.box_predictor.bbox_pred.bias",
-             "roi_heads.box_predictor.cls_score.bias"]
+    classes = stages[0][0].num_classes
+    score_w = [take(f"{p}.cls_score.weight") for _, p in stages]   # [C' + 1, fc]
+    file_classes = score_w[0].shape[0] - 1
+    names = [f"{p}.{n}" for _, p in stages
+             for n in ("bbox_pred.weight", "bbox_pred.bias", "cls_score.bias")]
     if mask_head is not None:
         names += ["roi_heads.mask_head.predictor.weight",
                   "roi_heads.mask_head.predictor.bias"]
@@ -272,7 +288,8 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
                 f"other classes from its other layers")
         for n in names:
             take(n)
-        layers = [box_head.class_logits, box_head.box_deltas] + (
+        layers = [layer for head, _ in stages
+                  for layer in (head.class_logits, head.box_deltas)] + (
             [mask_head.predictor] if mask_head is not None else [])
         skipped = [v.path for layer in layers for v in layer.weights]
         logging.warning("Detectron2 weights %s: %d classes, the model %d: its class "
@@ -280,27 +297,31 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
         return skipped
     # Background last in theirs, first in ours.
     score_order = np.concatenate([[classes], np.arange(classes)])
-    plan.add(box_head.class_logits.kernel, score_w[score_order].T,
-            "roi_heads.box_predictor.cls_score.weight")
-    plan.add(box_head.class_logits.bias,
-            take("roi_heads.box_predictor.cls_score.bias")[score_order],
-            "roi_heads.box_predictor.cls_score.bias")
-    w, b = take(names[0]), take(names[1])   # [4 C or 4, fc]
-    if w.shape[0] == 4:   # CLS_AGNOSTIC_BBOX_REG
-        w, b = np.tile(w, (classes, 1)), np.tile(b, classes)
-    order = (np.arange(classes)[:, None] * 4 + _XY_TO_YX[None, :]).reshape(-1)
-    if w.shape[0] != order.size:
-        raise ValueError(f"Detectron2 weights: {names[0]} has {w.shape[0]} outputs, "
-                         f"not 4 or 4 x {classes}")
-    plan.add(box_head.box_deltas.kernel, w[order].T, names[0])
-    plan.add(box_head.box_deltas.bias, b[order], names[1])
+    for (box_head, prefix), scores in zip(stages, score_w):
+        plan.add(box_head.class_logits.kernel, scores[score_order].T,
+                 f"{prefix}.cls_score.weight")
+        plan.add(box_head.class_logits.bias,
+                 take(f"{prefix}.cls_score.bias")[score_order], f"{prefix}.cls_score.bias")
+        name = f"{prefix}.bbox_pred"
+        w, b = take(f"{name}.weight"), take(f"{name}.bias")   # [4 C or 4, fc]
+        columns = box_head.num_box_classes
+        if w.shape[0] == 4 and columns > 1:   # CLS_AGNOSTIC_BBOX_REG into per-class
+            w, b = np.tile(w, (columns, 1)), np.tile(b, columns)
+        order = (np.arange(columns)[:, None] * 4 + _XY_TO_YX[None, :]).reshape(-1)
+        if w.shape[0] != order.size:
+            raise ValueError(
+                f"Detectron2 weights: {name} has {w.shape[0]} outputs, the model's "
+                f"{'class-agnostic ' if columns == 1 else ''}box head {order.size}")
+        plan.add(box_head.box_deltas.kernel, w[order].T, f"{name}.weight")
+        plan.add(box_head.box_deltas.bias, b[order], f"{name}.bias")
     if mask_head is None:
         return []
-    w, b = take(names[3]), take(names[4])   # [C or 1, F, 1, 1]
+    name = "roi_heads.mask_head.predictor"
+    w, b = take(f"{name}.weight"), take(f"{name}.bias")   # [C or 1, F, 1, 1]
     if w.shape[0] == 1:   # CLS_AGNOSTIC_MASK
         w, b = np.tile(w, (classes, 1, 1, 1)), np.tile(b, classes)
-    plan.add(mask_head.predictor.kernel, _conv(w), names[3])
-    plan.add(mask_head.predictor.bias, b, names[4])
+    plan.add(mask_head.predictor.kernel, _conv(w), f"{name}.weight")
+    plan.add(mask_head.predictor.bias, b, f"{name}.bias")
     return []
 
 

@@ -97,7 +97,8 @@ def rcnn_box_loss(box_deltas, box_targets, classes, valid, beta=0.0):
     `box_reg_loss`, which normalises by all sampled rois, not positives).
 
     Args:
-      box_deltas: float [B, K, C, 4] (dy, dx, dh, dw) per foreground class.
+      box_deltas: float [B, K, C, 4] (dy, dx, dh, dw) per foreground class,
+        or [B, K, 1, 4] class-agnostic.
       box_targets: float32 [B, K, 4], 0 unless positive.
       classes: int32 [B, K], 1..C on positives.
       valid: bool [B, K], sampled slots.
@@ -107,7 +108,8 @@ def rcnn_box_loss(box_deltas, box_targets, classes, valid, beta=0.0):
       float32 scalar.
     """
     positive = _f32(classes > 0)  # [B, K]
-    index = tf.maximum(classes - 1, 0)
+    # Class-agnostic deltas ([B, K, 1, 4]) serve every class.
+    index = tf.maximum(classes - 1, 0) if box_deltas.shape[2] > 1 else tf.zeros_like(classes)
     deltas = tf.gather(_f32(box_deltas), index, batch_dims=2)  # [B, K, 4]
     loss = tf.reduce_sum(
         smooth_l1(deltas - _f32(box_targets), beta), axis=-1) * positive

@@ -36,7 +36,8 @@ from mrcnn.modeling._config import configurable_layer
 from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
-from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+from mrcnn.modeling.roi_heads import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, BoxHead,
+                                      CascadeRoiHeads, MaskHead, RoiHeads)
 from mrcnn.modeling.rpn import RpnHead
 
 
@@ -55,7 +56,8 @@ class MaskRCNN(keras.Model):
         pretrained stem to.
 
     `call(batch, training=True)` returns the losses dict {rpn_objectness,
-    rpn_box, rcnn_class, rcnn_box, mask} of float32 scalars (the trainer sums
+    rpn_box, rcnn_class, rcnn_box, mask} of float32 scalars (a cascade has
+    rcnn_class_stage1, rcnn_box_stage1, ... instead; the trainer sums
     them; no `mask` and no `gt_masks` needed without a mask head: Faster
     R-CNN); `call(batch, training=False)` returns the detections dict of
     `RoiHeads.detect`. Both run under `tf.function(jit_compile=True)` for
@@ -153,20 +155,17 @@ class MaskRCNN(keras.Model):
     def call(self, batch, training=False):
         features, objectness, deltas, anchors, proposals, proposal_valid = (
             self._first_stage(batch, training))
+        image_info = tf.cast(batch["image_info"], tf.float32)
         if not training:
             images = batch["images"]
-            return self.roi_heads.detect(
-                features, proposals, proposal_valid,
-                tf.cast(batch["image_info"], tf.float32),
-                (images.shape[1], images.shape[2]))
+            return self.roi_heads.detect(features, proposals, proposal_valid, image_info,
+                                         (images.shape[1], images.shape[2]))
 
         gt_boxes, gt_classes, gt_valid = (
             batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
         rpn_targets = self.rpn_head.targets(anchors, gt_boxes, gt_valid)
         rois = self.roi_heads.sample(proposals, proposal_valid, gt_boxes,
                                      gt_classes, gt_valid)
-        class_logits, box_deltas = self.roi_heads.box_outputs(features,
-                                                              rois.rois)
         levels = range(self.rpn_head.min_level, self.rpn_head.max_level + 1)
         losses = {
             "rpn_objectness": loss_lib.rpn_objectness_loss(
@@ -176,11 +175,8 @@ class MaskRCNN(keras.Model):
                 tf.concat([deltas[l] for l in levels], axis=1),
                 rpn_targets.box_targets, rpn_targets.labels,
                 self.rpn_head.num_samples, self.rpn_head.box_loss_beta),
-            "rcnn_class": loss_lib.rcnn_class_loss(
-                class_logits, rois.classes, rois.valid),
-            "rcnn_box": loss_lib.rcnn_box_loss(
-                box_deltas, rois.box_targets, rois.classes, rois.valid,
-                self.roi_heads.box_loss_beta),
+            **self.roi_heads.box_losses(features, rois, gt_boxes, gt_classes,
+                                        gt_valid, image_info),
         }
         if not self.has_masks:
             return losses
@@ -214,7 +210,7 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     pre_nms_topk_train=2000, pre_nms_topk_test=1000,
                     post_nms_topk_train=1000, post_nms_topk_test=1000,
                     rpn_num_samples=256, max_detections=100, masks=True,
-                    pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+                    cascade_stages=0, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
     Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
@@ -222,20 +218,28 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
     channels, 64 in the recipe). Smaller values (depth=18, fpn_channels=64,
     fc_dim=256, num_samples=128, top-k 200) give a model that trains in
     seconds per step on a CPU. `masks=False` leaves out the mask head
-    (Faster R-CNN).
+    (Faster R-CNN); `cascade_stages=3` makes it Cascade Mask R-CNN
+    (`CascadeRoiHeads` with its default IoUs and weights for 3 stages).
     """
-    return MaskRCNN(
-        backbone=ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at),
-        fpn=FPN(channels=fpn_channels),
-        rpn_head=RpnHead(channels=fpn_channels,
-                         pre_nms_topk_train=pre_nms_topk_train,
-                         pre_nms_topk_test=pre_nms_topk_test,
-                         post_nms_topk_train=post_nms_topk_train,
-                         post_nms_topk_test=post_nms_topk_test,
-                         num_samples=rpn_num_samples),
-        roi_heads=RoiHeads(
-            box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
-            mask_head=(MaskHead(num_classes=num_classes, channels=mask_channels)
-                       if masks else None),
-            num_samples=num_samples, max_detections=max_detections),
-        pixel_mean=pixel_mean, pixel_std=pixel_std)
+    # Parts in model order: the order they are made in draws the initial weights.
+    backbone = ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at)
+    fpn = FPN(channels=fpn_channels)
+    rpn_head = RpnHead(channels=fpn_channels, pre_nms_topk_train=pre_nms_topk_train,
+                       pre_nms_topk_test=pre_nms_topk_test,
+                       post_nms_topk_train=post_nms_topk_train,
+                       post_nms_topk_test=post_nms_topk_test, num_samples=rpn_num_samples)
+    box_heads = [BoxHead(num_classes=num_classes, fc_dim=fc_dim,
+                         class_agnostic=bool(cascade_stages))
+                 for _ in range(max(cascade_stages, 1))]
+    mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels)
+                 if masks else None)
+    if cascade_stages:
+        roi_heads = CascadeRoiHeads(
+            box_heads=box_heads, stage_ious=CASCADE_IOUS[:cascade_stages],
+            stage_box_weights=CASCADE_BOX_WEIGHTS[:cascade_stages],
+            mask_head=mask_head, num_samples=num_samples, max_detections=max_detections)
+    else:
+        roi_heads = RoiHeads(box_head=box_heads[0], mask_head=mask_head,
+                             num_samples=num_samples, max_detections=max_detections)
+    return MaskRCNN(backbone=backbone, fpn=fpn, rpn_head=rpn_head, roi_heads=roi_heads,
+                    pixel_mean=pixel_mean, pixel_std=pixel_std)

@@ -8,7 +8,8 @@ resolution (28), `D` detections per image (100), `H` x `W` the canvas.
 
 Box and mask heads follow Detectron2's `FastRCNNConvFCHead` (2 x FC-1024)
 + `FastRCNNOutputLayers` (class-specific boxes) and `MaskRCNNConvUpsampleHead`
-(4 x conv 256, deconv 2x, 1x1 per-class predictor). One default differs:
+(4 x conv 256, deconv 2x, 1x1 per-class predictor); `CascadeRoiHeads` is
+Detectron2's `CascadeROIHeads` (Cai & Vasconcelos 2018). One default differs:
 RoIAlign takes 2 x 2 samples per bin (`sampling_ratio=2`, torchvision's and
 the TF reference's); `sampling_ratio=0` is Detectron2's adaptive
 `ceil(roi / bin)` per axis (`POOLER_SAMPLING_RATIO = 0`), at 9x the gathers.
@@ -17,6 +18,7 @@ the TF reference's); `sampling_ratio=0` is Detectron2's adaptive
 import keras
 import tensorflow as tf
 
+from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling._config import checkpointed, configurable_layer
 
 from mrcnn.ops import boxes as box_ops
@@ -41,12 +43,14 @@ def _msra_fill():
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
 class BoxHead(keras.layers.Layer):
-    """Flatten -> `num_fc` x FC(fc_dim) + relu -> class logits and class-specific deltas.
+    """Flatten -> `num_fc` x FC(fc_dim) + relu -> class logits and box deltas.
 
     Args (keyword-only, R50-FPN defaults):
       num_classes: int, C foreground classes (80 for COCO).
       fc_dim: int, width of each FC layer (1024).
       num_fc: int, FC layers (2).
+      class_agnostic: bool, one set of deltas for every class (Detectron2's
+        `CLS_AGNOSTIC_BBOX_REG`, the cascade's heads) instead of one per class.
 
     Call:
       pooled: [B, K, 7, 7, F] RoIAligned features.
@@ -54,14 +58,17 @@ class BoxHead(keras.layers.Layer):
     Returns:
       class_logits: float32 [B, K, C + 1], column 0 background.
       box_deltas: float32 [B, K, C, 4] (dy, dx, dh, dw), box weights
-        (10, 10, 5, 5).
+        (10, 10, 5, 5); [B, K, 1, 4] when `class_agnostic`.
     """
 
-    def __init__(self, *, num_classes=80, fc_dim=1024, num_fc=2, **kwargs):
+    def __init__(self, *, num_classes=80, fc_dim=1024, num_fc=2, class_agnostic=False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.fc_dim = fc_dim
         self.num_fc = num_fc
+        self.class_agnostic = bool(class_agnostic)
+        self.num_box_classes = 1 if self.class_agnostic else num_classes
         self.fcs = checkpointed(self, [
             keras.layers.Dense(fc_dim, activation="relu",
                                kernel_initializer=_xavier_fill(), name=f"fc{i + 1}")
@@ -71,7 +78,7 @@ class BoxHead(keras.layers.Layer):
             num_classes + 1, name="class_logits",
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.01))
         self.box_deltas = keras.layers.Dense(
-            4 * num_classes, name="box_deltas",
+            4 * self.num_box_classes, name="box_deltas",
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001))
 
     def call(self, pooled):
@@ -81,12 +88,13 @@ class BoxHead(keras.layers.Layer):
             x = fc(x)
         logits = tf.cast(self.class_logits(x), tf.float32)  # [B, K, C + 1]
         deltas = tf.reshape(tf.cast(self.box_deltas(x), tf.float32),
-                            [batch, rois, self.num_classes, 4])  # [B, K, C, 4]
+                            [batch, rois, self.num_box_classes, 4])  # [B, K, C|1, 4]
         return logits, deltas
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
-                "fc_dim": self.fc_dim, "num_fc": self.num_fc}
+                "fc_dim": self.fc_dim, "num_fc": self.num_fc,
+                "class_agnostic": self.class_agnostic}
 
 
 @configurable_layer
@@ -248,6 +256,17 @@ class RoiHeads(keras.layers.Layer):
         """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C, 4]."""
         return self.box_head(self._pool(features, rois, self.box_pool_size))
 
+    def box_losses(self, features, rois, gt_boxes, gt_classes, gt_valid, image_info):
+        """{rcnn_class, rcnn_box}: float32 scalars on the sampled `rois`
+        (`sample`'s `ProposalTargets`); the gt and image_info serve a cascade."""
+        del gt_boxes, gt_classes, gt_valid, image_info
+        class_logits, box_deltas = self.box_outputs(features, rois.rois)
+        return {
+            "rcnn_class": loss_lib.rcnn_class_loss(class_logits, rois.classes, rois.valid),
+            "rcnn_box": loss_lib.rcnn_box_loss(box_deltas, rois.box_targets, rois.classes,
+                                               rois.valid, self.box_loss_beta),
+        }
+
     def mask_outputs(self, features, rois, classes):
         """Mask logits float32 [B, Kp, S, S] for `rois` [B, Kp, 4] and classes 1..C."""
         pooled = self._pool(features, rois, self.mask_pool_size)
@@ -319,19 +338,31 @@ class RoiHeads(keras.layers.Layer):
           [B, D], classes int32 [B, D] 1..C, num_valid int32 [B]); padded
           slots: boxes and scores 0, classes 0.
         """
-        batch, num = proposals.shape[0], proposals.shape[1]
         image_info = tf.cast(image_info, tf.float32)
         # 1.
         class_logits, deltas = self.box_outputs(features, proposals)
-        boxes = box_ops.decode_boxes(deltas, proposals[:, :, None, :],
-                                     self.box_weights)  # [B, P, C, 4]
-        boxes = tf.reshape(box_ops.clip_boxes(
-            tf.reshape(boxes, [batch, num * self.num_classes, 4]),
-            image_info[:, 2:4]), [batch, num, self.num_classes, 4])
+        return self._kept(self._decode(deltas, proposals, self.box_weights, image_info),
+                          tf.nn.softmax(class_logits, axis=-1)[..., 1:], proposal_valid)
+
+    def _decode(self, deltas, boxes, weights, image_info):
+        """float32 [B, P, C|1, 4]: `deltas` [B, P, C|1, 4] applied to `boxes`
+        [B, P, 4], clipped to the resized images."""
+        batch, num, columns = deltas.shape[0], deltas.shape[1], deltas.shape[2]
+        decoded = box_ops.decode_boxes(deltas, boxes[:, :, None, :], weights)
+        return tf.reshape(box_ops.clip_boxes(
+            tf.reshape(decoded, [batch, num * columns, 4]), image_info[:, 2:4]),
+            [batch, num, columns, 4])
+
+    def _kept(self, boxes, scores, proposal_valid):
+        """Steps 2-3 of `detect` on decoded boxes [B, P, C|1, 4] and
+        foreground scores [B, P, C]: `detect_boxes`' tuple."""
+        if boxes.shape[2] == 1:   # class-agnostic deltas: one box for all classes
+            boxes = boxes[:, :, 0]   # [B, P, 4], which multiclass_nms shares
         # 2.
-        scores = tf.nn.softmax(class_logits, axis=-1)[..., 1:]  # [B, P, C]
         nonempty = tf.logical_and(boxes[..., 2] > boxes[..., 0],
-                                  boxes[..., 3] > boxes[..., 1])  # [B, P, C]
+                                  boxes[..., 3] > boxes[..., 1])  # [B, P, C|]
+        if boxes.shape.rank == 3:
+            nonempty = nonempty[..., None]
         scores = tf.where(nonempty & proposal_valid[..., None], scores, 0.0)
         # 3.
         kept = nms_ops.multiclass_nms(
@@ -382,6 +413,138 @@ class RoiHeads(keras.layers.Layer):
         config = dict(config)
         config["box_head"] = keras.saving.deserialize_keras_object(
             config["box_head"])
+        if config.get("mask_head") is not None:
+            config["mask_head"] = keras.saving.deserialize_keras_object(
+                config["mask_head"])
+        return cls(**config)
+
+
+# Detectron2's CASCADE_ROI_HEADS.IOUS and BBOX_REG_WEIGHTS.
+CASCADE_IOUS = (0.5, 0.6, 0.7)
+CASCADE_BOX_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0),
+                       (30.0, 30.0, 15.0, 15.0))
+
+
+def _scaled_gradient(x, scale):
+    """`x`, with its gradient multiplied by the Python float `scale`."""
+    @tf.custom_gradient
+    def identity(x):
+        return tf.identity(x), lambda dy: dy * tf.cast(scale, dy.dtype)
+    return identity(x)
+
+
+@configurable_layer
+@keras.saving.register_keras_serializable(package="mrcnn")
+class CascadeRoiHeads(RoiHeads):
+    """Cascade R-CNN's second stage: box heads in series at rising IoUs.
+
+    Detectron2's `CascadeROIHeads` (`cascade_mask_rcnn_R_50_FPN_1x`): stage
+    1 is `RoiHeads`' box head on the sampled proposals; stage k + 1 pools the
+    boxes stage k regressed (clipped to the image, gradients stopped) and
+    labels them afresh against the gt at its own IoU, without sampling
+    (boxes left empty are dropped from its losses). Every stage has
+    class-agnostic deltas and its own box weights, and its pooled features
+    pass `1 / stages` of their gradient back (Detectron2's `_ScaleGradient`).
+    At inference each stage runs on the previous stage's boxes; the scores
+    are the mean of the stages' softmaxes, the boxes the last stage's; NMS
+    and the mask head are `RoiHeads`'. The mask head trains on the stage-1
+    samples.
+
+    Args (keyword-only, besides `RoiHeads`' own but for box_head,
+    iou_threshold and box_weights):
+      box_heads: the built `BoxHead`s, stage by stage, `class_agnostic`.
+      stage_ious: floats, each stage's foreground IoU ((0.5, 0.6, 0.7)).
+      stage_box_weights: each stage's (wy, wx, wh, ww) ((10, 10, 5, 5),
+        (20, 20, 10, 10), (30, 30, 15, 15)).
+
+    `box_losses` returns rcnn_class_stage1, rcnn_box_stage1, ... per stage.
+    """
+
+    def __init__(self, *, box_heads, mask_head, stage_ious=CASCADE_IOUS,
+                 stage_box_weights=CASCADE_BOX_WEIGHTS, **kwargs):
+        box_heads = list(box_heads)
+        stage_ious = tuple(float(v) for v in stage_ious)
+        stage_box_weights = tuple(tuple(float(v) for v in w) for w in stage_box_weights)
+        if not box_heads or not len(box_heads) == len(stage_ious) == len(stage_box_weights):
+            raise ValueError(
+                f"CascadeRoiHeads: {len(box_heads)} box_heads, {len(stage_ious)} "
+                f"stage_ious and {len(stage_box_weights)} stage_box_weights must be "
+                f"as many, at least one")
+        for k, head in enumerate(box_heads):
+            if not head.class_agnostic or head.num_classes != box_heads[0].num_classes:
+                raise ValueError(
+                    f"CascadeRoiHeads: box_heads[{k}] must be class_agnostic with "
+                    f"num_classes={box_heads[0].num_classes}")
+        super().__init__(box_head=box_heads[0], mask_head=mask_head,
+                         iou_threshold=stage_ious[0], box_weights=stage_box_weights[0],
+                         **kwargs)
+        for k, head in enumerate(box_heads[1:], start=2):
+            setattr(self, f"box_head_stage{k}", head)   # tracked for checkpoints
+        self.box_heads = box_heads
+        self.stage_ious = stage_ious
+        self.stage_box_weights = stage_box_weights
+
+    def _stage_targets(self, boxes, valid, gt_boxes, gt_classes, gt_valid, stage):
+        """Classes int32 [B, K] (-1 where not valid) and box targets [B, K, 4] of
+        the boxes a stage pools, matched at its IoU."""
+        iou = self.stage_ious[stage]
+        matched, labels = target_ops.match_boxes(boxes, gt_boxes, gt_valid, iou, iou,
+                                                 allow_low_quality=False)
+        positive = (labels == 1) & valid
+        index = tf.maximum(matched, 0)
+        classes = tf.where(positive, tf.gather(gt_classes, index, batch_dims=1),
+                           tf.where(valid, 0, -1))
+        targets = box_ops.encode_boxes(tf.gather(gt_boxes, index, batch_dims=1), boxes,
+                                       self.stage_box_weights[stage])
+        return classes, tf.where(positive[..., None], targets, 0.0)
+
+    def box_losses(self, features, rois, gt_boxes, gt_classes, gt_valid, image_info):
+        boxes, valid = rois.rois, rois.valid
+        classes, targets = rois.classes, rois.box_targets
+        losses, stages = {}, len(self.box_heads)
+        for k, head in enumerate(self.box_heads):
+            if k:
+                boxes = tf.stop_gradient(self._decode(
+                    deltas, boxes, self.stage_box_weights[k - 1], image_info)[:, :, 0])
+                valid = valid & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+                classes, targets = self._stage_targets(boxes, valid, gt_boxes, gt_classes,
+                                                       gt_valid, k)
+            pooled = _scaled_gradient(self._pool(features, boxes, self.box_pool_size),
+                                      1.0 / stages)
+            logits, deltas = head(pooled)
+            losses[f"rcnn_class_stage{k + 1}"] = loss_lib.rcnn_class_loss(
+                logits, classes, valid)
+            losses[f"rcnn_box_stage{k + 1}"] = loss_lib.rcnn_box_loss(
+                deltas, targets, classes, valid, self.box_loss_beta)
+        return losses
+
+    def detect_boxes(self, features, proposals, proposal_valid, image_info):
+        image_info = tf.cast(image_info, tf.float32)
+        boxes, total = proposals, 0.0
+        for k, head in enumerate(self.box_heads):
+            if k:
+                boxes = self._decode(deltas, boxes, self.stage_box_weights[k - 1],
+                                     image_info)[:, :, 0]
+            logits, deltas = head(self._pool(features, boxes, self.box_pool_size))
+            total += tf.nn.softmax(logits, axis=-1)
+        scores = total / float(len(self.box_heads))
+        return self._kept(self._decode(deltas, boxes, self.stage_box_weights[-1],
+                                       image_info), scores[..., 1:], proposal_valid)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("box_head", "iou_threshold", "box_weights"):
+            config.pop(key)
+        return {**config,
+                "box_heads": [keras.saving.serialize_keras_object(h) for h in self.box_heads],
+                "stage_ious": list(self.stage_ious),
+                "stage_box_weights": [list(w) for w in self.stage_box_weights]}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["box_heads"] = [keras.saving.deserialize_keras_object(h)
+                               for h in config["box_heads"]]
         if config.get("mask_head") is not None:
             config["mask_head"] = keras.saving.deserialize_keras_object(
                 config["mask_head"])

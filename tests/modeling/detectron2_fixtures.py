@@ -8,23 +8,33 @@ import tensorflow as tf
 from mrcnn.modeling import resnet as resnet_lib
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.mask_rcnn import MaskRCNN
-from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+from mrcnn.modeling.roi_heads import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, BoxHead,
+                                      CascadeRoiHeads, MaskHead, RoiHeads)
 from mrcnn.modeling.rpn import RpnHead
 
 
 def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
-                mask_convs=2, masks=True, **rpn_kwargs):
-    """A MaskRCNN with small heads (no mask head unless `masks`)."""
+                mask_convs=2, masks=True, cascade_stages=0, **rpn_kwargs):
+    """A MaskRCNN with small heads (no mask head unless `masks`; a cascade of
+    class-agnostic box heads with `cascade_stages`)."""
+    mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels,
+                          num_convs=mask_convs) if masks else None)
+    if cascade_stages:
+        roi_heads = CascadeRoiHeads(
+            box_heads=[BoxHead(num_classes=num_classes, fc_dim=fc_dim, class_agnostic=True)
+                       for _ in range(cascade_stages)],
+            stage_ious=CASCADE_IOUS[:cascade_stages],
+            stage_box_weights=CASCADE_BOX_WEIGHTS[:cascade_stages],
+            mask_head=mask_head, max_detections=10)
+    else:
+        roi_heads = RoiHeads(box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
+                             mask_head=mask_head, max_detections=10)
     model = MaskRCNN(
         backbone=resnet_lib.ResNet(depth=depth),
         fpn=FPN(channels=channels),
         rpn_head=RpnHead(channels=channels, pre_nms_topk_test=50,
                          post_nms_topk_test=20, **rpn_kwargs),
-        roi_heads=RoiHeads(
-            box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
-            mask_head=(MaskHead(num_classes=num_classes, channels=mask_channels,
-                                num_convs=mask_convs) if masks else None),
-            max_detections=10))
+        roi_heads=roi_heads)
     model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
            "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])}, training=False)
     return model
@@ -77,15 +87,19 @@ def random_state(model, seed=0, num_classes=None):
     box = model.roi_heads.box_head
     c = box.num_classes if num_classes is None else num_classes
     pool = model.roi_heads.box_pool_size
-    width = f * pool * pool
-    for i in range(box.num_fc):
-        put(f"roi_heads.box_head.fc{i + 1}.weight", box.fc_dim, width)
-        put(f"roi_heads.box_head.fc{i + 1}.bias", box.fc_dim, scale=0.1)
-        width = box.fc_dim
-    put("roi_heads.box_predictor.cls_score.weight", c + 1, width)
-    put("roi_heads.box_predictor.cls_score.bias", c + 1, scale=0.1)
-    put("roi_heads.box_predictor.bbox_pred.weight", 4 * c, width)
-    put("roi_heads.box_predictor.bbox_pred.bias", 4 * c, scale=0.1)
+    stages = getattr(model.roi_heads, "box_heads", None)
+    suffixes = [""] if stages is None else [f".{k}" for k in range(len(stages))]
+    for suffix in suffixes:   # Detectron2's cascade names its stages 0, 1, 2
+        width = f * pool * pool
+        for i in range(box.num_fc):
+            put(f"roi_heads.box_head{suffix}.fc{i + 1}.weight", box.fc_dim, width)
+            put(f"roi_heads.box_head{suffix}.fc{i + 1}.bias", box.fc_dim, scale=0.1)
+            width = box.fc_dim
+        deltas = 4 if box.class_agnostic else 4 * c
+        put(f"roi_heads.box_predictor{suffix}.cls_score.weight", c + 1, width)
+        put(f"roi_heads.box_predictor{suffix}.cls_score.bias", c + 1, scale=0.1)
+        put(f"roi_heads.box_predictor{suffix}.bbox_pred.weight", deltas, width)
+        put(f"roi_heads.box_predictor{suffix}.bbox_pred.bias", deltas, scale=0.1)
     mask = model.roi_heads.mask_head
     if mask is None:
         return out

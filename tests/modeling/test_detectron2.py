@@ -167,6 +167,37 @@ class LoaderTest(tf.test.TestCase):
         self.assertAllClose(predictor[0, 0], np.tile(arrays[f"{mask}.weight"][:, :, 0, 0].T,
                                                      (1, C)))
 
+    def test_cascade_stages(self):
+        model = fixtures.small_model(num_classes=C, cascade_stages=3)
+        arrays = fixtures.random_state(model, seed=4)
+        self.assertEqual(d2.load_detectron2_weights(model, path=self._write(arrays)), [])
+        fresh = fixtures.small_model(num_classes=C, cascade_stages=3)
+        for ours, init in zip(model.weights, fresh.weights):
+            self.assertNotAllClose(ours, init, msg=ours.path)
+        rng = np.random.default_rng(5)
+        pooled = rng.normal(size=(4, 7, 7, model.fpn.channels))
+        for k, head in enumerate(model.roi_heads.box_heads):
+            x = pooled.transpose(0, 3, 1, 2).reshape(4, -1)
+            for i in (1, 2):
+                x = _relu(x @ arrays[f"roi_heads.box_head.{k}.fc{i}.weight"].T
+                          + arrays[f"roi_heads.box_head.{k}.fc{i}.bias"])
+            scores = x @ arrays[f"roi_heads.box_predictor.{k}.cls_score.weight"].T \
+                + arrays[f"roi_heads.box_predictor.{k}.cls_score.bias"]
+            deltas = x @ arrays[f"roi_heads.box_predictor.{k}.bbox_pred.weight"].T \
+                + arrays[f"roi_heads.box_predictor.{k}.bbox_pred.bias"]   # [4, 4]
+            logits, box_deltas = head(tf.constant(pooled[None], tf.float32))
+            self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
+                                atol=1e-4)
+            self.assertAllClose(box_deltas[0, :, 0], deltas[:, [1, 0, 3, 2]], atol=1e-4)
+        # A plain model's file has no stages for a cascade, and the other way round.
+        plain = fixtures.random_state(fixtures.small_model(num_classes=C))
+        with self.assertRaisesRegex(ValueError, "box_head.0"):
+            d2.load_detectron2_weights(fixtures.small_model(num_classes=C, cascade_stages=3),
+                                       path=self._write(plain, "plain.pkl"))
+        with self.assertRaisesRegex(ValueError, "no place|roi_heads.box_head.fc1"):
+            d2.load_detectron2_weights(fixtures.small_model(num_classes=C),
+                                       path=self._write(arrays))
+
     def test_unknown_or_missing_arrays_raise(self):
         model = fixtures.small_model(num_classes=C)
         arrays = fixtures.random_state(model)
