@@ -22,7 +22,6 @@ from pycocotools import mask as mask_util
 from mrcnn.data import pipeline
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import visualize
-from mrcnn.modeling import tta as tta_lib
 from mrcnn.ops import masks as mask_ops
 from mrcnn.training import trainer
 

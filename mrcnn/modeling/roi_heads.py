@@ -501,7 +501,7 @@ class CascadeRoiHeads(RoiHeads):
     def box_losses(self, features, rois, gt_boxes, gt_classes, gt_valid, image_info):
         boxes, valid = rois.rois, rois.valid
         classes, targets = rois.classes, rois.box_targets
-        losses, stages = {}, len(self.box_heads)
+        losses, stages, deltas = {}, len(self.box_heads), None
         for k, head in enumerate(self.box_heads):
             if k:
                 boxes = tf.stop_gradient(self._decode(
@@ -520,7 +520,7 @@ class CascadeRoiHeads(RoiHeads):
 
     def detect_boxes(self, features, proposals, proposal_valid, image_info):
         image_info = tf.cast(image_info, tf.float32)
-        boxes, total = proposals, 0.0
+        boxes, total, deltas = proposals, 0.0, None
         for k, head in enumerate(self.box_heads):
             if k:
                 boxes = self._decode(deltas, boxes, self.stage_box_weights[k - 1],
