@@ -83,3 +83,10 @@ def test_detectron2_cascade_r50_fpn(parsed):
     assert len(model.roi_heads.box_heads) == 3 and model.roi_heads.sampling_ratio == 0
     assert model.rpn_head.anchor_offset == 0.0 and model.pixel_std == (1.0, 1.0, 1.0)
     assert model.rpn_head.post_nms_topk_train == 2000
+
+
+def test_shapes_cascade_demo(parsed):
+    model = parsed("shapes_cascade_demo.gin")
+    heads = model.roi_heads
+    assert len(heads.box_heads) == 3 and heads.num_samples == 64
+    assert heads.max_detections == 20 and model.num_classes == 3
