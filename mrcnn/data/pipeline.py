@@ -134,6 +134,48 @@ def orientation_canvases(min_size, max_size, canvas_size, size_divisor=64):
     return landscape, portrait
 
 
+def repeat_factors(records, threshold):
+    """float64 [n]: each record's repeat factor (Detectron2's
+    `repeat_factors_from_category_frequency`): the largest
+    `max(1, sqrt(threshold / f_c))` over its classes c (crowd annotations
+    count), `f_c` the fraction of the records with class c; 1 without
+    annotations."""
+    presence = [set(np.asarray(r.classes).tolist()) for r in records]
+    counts = {}
+    for classes in presence:
+        for c in classes:
+            counts[c] = counts.get(c, 0) + 1
+    per_class = {c: max(1.0, float(np.sqrt(threshold / (k / len(records)))))
+                 for c, k in counts.items()}
+    return np.array([max((per_class[c] for c in classes), default=1.0)
+                     for classes in presence], np.float64)
+
+
+def _repeat_factor_epochs(indices, factors, seed):
+    """The endless stream of `indices` [n] (int64), each epoch repeating index i
+    floor(f_i) times and once more with probability frac(f_i), shuffled.
+
+    Each epoch's draws and order come from (seed, epoch) by stateless random
+    ops, so a stream with a seed is the same however often it is built (a
+    resumed run skips into it).
+    """
+    if seed is None:
+        seed = int(np.random.default_rng().integers(1 << 31))
+    whole = tf.constant(np.floor(factors), tf.float32)
+    fraction = tf.constant(factors - np.floor(factors), tf.float32)
+    indices = tf.constant(indices, tf.int64)
+
+    def epoch(e):
+        key = tf.stack([tf.constant(seed, tf.int64), e])
+        extra = tf.random.stateless_uniform(fraction.shape, key) < fraction
+        counts = tf.cast(whole + tf.cast(extra, tf.float32), tf.int64)
+        chosen = tf.repeat(indices, counts)
+        return tf.data.Dataset.from_tensor_slices(
+            tf.random.experimental.stateless_shuffle(chosen, key + 1))
+
+    return tf.data.Dataset.range(1 << 62).flat_map(epoch)
+
+
 @gin.configurable
 class CocoInput:
     """Builds the training or evaluation dataset of one COCO-format split.
@@ -214,6 +256,14 @@ class CocoInput:
         empty are dropped, masks are cut to their clipped boxes. It
         replaces the `min_size` / `max_size` resize in training (evaluation
         keeps it) and excludes `group_by_orientation`.
+      repeat_threshold: optional float t, training only: Detectron2's
+        `RepeatFactorTrainingSampler` (LVIS, Gupta et al. 2019) for
+        long-tailed classes: class c, in a fraction f_c of the images, gets
+        r_c = max(1, sqrt(t / f_c)), an image the largest r_c of its
+        classes, and each epoch of the stream holds every image
+        floor(r) times plus once more with probability r - floor(r) (one
+        draw per image and epoch, from the seed). `self.repeat_factors`
+        holds r. `train.epochs` still counts `len(records)` images an epoch.
       flip_probability: float in [0, 1], training only.
       skip_bad: bool, skip (training) instead of raising on bad input.
       filter_empty: bool, drop training images without a non-crowd
@@ -236,7 +286,7 @@ class CocoInput:
                  mask_size=112, flip_probability=0.5, skip_bad=True, filter_empty=True,
                  shuffle_buffer=None, seed=None, annotation_file=None,
                  image_dir=None, check_files=True, group_by_orientation=False,
-                 with_masks=True, scale_jitter=None):
+                 with_masks=True, scale_jitter=None, repeat_threshold=None):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
         canvas_size = tuple(int(s) for s in canvas_size)
         if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
@@ -255,6 +305,9 @@ class CocoInput:
             if group_by_orientation:
                 raise ValueError("CocoInput: scale_jitter crops every image to the "
                                  "canvas; group_by_orientation must be False")
+        if repeat_threshold is not None and not 0 < float(repeat_threshold) <= 1:
+            raise ValueError(f"CocoInput: repeat_threshold={repeat_threshold} must be "
+                             f"in (0, 1]")
         if data_dir is None and (annotation_file is None or image_dir is None):
             raise ValueError("CocoInput: give data_dir, or annotation_file and "
                              "image_dir")
@@ -291,6 +344,17 @@ class CocoInput:
             self.counts["empty_images"] += len(records) - len(kept)
             records = kept
         self.records = records
+        self.repeat_threshold = (float(repeat_threshold)
+                                 if training and repeat_threshold is not None else None)
+        self.repeat_factors = (repeat_factors(records, self.repeat_threshold)
+                               if self.repeat_threshold is not None else None)
+        if self.repeat_factors is not None:
+            logging.info("%s: repeat factors at threshold %g: %d images above 1 (up to "
+                         "%.2f); an epoch of the stream holds about %d images",
+                         self.annotation_file, self.repeat_threshold,
+                         int((self.repeat_factors > 1).sum()),
+                         float(self.repeat_factors.max(initial=1.0)),
+                         int(round(self.repeat_factors.sum())))
         # Resized (h, w) of each record at the largest min_size: int [n, 2].
         sizes = np.array([self._resized_size(r.height, r.width, max(self.min_sizes))[:2]
                           for r in records], np.int64).reshape(-1, 2)
@@ -416,6 +480,8 @@ class CocoInput:
         group whose window comes next.
         """
         def shuffled(indices, seed):
+            if self.repeat_factors is not None:
+                return _repeat_factor_epochs(indices, self.repeat_factors[indices], seed)
             ds = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
             return ds.shuffle(self.shuffle_buffer or len(indices), seed=seed,
                               reshuffle_each_iteration=True).repeat()
