@@ -334,7 +334,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
           init_fn=None, num_train_images=None, epochs=12,
           total_steps=None, precision="float32", xla=True,
           checkpoint_every=1000, keep_checkpoints=5, log_every=20,
-          stop_after=None, strategy=None):
+          stop_after=None, strategy=None, eval_fn=None, eval_every=None):
     """Trains a model, resuming from `model_dir` if it holds a checkpoint.
 
     Args:
@@ -369,6 +369,14 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         (the schedule still spans `total_steps`); tests use it to simulate
         an interrupted run.
       strategy: optional tf.distribute.Strategy; `make_strategy()` if None.
+      eval_fn: optional (model_dir, checkpoint=path) -> metrics dict, run by
+        the chief on the checkpoint of the last step and of every
+        `eval_every`-th (Detectron2's `TEST.EVAL_PERIOD`): `@evaluate` in gin,
+        which restores its own copy of the model and writes
+        `model_dir/eval/` as `bin/eval` does. Training waits for it (other
+        workers at their next step).
+      eval_every: optional int, steps between those evaluations (each also
+        writes a checkpoint); None: the last step only.
 
     A SIGTERM or SIGINT (Ctrl-C) during the loop ends it after the step in
     flight, which is checkpointed (after the NaN checks); rerunning resumes
@@ -379,8 +387,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
 
     Returns:
       dict with the final `step`, the last logged `losses`, the trained
-      `model`, and `stopped_by`: the name of the signal that stopped the run
-      early, else None.
+      `model`, `stopped_by`: the name of the signal that stopped the run
+      early, else None, and `metrics`: `eval_fn`'s last result (None
+      without one).
 
     Raises:
       NonFiniteLossError: a loss became NaN or Inf; the last checkpoint
@@ -442,7 +451,10 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     start = int(step.numpy())
     if start >= total_steps:
         logging.info("Nothing to do: step %d >= total_steps %d", start, total_steps)
-        return {"step": start, "losses": {}, "model": model, "stopped_by": None}
+        return {"step": start, "losses": {}, "model": model, "stopped_by": None,
+                "metrics": None}
+    if eval_every is not None and int(eval_every) < 1:
+        raise ValueError(f"train.eval_every={eval_every} must be >= 1 (or None)")
     if _is_chief(strategy):
         with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
@@ -491,7 +503,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                                 "task_type", None))
     stop = contextlib.ExitStack()
     stop_requests = stop.enter_context(_stop_requests(not multi_worker))
-    stopped_by = None
+    stopped_by, metrics = None, None
     try:
         pending = None
         for current in range(start + 1, end + 1):
@@ -532,12 +544,17 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                 stopped_by = stop_requests[0]
                 if pending is not None:
                     check_finite(*pending)
-            if current % checkpoint_every == 0 or current == end or stopped_by:
+            evaluated = eval_fn is not None and not stopped_by and (
+                current == end or (eval_every and current % eval_every == 0))
+            if current % checkpoint_every == 0 or current == end or stopped_by or evaluated:
                 if not _weights_finite(model):
                     raise NonFiniteLossError(
                         f"weights became non-finite at step {current}; the last good "
                         f"checkpoint ({manager.latest_checkpoint or 'none'}) is kept")
                 manager.save(checkpoint_number=current)
+            if evaluated and _is_chief(strategy):
+                metrics = _evaluate(eval_fn, model_dir, manager.latest_checkpoint,
+                                    precision)
             if stopped_by:
                 logging.warning("Stopped by %s at step %d of %d: checkpoint %s; rerun "
                                 "the same command to resume", stopped_by, current,
@@ -555,5 +572,19 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         tf.io.gfile.rmtree(_checkpoint_dir(model_dir, strategy))
     logging.info("Trained steps %d-%d in %.1f s", start + 1, end,
                  time.perf_counter() - run_start)
-    return {"step": end, "losses": last_losses, "model": model, "stopped_by": stopped_by}
+    return {"step": end, "losses": last_losses, "model": model, "stopped_by": stopped_by,
+            "metrics": metrics}
+
+
+def _evaluate(eval_fn, model_dir, checkpoint, precision):
+    """`eval_fn` on a checkpoint of the run; the training precision restored."""
+    start = time.perf_counter()
+    try:
+        metrics = eval_fn(model_dir, checkpoint=checkpoint)
+    finally:
+        set_precision(precision)   # the evaluation may set its own
+    logging.info("Evaluated %s in %.1f s%s", checkpoint, time.perf_counter() - start,
+                 "".join(f"; {k} AP {v['AP']:.3f}" for k, v in (metrics or {}).items()
+                         if isinstance(v, dict) and "AP" in v))
+    return metrics
 

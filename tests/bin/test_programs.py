@@ -140,6 +140,16 @@ def test_eval_writes_coco_results_and_tables(run):
         assert {r["category_id"] for r in results} <= {1, 3, 7}
 
 
+def test_train_evaluates_its_last_checkpoint(run, tmp_path):
+    model_dir = tmp_path / "evaluated"
+    proc = _run("train", f"--model_dir={model_dir}",
+                bindings=run["bindings"] + ["train.total_steps = 2", "train.eval_fn = @evaluate",
+                                            "evaluate.num_pictures = 0"])
+    assert "Evaluated" in proc.stderr and "bbox" in proc.stdout
+    metrics = json.loads((model_dir / "eval" / "metrics-2.json").read_text())
+    assert metrics["num_images"] == 6 and set(metrics) >= {"bbox", "segm"}
+
+
 def test_eval_with_test_time_augmentation(run):
     bindings = run["bindings"] + ["evaluate.tta = @TestTimeAugmentation()",
                                   "TestTimeAugmentation.min_sizes = (32, 64)",

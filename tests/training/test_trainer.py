@@ -150,6 +150,29 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(os.path.exists(os.path.join(d, "run", "operative_config.gin")))
         self.assertTrue(tf.io.gfile.glob(os.path.join(d, "run", "train", "events.*")))
 
+    def test_eval_fn_runs_on_the_checkpoints_of_its_steps(self):
+        d = os.path.join(self.get_temp_dir(), "run")
+        calls = []
+
+        def eval_fn(model_dir, checkpoint):
+            # The checkpoint exists, and the training precision is restored after.
+            self.assertTrue(tf.io.gfile.exists(checkpoint + ".index"))
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            calls.append((model_dir, os.path.basename(checkpoint)))
+            return {"bbox": {"AP": 0.5}}
+
+        out = self._train(d, {}, eval_fn=eval_fn, eval_every=5, stop_after=11)
+        # Steps 5 and 10 (5 is no checkpoint step of its own: saved for it), and
+        # the last step of this call.
+        self.assertEqual(calls, [(d, "ckpt-5"), (d, "ckpt-10"), (d, "ckpt-11")])
+        self.assertEqual(out["metrics"], {"bbox": {"AP": 0.5}})
+        self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
+        out = self._train(d, {})
+        self.assertIsNone(out["metrics"])
+        with self.assertRaisesRegex(ValueError, "eval_every"):
+            self._train(os.path.join(self.get_temp_dir(), "bad"), {}, eval_fn=eval_fn,
+                        eval_every=0)
+
     def test_resumed_run_reads_on_with_the_checkpointed_seed(self):
         d = os.path.join(self.get_temp_dir(), "cut")
         calls = []
