@@ -90,3 +90,13 @@ def test_shapes_cascade_demo(parsed):
     heads = model.roi_heads
     assert len(heads.box_heads) == 3 and heads.num_samples == 64
     assert heads.max_detections == 20 and model.num_classes == 3
+
+
+def test_x101_32x8d_fpn_3x(parsed):
+    model = parsed("x101_32x8d_fpn_3x.gin")
+    net = model.backbone
+    assert (net.depth, net.groups, net.width_per_group, net.stride_in_1x1) == (101, 32, 8, False)
+    conv2 = net.blocks[0].convs[1].conv
+    assert conv2.groups == 32 and tuple(conv2.kernel.shape) == (3, 3, 8, 256)
+    assert gin.query_parameter("%BACKBONE_WEIGHTS").endswith("X-101-32x8d.pkl")
+    assert gin.query_parameter("train.epochs") == 36.5

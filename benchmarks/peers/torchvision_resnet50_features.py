@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A torchvision ResNet-50 as a Detectron2 weights file, with its features.
+"""A torchvision ResNet-50 (or `--arch`) as a Detectron2 weights file, with its features.
 
 Writes, for the side-by-side check of `load_detectron2_resnet_weights`
 (tests/modeling/test_resnet.py, `TorchvisionParityTest`):
@@ -40,10 +40,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--size", default="64,96", help="H,W, multiples of 32")
+    parser.add_argument("--arch", default="resnet50",
+                        help="a torchvision ResNet: resnet50, resnet101, resnext50_32x4d, "
+                             "resnext101_32x8d (the file is OUT/r50.pkl whichever)")
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.split(","))
     torch.manual_seed(0)
-    net = torchvision.models.resnet50(weights=None).eval()
+    net = getattr(torchvision.models, args.arch)(weights=None).eval()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

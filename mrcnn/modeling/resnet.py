@@ -184,14 +184,14 @@ class _Conv(keras.layers.Layer):
     with the norm folded into the kernel (see the module docstring).
     """
 
-    def __init__(self, filters, kernel_size, strides, name):
+    def __init__(self, filters, kernel_size, strides, name, groups=1):
         super().__init__(name=name)
         self.pad = (kernel_size - 1) // 2 if strides > 1 else 0
         self.strides = strides
         self.conv = keras.layers.Conv2D(
             filters, kernel_size, strides=strides,
             padding="valid" if strides > 1 else "same", use_bias=False,
-            kernel_initializer=_msra_fill(), name=name)
+            groups=groups, kernel_initializer=_msra_fill(), name=name)
 
     def build(self, input_shape):
         self.conv.build(input_shape)
@@ -222,17 +222,17 @@ class _Block(keras.layers.Layer):
     """One residual block: bottleneck (3 convs) or basic (2 convs)."""
 
     def __init__(self, *, in_channels, out_channels, bottleneck_channels,
-                 stride, bottleneck, norm, name, stride_in_1x1=False):
+                 stride, bottleneck, norm, name, stride_in_1x1=False, groups=1):
         super().__init__(name=name)
         if bottleneck:
             s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-            specs = [(bottleneck_channels, 1, s1),
-                     (bottleneck_channels, 3, s3),
-                     (out_channels, 1, 1)]
+            specs = [(bottleneck_channels, 1, s1, 1),
+                     (bottleneck_channels, 3, s3, groups),   # ResNeXt's grouped 3x3
+                     (out_channels, 1, 1, 1)]
         else:
-            specs = [(out_channels, 3, stride), (out_channels, 3, 1)]
-        self.convs = checkpointed(self, [_Conv(f, k, s, name=f"{name}_conv{i + 1}")
-                                         for i, (f, k, s) in enumerate(specs)])
+            specs = [(out_channels, 3, stride, 1), (out_channels, 3, 1, 1)]
+        self.convs = checkpointed(self, [_Conv(f, k, s, name=f"{name}_conv{i + 1}", groups=g)
+                                         for i, (f, k, s, g) in enumerate(specs)])
         self.norms = checkpointed(self, [_make_norm(norm, f"{name}_norm{i + 1}")
                                          for i in range(len(specs))])
         self.shortcut = None
@@ -268,6 +268,12 @@ class ResNet(keras.layers.Layer):
         doubling per stage (default 64, every published ResNet; Detectron2's
         `STEM_OUT_CHANNELS` and `WIDTH_PER_GROUP` together). Other widths
         train from scratch only: the weight loaders need 64.
+      groups, width_per_group: ResNeXt (Xie et al. 2017; Detectron2's
+        `RESNETS.NUM_GROUPS` and `WIDTH_PER_GROUP`): the 3x3 conv of each
+        bottleneck in `groups` groups of `width_per_group` channels at res2,
+        doubling per stage (X-101-32x8d: 32 and 8, bottlenecks 256..2048);
+        the blocks' outputs stay those of `width`. Defaults 1 and None: the
+        ResNet's `width` bottlenecks.
       stride_in_1x1: bool, put the stride of res3..res5 on the first 1x1
         conv of a bottleneck block (the original MSRA/Caffe ResNet, as
         keras.applications' and Detectron2's MSRA `R-50.pkl` weights were
@@ -286,7 +292,7 @@ class ResNet(keras.layers.Layer):
     """
 
     def __init__(self, *, depth=50, norm="frozen_bn", freeze_at=2, width=64,
-                 stride_in_1x1=False, **kwargs):
+                 stride_in_1x1=False, groups=1, width_per_group=None, **kwargs):
         super().__init__(**kwargs)
         if depth not in _DEPTHS:
             raise ValueError(
@@ -300,8 +306,21 @@ class ResNet(keras.layers.Layer):
             raise ValueError(
                 f"ResNet: width={width} must be positive, and a multiple of 32 "
                 f"with norm='gn'")
+        groups = int(groups)
+        if groups < 1 or (groups > 1 and not (_DEPTHS[depth][1] and width_per_group)):
+            raise ValueError(
+                f"ResNet: groups={groups} needs bottleneck blocks (depth 50/101) and a "
+                f"width_per_group (got {width_per_group})")
+        if norm == "gn" and width_per_group and (groups * int(width_per_group)) % 32:
+            raise ValueError(f"ResNet: groups x width_per_group = "
+                             f"{groups * int(width_per_group)} must be a multiple of 32 "
+                             f"with norm='gn'")
         self.depth = depth
         self.width = width
+        self.groups = groups
+        self.width_per_group = None if width_per_group is None else int(width_per_group)
+        res2_bottleneck = (width if self.width_per_group is None
+                           else groups * self.width_per_group)
         self.norm = norm
         self.freeze_at = freeze_at
         self.stride_in_1x1 = bool(stride_in_1x1)
@@ -321,10 +340,11 @@ class ResNet(keras.layers.Layer):
             for b in range(n):
                 block = _Block(
                     in_channels=in_channels, out_channels=out_channels,
-                    bottleneck_channels=width * mult,
+                    bottleneck_channels=res2_bottleneck * mult,
                     stride=2 if (b == 0 and stage > 2) else 1,
                     bottleneck=self.bottleneck, norm=norm,
-                    name=f"res{stage}_block{b}", stride_in_1x1=self.stride_in_1x1)
+                    name=f"res{stage}_block{b}", stride_in_1x1=self.stride_in_1x1,
+                    groups=groups)
                 if freeze_at >= stage:
                     block.trainable = False
                 blocks.append(block)
@@ -358,7 +378,8 @@ class ResNet(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "depth": self.depth,
                 "norm": self.norm, "freeze_at": self.freeze_at,
-                "width": self.width, "stride_in_1x1": self.stride_in_1x1}
+                "width": self.width, "stride_in_1x1": self.stride_in_1x1,
+                "groups": self.groups, "width_per_group": self.width_per_group}
 
 
 # ---------------------------------------------------------------- loaders

@@ -134,6 +134,39 @@ class ResNetTest(tf.test.TestCase, parameterized.TestCase):
         # (23,454,912 weights + 53,120 BN running mean/var).
         self.assertEqual(net.count_params(), 23_561_152)
 
+    def test_resnext(self):
+        # torchvision resnext50_32x4d without fc: 22,979,904 weights + 68,224
+        # BN running mean/var.
+        net = resnet_lib.ResNet(depth=50, groups=32, width_per_group=4)
+        out = net(tf.zeros([1, _CANVAS, _CANVAS, 3]))
+        self.assertEqual(net.count_params(), 23_048_128)
+        self.assertEqual({k: v.shape[-1] for k, v in out.items()},
+                         {2: 256, 3: 512, 4: 1024, 5: 2048})
+        conv2 = net.stages[3][0].convs[1].conv   # res5's grouped 3x3: 1024 wide
+        self.assertEqual((conv2.groups, tuple(conv2.kernel.shape)), (32, (3, 3, 32, 1024)))
+        # The frozen-BN fold holds for grouped kernels too.
+        images = tf.random.stateless_normal([1, _CANVAS, _CANVAS, 3], [3, 4])
+        small = resnet_lib.ResNet(depth=50, width=16, groups=4, width_per_group=8,
+                                  freeze_at=0)
+        small(images)
+        rng = np.random.default_rng(5)
+        for v in small.weights:   # the kernels keep their init: deep nets blow up otherwise
+            if 'kernel' not in v.path:
+                v.assign(rng.uniform(0.5, 1.5, v.shape) if 'variance' in v.path
+                         else rng.normal(0, 0.3, v.shape))
+        folded = small(images)
+        plain = lambda conv, norm, x, training: norm(conv(x))  # noqa: E731
+        with mock.patch.object(resnet_lib, '_conv_norm', plain):
+            want = small(images)
+        for level in range(2, 6):
+            self.assertLess(_rel(folded[level], want[level]), 1e-5)
+        with self.assertRaisesRegex(ValueError, 'groups=32 needs bottleneck'):
+            resnet_lib.ResNet(depth=18, groups=32, width_per_group=4)
+        with self.assertRaisesRegex(ValueError, 'width_per_group'):
+            resnet_lib.ResNet(groups=32)
+        with self.assertRaisesRegex(ValueError, "multiple of 32 with norm='gn'"):
+            resnet_lib.ResNet(norm='gn', groups=3, width_per_group=5)
+
     @parameterized.named_parameters(('none', 0, 0), ('stem', 1, 1),
                                     ('res2', 2, 2), ('res4', 4, 4))
     def test_freeze_at(self, freeze_at, frozen_stages):
@@ -645,12 +678,19 @@ class TorchvisionParityTest(tf.test.TestCase):
     """
 
     def test_detectron2_file_of_torchvision_weights(self):
+        self._check('resnet50', resnet_lib.ResNet(depth=50))
+
+    def test_resnext(self):
+        # torchvision's ResNeXt-50 32x4d: 32 groups of 4 channels at res2 (128).
+        self._check('resnext50_32x4d',
+                    resnet_lib.ResNet(depth=50, groups=32, width_per_group=4))
+
+    def _check(self, arch, net):
         out = self.get_temp_dir()
         script = os.path.join(os.path.dirname(__file__), '..', '..', 'benchmarks',
                               'peers', 'torchvision_resnet50_features.py')
-        subprocess.run([os.environ['MRCNN_TORCH_PYTHON'], script, f'--out={out}'],
-                       check=True, capture_output=True, timeout=600)
-        net = resnet_lib.ResNet(depth=50)
+        subprocess.run([os.environ['MRCNN_TORCH_PYTHON'], script, f'--out={out}',
+                        f'--arch={arch}'], check=True, capture_output=True, timeout=600)
         source = resnet_lib.load_detectron2_resnet_weights(
             net, os.path.join(out, 'r50.pkl'))
         self.assertEqual(source, resnet_lib._SOURCES['torchvision'])
