@@ -100,3 +100,10 @@ def test_x101_32x8d_fpn_3x(parsed):
     assert conv2.groups == 32 and tuple(conv2.kernel.shape) == (3, 3, 8, 256)
     assert gin.query_parameter("%BACKBONE_WEIGHTS").endswith("X-101-32x8d.pkl")
     assert gin.query_parameter("train.epochs") == 36.5
+
+
+def test_detectron2_x101_32x8d_fpn(parsed):
+    model = parsed("detectron2_x101_32x8d_fpn.gin")
+    assert model.backbone.groups == 32 and not model.backbone.stride_in_1x1
+    assert model.pixel_std == (58.395, 57.12, 57.375) and model.rpn_head.anchor_offset == 0.0
+    assert model.pixel_mean == (123.675, 116.28, 103.53)

@@ -190,3 +190,21 @@ class CascadeTest(tf.test.TestCase):
         out = TestTimeAugmentation(min_sizes=(128,), flip=False)(self.model, self.batch, 128)
         for k in plain:
             self.assertAllClose(out[k], plain[k], atol=1e-6, msg=k)
+
+    def test_bfloat16_step_and_box_only(self):
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            keras.utils.set_random_seed(2)
+            model = build_mask_rcnn(cascade_stages=2, masks=False, **_SMALL)
+            batch = {k: v for k, v in self.batch.items() if k != "gt_masks"}
+            with tf.GradientTape() as tape:
+                losses = model(batch, training=True)
+                total = tf.add_n(list(losses.values()))
+            grads = tape.gradient(total, model.trainable_variables)
+            detections = model(batch, training=False)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        self.assertNotIn("mask", losses)
+        self.assertTrue(all(g is not None and np.isfinite(g.numpy()).all() for g in grads))
+        self.assertNotIn("detection_masks", detections)
+        self.assertEqual(detections["detection_boxes"].dtype, tf.float32)
