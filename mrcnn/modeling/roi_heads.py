@@ -253,7 +253,7 @@ class RoiHeads(keras.layers.Layer):
             aligned=self.aligned)
 
     def box_outputs(self, features, rois):
-        """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C, 4]."""
+        """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C|1, 4]."""
         return self.box_head(self._pool(features, rois, self.box_pool_size))
 
     def box_losses(self, features, rois, gt_boxes, gt_classes, gt_valid, image_info):
