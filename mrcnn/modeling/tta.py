@@ -16,7 +16,9 @@ scaled by the factor, rounded up to a multiple of 2**max_level.
 Cost: the backbone and box head run once per augmentation (18 with the
 defaults), the mask head once per augmentation on D boxes; every
 augmentation's FPN features are kept until the masks are made (about
-1.4 GB per COCO image at the defaults in float32, half in bfloat16).
+1.4 GB per COCO image at the defaults in float32, half in bfloat16), or,
+with `keep_features=False`, computed again for the masks (Detectron2's
+way: twice the backbone time, one augmentation's features at a time).
 """
 
 import math
@@ -153,6 +155,8 @@ class TestTimeAugmentation:
         100); the one equal to the batch's `base_min_size` runs on the
         batch as it is.
       flip: bool, also run each size mirrored (`TEST.AUG.FLIP`).
+      keep_features: bool, hold every augmentation's features for the mask
+        head (default) or run the backbone again for it (less memory).
 
     `tta(model, batch, base_min_size)` returns the detections dict of
     `model(batch, training=False)` (same keys, shapes and coordinates);
@@ -161,12 +165,13 @@ class TestTimeAugmentation:
     and predict loops do): it is a static graph per canvas.
     """
 
-    def __init__(self, min_sizes=DETECTRON2_MIN_SIZES, flip=True):
+    def __init__(self, min_sizes=DETECTRON2_MIN_SIZES, flip=True, keep_features=True):
         self.min_sizes = tuple(int(s) for s in min_sizes)
         if not self.min_sizes or min(self.min_sizes) <= 0:
             raise ValueError(f"TestTimeAugmentation: min_sizes={min_sizes} must be "
                              f"positive sizes")
         self.flip = bool(flip)
+        self.keep_features = bool(keep_features)
 
     @property
     def num_augmentations(self):
@@ -194,8 +199,9 @@ class TestTimeAugmentation:
     def __call__(self, model, batch, base_min_size):
         heads = model.roi_heads
         divisor = 2 ** model.fpn.max_level
+        augmented = self.augmentations(batch, base_min_size, divisor)
         stages, found = [], []
-        for images, info, flipped in self.augmentations(batch, base_min_size, divisor):
+        for images, info, flipped in augmented:
             features, proposals, valid = model.proposals(
                 {"images": images, "image_info": info})
             boxes, scores, classes, num_valid = heads.detect_boxes(
@@ -205,7 +211,7 @@ class TestTimeAugmentation:
             boxes = box_ops.clip_boxes(boxes / info[:, 4][:, None, None], info[:, 0:2])
             slot_valid = tf.range(heads.max_detections)[None, :] < num_valid[:, None]
             found.append((boxes, scores, classes, slot_valid))
-            stages.append((features, info, flipped))
+            stages.append(features if self.keep_features else None)
         boxes, scores, classes, num_valid = merge_detections(
             *(tf.concat(parts, axis=1) for parts in zip(*found)),
             num_classes=heads.num_classes, max_detections=heads.max_detections,
@@ -215,7 +221,12 @@ class TestTimeAugmentation:
         if heads.mask_head is None:
             return detections
         masks = []
-        for features, info, flipped in stages:
+        for features, (images, info, flipped) in zip(stages, augmented):
+            if features is None:
+                # After the merge, so that one augmentation's features live at a time.
+                with tf.control_dependencies([boxes]):
+                    images = tf.identity(images)
+                features = model.proposals({"images": images, "image_info": info})[0]
             aug_boxes = boxes * info[:, 4][:, None, None]
             if flipped:
                 aug_boxes = flip_boxes(aug_boxes, info[:, 3])

@@ -223,6 +223,14 @@ class TestTimeAugmentationTest(tf.test.TestCase):
             total += probabilities.numpy()[..., ::-1] if flipped else probabilities.numpy()
         np.testing.assert_allclose(out["detection_masks"], total / 4, atol=1e-5)
 
+    def test_features_computed_again_give_the_same_detections(self):
+        kept = tta_lib.TestTimeAugmentation(min_sizes=(64, 128), flip=True)
+        again = tta_lib.TestTimeAugmentation(min_sizes=(64, 128), flip=True,
+                                             keep_features=False)
+        a, b = kept(self.model, self.batch, 128), again(self.model, self.batch, 128)
+        for k in a:
+            np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-6, err_msg=k)
+
     def test_box_only_model_and_bad_sizes(self):
         keras.utils.set_random_seed(1)
         model = build_mask_rcnn(**dict(_SMALL, masks=False))
