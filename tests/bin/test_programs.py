@@ -151,10 +151,9 @@ def test_train_evaluates_its_last_checkpoint(run, tmp_path):
 
 
 def test_eval_with_test_time_augmentation(run):
-    bindings = run["bindings"] + ["evaluate.tta = @TestTimeAugmentation()",
-                                  "TestTimeAugmentation.min_sizes = (32, 64)",
+    bindings = run["bindings"] + ["TestTimeAugmentation.min_sizes = (32, 64)",
                                   "evaluate.num_pictures = 0"]
-    proc = _run("eval", f"--model_dir={run['model_dir']}", bindings=bindings)
+    proc = _run("eval", f"--model_dir={run['model_dir']}", "--tta", bindings=bindings)
     assert "Test-time augmentation: 4 runs per batch" in proc.stderr
     eval_dir = run["model_dir"] / "eval"
     metrics = json.loads((eval_dir / f"metrics-{STEPS}-tta.json").read_text())
