@@ -89,3 +89,24 @@ class RepeatFactorTest(tf.test.TestCase):
         self.assertIsNone(CocoInput(root, training=False, min_size=32, max_size=48,
                                     canvas_size=(64, 64), repeat_threshold=0.5)
                           .repeat_factors)
+
+    def test_with_orientation_groups(self):
+        data = _long_tail()
+        for image in data["images"][14:]:   # ids 15-20 portrait, the dogs among them
+            image["height"], image["width"] = fixtures.WIDTH, fixtures.HEIGHT
+        root = tempfile.mkdtemp()
+        fixtures.write_dataset(root, data)
+        builder = CocoInput(root, batch_size=2, min_size=32, max_size=48,
+                            canvas_size=(64, 64), max_instances=4, mask_size=8, seed=2,
+                            filter_empty=False, repeat_threshold=0.5,
+                            group_by_orientation=True, size_divisor=8)
+        self.assertLen(builder.canvases, 2)
+        counts = collections.Counter()
+        for batch in builder().take(150):
+            ids = batch["image_id"].numpy()
+            portrait = [i >= 15 for i in ids]
+            self.assertEqual(len(set(portrait)), 1)   # one canvas per batch
+            counts.update(ids.tolist())
+        rare = np.mean([counts[i] for i in (17, 18, 19)])
+        common = np.mean([counts[i] for i in (15, 16)])   # portrait, cat only
+        self.assertGreater(rare / common, 1.5)
