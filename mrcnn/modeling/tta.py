@@ -200,7 +200,7 @@ class TestTimeAugmentation:
         heads = model.roi_heads
         divisor = 2 ** model.fpn.max_level
         augmented = self.augmentations(batch, base_min_size, divisor)
-        stages, found = [], []
+        kept_features, found = [], []
         for images, info, flipped in augmented:
             features, proposals, valid = model.proposals(
                 {"images": images, "image_info": info})
@@ -211,7 +211,7 @@ class TestTimeAugmentation:
             boxes = box_ops.clip_boxes(boxes / info[:, 4][:, None, None], info[:, 0:2])
             slot_valid = tf.range(heads.max_detections)[None, :] < num_valid[:, None]
             found.append((boxes, scores, classes, slot_valid))
-            stages.append(features if self.keep_features else None)
+            kept_features.append(features if self.keep_features else None)
         boxes, scores, classes, num_valid = merge_detections(
             *(tf.concat(parts, axis=1) for parts in zip(*found)),
             num_classes=heads.num_classes, max_detections=heads.max_detections,
@@ -221,7 +221,7 @@ class TestTimeAugmentation:
         if heads.mask_head is None:
             return detections
         masks = []
-        for features, (images, info, flipped) in zip(stages, augmented):
+        for features, (images, info, flipped) in zip(kept_features, augmented):
             if features is None:
                 # After the merge, so that one augmentation's features live at a time.
                 with tf.control_dependencies([boxes]):

@@ -555,6 +555,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             if evaluated and _is_chief(strategy):
                 metrics = _evaluate(eval_fn, model_dir, manager.latest_checkpoint,
                                     precision)
+                # The evaluation's time stays out of the next window's img/s.
+                window_start, window_images = time.perf_counter(), 0
             if stopped_by:
                 logging.warning("Stopped by %s at step %d of %d: checkpoint %s; rerun "
                                 "the same command to resume", stopped_by, current,
