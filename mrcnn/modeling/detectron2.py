@@ -189,7 +189,7 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
             "the trained network.", path, rpn.anchor_offset)
 
     pool = model.roi_heads.box_pool_size
-    for box_head, (head_name, _) in zip(_box_stages(model), _box_stage_names(model)):
+    for box_head, head_name, _ in _box_stages(model):
         for i, fc in enumerate(box_head.fcs):
             theirs = f"{head_name}.fc{i + 1}"
             w = take(f"{theirs}.weight")   # [out, in]
@@ -255,21 +255,17 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
 
 
 def _box_stages(model):
-    """The model's box heads, stage by stage (one unless a cascade)."""
-    return list(getattr(model.roi_heads, "box_heads", [model.roi_heads.box_head]))
-
-
-def _box_stage_names(model):
-    """Detectron2's (box head, box predictor) prefixes of each stage."""
+    """(box head, Detectron2's box head prefix, its box predictor prefix) per
+    stage: one stage unless the model is a cascade."""
     if not hasattr(model.roi_heads, "box_heads"):
-        return [("roi_heads.box_head", "roi_heads.box_predictor")]
-    return [(f"roi_heads.box_head.{k}", f"roi_heads.box_predictor.{k}")
-            for k in range(len(model.roi_heads.box_heads))]
+        return [(model.roi_heads.box_head, "roi_heads.box_head", "roi_heads.box_predictor")]
+    return [(head, f"roi_heads.box_head.{k}", f"roi_heads.box_predictor.{k}")
+            for k, head in enumerate(model.roi_heads.box_heads)]
 
 
 def _load_class_layers(model, take, plan, path, allow_class_mismatch):
     """Box scores, box deltas and mask predictor; the variables skipped."""
-    stages = list(zip(_box_stages(model), (p for _, p in _box_stage_names(model))))
+    stages = [(head, predictor) for head, _, predictor in _box_stages(model)]
     mask_head = model.roi_heads.mask_head
     classes = stages[0][0].num_classes
     score_w = [take(f"{p}.cls_score.weight") for _, p in stages]   # [C' + 1, fc]
