@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from mrcnn.data import pipeline
 from mrcnn.evaluation import runner
+from mrcnn.modeling import compile_ops
 
 
 def decode_image(data):
@@ -159,14 +160,17 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
         images, info = tf.map_fn(one, encoded, fn_output_signature=signature)
         return _on_fitting_canvas(images, info, detect_on)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serve_images", serve_images,
-        input_signature=[tf.TensorSpec([batch_size, None, None, 3], tf.uint8,
-                                       name="images")])
-    archive.add_endpoint(
-        "serve_encoded", serve_encoded,
-        input_signature=[tf.TensorSpec([batch_size], tf.string, name="encoded")])
-    archive.write_out(export_dir, verbose=False)
+    # Plain graphs, without the model's XLA islands (`mrcnn.modeling._xla`):
+    # the SavedModel then runs wherever TensorFlow does, XLA or not.
+    with compile_ops(False):
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            "serve_images", serve_images,
+            input_signature=[tf.TensorSpec([batch_size, None, None, 3], tf.uint8,
+                                           name="images")])
+        archive.add_endpoint(
+            "serve_encoded", serve_encoded,
+            input_signature=[tf.TensorSpec([batch_size], tf.string, name="encoded")])
+        archive.write_out(export_dir, verbose=False)
     return step, path

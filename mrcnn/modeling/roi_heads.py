@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling._config import checkpointed, configurable_layer
+from mrcnn.modeling._xla import compiled
 
 from mrcnn.ops import boxes as box_ops
 from mrcnn.ops import masks as mask_ops
@@ -245,6 +246,7 @@ class RoiHeads(keras.layers.Layer):
             positive_iou=self.iou_threshold, negative_iou=self.iou_threshold,
             weights=self.box_weights)
 
+    @compiled
     def _pool(self, features, rois, size):
         return roi_ops.multilevel_roi_align(
             features, rois, output_size=(size, size),
@@ -272,6 +274,7 @@ class RoiHeads(keras.layers.Layer):
         pooled = self._pool(features, rois, self.mask_pool_size)
         return self.mask_head(pooled, classes - 1)
 
+    @compiled
     def mask_targets(self, gt_masks, rois, matched_index, gt_boxes):
         """float32 [B, Kp, S, S] from masks cropped to their gt boxes."""
         return mask_ops.mask_targets(

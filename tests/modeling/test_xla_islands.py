@@ -1,0 +1,109 @@
+"""XLA islands (`mrcnn.modeling._xla`): RoI sampling compiled inside graph steps."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mrcnn.modeling import _xla
+from mrcnn.modeling.mask_rcnn import build_mask_rcnn
+from tests.modeling.test_mask_rcnn import _SMALL, synthetic_batch
+
+
+def _islands(graph_def):
+    """Names of the functions in `graph_def` that XLA must compile."""
+    return sorted(f.signature.name for f in graph_def.library.function
+                  if f.attr["_XlaMustCompile"].b)
+
+
+class XlaIslandsTest(tf.test.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(0)
+        cls.model = build_mask_rcnn(**_SMALL)
+        cls.batch = synthetic_batch()
+        cls.model(cls.batch, training=False)  # variables made eagerly
+
+    def _traced(self, fn, enabled):
+        with _xla.compile_ops(enabled):
+            concrete = tf.function(fn).get_concrete_function()
+        return concrete, _islands(concrete.graph.as_graph_def())
+
+    def test_pooling_and_gradient_match_without_islands(self):
+        """Box and mask RoIAlign, their gradients and mask targets: the same
+        numbers as op-by-op graph mode (the islands only regroup the work)."""
+        heads = self.model.roi_heads
+        rng = np.random.default_rng(1)
+        features = {l: tf.constant(rng.normal(size=(2, 128 // 2 ** l, 128 // 2 ** l, 64)),
+                                   tf.float32) for l in range(2, 7)}
+        rois = tf.constant(np.sort(rng.uniform(-8, 136, (2, 40, 2, 2)), axis=2)
+                           .transpose(0, 1, 3, 2).reshape(2, 40, 4), tf.float32)
+        matched = tf.constant(rng.integers(0, 4, (2, 40)), tf.int32)
+
+        def run():
+            with tf.GradientTape() as tape:
+                tape.watch(features)
+                box = heads._pool(features, rois, 7)
+                mask = heads._pool(features, rois[:, :16], 14)
+                loss = tf.reduce_sum(box ** 2) + tf.reduce_sum(tf.sin(mask))
+            grads = tape.gradient(loss, features)
+            targets = heads.mask_targets(self.batch['gt_masks'], rois[:, :16],
+                                         matched[:, :16], self.batch['gt_boxes'])
+            return box, mask, [grads[l] for l in range(2, 6)], targets
+
+        plain, none = self._traced(run, False)
+        islands, names = self._traced(run, True)
+        self.assertEqual(none, [])
+        # Two poolings and the mask targets, the poolings' backward passes
+        # (compiled too) and their forward passes as the gradient calls them.
+        self.assertLen([n for n in names if n.startswith('__inference__pool_')], 2)
+        self.assertLen([n for n in names if n.startswith('__inference_mask_targets_')], 1)
+        self.assertLen([n for n in names if n.startswith('__inference___backward__pool_')], 2)
+        want, got = plain(), islands()
+        for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
+            # Scatter-add gradients sum in another order: float32 rounding.
+            self.assertAllClose(w, g, rtol=1e-4, atol=1e-4)
+        self.assertGreater(float(tf.reduce_max(tf.abs(got[2][0]))), 0.0)
+
+    def test_model_step_in_graph_mode(self):
+        """Inference equals eager; a training graph gets gradients into every
+        trainable variable through the islands."""
+        model, batch = self.model, self.batch
+        infer, names = self._traced(lambda: model(batch, training=False), True)
+        self.assertNotEmpty(names)
+        eager = model(batch, training=False)
+        got = infer()
+        self.assertAllEqual(eager['num_detections'], got['num_detections'])
+        self.assertAllEqual(eager['detection_classes'], got['detection_classes'])
+        for key in ('detection_boxes', 'detection_scores', 'detection_masks'):
+            self.assertAllClose(eager[key], got[key], rtol=1e-4, atol=1e-4)
+
+        def grads():
+            with tf.GradientTape() as tape:
+                total = tf.add_n(list(model.compute_losses(batch).values()))
+            return tape.gradient(total, model.trainable_variables)
+
+        step, names = self._traced(grads, True)
+        self.assertNotEmpty(names)
+        for var, grad in zip(model.trainable_variables, step()):
+            self.assertIsNotNone(grad, var.path)
+            self.assertGreater(float(tf.reduce_max(tf.abs(grad))), 0.0, var.path)
+
+    def test_eager_calls_and_compile_ops_false_run_plain(self):
+        self.assertTrue(_xla._enabled)
+        with _xla.compile_ops(False):
+            self.assertFalse(_xla._enabled)
+            with _xla.compile_ops(True):
+                self.assertTrue(_xla._enabled)
+            self.assertFalse(_xla._enabled)
+        self.assertTrue(_xla._enabled)
+        calls = []
+
+        @_xla.compiled
+        def op(x):
+            calls.append(tf.executing_eagerly())
+            return x * 2.0
+
+        self.assertAllEqual(op(tf.constant([1.0])), [2.0])
+        self.assertEqual(calls, [True])   # eager: the method itself, no function
