@@ -23,6 +23,10 @@ import contextlib
 import functools
 
 import tensorflow as tf
+# The one way to ask, while tracing, whether XLA will compile the graph
+# (`tf.function(jit_compile=True)`, also from an enclosing function); tf-keras
+# asked the same way.
+from tensorflow.python.ops import control_flow_util
 
 # Read when a graph is traced, from whichever thread traces it (MirroredStrategy
 # traces each replica in a thread of its own): a plain module flag.
@@ -60,3 +64,10 @@ def compiled(method):
             return tf.function(island, jit_compile=True, autograph=False)()
 
     return wrapper
+
+
+def in_xla_context():
+    """True while tracing a graph that XLA compiles (static shapes needed)."""
+    return (not tf.executing_eagerly()
+            and control_flow_util.GraphOrParentsInXlaContext(
+                tf.compat.v1.get_default_graph()))

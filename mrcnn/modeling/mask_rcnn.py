@@ -184,14 +184,8 @@ class MaskRCNN(keras.Model):
             raise ValueError(
                 "MaskRCNN: the batch has no gt_masks (CocoInput.with_masks = False); "
                 "set RoiHeads.mask_head = None for a box-only model")
-        kp = self.roi_heads.num_mask_rois  # positives sit in these slots
-        mask_logits = self.roi_heads.mask_outputs(
-            features, rois.rois[:, :kp], tf.maximum(rois.classes[:, :kp], 1))
-        mask_targets = self.roi_heads.mask_targets(
-            batch["gt_masks"], rois.rois[:, :kp], rois.matched_index[:, :kp],
-            gt_boxes)
-        losses["mask"] = loss_lib.mask_loss(
-            mask_logits, mask_targets, rois.classes[:, :kp] > 0)
+        losses["mask"] = self.roi_heads.mask_loss(features, rois, batch["gt_masks"],
+                                                  gt_boxes)
         return losses
 
     def compute_losses(self, batch):

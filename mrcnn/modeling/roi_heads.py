@@ -2,7 +2,8 @@
 
 Shape letters: `B` batch, `K` rois per image (512 sampled in training, the
 P proposals at inference), `Kp` rois of the mask head (the positive slots,
-`int(512 * 0.25) = 128`, in training; the D detections at inference), `M` gt
+`int(512 * 0.25) = 128`, in training, fewer outside XLA: `mask_slots`; the
+D detections at inference), `M` gt
 boxes, `C` foreground classes (80 for COCO), `F` FPN channels, `S` the mask
 resolution (28), `D` detections per image (100), `H` x `W` the canvas.
 
@@ -20,13 +21,17 @@ import tensorflow as tf
 
 from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling._config import checkpointed, configurable_layer
-from mrcnn.modeling._xla import compiled
+from mrcnn.modeling._xla import compiled, in_xla_context
 
 from mrcnn.ops import boxes as box_ops
 from mrcnn.ops import masks as mask_ops
 from mrcnn.ops import nms as nms_ops
 from mrcnn.ops import roi_align as roi_ops
 from mrcnn.ops import targets as target_ops
+
+
+# Granularity of the mask head's trimmed slots outside XLA (`RoiHeads.mask_slots`).
+_MASK_SLOT_STEP = 16
 
 
 def _xavier_fill():
@@ -136,6 +141,8 @@ class MaskHead(keras.layers.Layer):
 
     def call(self, pooled, classes):
         batch, rois, height, width, channels = pooled.shape
+        if rois is None:   # trimmed slots in training outside XLA (`RoiHeads.mask_slots`)
+            rois = tf.shape(pooled)[1]
         x = tf.reshape(pooled, [batch * rois, height, width, channels])
         for conv in self.convs:
             x = conv(x)
@@ -235,6 +242,39 @@ class RoiHeads(keras.layers.Layer):
     def num_mask_rois(self):
         """Kp in training: the slots that can hold positives."""
         return int(self.num_samples * self.positive_fraction)
+
+    def mask_slots(self, classes):
+        """How many leading sampled slots the mask head trains on.
+
+        `sample` puts every positive in the first `num_mask_rois` slots. A
+        graph that XLA compiles needs static shapes: all `Kp` of them, a
+        Python int. Otherwise (graph mode, eagerly) the batch's largest
+        positive count, rounded up to a multiple of `_MASK_SLOT_STEP` (so an
+        XLA island compiles for a few shapes only) and at least one step, as
+        an int32 scalar: the slots left out hold no positive, so the mask
+        loss and its gradients are the same, and the mask head does the work
+        of the positives only (as Detectron2's and torchvision's do).
+
+        Args:
+          classes: int32 [B, K], `sample`'s classes (> 0 on positives).
+        """
+        kp = self.num_mask_rois
+        if in_xla_context():
+            return kp
+        positives = tf.reduce_max(tf.reduce_sum(tf.cast(classes[:, :kp] > 0, tf.int32), 1))
+        step = min(_MASK_SLOT_STEP, kp)
+        return tf.minimum(-(-tf.maximum(positives, 1) // step) * step, kp)
+
+    def mask_loss(self, features, rois, gt_masks, gt_boxes):
+        """The mask loss, float32 scalar, on the positives of `sample`'s `rois`
+        (`ProposalTargets`): the head on the first `mask_slots` slots,
+        targets from `gt_masks` [B, M, S_m, S_m] cropped to `gt_boxes`."""
+        kp = self.mask_slots(rois.classes)
+        classes = rois.classes[:, :kp]
+        logits = self.mask_outputs(features, rois.rois[:, :kp], tf.maximum(classes, 1))
+        targets = self.mask_targets(gt_masks, rois.rois[:, :kp],
+                                    rois.matched_index[:, :kp], gt_boxes)
+        return loss_lib.mask_loss(logits, targets, classes > 0)
 
     def sample(self, proposals, proposal_valid, gt_boxes, gt_classes,
                gt_valid):

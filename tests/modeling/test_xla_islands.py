@@ -1,10 +1,13 @@
-"""XLA islands (`mrcnn.modeling._xla`): RoI sampling compiled inside graph steps."""
+"""XLA islands (`mrcnn.modeling._xla`): RoI sampling compiled inside graph steps;
+outside XLA, the mask head on the slots that can hold positives."""
+
+from unittest import mock
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mrcnn.modeling import _xla
+from mrcnn.modeling import _xla, roi_heads
 from mrcnn.modeling.mask_rcnn import build_mask_rcnn
 from tests.modeling.test_mask_rcnn import _SMALL, synthetic_batch
 
@@ -107,3 +110,52 @@ class XlaIslandsTest(tf.test.TestCase):
 
         self.assertAllEqual(op(tf.constant([1.0])), [2.0])
         self.assertEqual(calls, [True])   # eager: the method itself, no function
+
+
+class MaskSlotsTest(tf.test.TestCase):
+    """Outside XLA the mask head trains on the slots that can hold positives."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(0)
+        cls.model = build_mask_rcnn(**dict(_SMALL, num_samples=512))   # Kp = 128
+        cls.batch = synthetic_batch()
+        cls.model(cls.batch, training=True)
+
+    def test_trimmed_slots_give_the_loss_and_gradients_of_all_slots(self):
+        model, batch = self.model, self.batch
+        heads = model.roi_heads
+        features, _, _, _, proposals, valid = model._first_stage(batch, True)
+        rois = heads.sample(proposals, valid, batch['gt_boxes'], batch['gt_classes'],
+                            batch['gt_valid'])
+        variables = heads.mask_head.trainable_variables
+
+        def loss_and_grads():
+            with tf.GradientTape() as tape:
+                tape.watch(features)
+                loss = heads.mask_loss(features, rois, batch['gt_masks'], batch['gt_boxes'])
+            return loss, tape.gradient(loss, [variables, [features[l] for l in range(2, 6)]])
+
+        positives = tf.reduce_sum(tf.cast(rois.classes > 0, tf.int32), axis=1).numpy()
+        kp = int(heads.mask_slots(rois.classes))
+        self.assertEqual(kp, min(-(-max(positives.max(), 1) // 16) * 16, 128))
+        self.assertLess(kp, heads.num_mask_rois)
+        self.assertGreater(positives.min(), 0)
+        trimmed = loss_and_grads()
+        with mock.patch.object(roi_heads, 'in_xla_context', return_value=True):
+            self.assertEqual(heads.mask_slots(rois.classes), heads.num_mask_rois)
+            full = loss_and_grads()
+        self.assertGreater(float(trimmed[0]), 0.0)
+        for want, got in zip(tf.nest.flatten(full), tf.nest.flatten(trimmed)):
+            self.assertAllClose(want, got, rtol=1e-5, atol=1e-7)
+
+    def test_all_slots_under_xla_and_the_rounding(self):
+        heads = self.model.roi_heads
+        classes = tf.constant([[1] * 17 + [0] * 495, [2] * 3 + [-1] * 509], tf.int32)
+        traced = tf.function(lambda c: tf.constant(heads.mask_slots(c)), jit_compile=True)
+        self.assertEqual(int(traced(classes)), 128)
+        self.assertEqual(int(heads.mask_slots(classes)), 32)
+        self.assertEqual(int(tf.function(heads.mask_slots)(classes)), 32)
+        self.assertEqual(int(heads.mask_slots(tf.zeros_like(classes))), 16)
+        self.assertEqual(int(heads.mask_slots(tf.ones_like(classes))), 128)
