@@ -12,8 +12,8 @@ this project's CPU (`bin/bench`, graph mode): the shapes demo's training
 step 0.313 -> 0.236 s, R50-FPN training at 512 x 512 batch 2 6.01 -> 5.26 s
 (float32) and 2.51 -> 1.86 s (bfloat16), R50-FPN inference 1059 -> 872 ms.
 
-Inside a step compiled as a whole (the COCO recipe, `train.xla = True`) an
-island is inlined: the program is the same. Run eagerly (no graph being
+Inside a step compiled as a whole (the COCO recipe, `train.xla = True`) the
+method runs as written, part of that program. Run eagerly (no graph being
 traced), the method runs op by op as written. `compile_ops(False)` turns
 islands off while tracing, e.g. for a SavedModel that must not require XLA
 wherever it is served (`bin/export` does).
@@ -23,9 +23,8 @@ import contextlib
 import functools
 
 import tensorflow as tf
-# The one way to ask, while tracing, whether XLA will compile the graph
-# (`tf.function(jit_compile=True)`, also from an enclosing function); tf-keras
-# asked the same way.
+# Whether the graph being traced is one XLA compiles (`jit_compile=True`, here
+# or in an enclosing function): TensorFlow answers this only privately.
 from tensorflow.python.ops import control_flow_util
 
 # Read when a graph is traced, from whichever thread traces it (MirroredStrategy
@@ -54,8 +53,9 @@ def compiled(method):
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        if tf.executing_eagerly() or not _enabled:
+        if tf.executing_eagerly() or not _enabled or in_xla_context():
             return method(*args, **kwargs)
+
         def island():
             return method(*args, **kwargs)
 

@@ -3,9 +3,9 @@
 Shape letters: `B` batch, `K` rois per image (512 sampled in training, the
 P proposals at inference), `Kp` rois of the mask head (the positive slots,
 `int(512 * 0.25) = 128`, in training, fewer outside XLA: `mask_slots`; the
-D detections at inference), `M` gt
-boxes, `C` foreground classes (80 for COCO), `F` FPN channels, `S` the mask
-resolution (28), `D` detections per image (100), `H` x `W` the canvas.
+D detections at inference), `M` gt boxes, `C` foreground classes (80 for
+COCO), `F` FPN channels, `S` the mask resolution (28), `D` detections per
+image (100), `H` x `W` the canvas.
 
 Box and mask heads follow Detectron2's `FastRCNNConvFCHead` (2 x FC-1024)
 + `FastRCNNOutputLayers` (class-specific boxes) and `MaskRCNNConvUpsampleHead`

@@ -28,9 +28,9 @@ class XlaIslandsTest(tf.test.TestCase):
         cls.batch = synthetic_batch()
         cls.model(cls.batch, training=False)  # variables made eagerly
 
-    def _traced(self, fn, enabled):
+    def _traced(self, fn, enabled, jit_compile=False):
         with _xla.compile_ops(enabled):
-            concrete = tf.function(fn).get_concrete_function()
+            concrete = tf.function(fn, jit_compile=jit_compile).get_concrete_function()
         return concrete, _islands(concrete.graph.as_graph_def())
 
     def test_pooling_and_gradient_match_without_islands(self):
@@ -58,15 +58,19 @@ class XlaIslandsTest(tf.test.TestCase):
         plain, none = self._traced(run, False)
         islands, names = self._traced(run, True)
         self.assertEqual(none, [])
+        # Compiled as a whole: the ops are part of the one program, no island.
+        whole, nested = self._traced(run, True, jit_compile=True)
+        self.assertEqual([n for n in nested if 'pool' in n or 'mask_targets' in n], [])
         # Two poolings and the mask targets, the poolings' backward passes
         # (compiled too) and their forward passes as the gradient calls them.
         self.assertLen([n for n in names if n.startswith('__inference__pool_')], 2)
         self.assertLen([n for n in names if n.startswith('__inference_mask_targets_')], 1)
         self.assertLen([n for n in names if n.startswith('__inference___backward__pool_')], 2)
         want, got = plain(), islands()
-        for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
-            # Scatter-add gradients sum in another order: float32 rounding.
-            self.assertAllClose(w, g, rtol=1e-4, atol=1e-4)
+        for other in (got, whole()):
+            for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(other)):
+                # Scatter-add gradients sum in another order: float32 rounding.
+                self.assertAllClose(w, g, rtol=1e-4, atol=1e-4)
         self.assertGreater(float(tf.reduce_max(tf.abs(got[2][0]))), 0.0)
 
     def test_model_step_in_graph_mode(self):
