@@ -30,8 +30,24 @@ from mrcnn.ops import roi_align as roi_ops
 from mrcnn.ops import targets as target_ops
 
 
-# Granularity of the mask head's trimmed slots outside XLA (`RoiHeads.mask_slots`).
+# Granularity of the mask head's trimmed slots outside XLA (`_leading_slots`).
 _MASK_SLOT_STEP = 16
+
+
+def _leading_slots(used):
+    """How many leading slots of `used` bool [B, K] the mask head must run on.
+
+    Under XLA (static shapes) all K, a Python int. Otherwise up to the
+    batch's last used slot, rounded up to a multiple of `_MASK_SLOT_STEP` (an
+    XLA island then compiles for a few shapes only), at least one step and
+    at most K: an int32 scalar.
+    """
+    slots = used.shape[1]
+    if in_xla_context():
+        return slots
+    last = tf.reduce_max(tf.where(used, tf.range(1, slots + 1)[None, :], 0))
+    step = min(_MASK_SLOT_STEP, slots)
+    return tf.minimum(-(-tf.maximum(last, 1) // step) * step, slots)
 
 
 def _xavier_fill():
@@ -248,22 +264,17 @@ class RoiHeads(keras.layers.Layer):
 
         `sample` puts every positive in the first `num_mask_rois` slots. A
         graph that XLA compiles needs static shapes: all `Kp` of them, a
-        Python int. Otherwise (graph mode, eagerly) the batch's largest
-        positive count, rounded up to a multiple of `_MASK_SLOT_STEP` (so an
-        XLA island compiles for a few shapes only) and at least one step, as
-        an int32 scalar: the slots left out hold no positive, so the mask
-        loss and its gradients are the same, and the mask head does the work
-        of the positives only (as Detectron2's and torchvision's do).
+        Python int. Otherwise (graph mode, eagerly) only as many as hold
+        positives (`_leading_slots`), an int32 scalar: the slots left out
+        hold no positive, so the mask loss and its gradients are the same,
+        and the mask head does the work of the positives only (as
+        Detectron2's and torchvision's do).
 
         Args:
           classes: int32 [B, K], `sample`'s classes (> 0 on positives).
         """
         kp = self.num_mask_rois
-        if in_xla_context():
-            return kp
-        positives = tf.reduce_max(tf.reduce_sum(tf.cast(classes[:, :kp] > 0, tf.int32), 1))
-        step = min(_MASK_SLOT_STEP, kp)
-        return tf.minimum(-(-tf.maximum(positives, 1) // step) * step, kp)
+        return _leading_slots(classes[:, :kp] > 0)
 
     def mask_loss(self, features, rois, gt_masks, gt_boxes):
         """The mask loss, float32 scalar, on the positives of `sample`'s `rois`
@@ -425,8 +436,17 @@ class RoiHeads(keras.layers.Layer):
           boxes: float32 [B, D, 4] in resized-image pixels.
           classes: int32 [B, D], 1..C; 0 marks a padded slot (its mask is 0).
         """
-        mask_logits = self.mask_outputs(features, boxes, tf.maximum(classes, 1))
-        return tf.where((classes > 0)[..., None, None], tf.sigmoid(mask_logits), 0.0)
+        # Outside XLA the head runs on the slots up to the last detection
+        # (`_leading_slots`); the others are 0 either way.
+        batch, slots = classes.shape
+        n = _leading_slots(classes > 0)
+        classes = classes[:, :n]
+        mask_logits = self.mask_outputs(features, boxes[:, :n], tf.maximum(classes, 1))
+        masks = tf.where((classes > 0)[..., None, None], tf.sigmoid(mask_logits), 0.0)
+        if isinstance(n, int):
+            return masks
+        masks = tf.pad(masks, [[0, 0], [0, slots - n], [0, 0], [0, 0]])
+        return tf.ensure_shape(masks, [batch, slots, self.mask_size, self.mask_size])
 
     def get_config(self):
         return {

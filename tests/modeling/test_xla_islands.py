@@ -163,3 +163,27 @@ class MaskSlotsTest(tf.test.TestCase):
         self.assertEqual(int(tf.function(heads.mask_slots)(classes)), 32)
         self.assertEqual(int(heads.mask_slots(tf.zeros_like(classes))), 16)
         self.assertEqual(int(heads.mask_slots(tf.ones_like(classes))), 128)
+        # Up to the last used slot, wherever the others are.
+        self.assertEqual(int(heads.mask_slots(tf.constant([[0] * 33 + [1] + [0] * 478] * 2))),
+                         48)
+
+    def test_detection_masks_on_the_slots_up_to_the_last_detection(self):
+        """Inference outside XLA runs the mask head up to the batch's last
+        detection; the masks are those of all D slots (0 in the others)."""
+        heads = self.model.roi_heads
+        rng = np.random.default_rng(3)
+        features = {l: tf.constant(rng.normal(size=(2, 128 // 2 ** l, 128 // 2 ** l, 64)),
+                                   tf.float32) for l in range(2, 7)}
+        boxes = tf.constant(np.sort(rng.uniform(0, 128, (2, 100, 2, 2)), axis=2)
+                            .transpose(0, 1, 3, 2).reshape(2, 100, 4), tf.float32)
+        classes = np.zeros((2, 100), np.int32)
+        classes[0, :5] = [1, 2, 3, 1, 2]
+        classes[1, [0, 1, 2, 20]] = 3   # a padded slot before a detection
+        classes = tf.constant(classes)
+        masks = heads.detect_masks(features, boxes, classes)
+        graph = tf.function(heads.detect_masks).get_concrete_function(features, boxes, classes)
+        self.assertEqual(graph.output_shapes, (2, 100, 28, 28))
+        with mock.patch.object(roi_heads, 'in_xla_context', return_value=True):
+            full = heads.detect_masks(features, boxes, classes)
+        self.assertAllClose(full, masks, rtol=1e-6, atol=1e-7)
+        self.assertAllEqual(tf.reduce_max(masks, axis=[2, 3]) > 0, classes > 0)
