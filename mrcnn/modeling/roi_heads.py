@@ -157,7 +157,7 @@ class MaskHead(keras.layers.Layer):
 
     def call(self, pooled, classes):
         batch, rois, height, width, channels = pooled.shape
-        if rois is None:   # trimmed slots in training outside XLA (`RoiHeads.mask_slots`)
+        if rois is None:   # slots trimmed outside XLA (`_leading_slots`)
             rois = tf.shape(pooled)[1]
         x = tf.reshape(pooled, [batch * rois, height, width, channels])
         for conv in self.convs:
@@ -264,8 +264,8 @@ class RoiHeads(keras.layers.Layer):
 
         `sample` puts every positive in the first `num_mask_rois` slots. A
         graph that XLA compiles needs static shapes: all `Kp` of them, a
-        Python int. Otherwise (graph mode, eagerly) only as many as hold
-        positives (`_leading_slots`), an int32 scalar: the slots left out
+        Python int. Otherwise (graph mode, eagerly) the slots up to the last
+        positive (`_leading_slots`), an int32 scalar: the slots left out
         hold no positive, so the mask loss and its gradients are the same,
         and the mask head does the work of the positives only (as
         Detectron2's and torchvision's do).
