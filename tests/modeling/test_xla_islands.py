@@ -18,15 +18,21 @@ def _islands(graph_def):
                   if f.attr["_XlaMustCompile"].b)
 
 
-class XlaIslandsTest(tf.test.TestCase):
+class _SmallModelTest(tf.test.TestCase):
+    """test_mask_rcnn's small model (with `_OVERRIDES`), built eagerly once."""
+
+    _OVERRIDES = {}
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         keras.utils.set_random_seed(0)
-        cls.model = build_mask_rcnn(**_SMALL)
+        cls.model = build_mask_rcnn(**dict(_SMALL, **cls._OVERRIDES))
         cls.batch = synthetic_batch()
-        cls.model(cls.batch, training=False)  # variables made eagerly
+        cls.model(cls.batch, training=True)  # variables made eagerly
+
+
+class XlaIslandsTest(_SmallModelTest):
 
     def _traced(self, fn, enabled, jit_compile=False):
         with _xla.compile_ops(enabled):
@@ -116,16 +122,10 @@ class XlaIslandsTest(tf.test.TestCase):
         self.assertEqual(calls, [True])   # eager: the method itself, no function
 
 
-class MaskSlotsTest(tf.test.TestCase):
+class MaskSlotsTest(_SmallModelTest):
     """Outside XLA the mask head trains on the slots that can hold positives."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        keras.utils.set_random_seed(0)
-        cls.model = build_mask_rcnn(**dict(_SMALL, num_samples=512))   # Kp = 128
-        cls.batch = synthetic_batch()
-        cls.model(cls.batch, training=True)
+    _OVERRIDES = {"num_samples": 512}   # Kp = 128
 
     def test_trimmed_slots_give_the_loss_and_gradients_of_all_slots(self):
         model, batch = self.model, self.batch
