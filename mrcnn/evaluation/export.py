@@ -81,7 +81,7 @@ def _on_fitting_canvas(images, info, detect_on):
 def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                        min_size=800, max_size=1333, canvas_size=(1344, 1344),
                        size_divisor=64, dataset_fn=None, batch_size=1,
-                       checkpoint=None):
+                       checkpoint=None, precision="float32"):
     """Writes a SavedModel of the latest (or given) checkpoint to `export_dir`.
 
     Args:
@@ -96,6 +96,10 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
         category ids returned beside the contiguous classes.
       batch_size: int, images per call of both signatures.
       checkpoint: optional checkpoint path instead of the latest.
+      precision: 'float32', 'bfloat16' or 'float16', what the exported graph
+        computes in (`runner.restore_model`); the signatures' inputs and
+        outputs are the same in all three. A bfloat16 model wants a GPU or
+        a CPU with bfloat16 units (AMX, AVX512-BF16), float16 a GPU.
 
     Returns:
       (step, checkpoint path) of the exported weights.
@@ -108,7 +112,7 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
     same_size = list(dict.fromkeys([landscape, portrait]))
     mixed = list(dict.fromkeys(same_size + ([canvas_size] if batch_size > 1 else [])))
     model, step, path = runner.restore_model(model_fn, checkpoint or model_dir,
-                                             landscape)
+                                             landscape, precision)
     table = None
     if dataset_fn is not None:
         from mrcnn.training import trainer

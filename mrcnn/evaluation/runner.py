@@ -34,13 +34,16 @@ def _zero_inference_batch(canvas_size, batch=1):
             "image_info": tf.constant([[h, w, h, w, 1.0]] * batch, tf.float32)}
 
 
-def restore_model(model_fn, checkpoint, canvas_size):
+def restore_model(model_fn, checkpoint, canvas_size, precision="float32"):
     """Builds the model and restores its weights (not the optimizer's).
 
     Args:
       model_fn: () -> keras.Model (gin's train.model_fn).
       checkpoint: a checkpoint path, or a model_dir whose latest is taken.
       canvas_size: (H, W) of the padded inputs.
+      precision: 'float32', 'bfloat16' or 'float16': the model computes in
+        it (Keras mixed policy; the weights and the outputs stay float32).
+        Keras' global policy is left as it was.
 
     Returns:
       (model, step int, checkpoint path).
@@ -54,8 +57,9 @@ def restore_model(model_fn, checkpoint, canvas_size):
     if not path or not tf.io.gfile.exists(path + ".index"):
         raise FileNotFoundError(f"no checkpoint at {checkpoint} (train first, or give "
                                 f"--checkpoint=DIR/ckpt-N)")
-    model = model_fn()
-    model(_zero_inference_batch(canvas_size), training=False)
+    with trainer.precision_scope(precision):
+        model = model_fn()
+        model(_zero_inference_batch(canvas_size), training=False)
     step = tf.Variable(0, dtype=tf.int64)
     ckpt = tf.train.Checkpoint(model=model, step=step)
     status = ckpt.restore(path)
@@ -130,9 +134,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                                tta=tta)
         return metrics
 
-    trainer.set_precision(precision)
     model, step, path = restore_model(model_fn, checkpoint or model_dir,
-                                      dataset_fn.canvas_size)
+                                      dataset_fn.canvas_size, precision)
     trainer.check_num_classes(model, dataset_fn)
     logging.info("Evaluating %s (step %d) on %s", path, step, dataset_fn.annotation_file)
     class_to_category, class_names = _class_maps(dataset_fn.category_map)
@@ -237,6 +240,10 @@ class Predictor:
       batch_size: int, images per model call in `batch` (a GPU wants 8 or
         more; the model is traced once per canvas at this batch size).
       tta: optional `TestTimeAugmentation` (sizes relative to `min_size`).
+      precision: 'float32', 'bfloat16' or 'float16', what the model computes
+        in (`restore_model`): bfloat16 on a CPU with AMX or AVX512-BF16
+        (R50-FPN inference 3.5x faster than float32 on this project's Xeon),
+        bfloat16 or float16 on a GPU.
 
     Attributes:
       step, checkpoint_path: of the restored checkpoint.
@@ -245,7 +252,8 @@ class Predictor:
 
     def __init__(self, model_dir, *, model_fn, dataset_fn=None, min_size=800,
                  max_size=1333, canvas_size=(1344, 1344), size_divisor=64,
-                 score_threshold=0.5, checkpoint=None, batch_size=1, tta=None):
+                 score_threshold=0.5, checkpoint=None, batch_size=1, tta=None,
+                 precision="float32"):
         self.min_size, self.max_size = min_size, max_size
         self.canvas_size = tuple(int(v) for v in canvas_size)
         self.score_threshold = score_threshold
@@ -257,7 +265,7 @@ class Predictor:
         self.canvases = pipeline.orientation_canvases(min_size, max_size,
                                                       self.canvas_size, size_divisor)
         self.model, self.step, self.checkpoint_path = restore_model(
-            model_fn, checkpoint or model_dir, self.canvases[0])
+            model_fn, checkpoint or model_dir, self.canvases[0], precision)
         if dataset_fn is not None:
             trainer.check_num_classes(self.model, dataset_fn)
         self._infer = _inference_fn(self.model, tta, min_size)
@@ -364,7 +372,8 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
       inputs: list of image files or folders.
       out_dir: str, where `detections.json` and `<name>.png` go.
       model_fn, **kwargs: `Predictor`'s (dataset_fn, min_size, max_size,
-        canvas_size, size_divisor, score_threshold, checkpoint, batch_size, tta).
+        canvas_size, size_divisor, score_threshold, checkpoint, batch_size, tta,
+        precision).
 
     Returns:
       list of per-image dicts as written to detections.json.

@@ -58,6 +58,22 @@ def set_precision(precision):
     keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
 
 
+@contextlib.contextmanager
+def precision_scope(precision):
+    """`set_precision(precision)` inside, Keras' previous global policy after.
+
+    Layers keep the policy they were built with, so a model built inside
+    computes in `precision` wherever it is called; code outside (a training
+    run that evaluates, a caller's own models) keeps its own.
+    """
+    previous = keras.mixed_precision.global_policy()
+    set_precision(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def _is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:

@@ -1,8 +1,10 @@
-"""runner.Predictor: in-memory detections of one image against the model's own output."""
+"""runner.Predictor: in-memory detections of one image against the model's own output;
+its precision and the exported model's."""
 
 import functools
 
 import gin
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,7 +12,7 @@ from pycocotools import mask as mask_util
 
 from mrcnn import programs
 from mrcnn.data import pipeline
-from mrcnn.evaluation import runner
+from mrcnn.evaluation import export, runner
 from mrcnn.modeling.mask_rcnn import build_mask_rcnn
 
 SMALL = dict(num_classes=3, depth=18, fpn_channels=16, fc_dim=32, mask_channels=8,
@@ -120,3 +122,47 @@ def test_test_time_augmentation_is_wired(tmp_path):
     assert n > 0 and len(out["boxes"]) == n
     np.testing.assert_allclose(out["boxes"], det["detection_boxes"][0, :n], atol=1e-4)
     np.testing.assert_allclose(out["scores"], det["detection_scores"][0, :n], atol=1e-6)
+
+
+def test_bfloat16_predictor_and_export(tmp_path):
+    """The model computes in the precision asked for; the caller's global
+    policy, the outputs' dtypes and (within bf16 rounding) the detections
+    stay those of float32."""
+    model = _run_dir(tmp_path)   # float32
+    model_fn = functools.partial(build_mask_rcnn, **SMALL)
+    image = np.random.default_rng(5).integers(0, 256, (48, 80, 3)).astype(np.uint8)
+    half = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+                            precision="bfloat16", **SIZES)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert {layer.compute_dtype for layer in half.model.layers} == {"bfloat16"}
+    assert {layer.compute_dtype for layer in model.layers} == {"float32"}
+    got = half(image)
+    images, info = pipeline.preprocess_image(image, **SIZES)
+    want = model.detect({"images": images[None, :64], "image_info": info[None]})
+    assert got["boxes"].dtype == got["scores"].dtype == np.float32
+    assert len(got["scores"]) == int(want["num_detections"][0])
+    # The fixture's three best scores are 1e-3 apart, bf16 moves them ~2e-4.
+    scores, boxes = got["scores"][:3], got["boxes"][:3]
+    np.testing.assert_array_equal(got["classes"][:3], want["detection_classes"][0, :3])
+    np.testing.assert_allclose(scores, want["detection_scores"][0, :3], atol=5e-4)
+    np.testing.assert_allclose(boxes, want["detection_boxes"][0, :3], atol=0.05)
+
+    export_dir = tmp_path / "saved_model"
+    export.export_saved_model(str(tmp_path), str(export_dir), model_fn=model_fn,
+                              precision="bfloat16", **SIZES)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    loaded = tf.saved_model.load(str(export_dir))   # kept: its functions need it
+    served = {k: v.numpy()[0] for k, v in loaded.serve_images(image[None]).items()}
+    n = len(got["scores"])
+    assert int(served["num_detections"]) == n
+    assert served["detection_scores"].dtype == served["detection_boxes"].dtype == np.float32
+    np.testing.assert_allclose(served["detection_scores"][:3], scores, atol=5e-4)
+    np.testing.assert_allclose(served["detection_boxes"][:3], boxes, atol=0.05)
+    # The exported graph itself computes in bfloat16.
+    from tensorflow.core.protobuf import saved_model_pb2
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((export_dir / "saved_model.pb").read_bytes())
+    bf16 = tf.bfloat16.as_datatype_enum
+    assert any(node.op == "Conv2D" and node.attr["T"].type == bf16
+               for f in saved.meta_graphs[0].graph_def.library.function
+               for node in f.node_def)
