@@ -189,6 +189,24 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     return report
 
 
+def _raise_score_threshold(model, threshold):
+    """Makes `model`'s test threshold keep exactly the scores >= `threshold`.
+
+    Greedy per-class NMS visits boxes by descending score, so boxes under a
+    threshold never decide the fate of those above it, and the D best
+    detections over it are the first ones of the D best overall: the
+    detections at or above `threshold` are the same, only found sooner.
+    The model keeps `score > t` in float32; `t` is the float32 just under
+    `threshold`'s.
+    """
+    heads = getattr(model, "roi_heads", None)
+    current = getattr(heads, "score_threshold", None)
+    if current is None or threshold <= current:
+        return
+    below = np.nextafter(np.float32(threshold), np.float32(-np.inf))
+    heads.score_threshold = max(float(below), float(current))
+
+
 def _inference_fn(model, tta, base_min_size, xla=False):
     """The traced detections of a batch: the model's, or through `tta`."""
     if tta is None:
@@ -235,7 +253,11 @@ class Predictor:
       min_size, max_size: the eval transform (as CocoInput's).
       canvas_size: (H, W), the bound on both orientations' canvases.
       size_divisor: int, 2**max_level of the FPN.
-      score_threshold: float, detections kept at or above it.
+      score_threshold: float, detections kept at or above it. Above the
+        model's own test threshold (`RoiHeads.score_threshold`, 0.05) it
+        becomes the model's, as Detectron2's demo sets SCORE_THRESH_TEST:
+        the same detections, but the mask head runs on the confident ones
+        only, not on all D slots.
       checkpoint: optional checkpoint path instead of model_dir's latest.
       batch_size: int, images per model call in `batch` (a GPU wants 8 or
         more; the model is traced once per canvas at this batch size).
@@ -268,6 +290,7 @@ class Predictor:
             model_fn, checkpoint or model_dir, self.canvases[0], precision)
         if dataset_fn is not None:
             trainer.check_num_classes(self.model, dataset_fn)
+        _raise_score_threshold(self.model, score_threshold)
         self._infer = _inference_fn(self.model, tta, min_size)
         self.canvases_used = {}
 

@@ -68,6 +68,28 @@ def test_threshold_and_box_only_model(tmp_path):
     np.testing.assert_allclose(kept["scores"], every["scores"][every["scores"] >= cut])
 
 
+def test_threshold_becomes_the_models_with_the_same_detections(tmp_path):
+    _run_dir(tmp_path)
+    model_fn = functools.partial(build_mask_rcnn, **SMALL)
+    image = np.random.default_rng(2).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    every = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+                             **SIZES)
+    assert every.model.roi_heads.score_threshold == 0.05   # not lowered
+    every = every(image)
+    cut = float(every["scores"][len(every["scores"]) // 2])   # attained: >= keeps it
+    predictor = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=cut,
+                                 **SIZES)
+    model_threshold = predictor.model.roi_heads.score_threshold
+    assert np.float32(model_threshold) < np.float32(cut) and model_threshold > 0.05
+    kept = predictor(image)
+    n = int((every["scores"] >= cut).sum())
+    assert 0 < n < len(every["scores"]) and len(kept["scores"]) == n
+    np.testing.assert_array_equal(kept["classes"], every["classes"][:n])
+    np.testing.assert_allclose(kept["scores"], every["scores"][:n], atol=1e-6)
+    np.testing.assert_allclose(kept["boxes"], every["boxes"][:n], atol=1e-4)
+    np.testing.assert_array_equal(kept["masks"], every["masks"][:n])
+
+
 def test_from_gin_uses_the_predict_bindings(tmp_path):
     _run_dir(tmp_path)
     bindings = ["predict.model_fn = @build_mask_rcnn", "predict.score_threshold = 0.0",
