@@ -129,6 +129,23 @@ def test_batches_equal_single_images(tmp_path):
         runner.Predictor(str(tmp_path), model_fn=model_fn, batch_size=0, **SIZES)
 
 
+def test_xla_gives_the_graphs_detections(tmp_path):
+    _run_dir(tmp_path)
+    model_fn = functools.partial(build_mask_rcnn, **SMALL)
+    image = np.random.default_rng(6).integers(0, 256, (48, 80, 3)).astype(np.uint8)
+    predictors = [runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+                                   xla=flag, **SIZES) for flag in (False, True)]
+    graph, xla = (p(image) for p in predictors)
+    batch = runner._zero_inference_batch((64, 128))
+    assert [p._infer.get_concrete_function(batch).function_def.attr["_XlaMustCompile"].b
+            for p in predictors] == [False, True]
+    # The fixture's three best scores are 1e-3 apart; XLA rounds differently.
+    np.testing.assert_array_equal(xla["classes"][:3], graph["classes"][:3])
+    np.testing.assert_allclose(xla["scores"][:3], graph["scores"][:3], atol=1e-5)
+    np.testing.assert_allclose(xla["boxes"][:3], graph["boxes"][:3], atol=1e-3)
+    assert len(xla["scores"]) == len(graph["scores"])
+
+
 def test_test_time_augmentation_is_wired(tmp_path):
     """One size without flip gives the model's own detections (sizes and flips:
     tests/modeling/test_tta.py, and in a traced step the eval program test)."""
