@@ -7,6 +7,8 @@ descending score, equal scores lower index first, drop when IoU with a kept
 box > iou_threshold, at most K kept; empty boxes have IoU 0.
 """
 
+from unittest import mock
+
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -184,6 +186,22 @@ class BatchedNmsTest(tf.test.TestCase, parameterized.TestCase):
                 boxes[b], scores[b], 200, 0.7).numpy()
             self.assertEqual(int(result.num_valid[b]), len(expected))
             self.assertAllEqual(result.indices[b, :len(expected)], expected)
+
+    @parameterized.parameters(32, 512)
+    def test_other_tile_bounds_give_the_same_result(self, max_tile):
+        # The tile bound only changes how the work is cut (bin/bench --nms_tile):
+        # 32 gives many tiles and kept-box chunks, 512 tiles of 512 at K=1000.
+        rng = np.random.default_rng(3)
+        boxes = tf.constant(_random_boxes(rng, (2, 1500), clustered=True))
+        scores = tf.constant(rng.uniform(size=(2, 1500)).astype(np.float32))
+        with mock.patch.object(nms, "_MAX_TILE", max_tile):
+            eager = nms.batched_nms(boxes, scores, 1000, 0.7)
+            xla = tf.function(nms.batched_nms, jit_compile=True)(boxes, scores, 1000, 0.7)
+        for b in range(2):
+            expected = tf.image.non_max_suppression(boxes[b], scores[b], 1000, 0.7).numpy()
+            for result in (eager, xla):
+                self.assertEqual(int(result.num_valid[b]), len(expected))
+                self.assertAllEqual(result.indices[b, :len(expected)], expected)
 
     def test_score_ties_keep_lower_index_first(self):
         # All scores equal: disjoint boxes come out in index order; of two
