@@ -10,7 +10,9 @@ not dependencies of mrcnn: install them beside it only to run this.
 
 Notes that keep the comparison fair:
 - The model is built with min_size/max_size that leave an 800x1216 input at
-  scale 1, so torchvision does the same arithmetic as ours.
+  scale 1, so both see the same images. Each pads them as it must: torchvision
+  to a multiple of 32 (800x1216 as is), ours to a multiple of 64 for its P6
+  (832x1216, `bin/bench` reports the `canvas`), 4% more pixels.
 - A linear warm-up (as torchvision's reference recipe) keeps random-init
   training from diverging during the timed steps.
 - cudnn.benchmark stays off: the mask head sees a different RoI count every

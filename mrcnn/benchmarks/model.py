@@ -19,8 +19,13 @@ from mrcnn.training import optimization, trainer
 
 
 def synthetic_batch(batch, image_size, num_gt=10, num_classes=80, mask_size=112,
-                    seed=0):
+                    seed=0, canvas=None):
     """A training batch in the data pipeline's format (see mrcnn.data).
+
+    Args:
+      image_size: (h, w) of the random images.
+      canvas: (H, W) >= image_size they are padded to (zeros bottom and
+        right, as the pipeline pads); image_size by default.
 
     Returns:
       dict of tensors: images uint8 [B, H, W, 3], image_info [B, 5], image_id [B],
@@ -35,8 +40,11 @@ def synthetic_batch(batch, image_size, num_gt=10, num_classes=80, mask_size=112,
     boxes = np.clip(boxes, 0, [h, w, h, w]).astype(np.float32)
     u = (np.arange(mask_size) + 0.5) / mask_size - 0.5
     ellipse = ((u[:, None] / 0.5) ** 2 + (u[None] / 0.5) ** 2 <= 1).astype(np.uint8)
+    ch, cw = canvas or image_size
+    images = np.zeros((batch, ch, cw, 3), np.uint8)
+    images[:, :h, :w] = rng.integers(0, 256, (batch, h, w, 3))
     return {
-        "images": tf.constant(rng.integers(0, 256, (batch, h, w, 3)), tf.uint8),
+        "images": tf.constant(images),
         "image_info": tf.constant([[h, w, h, w, 1.0]] * batch, tf.float32),
         "image_id": tf.range(batch, dtype=tf.int64),
         "gt_boxes": tf.constant(boxes),
@@ -70,7 +78,9 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
     Args:
       what: 'train' or 'infer'.
       batch: int, images per replica.
-      image_size: (H, W) padded canvas, multiples of 64.
+      image_size: (h, w) of the images. They are padded, as the input
+        pipeline pads, to the next multiple of 2**max_level of the model's
+        FPN (64 with P6): 800 x 1216 runs on an 832 x 1216 canvas.
       precision: 'float32', 'bfloat16' or 'float16'.
       xla: bool, compile the step with XLA.
       eager: bool, run every tf.function eagerly (op by op, no graph): the
@@ -86,8 +96,8 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
     Returns:
       dict: compile_s, median_s, p25_s, p75_s, images_per_s (train) or
       ms_per_image (infer), peak_memory_bytes, parameters and
-      trainable_parameters, device, mode ('eager', 'graph' or 'xla'), and
-      the arguments; with `profile_dir`, `profile` (see
+      trainable_parameters, device, mode ('eager', 'graph' or 'xla'),
+      canvas, and the arguments; with `profile_dir`, `profile` (see
       `mrcnn.benchmarks.profile.summarize`).
     """
     was_eager = tf.config.functions_run_eagerly()
@@ -108,7 +118,9 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     with strategy.scope():
         model = _model_fn()()
     num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", 80)
-    data = synthetic_batch(batch, image_size, num_gt, num_classes)
+    divisor = 2 ** getattr(getattr(model, "fpn", None), "max_level", 6)
+    canvas = tuple(-(-side // divisor) * divisor for side in image_size)
+    data = synthetic_batch(batch, image_size, num_gt, num_classes, canvas=canvas)
     if what == "infer":
         data = {k: data[k] for k in ("images", "image_info")}
     dist = strategy.experimental_distribute_values_from_function(lambda ctx: data)
@@ -147,7 +159,8 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     q25, q75 = np.percentile(times, [25, 75])
     report = {
         "what": what, "batch_per_replica": batch, "replicas": replicas,
-        "image_size": list(image_size), "precision": precision, "xla": xla,
+        "image_size": list(image_size), "canvas": list(canvas),
+        "precision": precision, "xla": xla,
         "num_gt": num_gt, "steps": steps, "compile_s": round(compile_s, 2),
         "mode": mode, "median_s": round(median, 4), "p25_s": round(float(q25), 4),
         "p75_s": round(float(q75), 4), "peak_memory_bytes": int(_peak_memory(strategy)),
