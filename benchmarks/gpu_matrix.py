@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,9 +117,14 @@ def run_matrix(cases, libs, runner, budget_s, done=(), min_start_s=60,
 
 
 def subprocess_runner(args, out_path):
-    """A runner for `run_matrix` that runs `command` and appends to `out_path`."""
-    scratch = os.path.join(os.path.dirname(os.path.abspath(out_path)), "matrix_cases")
-    os.makedirs(scratch, exist_ok=True)
+    """A runner for `run_matrix` that runs `command` and appends to `out_path`.
+
+    Each process writes its report to a scratch folder outside `out_path`'s
+    (it is merged into the record): the lent GPU machine sends back at most
+    eight files from $OUT, and sixteen case files beside matrix.jsonl could
+    crowd it out.
+    """
+    scratch = tempfile.mkdtemp(prefix="matrix_cases_")
 
     def run(lib, case, timeout_s):
         what, batch, precision = case

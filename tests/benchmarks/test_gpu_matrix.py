@@ -81,6 +81,8 @@ def test_one_real_case_of_ours(tmp_path, capsys):
                      *[f"--gin_bindings={b}" for b in TINY]])
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     assert "error" not in record, record["error"]
+    # Nothing else beside it: the GPU machine sends back 8 files from $OUT.
+    assert [p.name for p in tmp_path.iterdir()] == ["matrix.jsonl"]
     assert record["ms_per_image"] > 0 and record["mode"] == "graph"
     assert "| infer | 1 | float32 |" in capsys.readouterr().out
 
