@@ -457,8 +457,8 @@ def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     out = tmp_path / "bench.json"
     profile = ([f"--profile_dir={tmp_path / 'trace'}", "--profile_steps=2"]
                if what == "infer" else [])
-    # 80 x 64 images, as 800 x 1216 ones, pad to a multiple of 64 (P6).
-    proc = _run("bench", f"--what={what}", mode, "--image_size=80,64", "--batch=2",
+    # 60 x 64 images, as 800 x 1216 ones, pad to a multiple of 64 (P6).
+    proc = _run("bench", f"--what={what}", mode, "--image_size=60,64", "--batch=2",
                 "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", *profile,
                 bindings=TINY)
     report = json.loads(out.read_text())
@@ -469,7 +469,7 @@ def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
         assert list((tmp_path / "trace").glob("plugins/profile/*/*.xplane.pb"))
     assert report["mode"] == {"--eager": "eager", "--noxla": "graph"}[mode]
     assert report["batch_per_replica"] == 2 and report["median_s"] > 0
-    assert report["image_size"] == [80, 64] and report["canvas"] == [128, 64]
+    assert report["image_size"] == [60, 64] and report["canvas"] == [64, 64]
     assert report["images_per_s" if what == "train" else "ms_per_image"] > 0
     assert 0 < report["trainable_parameters"] <= report["parameters"]
     assert report["peak_memory_bytes"] > 0
