@@ -1,11 +1,11 @@
 """Second stage: box head, mask head, roi sampling and inference post-processing.
 
 Shape letters: `B` batch, `K` rois per image (512 sampled in training, the
-P proposals at inference), `Kp` rois of the mask head (the positive slots,
-`int(512 * 0.25) = 128`, in training, fewer outside XLA: `mask_slots`; the
-D detections at inference), `M` gt boxes, `C` foreground classes (80 for
-COCO), `F` FPN channels, `S` the mask resolution (28), `D` detections per
-image (100), `H` x `W` the canvas.
+P proposals at inference), `Kp` the slots that can hold positives
+(`int(512 * 0.25) = 128`), `T` the rois the mask head trains on (the
+batch's positives gathered into one list, `mask_capacity`), `M` gt boxes,
+`C` foreground classes (80 for COCO), `F` FPN channels, `S` the mask
+resolution (28), `D` detections per image (100), `H` x `W` the canvas.
 
 Box and mask heads follow Detectron2's `FastRCNNConvFCHead` (2 x FC-1024)
 + `FastRCNNOutputLayers` (class-specific boxes) and `MaskRCNNConvUpsampleHead`
@@ -130,12 +130,13 @@ class MaskHead(keras.layers.Layer):
       num_convs: int, 3x3 convs before the deconv (4).
 
     Call:
-      pooled: [B, Kp, 14, 14, F] RoIAligned features.
-      classes: int32 [B, Kp], the class column 0..C-1 whose mask is wanted
+      pooled: [B, N, 14, 14, F] RoIAligned features (N = D at inference;
+        in training B = 1 and N = T, the batch's gathered positives).
+      classes: int32 [B, N], the class column 0..C-1 whose mask is wanted
         (the gt class - 1 in training, the detected class - 1 at inference).
 
     Returns:
-      float32 [B, Kp, 28, 28] mask logits of the given class.
+      float32 [B, N, 28, 28] mask logits of the given class.
     """
 
     def __init__(self, *, num_classes=80, channels=256, num_convs=4, **kwargs):
@@ -157,7 +158,7 @@ class MaskHead(keras.layers.Layer):
 
     def call(self, pooled, classes):
         batch, rois, height, width, channels = pooled.shape
-        if rois is None:   # slots trimmed outside XLA (`_leading_slots`)
+        if rois is None:   # a count known when run (outside XLA)
             rois = tf.shape(pooled)[1]
         x = tf.reshape(pooled, [batch * rois, height, width, channels])
         for conv in self.convs:
@@ -190,9 +191,9 @@ class RoiHeads(keras.layers.Layer):
         (Faster R-CNN, Detectron2's `MASK_ON = False`): no mask loss, and
         the detections hold no masks.
       num_samples: int, K rois sampled per image in training (512).
-      positive_fraction: float, largest positive share (0.25); the mask
-        head trains on the first `int(num_samples * positive_fraction)`
-        slots, where `sample_proposals` puts all positives.
+      positive_fraction: float, largest positive share (0.25);
+        `sample_proposals` puts all positives in the first
+        `int(num_samples * positive_fraction)` slots (Kp).
       iou_threshold: float, roi foreground IoU (0.5; below is background).
       box_weights: (wy, wx, wh, ww), delta weights (10, 10, 5, 5).
       box_pool_size, mask_pool_size: ints, RoIAlign outputs (7, 14).
@@ -206,6 +207,16 @@ class RoiHeads(keras.layers.Layer):
       nms_iou: float, per-class NMS IoU at inference (0.5).
       max_detections: int, D, detections per image (100).
       box_loss_beta: float, smooth-L1 beta of the box loss (0: L1).
+      mask_buckets: int >= 1, the mask head's training capacities under
+        XLA (`mask_capacities`). 1 (default): all B * Kp slots, no
+        conditional in the program. n > 1: B * Kp, half, a quarter, ...
+        (4: 1024, 512, 256, 128 rois at batch 8), and the step runs the head
+        on the smallest that holds the batch's positives, a `tf.switch_case`
+        branch. Not for XLA:CPU, which runs convolutions inside a
+        conditional as generated loops instead of its library calls: on
+        this project's CPU a branch was 166x slower than the same
+        convolutions outside one. Meant for a GPU, and not measured there
+        yet (issue 7).
       paste_masks: bool; when True the detections also hold
         `detection_masks_canvas`, bool [B, D, H, W], the masks pasted with
         `ops.masks.paste_masks` onto the padded canvas in resized-image
@@ -221,7 +232,7 @@ class RoiHeads(keras.layers.Layer):
                  aligned=True, min_level=2,
                  max_level=5, mask_size=28, score_threshold=0.05,
                  nms_iou=0.5, max_detections=100, box_loss_beta=0.0,
-                 paste_masks=False, **kwargs):
+                 mask_buckets=1, paste_masks=False, **kwargs):
         super().__init__(**kwargs)
         if mask_size != 2 * mask_pool_size:
             raise ValueError(
@@ -231,6 +242,8 @@ class RoiHeads(keras.layers.Layer):
             raise ValueError(
                 f"RoiHeads: box_head.num_classes={box_head.num_classes} != "
                 f"mask_head.num_classes={mask_head.num_classes}")
+        if int(mask_buckets) < 1:
+            raise ValueError(f"RoiHeads: mask_buckets={mask_buckets} must be >= 1")
         # Boxes must not be cast to the compute dtype on the way in.
         self._convert_input_args = False
         self.box_head = box_head
@@ -252,6 +265,7 @@ class RoiHeads(keras.layers.Layer):
         self.nms_iou = nms_iou
         self.max_detections = max_detections
         self.box_loss_beta = box_loss_beta
+        self.mask_buckets = int(mask_buckets)
         self.paste_masks = paste_masks
 
     @property
@@ -259,33 +273,94 @@ class RoiHeads(keras.layers.Layer):
         """Kp in training: the slots that can hold positives."""
         return int(self.num_samples * self.positive_fraction)
 
-    def mask_slots(self, classes):
-        """How many leading sampled slots the mask head trains on.
+    def mask_capacities(self, batch):
+        """The mask head's training capacities under XLA, Python ints, ascending.
 
-        `sample` puts every positive in the first `num_mask_rois` slots. A
-        graph that XLA compiles needs static shapes: all `Kp` of them, a
-        Python int. Otherwise (graph mode, eagerly) the slots up to the last
-        positive (`_leading_slots`), an int32 scalar: the slots left out
-        hold no positive, so the mask loss and its gradients are the same,
-        and the mask head does the work of the positives only (as
-        Detectron2's and torchvision's do).
+        `B * Kp` (every slot that can hold a positive), then halved
+        `mask_buckets - 1` times; e.g. [128, 256, 512, 1024] at batch 8.
+        A compiled step holds one branch per capacity (`mask_loss`).
+        """
+        full = batch * self.num_mask_rois
+        return sorted({max(full >> i, 1) for i in range(self.mask_buckets)})
+
+    def mask_capacity(self, positive):
+        """How many gathered rois the mask head trains on.
+
+        Under XLA (static shapes): the index, an int32 scalar, of the
+        smallest of `mask_capacities` that holds the batch's positives.
+        Otherwise (graph mode, eagerly) the count itself, an int32 scalar:
+        the positives rounded up to a multiple of `B * 16` (at least one
+        step, at most `B * Kp`), so an XLA island compiles for at most
+        `Kp / 16` shapes.
 
         Args:
-          classes: int32 [B, K], `sample`'s classes (> 0 on positives).
+          positive: bool [B, Kp], the positives among the first Kp slots.
         """
-        kp = self.num_mask_rois
-        return _leading_slots(classes[:, :kp] > 0)
+        batch, slots = positive.shape
+        total = tf.reduce_sum(tf.cast(positive, tf.int32))
+        if in_xla_context():
+            capacities = tf.constant(self.mask_capacities(batch), tf.int32)
+            return tf.reduce_sum(tf.cast(capacities < total, tf.int32))
+        step = batch * min(_MASK_SLOT_STEP, slots)
+        return tf.minimum(-(-tf.maximum(total, 1) // step) * step, batch * slots)
 
     def mask_loss(self, features, rois, gt_masks, gt_boxes):
         """The mask loss, float32 scalar, on the positives of `sample`'s `rois`
-        (`ProposalTargets`): the head on the first `mask_slots` slots,
-        targets from `gt_masks` [B, M, S_m, S_m] cropped to `gt_boxes`."""
-        kp = self.mask_slots(rois.classes)
+        (`ProposalTargets`), targets from `gt_masks` [B, M, S_m, S_m] cropped
+        to `gt_boxes` [B, M, 4].
+
+        The head runs on the batch's positives gathered into one [1, T] list,
+        as Detectron2's and torchvision's run on the positives only: with ~10
+        gt per image a batch of 8 has ~80 positives among its 1024 slots.
+        `T` is `mask_capacity`. Under XLA, by default, the head runs on all
+        B * Kp slots where they lie (no gather: it bought nothing there and
+        cost 21% of an R50 step on this CPU); with `mask_buckets > 1` each
+        of `mask_capacities` is a branch of one `tf.switch_case`. The slots past the positives are padding whose
+        loss weight is 0, so the loss and its gradients equal those of the
+        head on all slots.
+        """
+        positive = rois.classes[:, :self.num_mask_rois] > 0  # [B, Kp]
+        if not in_xla_context():
+            return self._gathered_mask_loss(features, rois, gt_masks, gt_boxes,
+                                            self.mask_capacity(positive))
+        capacities = self.mask_capacities(positive.shape[0])
+        if len(capacities) == 1:   # all slots: nothing to gather
+            return self._slot_mask_loss(features, rois, gt_masks, gt_boxes)
+        branches = [
+            (lambda t=t: self._gathered_mask_loss(features, rois, gt_masks, gt_boxes, t))
+            for t in capacities]
+        return tf.switch_case(self.mask_capacity(positive), branches)
+
+    def _slot_mask_loss(self, features, rois, gt_masks, gt_boxes):
+        """`mask_loss` with the head on all B x Kp slots, image by image."""
+        kp = self.num_mask_rois
         classes = rois.classes[:, :kp]
         logits = self.mask_outputs(features, rois.rois[:, :kp], tf.maximum(classes, 1))
-        targets = self.mask_targets(gt_masks, rois.rois[:, :kp],
-                                    rois.matched_index[:, :kp], gt_boxes)
+        targets = self.mask_targets(gt_masks, rois.rois[:, :kp], rois.matched_index[:, :kp],
+                                    gt_boxes)
         return loss_lib.mask_loss(logits, targets, classes > 0)
+
+    def _gathered_mask_loss(self, features, rois, gt_masks, gt_boxes, capacity):
+        """`mask_loss` with the head on `capacity` (int, or int32 scalar)
+        gathered rois, positives first."""
+        kp = self.num_mask_rois
+        classes = tf.reshape(rois.classes[:, :kp], [-1])  # [B * Kp]
+        # Stable: positives first, each image's in slot order.
+        order = tf.argsort(tf.cast(classes <= 0, tf.int32), stable=True)[:capacity]  # [T]
+        image = order // kp  # [T]
+        classes = tf.gather(classes, order)  # [T]
+        positive = classes > 0
+        boxes = tf.gather(tf.reshape(rois.rois[:, :kp], [-1, 4]), order)  # [T, 4]
+        matched = tf.gather(tf.reshape(rois.matched_index[:, :kp], [-1]), order)  # [T]
+        num_gt = tf.shape(gt_masks)[1]
+        # Indices into the batch's gt flattened to one image of B * M.
+        matched = tf.where(positive & (matched >= 0), image * num_gt + matched, -1)
+        logits = self.mask_outputs(features, boxes[None], tf.maximum(classes, 1)[None],
+                                   batch_index=image[None])  # [1, T, S, S]
+        flat_masks = tf.reshape(gt_masks, [1, -1, *gt_masks.shape[2:]])  # [1, B * M, S_m, S_m]
+        flat_boxes = tf.reshape(gt_boxes, [1, -1, 4])  # [1, B * M, 4]
+        targets = self.mask_targets(flat_masks, boxes[None], matched[None], flat_boxes)
+        return loss_lib.mask_loss(logits, targets, positive[None])
 
     def sample(self, proposals, proposal_valid, gt_boxes, gt_classes,
                gt_valid):
@@ -298,12 +373,12 @@ class RoiHeads(keras.layers.Layer):
             weights=self.box_weights)
 
     @compiled
-    def _pool(self, features, rois, size):
+    def _pool(self, features, rois, size, batch_index=None):
         return roi_ops.multilevel_roi_align(
             features, rois, output_size=(size, size),
             sampling_ratio=self.sampling_ratio, min_level=self.min_level,
             max_level=self.max_level, max_sampling_ratio=self.max_sampling_ratio,
-            aligned=self.aligned)
+            aligned=self.aligned, batch_index=batch_index)
 
     def box_outputs(self, features, rois):
         """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C|1, 4]."""
@@ -320,14 +395,18 @@ class RoiHeads(keras.layers.Layer):
                                                rois.valid, self.box_loss_beta),
         }
 
-    def mask_outputs(self, features, rois, classes):
-        """Mask logits float32 [B, Kp, S, S] for `rois` [B, Kp, 4] and classes 1..C."""
-        pooled = self._pool(features, rois, self.mask_pool_size)
+    def mask_outputs(self, features, rois, classes, batch_index=None):
+        """Mask logits float32 [N, T, S, S] for `rois` float32 [N, T, 4] and
+        classes int32 [N, T] 1..C; N = B, or any N with `batch_index` int32
+        [N, T], the image of each roi (`ops.roi_align.multilevel_roi_align`)."""
+        pooled = self._pool(features, rois, self.mask_pool_size, batch_index=batch_index)
         return self.mask_head(pooled, classes - 1)
 
     @compiled
     def mask_targets(self, gt_masks, rois, matched_index, gt_boxes):
-        """float32 [B, Kp, S, S] from masks cropped to their gt boxes."""
+        """float32 [N, T, S, S] for `rois` [N, T, 4] and `matched_index`
+        int32 [N, T] into `gt_masks` [N, M, S_m, S_m] cropped to `gt_boxes`
+        [N, M, 4]."""
         return mask_ops.mask_targets(
             gt_masks, rois, matched_index, (self.mask_size, self.mask_size),
             crop_boxes=gt_boxes)
@@ -468,6 +547,7 @@ class RoiHeads(keras.layers.Layer):
             "score_threshold": self.score_threshold,
             "nms_iou": self.nms_iou, "max_detections": self.max_detections,
             "box_loss_beta": self.box_loss_beta,
+            "mask_buckets": self.mask_buckets,
             "paste_masks": self.paste_masks,
         }
 

@@ -301,7 +301,8 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
                          min_level=2, max_level=5,
                          canonical_size=CANONICAL_SIZE,
                          canonical_level=CANONICAL_LEVEL, *,
-                         max_sampling_ratio=MAX_SAMPLING_RATIO, aligned=True):
+                         max_sampling_ratio=MAX_SAMPLING_RATIO, aligned=True,
+                         batch_index=None):
     """ROIAlign of each box from its own FPN level (`assign_levels`).
 
     Each box is pooled once, by `roi_align(aligned=True)` semantics (unless
@@ -330,9 +331,15 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
       max_sampling_ratio: as in `roi_align`.
       aligned: Python bool (beyond the contract): False pools as
         `roi_align(aligned=False)`, torchvision's `MultiScaleRoIAlign`.
+      batch_index: optional int32 [N, K] in [0, B) (beyond the contract),
+        the image each box is pooled from; `boxes` is then [N, K, 4] for any
+        N, e.g. a batch's positives gathered into one [1, T] list (the mask
+        head in training) as torchvision's `MultiScaleRoIAlign` takes one
+        list with an image index per box. None: box `[b, k]` reads image b.
 
     Returns:
-      [B, K, oh, ow, C] in the dtype of the features.
+      [B, K, oh, ow, C] in the dtype of the features ([N, K, ...] with
+      `batch_index`).
     """
     levels = list(range(min_level, max_level + 1))
     missing = [lvl for lvl in levels if lvl not in features]
@@ -361,8 +368,10 @@ def multilevel_roi_align(features, boxes, output_size=(7, 7), sampling_ratio=2,
     width = tf.gather(tf.constant(widths, tf.int32), level_index)  # [B, K]
     scale = tf.gather(tf.constant([2.0 ** -lvl for lvl in levels], tf.float32),
                       level_index)  # [B, K]
+    if batch_index is None:
+        batch_index = tf.range(batch)[:, None]  # [B, 1]
     row_offset = (tf.gather(tf.constant(starts, tf.int32), level_index)
-                  + tf.range(batch)[:, None] * rows_per_image)  # [B, K]
+                  + tf.cast(batch_index, tf.int32) * rows_per_image)  # [B|N, K]
     # Step 3.
     pooled = _pool_boxes(table, row_offset, height, width,
                          boxes * scale[..., None], output_size,

@@ -1,5 +1,6 @@
 """XLA islands (`mrcnn.modeling._xla`): RoI sampling compiled inside graph steps;
-outside XLA, the mask head on the slots that can hold positives."""
+the mask head on the batch's gathered positives in training and, outside XLA,
+on the slots up to the last detection at inference."""
 
 from unittest import mock
 
@@ -7,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mrcnn.modeling import _xla, roi_heads
+from mrcnn.modeling import _xla, losses, roi_heads
 from mrcnn.modeling.mask_rcnn import build_mask_rcnn
 from tests.modeling.test_mask_rcnn import _SMALL, synthetic_batch
 
@@ -122,50 +123,123 @@ class XlaIslandsTest(_SmallModelTest):
         self.assertEqual(calls, [True])   # eager: the method itself, no function
 
 
-class MaskSlotsTest(_SmallModelTest):
-    """Outside XLA the mask head trains on the slots that can hold positives."""
+def _all_slots_mask_loss(heads, features, rois, gt_masks, gt_boxes):
+    """The mask loss with the head on all B x Kp slots that can hold positives."""
+    kp = heads.num_mask_rois
+    classes = rois.classes[:, :kp]
+    logits = heads.mask_outputs(features, rois.rois[:, :kp], tf.maximum(classes, 1))
+    targets = heads.mask_targets(gt_masks, rois.rois[:, :kp], rois.matched_index[:, :kp],
+                                 gt_boxes)
+    return losses.mask_loss(logits, targets, classes > 0)
+
+
+def _capacity_mask_loss(capacity):
+    """`RoiHeads.mask_loss` on `capacity` gathered rois."""
+    return lambda heads, *args: heads._gathered_mask_loss(*args, capacity)
+
+
+def _positives(counts, slots=128):
+    """bool [2, slots] holding `counts` positives in all, spread over both images."""
+    flat = np.zeros(2 * slots, bool)
+    flat[np.linspace(0, 2 * slots - 1, counts).astype(int)] = True
+    return tf.constant(flat.reshape(slots, 2).T)
+
+
+class MaskHeadSlotsTest(_SmallModelTest):
+    """The mask head trains on the batch's positives gathered into one list
+    (`RoiHeads.mask_loss`), and infers up to the last detection."""
 
     _OVERRIDES = {"num_samples": 512}   # Kp = 128
 
-    def test_trimmed_slots_give_the_loss_and_gradients_of_all_slots(self):
-        model, batch = self.model, self.batch
-        heads = model.roi_heads
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        model, batch = cls.model, cls.batch
+        model.roi_heads.mask_buckets = 4   # the XLA switch_case (default 1: none)
         features, _, _, _, proposals, valid = model._first_stage(batch, True)
-        rois = heads.sample(proposals, valid, batch['gt_boxes'], batch['gt_classes'],
-                            batch['gt_valid'])
-        variables = heads.mask_head.trainable_variables
+        cls.features = {l: features[l] for l in range(2, 6)}
+        cls.rois = model.roi_heads.sample(proposals, valid, batch['gt_boxes'],
+                                          batch['gt_classes'], batch['gt_valid'])
 
-        def loss_and_grads():
+    def _loss_and_grads(self, loss_fn, heads=None, jit_compile=None):
+        heads = heads or self.model.roi_heads
+        features, rois, batch = self.features, self.rois, self.batch
+
+        def run():
             with tf.GradientTape() as tape:
                 tape.watch(features)
-                loss = heads.mask_loss(features, rois, batch['gt_masks'], batch['gt_boxes'])
+                loss = loss_fn(heads, features, rois, batch['gt_masks'], batch['gt_boxes'])
+            variables = heads.mask_head.trainable_variables
             return loss, tape.gradient(loss, [variables, [features[l] for l in range(2, 6)]])
 
-        positives = tf.reduce_sum(tf.cast(rois.classes > 0, tf.int32), axis=1).numpy()
-        kp = int(heads.mask_slots(rois.classes))
-        self.assertEqual(kp, min(-(-max(positives.max(), 1) // 16) * 16, 128))
-        self.assertLess(kp, heads.num_mask_rois)
-        self.assertGreater(positives.min(), 0)
-        trimmed = loss_and_grads()
-        with mock.patch.object(roi_heads, 'in_xla_context', return_value=True):
-            self.assertEqual(heads.mask_slots(rois.classes), heads.num_mask_rois)
-            full = loss_and_grads()
-        self.assertGreater(float(trimmed[0]), 0.0)
-        for want, got in zip(tf.nest.flatten(full), tf.nest.flatten(trimmed)):
-            self.assertAllClose(want, got, rtol=1e-5, atol=1e-7)
+        return run() if jit_compile is None else tf.function(run, jit_compile=jit_compile)()
 
-    def test_all_slots_under_xla_and_the_rounding(self):
+    def test_gathered_positives_give_the_loss_and_gradients_of_all_slots(self):
+        positives = tf.reduce_sum(tf.cast(self.rois.classes > 0, tf.int32), axis=1).numpy()
+        self.assertGreater(positives.min(), 0)
+        self.assertLess(positives.sum(), 128)   # most of the 256 slots hold none
+        want = self._loss_and_grads(_all_slots_mask_loss)
+        self.assertGreater(float(want[0]), 0.0)
+        mask_loss = type(self.model.roi_heads).mask_loss
+        runs = [(mask_loss, jit) for jit in (None, False, True)]  # eager, graph, XLA switch_case
+        runs.append((_capacity_mask_loss(256), None))   # the largest branch: 256 - 20 padding
+        for loss_fn, jit in runs:
+            got = self._loss_and_grads(loss_fn, jit_compile=jit)
+            for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
+                self.assertAllClose(w, g, rtol=1e-5, atol=1e-6, msg=f"{loss_fn} {jit}")
+
+    def test_capacities_and_the_one_picked(self):
         heads = self.model.roi_heads
-        classes = tf.constant([[1] * 17 + [0] * 495, [2] * 3 + [-1] * 509], tf.int32)
-        traced = tf.function(lambda c: tf.constant(heads.mask_slots(c)), jit_compile=True)
-        self.assertEqual(int(traced(classes)), 128)
-        self.assertEqual(int(heads.mask_slots(classes)), 32)
-        self.assertEqual(int(tf.function(heads.mask_slots)(classes)), 32)
-        self.assertEqual(int(heads.mask_slots(tf.zeros_like(classes))), 16)
-        self.assertEqual(int(heads.mask_slots(tf.ones_like(classes))), 128)
-        # Up to the last used slot, wherever the others are.
-        self.assertEqual(int(heads.mask_slots(tf.constant([[0] * 33 + [1] + [0] * 478] * 2))),
-                         48)
+        self.assertEqual(heads.mask_capacities(2), [32, 64, 128, 256])
+        self.assertEqual(heads.mask_capacities(8), [128, 256, 512, 1024])
+        with mock.patch.object(heads, 'mask_buckets', 1):
+            self.assertEqual(heads.mask_capacities(2), [256])
+        config = heads.get_config()
+        self.assertEqual(config['mask_buckets'], 4)
+        with self.assertRaisesRegex(ValueError, 'mask_buckets=0'):
+            roi_heads.RoiHeads.from_config({**config, 'mask_buckets': 0})
+        del config['mask_buckets']   # the default: no conditional under XLA
+        self.assertEqual(roi_heads.RoiHeads.from_config(config).mask_buckets, 1)
+        counts = [0, 1, 32, 33, 65, 129, 256]
+        capacities = tf.constant(heads.mask_capacities(2))
+        under_xla = tf.function(lambda p: tf.gather(capacities, heads.mask_capacity(p)),
+                                jit_compile=True)
+        in_graph = tf.function(heads.mask_capacity)
+        got = [(int(under_xla(_positives(n))), int(heads.mask_capacity(_positives(n))),
+                int(in_graph(_positives(n)))) for n in counts]
+        # XLA: the smallest capacity that holds them; otherwise the count
+        # rounded up to B * 16 = 32.
+        self.assertEqual(got, [(32, 32, 32), (32, 32, 32), (32, 32, 32), (64, 64, 64),
+                               (128, 96, 96), (256, 160, 160), (256, 256, 256)])
+
+    def test_one_bucket_compiles_no_conditional(self):
+        heads = self.model.roi_heads
+        mask_loss = type(heads).mask_loss
+        rois, features, batch = self.rois, self.features, self.batch
+        ops = {}
+        for buckets in (1, 4):
+            with mock.patch.object(heads, 'mask_buckets', buckets):
+                fn = tf.function(lambda: heads.mask_loss(features, rois, batch['gt_masks'],
+                                                         batch['gt_boxes']), jit_compile=True)
+                graph = fn.get_concrete_function().graph
+                ops[buckets] = {op.type for op in graph.get_operations()}
+                ops[buckets, 'loss'] = float(fn())
+        self.assertEqual(ops[1] & {'Case', 'StatelessCase'}, set())
+        self.assertNotEqual(ops[4] & {'Case', 'StatelessCase'}, set())
+        self.assertAllClose(ops[1, 'loss'], ops[4, 'loss'], rtol=1e-6)
+        self.assertAllClose(ops[1, 'loss'], self._loss_and_grads(mask_loss)[0], rtol=1e-5)
+
+    def test_unbuilt_mask_head_first_called_in_a_branch_gets_its_variables(self):
+        """A head restored from its config builds inside the switch_case branches."""
+        heads = roi_heads.RoiHeads.from_config(self.model.roi_heads.get_config())
+        self.assertEqual(heads.mask_buckets, 4)
+        self.assertEmpty(heads.mask_head.trainable_variables)
+        loss, (grads, _) = self._loss_and_grads(type(heads).mask_loss, heads=heads,
+                                                jit_compile=True)
+        self.assertLen(grads, 12)   # 4 convs, the deconv, the predictor: kernel + bias
+        for var, grad in zip(heads.mask_head.trainable_variables, grads):
+            self.assertIsNotNone(grad, var.path)
+        self.assertGreater(float(loss), 0.0)
 
     def test_detection_masks_on_the_slots_up_to_the_last_detection(self):
         """Inference outside XLA runs the mask head up to the batch's last
