@@ -7,6 +7,7 @@ pictures. `predict` runs the same model on image files and writes JSON and
 PNG pictures.
 """
 
+from concurrent import futures
 import glob
 import json
 import os
@@ -146,16 +147,32 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     infer = _inference_fn(model, tta, max(dataset_fn.min_sizes), xla)
     suffix = "" if tta is None else "-tta"
     pictures, num_images, start = [], 0, time.perf_counter()
-    for i, batch in enumerate(dataset_fn()):
-        if max_batches is not None and i >= max_batches:
-            break
-        detections = {k: v.numpy() for k, v in infer(batch).items()}
+
+    def host_work(detections, batch):
+        """A batch's detections into the evaluator, on the host (numpy)."""
+        nonlocal num_images
+        detections = {k: v.numpy() for k, v in detections.items()}
         batch = {k: v.numpy() for k, v in batch.items()}
         evaluator.update(detections, batch)
         num_images += int((batch["image_id"] >= 0).sum())
         if len(pictures) < num_pictures:
-            pictures += _summary_pictures(batch, detections, class_names,
-                                          num_pictures - len(pictures))
+            pictures.extend(_summary_pictures(batch, detections, class_names,
+                                              num_pictures - len(pictures)))
+
+    # One worker, so batches reach the evaluator in order: it pastes and
+    # encodes batch k - 1's masks while the model runs on batch k, and at
+    # most two batches of detections are held.
+    with futures.ThreadPoolExecutor(1, thread_name_prefix="eval_host") as host:
+        pending = None
+        for i, batch in enumerate(dataset_fn()):
+            if max_batches is not None and i >= max_batches:
+                break
+            detections = infer(batch)
+            if pending is not None:
+                pending.result()   # re-raises the host work's error, if any
+            pending = host.submit(host_work, detections, batch)
+        if pending is not None:
+            pending.result()
     seconds = time.perf_counter() - start
     metrics = evaluator.evaluate(("bbox", "segm") if with_masks else ("bbox",))
     print(f"step {step}: {num_images} images in {seconds:.1f} s "

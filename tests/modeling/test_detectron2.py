@@ -276,7 +276,7 @@ class LoaderTest(tf.test.TestCase):
         arrays = fixtures.random_state(model)
         arrays["pixel_mean"] = np.array([3.0, 2.0, 1.0]).reshape(3, 1, 1)
         arrays["pixel_std"] = np.array([6.0, 5.0, 4.0]).reshape(3, 1, 1)
-        with self.assertLogs(level="INFO") as logs:
+        with self.assertLogs("absl", level="INFO") as logs:
             d2.load_detectron2_weights(model, path=self._write(arrays))
         self.assertNotIn("folded into the stem",
                          " ".join(r.getMessage() for r in logs.records))
@@ -386,7 +386,7 @@ class TorchvisionParityTest(tf.test.TestCase):
                        check=True, capture_output=True, timeout=600)
         model = fixtures.small_model(num_classes=80, depth=50, channels=256, fc_dim=1024,
                                      mask_channels=256, mask_convs=4, anchor_offset=0.0)
-        with self.assertLogs(level="INFO") as logs:
+        with self.assertLogs("absl", level="INFO") as logs:
             d2.load_detectron2_weights(model, path=os.path.join(out, "model_final.pkl"),
                                        source_format="RGB")
         self.assertNotIn("folded", " ".join(r.getMessage() for r in logs.records))

@@ -308,7 +308,7 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
     def test_mixed_precision_runs(self, precision):
         d = os.path.join(self.get_temp_dir(), precision)
         try:
-            with self.assertLogs(level="INFO") as logs:
+            with self.assertLogs("absl", level="INFO") as logs:
                 out = self._train(d, {}, total_steps=3, precision=precision, xla=True)
         finally:
             keras.mixed_precision.set_global_policy("float32")
