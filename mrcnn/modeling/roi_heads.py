@@ -309,15 +309,16 @@ class RoiHeads(keras.layers.Layer):
         (`ProposalTargets`), targets from `gt_masks` [B, M, S_m, S_m] cropped
         to `gt_boxes` [B, M, 4].
 
-        The head runs on the batch's positives gathered into one [1, T] list,
-        as Detectron2's and torchvision's run on the positives only: with ~10
-        gt per image a batch of 8 has ~80 positives among its 1024 slots.
-        `T` is `mask_capacity`. Under XLA, by default, the head runs on all
-        B * Kp slots where they lie (no gather: it bought nothing there and
-        cost 21% of an R50 step on this CPU); with `mask_buckets > 1` each
-        of `mask_capacities` is a branch of one `tf.switch_case`. The slots past the positives are padding whose
-        loss weight is 0, so the loss and its gradients equal those of the
-        head on all slots.
+        Outside XLA the head runs on the batch's positives gathered into one
+        [1, T] list, `T` from `mask_capacity`, as Detectron2's and
+        torchvision's run on the positives only (bench's synthetic batch of
+        8, 10 gt per image: about 80 positives among 1024 slots). Under XLA,
+        by default, it runs on all B * Kp slots where they lie (gathering
+        them all bought nothing and cost 21% of an R50 step on this CPU);
+        with `mask_buckets > 1` each of `mask_capacities` is a branch of one
+        `tf.switch_case`. The gathered slots past the positives are padding
+        whose loss weight is 0, so the loss and its gradients equal those of
+        the head on all slots.
         """
         positive = rois.classes[:, :self.num_mask_rois] > 0  # [B, Kp]
         if not in_xla_context():

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mrcnn.modeling import _xla, losses, roi_heads
+from mrcnn.modeling import _xla, roi_heads
 from mrcnn.modeling.mask_rcnn import build_mask_rcnn
 from tests.modeling.test_mask_rcnn import _SMALL, synthetic_batch
 
@@ -123,14 +123,9 @@ class XlaIslandsTest(_SmallModelTest):
         self.assertEqual(calls, [True])   # eager: the method itself, no function
 
 
-def _all_slots_mask_loss(heads, features, rois, gt_masks, gt_boxes):
-    """The mask loss with the head on all B x Kp slots that can hold positives."""
-    kp = heads.num_mask_rois
-    classes = rois.classes[:, :kp]
-    logits = heads.mask_outputs(features, rois.rois[:, :kp], tf.maximum(classes, 1))
-    targets = heads.mask_targets(gt_masks, rois.rois[:, :kp], rois.matched_index[:, :kp],
-                                 gt_boxes)
-    return losses.mask_loss(logits, targets, classes > 0)
+def _all_slots_mask_loss(heads, *args):
+    """The mask loss with the head on all B x Kp slots, where `sample` put them."""
+    return heads._slot_mask_loss(*args)
 
 
 def _capacity_mask_loss(capacity):
