@@ -2,8 +2,8 @@
 
 Shape letters: `B` batch, `K` rois per image (512 sampled in training, the
 P proposals at inference), `Kp` the slots that can hold positives
-(`int(512 * 0.25) = 128`), `T` the rois the mask head trains on (the
-batch's positives gathered into one list, `mask_capacity`), `M` gt boxes,
+(`int(512 * 0.25) = 128`), `T` the rois the mask head trains on when
+they are gathered into one list (`mask_loss`), `M` gt boxes,
 `C` foreground classes (80 for COCO), `F` FPN channels, `S` the mask
 resolution (28), `D` detections per image (100), `H` x `W` the canvas.
 
@@ -284,25 +284,26 @@ class RoiHeads(keras.layers.Layer):
         return sorted({max(full >> i, 1) for i in range(self.mask_buckets)})
 
     def mask_capacity(self, positive):
-        """How many gathered rois the mask head trains on.
+        """How many gathered rois the mask head trains on outside XLA.
 
-        Under XLA (static shapes): the index, an int32 scalar, of the
-        smallest of `mask_capacities` that holds the batch's positives.
-        Otherwise (graph mode, eagerly) the count itself, an int32 scalar:
-        the positives rounded up to a multiple of `B * 16` (at least one
-        step, at most `B * Kp`), so an XLA island compiles for at most
-        `Kp / 16` shapes.
+        The batch's positives rounded up to a multiple of `B * 16` (at least
+        one step, at most `B * Kp`), so an XLA island compiles for at most
+        `Kp / 16` shapes: an int32 scalar.
 
         Args:
           positive: bool [B, Kp], the positives among the first Kp slots.
         """
         batch, slots = positive.shape
         total = tf.reduce_sum(tf.cast(positive, tf.int32))
-        if in_xla_context():
-            capacities = tf.constant(self.mask_capacities(batch), tf.int32)
-            return tf.reduce_sum(tf.cast(capacities < total, tf.int32))
         step = batch * min(_MASK_SLOT_STEP, slots)
         return tf.minimum(-(-tf.maximum(total, 1) // step) * step, batch * slots)
+
+    def _capacity_index(self, positive):
+        """int32 scalar: which of `mask_capacities` is the smallest that holds
+        the positives of `positive` bool [B, Kp] (the `tf.switch_case` branch)."""
+        total = tf.reduce_sum(tf.cast(positive, tf.int32))
+        capacities = tf.constant(self.mask_capacities(positive.shape[0]), tf.int32)
+        return tf.reduce_sum(tf.cast(capacities < total, tf.int32))
 
     def mask_loss(self, features, rois, gt_masks, gt_boxes):
         """The mask loss, float32 scalar, on the positives of `sample`'s `rois`
@@ -310,7 +311,7 @@ class RoiHeads(keras.layers.Layer):
         to `gt_boxes` [B, M, 4].
 
         Outside XLA the head runs on the batch's positives gathered into one
-        [1, T] list, `T` from `mask_capacity`, as Detectron2's and
+        [1, T] list, `T` = `mask_capacity`, as Detectron2's and
         torchvision's run on the positives only (bench's synthetic batch of
         8, 10 gt per image: about 80 positives among 1024 slots). Under XLA,
         by default, it runs on all B * Kp slots where they lie (gathering
@@ -330,7 +331,7 @@ class RoiHeads(keras.layers.Layer):
         branches = [
             (lambda t=t: self._gathered_mask_loss(features, rois, gt_masks, gt_boxes, t))
             for t in capacities]
-        return tf.switch_case(self.mask_capacity(positive), branches)
+        return tf.switch_case(self._capacity_index(positive), branches)
 
     def _slot_mask_loss(self, features, rois, gt_masks, gt_boxes):
         """`mask_loss` with the head on all B x Kp slots, image by image."""

@@ -197,7 +197,7 @@ class MaskHeadSlotsTest(_SmallModelTest):
         self.assertEqual(roi_heads.RoiHeads.from_config(config).mask_buckets, 1)
         counts = [0, 1, 32, 33, 65, 129, 256]
         capacities = tf.constant(heads.mask_capacities(2))
-        under_xla = tf.function(lambda p: tf.gather(capacities, heads.mask_capacity(p)),
+        under_xla = tf.function(lambda p: tf.gather(capacities, heads._capacity_index(p)),
                                 jit_compile=True)
         in_graph = tf.function(heads.mask_capacity)
         got = [(int(under_xla(_positives(n))), int(heads.mask_capacity(_positives(n))),
