@@ -16,3 +16,22 @@ try:
         _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 except RuntimeError:
     pass
+
+
+import pytest  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _keep_absl_logger_level():
+    """Undoes TensorFlow's change of absl's logger level within a test.
+
+    `tf.saved_model.save` lowers absl's verbosity to FATAL while it lists a
+    module's attributes and then sets back the flag's value, -1 (WARNING)
+    outside `app.run`, so every later `logging.info` in that test process
+    was dropped: a test that asserts an INFO log then failed or passed by
+    test order.
+    """
+    level = absl_logging.get_absl_logger().level
+    yield
+    absl_logging.get_absl_logger().setLevel(level)

@@ -16,6 +16,8 @@ the TF reference's); `sampling_ratio=0` is Detectron2's adaptive
 `ceil(roi / bin)` per axis (`POOLER_SAMPLING_RATIO = 0`), at 9x the gathers.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -103,6 +105,17 @@ class BoxHead(keras.layers.Layer):
             4 * self.num_box_classes, name="box_deltas",
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001))
 
+    def build(self, input_shape):
+        """Creates the FC layers' variables for `pooled` of `input_shape`
+        [B, K, 7, 7, F], so that a head restored from its config (with its
+        build config, as `RoiHeads.from_config` restores it) holds them."""
+        width = math.prod(input_shape[2:])
+        for fc in self.fcs:
+            fc.build((input_shape[0], input_shape[1], width))
+            width = self.fc_dim
+        self.class_logits.build((input_shape[0], input_shape[1], width))
+        self.box_deltas.build((input_shape[0], input_shape[1], width))
+
     def call(self, pooled):
         batch, rois = pooled.shape[0], pooled.shape[1]
         x = tf.reshape(pooled, [batch, rois, -1])  # [B, K, 7 * 7 * F]
@@ -155,6 +168,16 @@ class MaskHead(keras.layers.Layer):
         self.predictor = keras.layers.Conv2D(
             num_classes, 1, name="predictor",
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001))
+
+    def build(self, pooled_shape, classes_shape=None):
+        """Creates the convs' variables for `pooled` of `pooled_shape`
+        [B, N, h, w, F] (`classes` adds none), as `BoxHead.build` does."""
+        height, width, channels = pooled_shape[2:]
+        for conv in self.convs:
+            conv.build((None, height, width, channels))
+            channels = self.channels
+        self.deconv.build((None, height, width, channels))
+        self.predictor.build((None, 2 * height, 2 * width, self.channels))
 
     def call(self, pooled, classes):
         batch, rois, height, width, channels = pooled.shape

@@ -1,6 +1,7 @@
 """MaskRCNN end to end on synthetic batches: shapes, gradients, precision, overfitting."""
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -196,6 +197,30 @@ class MaskRCNNTest(tf.test.TestCase):
             self.model(batch, training=True)
         clone = RoiHeads.from_config(model.roi_heads.get_config())
         self.assertIsNone(clone.mask_head)
+
+    def test_heads_restored_from_config_hold_their_weights(self):
+        # serialize_keras_object keeps each head's build config, and
+        # from_config builds the head from it: a head that only marked itself
+        # built would come back with no variables (and Keras would warn).
+        heads = self.model.roi_heads
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clone = RoiHeads.from_config(heads.get_config())
+        self.assertEmpty([w for w in caught if "build()" in str(w.message)])
+        self.assertEqual([tuple(w.shape) for w in clone.weights],
+                         [tuple(w.shape) for w in heads.weights])
+        clone.set_weights(heads.get_weights())
+        rng = np.random.default_rng(0)
+        for pool in (heads.box_pool_size, heads.mask_pool_size):
+            pooled = tf.constant(rng.normal(size=[2, 5, pool, pool, 64]), tf.float32)
+            if pool == heads.box_pool_size:
+                got, want = clone.box_head(pooled), heads.box_head(pooled)
+            else:
+                classes = tf.constant(rng.integers(0, _NUM_CLASSES, [2, 5]), tf.int32)
+                got = [clone.mask_head(pooled, classes)]
+                want = [heads.mask_head(pooled, classes)]
+            for a, b in zip(got, want):
+                self.assertAllClose(a, b)
 
     def test_model_only_checkpoint_restores_every_weight(self):
         # Inference programs restore the model without the optimizer, so every

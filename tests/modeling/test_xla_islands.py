@@ -225,8 +225,12 @@ class MaskHeadSlotsTest(_SmallModelTest):
         self.assertAllClose(ops[1, 'loss'], self._loss_and_grads(mask_loss)[0], rtol=1e-5)
 
     def test_unbuilt_mask_head_first_called_in_a_branch_gets_its_variables(self):
-        """A head restored from its config builds inside the switch_case branches."""
-        heads = roi_heads.RoiHeads.from_config(self.model.roi_heads.get_config())
+        """A mask head not built yet builds inside the switch_case branches."""
+        config = self.model.roi_heads.get_config()
+        # Without its build config the restored head stays unbuilt.
+        config["mask_head"] = {k: v for k, v in config["mask_head"].items()
+                               if k != "build_config"}
+        heads = roi_heads.RoiHeads.from_config(config)
         self.assertEqual(heads.mask_buckets, 4)
         self.assertEmpty(heads.mask_head.trainable_variables)
         loss, (grads, _) = self._loss_and_grads(type(heads).mask_loss, heads=heads,
