@@ -124,8 +124,14 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     if what == "infer":
         data = {k: data[k] for k in ("images", "image_info")}
     dist = strategy.experimental_distribute_values_from_function(lambda ctx: data)
+    # The variables come from one eager call on a small batch: eagerly at
+    # full size (op by op, each new conv shape autotuned on a GPU) it costs
+    # far more than the compiled step, and the result does not depend on it.
+    small = synthetic_batch(1, (2 * divisor, 2 * divisor), 2, num_classes)
+    small = {k: small[k] for k in data}
+    small = strategy.experimental_distribute_values_from_function(lambda ctx: small)
     with strategy.scope():
-        strategy.run(lambda b: model(b, training=what == "train"), args=(dist,))
+        strategy.run(lambda b: model(b, training=what == "train"), args=(small,))
         if what == "train":
             optimizer, _, weight_decay = optimization.build_optimizer(
                 batch * replicas, 1000, 10000, precision=precision)
