@@ -107,3 +107,21 @@ def test_detectron2_x101_32x8d_fpn(parsed):
     assert model.backbone.groups == 32 and not model.backbone.stride_in_1x1
     assert model.pixel_std == (58.395, 57.12, 57.375) and model.rpn_head.anchor_offset == 0.0
     assert model.pixel_mean == (123.675, 116.28, 103.53)
+
+
+def test_r50_fpn_gn_3x(parsed):
+    model = parsed("r50_fpn_gn_3x.gin")
+    box, mask = model.roi_heads.box_head, model.roi_heads.mask_head
+    assert model.backbone.norm == model.fpn.norm == box.norm == mask.norm == "gn"
+    assert (box.num_conv, box.num_fc, box.conv_dim) == (4, 1, 256)
+    assert not model.backbone.stride_in_1x1
+    assert gin.query_parameter("%BACKBONE_WEIGHTS").endswith("R-50-GN.pkl")
+    assert gin.query_parameter("load_backbone_weights.file_format") == "detectron2"
+    assert gin.query_parameter("train.epochs") == 36.5
+
+
+def test_detectron2_r50_fpn_gn(parsed):
+    model = parsed("detectron2_r50_fpn_gn.gin")
+    assert model.backbone.norm == "gn" and not model.backbone.stride_in_1x1
+    assert model.pixel_mean == (123.675, 116.28, 103.53) and model.pixel_std == (1, 1, 1)
+    assert model.rpn_head.anchor_offset == 0.0 and model.roi_heads.box_head.num_conv == 4

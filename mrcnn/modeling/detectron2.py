@@ -17,6 +17,9 @@ what differs is layout and convention, converted here array by array:
                 the first; class-agnostic box or mask predictors (one set)
                 are repeated per class for a class-specific head of ours,
                 which computes the same.
+  norms         a conv with a norm (`FPN.NORM`, the heads' `NORM`: Detectron2's GN
+                models) has no bias; `.norm.{weight,bias}` are GroupNorm's
+                gamma and beta, and a batch norm's running statistics load too.
   cascade       a Cascade Mask R-CNN's stages (`roi_heads.box_head.K.*`,
                 `roi_heads.box_predictor.K.*`) go to `CascadeRoiHeads`'
                 box heads in order.
@@ -52,6 +55,9 @@ _D2_ASPECT_RATIOS = (0.5, 1.0, 2.0)   # ANCHOR_GENERATOR.ASPECT_RATIOS, h / w
 # Keys of a Detectron2 state dict that are no weights of ours.
 _NOT_WEIGHTS = re.compile(r"(^|\.)(num_batches_tracked|pixel_mean|pixel_std)$"
                           r"|^proposal_generator\.anchor_generator\.")
+# Our norm variables (those a norm layer has) and Detectron2's names for them.
+_NORM_ARRAYS = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
+                ("moving_variance", "running_var"))
 # (dx, dy, dw, dh) -> (dy, dx, dh, dw)
 _XY_TO_YX = np.array([1, 0, 3, 2])
 
@@ -111,8 +117,11 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
     as a checkpoint that `bin/eval`, `bin/predict` and `bin/export` read.
 
     Args:
-      model: a `MaskRCNN` with a width-64 batch-norm ResNet (built here if it
-        is not yet); `ResNet.stride_in_1x1 = True` for the model zoo's R50.
+      model: a `MaskRCNN` with a width-64 ResNet (built here if it is not
+        yet) of the file's norm: a batch-norm variant, or 'gn' with `FPN.norm`,
+        the heads' `norm` and `BoxHead.num_conv` as the file's (its
+        mask_rcnn_R_50_FPN_3x_gn: gin/detectron2_r50_fpn_gn.gin);
+        `ResNet.stride_in_1x1 = True` for the model zoo's BN R50s.
         Without a mask head (`RoiHeads.mask_head = None`) it takes a Faster
         R-CNN file, or a Mask R-CNN file whose mask head it leaves (logged).
       path: str, the `.pkl` (`{'model': {name: array}}`, Detectron2's
@@ -159,12 +168,21 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
             f"{sorted(arrays)[:5]}")
     used.update(k for k in arrays if k.startswith("backbone.bottom_up."))
 
+    def conv_norm(conv, norm, theirs, kernel=_conv):
+        """A conv and its norm: Detectron2's `Conv2d(bias=not norm, norm=...)`."""
+        plan.add(conv.kernel, kernel(take(f"{theirs}.weight")), f"{theirs}.weight")
+        if norm is None:
+            plan.add(conv.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+            return
+        for ours, name in _NORM_ARRAYS:
+            if hasattr(norm, ours):
+                plan.add(getattr(norm, ours), take(f"{theirs}.norm.{name}"),
+                         f"{theirs}.norm.{name}")
+
     fpn = model.fpn
     for i, level in enumerate(range(fpn.min_level, fpn.backbone_max_level + 1)):
-        for ours, theirs in ((fpn.lateral[i], f"backbone.fpn_lateral{level}"),
-                             (fpn.output_convs[i], f"backbone.fpn_output{level}")):
-            plan.add(ours.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
-            plan.add(ours.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+        conv_norm(fpn.lateral[i], fpn.lateral_norms[i], f"backbone.fpn_lateral{level}")
+        conv_norm(fpn.output_convs[i], fpn.output_norms[i], f"backbone.fpn_output{level}")
 
     rpn = model.rpn_head
     name = "proposal_generator.rpn_head"
@@ -190,6 +208,8 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
 
     pool = model.roi_heads.box_pool_size
     for box_head, head_name, _ in _box_stages(model):
+        for i, (conv, norm) in enumerate(zip(box_head.convs, box_head.conv_norms)):
+            conv_norm(conv, norm, f"{head_name}.conv{i + 1}")
         for i, fc in enumerate(box_head.fcs):
             theirs = f"{head_name}.fc{i + 1}"
             w = take(f"{theirs}.weight")   # [out, in]
@@ -200,10 +220,9 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
             plan.add(fc.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
 
     mask_head = model.roi_heads.mask_head   # None: Faster R-CNN, MASK_ON False
-    for i, conv in enumerate(mask_head.convs if mask_head is not None else ()):
-        theirs = f"roi_heads.mask_head.mask_fcn{i + 1}"
-        plan.add(conv.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
-        plan.add(conv.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+    for i, (conv, norm) in enumerate(zip(mask_head.convs, mask_head.conv_norms)
+                                     if mask_head is not None else ()):
+        conv_norm(conv, norm, f"roi_heads.mask_head.mask_fcn{i + 1}")
     if mask_head is None:
         left = [k for k in arrays if k.startswith("roi_heads.mask_head.")]
         used.update(left)
@@ -225,7 +244,7 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
             f"Detectron2 weights: arrays of {path} with no place in this "
             f"Mask R-CNN R50-FPN (another architecture?), {len(unused)}: {unused[:10]}")
     # The ResNet loader checks its own arrays, then assigns.
-    resnet_lib._check_loadable(model.backbone)
+    resnet_lib._check_loadable(model.backbone, group_norm=True)
     resnet_lib._load_detectron2_arrays(model.backbone, arrays, author, path)
     plan.assign()
 

@@ -204,7 +204,8 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     pre_nms_topk_train=2000, pre_nms_topk_test=1000,
                     post_nms_topk_train=1000, post_nms_topk_test=1000,
                     rpn_num_samples=256, max_detections=100, masks=True,
-                    cascade_stages=0, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+                    cascade_stages=0, fpn_norm=None, head_norm=None, box_num_conv=0,
+                    pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
     Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
@@ -214,18 +215,22 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
     seconds per step on a CPU. `masks=False` leaves out the mask head
     (Faster R-CNN); `cascade_stages=3` makes it Cascade Mask R-CNN
     (`CascadeRoiHeads` with its default IoUs and weights for 3 stages).
+    `fpn_norm` is `FPN.norm` and `head_norm` the box and mask heads' `norm`;
+    `box_num_conv` > 0 gives the box head that many convs of `fpn_channels`
+    and one FC (Detectron2's "4conv1fc" at 4) instead of two FCs.
     """
     # Parts in model order: the order they are made in draws the initial weights.
     backbone = ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at)
-    fpn = FPN(channels=fpn_channels)
+    fpn = FPN(channels=fpn_channels, norm=fpn_norm)
     rpn_head = RpnHead(channels=fpn_channels, pre_nms_topk_train=pre_nms_topk_train,
                        pre_nms_topk_test=pre_nms_topk_test,
                        post_nms_topk_train=post_nms_topk_train,
                        post_nms_topk_test=post_nms_topk_test, num_samples=rpn_num_samples)
-    box_heads = [BoxHead(num_classes=num_classes, fc_dim=fc_dim,
-                         class_agnostic=bool(cascade_stages))
+    box_heads = [BoxHead(num_classes=num_classes, fc_dim=fc_dim, num_conv=box_num_conv,
+                         num_fc=1 if box_num_conv else 2, conv_dim=fpn_channels,
+                         norm=head_norm, class_agnostic=bool(cascade_stages))
                  for _ in range(max(cascade_stages, 1))]
-    mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels)
+    mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels, norm=head_norm)
                  if masks else None)
     if cascade_stages:
         roi_heads = CascadeRoiHeads(

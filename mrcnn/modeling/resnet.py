@@ -74,7 +74,8 @@ trained model). (***) The MSRA norms are affine only (scale `_s`, bias
 Every loader checks that every variable of the backbone is loaded (a
 missing or mis-shaped array raises a ValueError naming our variable and the
 source key) and that no backbone array of the file is left unused; they
-support the batch-norm variants only ('gn' has no statistics to load), and
+support the batch-norm variants, the Detectron2 / Caffe2 one GroupNorm too
+(`gn_s`, `gn_b` or `.norm.{weight,bias}`: GN has no statistics), and
 each returns the `SourceInput` (channel order, mean, std) its network was
 trained on, which `load_backbone_weights` folds into the stem.
 """
@@ -91,6 +92,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mrcnn.modeling import norms as norm_lib
 from mrcnn.modeling._config import checkpointed, configurable_layer
 
 # ImageNet statistics of RGB pixels in [0, 255], the ones torchvision-trained
@@ -105,15 +107,11 @@ _DEPTHS = {
     50: ((3, 4, 6, 3), True),
     101: ((3, 4, 23, 3), True),
 }
-_NORMS = ("frozen_bn", "bn", "sync_bn", "gn")
+_NORMS = ("frozen_bn",) + norm_lib.NORMS
 # Detectron2 FrozenBatchNorm2d and nn.BatchNorm2d default epsilon.
-_BN_EPSILON = 1e-5
+_BN_EPSILON = norm_lib.BN_EPSILON
 # keras.applications.ResNet50's BatchNormalization epsilon.
 _KERAS_BN_EPSILON = 1.001e-5
-# Keras momentum 0.9 is PyTorch's BatchNorm momentum 0.1 (Detectron2's).
-_BN_MOMENTUM = 0.9
-# Detectron2 GroupNorm: 32 groups.
-_GN_GROUPS = 32
 
 
 def _msra_fill():
@@ -167,13 +165,8 @@ class FrozenBatchNorm(keras.layers.Layer):
 def _make_norm(norm, name):
     if norm == "frozen_bn":
         return FrozenBatchNorm(name=name)
-    if norm in ("bn", "sync_bn"):
-        return keras.layers.BatchNormalization(
-            momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-            synchronized=norm == "sync_bn", name=name)
-    if norm == "gn":
-        return keras.layers.GroupNormalization(
-            groups=_GN_GROUPS, epsilon=_BN_EPSILON, name=name)
+    if norm in norm_lib.NORMS:
+        return norm_lib.make_norm(norm, name)
     raise ValueError(f"ResNet: norm={norm!r} must be one of {_NORMS}")
 
 
@@ -397,15 +390,18 @@ def _named_units(resnet):
     return units
 
 
-def _check_loadable(resnet, images_shape=(1, 64, 64, 3)):
+def _check_loadable(resnet, images_shape=(1, 64, 64, 3), group_norm=False):
+    """Builds `resnet` if needed; ValueError unless a loader can fill it:
+    width 64, and a batch-norm variant unless the format has `group_norm`."""
     if resnet.width != 64:
         raise ValueError(
             f"ResNet weight loaders need width=64 (published ResNets), not "
             f"width={resnet.width}")
-    if resnet.norm == "gn":
+    if resnet.norm == "gn" and not group_norm:
         raise ValueError(
-            "ResNet weight loaders support norm in ('frozen_bn', 'bn', "
-            "'sync_bn'), not 'gn' (no batch statistics to load)")
+            "this ResNet weights format holds batch-norm networks: norm in "
+            "('frozen_bn', 'bn', 'sync_bn'), not 'gn' (GroupNorm ResNets load from "
+            "Detectron2 / Caffe2 .pkl files, file_format='detectron2')")
     if not resnet.built or not resnet.stem_conv.conv.built:
         resnet(tf.zeros(images_shape))
 
@@ -429,11 +425,13 @@ def _load_units(resnet, fetch, bias_folded, source_epsilon=_BN_EPSILON):
     """
     for conv, norm, stage, block, index in _named_units(resnet):
         key = (stage, block, index)
+        group_norm = isinstance(norm, keras.layers.GroupNormalization)
         try:
             kernel, src = fetch(key, "kernel")
             _assign(conv.conv.kernel, kernel, src)
             arrays = {v: fetch(key, v) for v in
-                      ("gamma", "beta", "moving_mean", "moving_variance")}
+                      (("gamma", "beta") if group_norm else
+                       ("gamma", "beta", "moving_mean", "moving_variance"))}
             if bias_folded:
                 bias, bias_src = fetch(key, "bias")
                 mean, mean_src = arrays["moving_mean"]
@@ -443,7 +441,7 @@ def _load_units(resnet, fetch, bias_folded, source_epsilon=_BN_EPSILON):
             raise ValueError(
                 f"ResNet weights: no array {e.args[0]!r} in the file for "
                 f"{conv.conv.kernel.path} / {norm.name}") from None
-        if source_epsilon != _BN_EPSILON:
+        if source_epsilon != _BN_EPSILON and not group_norm:
             var, var_src = arrays["moving_variance"]
             arrays["moving_variance"] = (
                 np.asarray(var, np.float64) + (source_epsilon - _BN_EPSILON),
@@ -707,11 +705,14 @@ def load_detectron2_resnet_weights(resnet, path):
         `_bn_{s,b}`. These norms are affine (scale, bias) only: the mean
         loads as 0 and the variance as 1 - epsilon, so that the folded
         scale is the file's exactly.
+    A GroupNorm ResNet (`norm='gn'`) loads the same names, scale and bias
+    only: Detectron2's `.norm.{weight,bias}`, Caffe2's `conv1_gn_{s,b}` and
+    `res<s>_<b>_branch*_gn_{s,b}` (FAIR's R-50-GN.pkl, stride on the 3x3).
     Kernels are PyTorch's `[out, in, kh, kw]`, transposed to ours.
 
     Args:
-      resnet: a `ResNet` of the file's depth, width 64, batch-norm variant
-        (built here if it is not yet).
+      resnet: a `ResNet` of the file's depth, width 64, and norm: a
+        batch-norm variant or 'gn' (built here if it is not yet).
       path: str, the `.pkl`. Only NumPy arrays are unpickled (a file that
         names anything else is refused, not run); a PyTorch `.pth` raises
         with how to convert it.
@@ -727,7 +728,7 @@ def load_detectron2_resnet_weights(resnet, path):
       ValueError naming our variable and the source key when an array is
       missing or mis-shaped, or when a backbone array of the file is unused.
     """
-    _check_loadable(resnet)
+    _check_loadable(resnet, group_norm=True)
     arrays, author = _read_detectron2_pickle(path)
     return _load_detectron2_arrays(resnet, arrays, author, path)
 
@@ -755,6 +756,8 @@ def _load_detectron2_arrays(resnet, arrays, author, path):
                     + ("1" if index == 0 else "2" + "abc"[index - 1]))
             if var == "kernel":
                 name = "conv1_w" if stage == 1 else f"{unit}_w"
+            elif resnet.norm == "gn":   # Detectron's GN models: conv1_gn_s, ..._gn_b
+                name = f"{'conv1' if stage == 1 else unit}_gn_{_C2_NORM[var]}"
             else:
                 name = f"{unit}_bn_{_C2_NORM[var]}"
             if name not in arrays and var in ("moving_mean", "moving_variance"):
@@ -786,7 +789,9 @@ def _load_detectron2_arrays(resnet, arrays, author, path):
     if unused:
         raise ValueError(f"ResNet weights: arrays of {path} not loaded: {unused[:10]}")
     if caffe2:
-        _warn_stride(resnet, path, trained_stride_in_1x1=True)
+        # MSRA's BN models put the stride on the 1x1, FAIR's GN models (the
+        # R-50-GN.pkl of Detectron2's GN configs) on the 3x3.
+        _warn_stride(resnet, path, trained_stride_in_1x1=resnet.norm != "gn")
         return _SOURCES["msra"]
     if author == "torchvision":
         _warn_stride(resnet, path, trained_stride_in_1x1=False)
@@ -807,9 +812,12 @@ def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
     is `(pixel_std / src_std) * x + (pixel_mean - src_mean) / src_std` of
     ours: the channel order and scale go into the stem kernel, the constant
     into the stem norm's moving mean (exact away from the zero-padded border).
+    A GroupNorm stem has no statistics to take the constant: its means must
+    be the same (ValueError otherwise), as they are for the MSRA and FAIR
+    models under MaskRCNN's default ImageNet mean.
 
     Args:
-      resnet: a ResNet just loaded from `source` weights, batch-norm variant.
+      resnet: a ResNet just loaded from `source` weights.
       source: a `SourceInput`, or the name of a known one: 'keras',
         'tensorpack', 'msra', 'torchvision'.
       pixel_mean, pixel_std: RGB, the model's input normalisation.
@@ -825,9 +833,19 @@ def adapt_stem_to_input(resnet, source, pixel_mean=IMAGENET_MEAN,
         w, src_mean, src_std = w[:, :, ::-1, :], src_mean[::-1], src_std[::-1]
     shift = (np.asarray(pixel_mean) - src_mean) / src_std  # [3]
     const = np.einsum("hwco,c->o", w, shift)  # [64]
+    norm = resnet.stem_norm
+    if not hasattr(norm, "moving_mean"):
+        if np.abs(shift).max() > 1e-6:
+            raise ValueError(
+                f"ResNet weights: the network took its input minus {tuple(src_mean)} "
+                f"(RGB), this model minus {tuple(pixel_mean)}; a {type(norm).__name__} "
+                f"stem cannot absorb the difference: set MaskRCNN.pixel_mean = "
+                f"{tuple(float(v) for v in src_mean)}")
+        const = np.zeros_like(const)
     kernel.assign((w * (np.asarray(pixel_std) / src_std)[None, None, :, None])
                   .astype(kernel.dtype))
-    norm = resnet.stem_norm
+    if not hasattr(norm, "moving_mean"):
+        return
     norm.moving_mean.assign(
         (norm.moving_mean.numpy() - const).astype(norm.moving_mean.dtype))
 

@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from mrcnn.modeling import losses as loss_lib
+from mrcnn.modeling import norms as norm_lib
 from mrcnn.modeling._config import checkpointed, configurable_layer
 from mrcnn.modeling._xla import compiled, in_xla_context
 
@@ -64,15 +65,63 @@ def _msra_fill():
         2.0, mode="fan_out", distribution="untruncated_normal")
 
 
+# A head's norm is per roi: batch statistics would pool the padded and
+# negative slots of the static-shape batch with the rois that count.
+_HEAD_NORMS = ("gn",)
+
+
+def _conv_norm_layers(owner, num_convs, channels, norm, name="conv"):
+    """`num_convs` 3x3 convs (`name`1, 2, ...) and their norms (`name`1_norm,
+    ...), held by `owner`. Without `norm`: biased convs with their relu, and
+    None norms; with it, bias-free convs (the relu follows the norm)."""
+    convs = checkpointed(owner, [
+        keras.layers.Conv2D(channels, 3, padding="same", use_bias=norm is None,
+                            activation="relu" if norm is None else None,
+                            kernel_initializer=_msra_fill(), name=f"{name}{i + 1}")
+        for i in range(num_convs)])
+    if norm is None:
+        return convs, [None] * num_convs
+    return convs, checkpointed(owner, [
+        norm_lib.make_norm(norm, f"{name}{i + 1}_norm", channels)
+        for i in range(num_convs)])
+
+
+def _run_convs(convs, norms, x):
+    """relu(norm(conv(x))) through each conv (Detectron2's order); the
+    convs of no norm apply their relu themselves."""
+    for conv, norm in zip(convs, norms):
+        x = conv(x)
+        if norm is not None:
+            x = tf.nn.relu(norm(x))
+    return x
+
+
+def _build_convs(convs, norms, shape, channels):
+    """Builds `convs` and `norms` for an input of [N, h, w, F] `shape`."""
+    height, width, depth = shape
+    for conv, norm in zip(convs, norms):
+        conv.build((None, height, width, depth))
+        if norm is not None:
+            norm.build((None, height, width, channels))
+        depth = channels
+    return depth
+
+
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
 class BoxHead(keras.layers.Layer):
-    """Flatten -> `num_fc` x FC(fc_dim) + relu -> class logits and box deltas.
+    """`num_conv` x conv3x3 (+ norm) + relu -> flatten -> `num_fc` x FC(fc_dim)
+    + relu -> class logits and box deltas (Detectron2 `FastRCNNConvFCHead`).
 
-    Args (keyword-only, R50-FPN defaults):
+    Args (keyword-only, R50-FPN defaults: no convs, 2 FCs, "2fc"):
       num_classes: int, C foreground classes (80 for COCO).
       fc_dim: int, width of each FC layer (1024).
       num_fc: int, FC layers (2).
+      num_conv: int, 3x3 convs before the FCs (0; 4 with num_fc 1 is
+        Detectron2's "4conv1fc" head of its GN and LSJ baselines).
+      conv_dim: int, channels of those convs (256).
+      norm: None (default) or 'gn', after each conv (no bias then). Batch
+        norms are refused: a head's batch holds padded slots.
       class_agnostic: bool, one set of deltas for every class (Detectron2's
         `CLS_AGNOSTIC_BBOX_REG`, the cascade's heads) instead of one per class.
 
@@ -85,12 +134,17 @@ class BoxHead(keras.layers.Layer):
         (10, 10, 5, 5); [B, K, 1, 4] when `class_agnostic`.
     """
 
-    def __init__(self, *, num_classes=80, fc_dim=1024, num_fc=2, class_agnostic=False,
-                 **kwargs):
+    def __init__(self, *, num_classes=80, fc_dim=1024, num_fc=2, num_conv=0, conv_dim=256,
+                 norm=None, class_agnostic=False, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.fc_dim = fc_dim
         self.num_fc = num_fc
+        self.num_conv = int(num_conv)
+        self.conv_dim = conv_dim
+        self.norm = norm_lib.check(norm, "BoxHead", _HEAD_NORMS)
+        self.convs, self.conv_norms = _conv_norm_layers(self, self.num_conv, conv_dim,
+                                                        self.norm)
         self.class_agnostic = bool(class_agnostic)
         self.num_box_classes = 1 if self.class_agnostic else num_classes
         self.fcs = checkpointed(self, [
@@ -109,7 +163,8 @@ class BoxHead(keras.layers.Layer):
         """Creates the FC layers' variables for `pooled` of `input_shape`
         [B, K, 7, 7, F], so that a head restored from its config (with its
         build config, as `RoiHeads.from_config` restores it) holds them."""
-        width = math.prod(input_shape[2:])
+        depth = _build_convs(self.convs, self.conv_norms, input_shape[2:], self.conv_dim)
+        width = math.prod(input_shape[2:4]) * depth
         for fc in self.fcs:
             fc.build((input_shape[0], input_shape[1], width))
             width = self.fc_dim
@@ -117,8 +172,14 @@ class BoxHead(keras.layers.Layer):
         self.box_deltas.build((input_shape[0], input_shape[1], width))
 
     def call(self, pooled):
-        batch, rois = pooled.shape[0], pooled.shape[1]
-        x = tf.reshape(pooled, [batch, rois, -1])  # [B, K, 7 * 7 * F]
+        batch, rois, height, width, channels = pooled.shape
+        if rois is None:   # a count known when run (outside XLA)
+            rois = tf.shape(pooled)[1]
+        x = pooled
+        if self.convs:
+            x = tf.reshape(x, [batch * rois, height, width, channels])
+            x = _run_convs(self.convs, self.conv_norms, x)  # [B * K, 7, 7, conv_dim]
+        x = tf.reshape(x, [batch, rois, -1])  # [B, K, 7 * 7 * (F | conv_dim)]
         for fc in self.fcs:
             x = fc(x)
         logits = tf.cast(self.class_logits(x), tf.float32)  # [B, K, C + 1]
@@ -128,19 +189,23 @@ class BoxHead(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
-                "fc_dim": self.fc_dim, "num_fc": self.num_fc,
+                "fc_dim": self.fc_dim, "num_fc": self.num_fc, "num_conv": self.num_conv,
+                "conv_dim": self.conv_dim, "norm": self.norm,
                 "class_agnostic": self.class_agnostic}
 
 
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
 class MaskHead(keras.layers.Layer):
-    """`num_convs` x conv3x3 + relu, 2x2/2 deconv + relu, 1x1 conv to C masks.
+    """`num_convs` x conv3x3 (+ norm) + relu, 2x2/2 deconv + relu, 1x1 conv
+    to C masks (Detectron2 `MaskRCNNConvUpsampleHead`).
 
     Args (keyword-only, R50-FPN defaults):
       num_classes: int, C (80).
       channels: int, width of the convs and the deconv (256).
       num_convs: int, 3x3 convs before the deconv (4).
+      norm: None (default) or 'gn', after each 3x3 conv (no bias then; the
+        deconv keeps its bias and no norm, as Detectron2's).
 
     Call:
       pooled: [B, N, 14, 14, F] RoIAligned features (N = D at inference;
@@ -152,15 +217,13 @@ class MaskHead(keras.layers.Layer):
       float32 [B, N, 28, 28] mask logits of the given class.
     """
 
-    def __init__(self, *, num_classes=80, channels=256, num_convs=4, **kwargs):
+    def __init__(self, *, num_classes=80, channels=256, num_convs=4, norm=None, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.channels = channels
         self.num_convs = num_convs
-        self.convs = checkpointed(self, [
-            keras.layers.Conv2D(channels, 3, padding="same", activation="relu",
-                                kernel_initializer=_msra_fill(), name=f"conv{i + 1}")
-            for i in range(num_convs)])
+        self.norm = norm_lib.check(norm, "MaskHead", _HEAD_NORMS)
+        self.convs, self.conv_norms = _conv_norm_layers(self, num_convs, channels, self.norm)
         self.deconv = keras.layers.Conv2DTranspose(
             channels, 2, strides=2, activation="relu",
             kernel_initializer=_msra_fill(), name="deconv")
@@ -172,10 +235,8 @@ class MaskHead(keras.layers.Layer):
     def build(self, pooled_shape, classes_shape=None):
         """Creates the convs' variables for `pooled` of `pooled_shape`
         [B, N, h, w, F] (`classes` adds none), as `BoxHead.build` does."""
-        height, width, channels = pooled_shape[2:]
-        for conv in self.convs:
-            conv.build((None, height, width, channels))
-            channels = self.channels
+        height, width = pooled_shape[2:4]
+        channels = _build_convs(self.convs, self.conv_norms, pooled_shape[2:], self.channels)
         self.deconv.build((None, height, width, channels))
         self.predictor.build((None, 2 * height, 2 * width, self.channels))
 
@@ -184,8 +245,7 @@ class MaskHead(keras.layers.Layer):
         if rois is None:   # a count known when run (outside XLA)
             rois = tf.shape(pooled)[1]
         x = tf.reshape(pooled, [batch * rois, height, width, channels])
-        for conv in self.convs:
-            x = conv(x)
+        x = _run_convs(self.convs, self.conv_norms, x)
         x = self.deconv(x)  # [B * Kp, 2h, 2w, channels]
         x = tf.cast(self.predictor(x), tf.float32)  # [B * Kp, 2h, 2w, C]
         x = tf.reshape(x, [batch, rois, 2 * height, 2 * width,
@@ -196,7 +256,7 @@ class MaskHead(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
-                "channels": self.channels, "num_convs": self.num_convs}
+                "channels": self.channels, "num_convs": self.num_convs, "norm": self.norm}
 
 
 @configurable_layer

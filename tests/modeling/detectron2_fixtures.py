@@ -14,11 +14,14 @@ from mrcnn.modeling.rpn import RpnHead
 
 
 def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
-                mask_convs=2, masks=True, cascade_stages=0, **rpn_kwargs):
+                mask_convs=2, masks=True, cascade_stages=0, gn=False, **rpn_kwargs):
     """A MaskRCNN with small heads (no mask head unless `masks`; a cascade of
-    class-agnostic box heads with `cascade_stages`)."""
+    class-agnostic box heads with `cascade_stages`). `gn`: Detectron2's GN
+    model, GroupNorm in the backbone, FPN and heads, and a 2conv1fc box head."""
+    norm = "gn" if gn else None
+    box_kwargs = dict(num_conv=2, num_fc=1, conv_dim=channels, norm=norm) if gn else {}
     mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels,
-                          num_convs=mask_convs) if masks else None)
+                          num_convs=mask_convs, norm=norm) if masks else None)
     if cascade_stages:
         roi_heads = CascadeRoiHeads(
             box_heads=[BoxHead(num_classes=num_classes, fc_dim=fc_dim, class_agnostic=True)
@@ -27,11 +30,12 @@ def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=1
             stage_box_weights=CASCADE_BOX_WEIGHTS[:cascade_stages],
             mask_head=mask_head, max_detections=10)
     else:
-        roi_heads = RoiHeads(box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim),
+        roi_heads = RoiHeads(box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim,
+                                              **box_kwargs),
                              mask_head=mask_head, max_detections=10)
     model = MaskRCNN(
-        backbone=resnet_lib.ResNet(depth=depth),
-        fpn=FPN(channels=channels),
+        backbone=resnet_lib.ResNet(depth=depth, norm="gn" if gn else "frozen_bn"),
+        fpn=FPN(channels=channels, norm=norm),
         rpn_head=RpnHead(channels=channels, pre_nms_topk_test=50,
                          post_nms_topk_test=20, **rpn_kwargs),
         roi_heads=roi_heads)
@@ -61,21 +65,33 @@ def random_state(model, seed=0, num_classes=None):
         s = scale if scale is not None else 1.0 / np.sqrt(fan_in)
         out[name] = rng.normal(0.0, s, shape).astype(np.float32)
 
-    for conv, norm, stage, block, index in resnet_lib._named_units(model.backbone):
+    def norm(unit, channels, statistics=True):
+        out[f"{unit}.norm.weight"] = rng.uniform(0.3, 0.8, channels).astype(np.float32)
+        out[f"{unit}.norm.bias"] = rng.uniform(-0.1, 0.1, channels).astype(np.float32)
+        if statistics:
+            out[f"{unit}.norm.running_mean"] = rng.uniform(
+                -0.1, 0.1, channels).astype(np.float32)
+            out[f"{unit}.norm.running_var"] = rng.uniform(
+                0.5, 2.0, channels).astype(np.float32)
+
+    def conv(unit, cout, cin, k, norm_name):
+        put(f"{unit}.weight", cout, cin, k, k)
+        if norm_name is None:
+            put(f"{unit}.bias", cout, scale=0.1)
+        else:   # Detectron2: Conv2d(bias=not norm); GN has no statistics
+            norm(unit, cout, statistics=norm_name != "gn")
+
+    gn = model.backbone.norm == "gn"
+    for conv_layer, _, stage, block, index in resnet_lib._named_units(model.backbone):
         unit = "backbone.bottom_up." + _unit_name(stage, block, index)
-        kh, kw, cin, cout = conv.conv.kernel.shape
+        kh, kw, cin, cout = conv_layer.conv.kernel.shape
         put(f"{unit}.weight", cout, cin, kh, kw)
-        out[f"{unit}.norm.weight"] = rng.uniform(0.3, 0.8, cout).astype(np.float32)
-        out[f"{unit}.norm.bias"] = rng.uniform(-0.1, 0.1, cout).astype(np.float32)
-        out[f"{unit}.norm.running_mean"] = rng.uniform(-0.1, 0.1, cout).astype(np.float32)
-        out[f"{unit}.norm.running_var"] = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+        norm(unit, cout, statistics=not gn)
     f = model.fpn.channels
     inputs = [int(layer.kernel.shape[2]) for layer in model.fpn.lateral]
     for level, cin in zip(range(2, 6), inputs):
-        put(f"backbone.fpn_lateral{level}.weight", f, cin, 1, 1)
-        put(f"backbone.fpn_lateral{level}.bias", f, scale=0.1)
-        put(f"backbone.fpn_output{level}.weight", f, f, 3, 3)
-        put(f"backbone.fpn_output{level}.bias", f, scale=0.1)
+        conv(f"backbone.fpn_lateral{level}", f, cin, 1, model.fpn.norm)
+        conv(f"backbone.fpn_output{level}", f, f, 3, model.fpn.norm)
     a = model.rpn_head.num_anchors
     rpn = "proposal_generator.rpn_head"
     put(f"{rpn}.conv.weight", f, f, 3, 3)
@@ -90,7 +106,11 @@ def random_state(model, seed=0, num_classes=None):
     stages = getattr(model.roi_heads, "box_heads", None)
     suffixes = [""] if stages is None else [f".{k}" for k in range(len(stages))]
     for suffix in suffixes:   # Detectron2's cascade names its stages 0, 1, 2
-        width = f * pool * pool
+        cin = f
+        for i in range(box.num_conv):
+            conv(f"roi_heads.box_head{suffix}.conv{i + 1}", box.conv_dim, cin, 3, box.norm)
+            cin = box.conv_dim
+        width = cin * pool * pool
         for i in range(box.num_fc):
             put(f"roi_heads.box_head{suffix}.fc{i + 1}.weight", box.fc_dim, width)
             put(f"roi_heads.box_head{suffix}.fc{i + 1}.bias", box.fc_dim, scale=0.1)
@@ -105,8 +125,7 @@ def random_state(model, seed=0, num_classes=None):
         return out
     cin = f
     for i in range(mask.num_convs):
-        put(f"roi_heads.mask_head.mask_fcn{i + 1}.weight", mask.channels, cin, 3, 3)
-        put(f"roi_heads.mask_head.mask_fcn{i + 1}.bias", mask.channels, scale=0.1)
+        conv(f"roi_heads.mask_head.mask_fcn{i + 1}", mask.channels, cin, 3, mask.norm)
         cin = mask.channels
     put("roi_heads.mask_head.deconv.weight", cin, mask.channels, 2, 2)
     put("roi_heads.mask_head.deconv.bias", mask.channels, scale=0.1)

@@ -2,6 +2,7 @@
 and (on demand) torchvision's own Mask R-CNN through Detectron2's names."""
 
 import os
+import pickle
 import subprocess
 import tempfile
 import unittest
@@ -128,6 +129,148 @@ class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
 def _centre(x):
     """[K, F] -> [1, K, 1, 1, F] RoI features of one pixel."""
     return x[None, :, None, None, :]
+
+
+def _conv3x3(x, w):
+    """Zero-padded 3 x 3 conv of x [N, H, W, I] by PyTorch's w [O, I, 3, 3]."""
+    _, h, width, _ = x.shape
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(np.einsum("nhwi,oi->nhwo", p[:, dy:dy + h, dx:dx + width], w[:, :, dy, dx])
+               for dy in range(3) for dx in range(3))
+
+
+def _group_norm(x, gamma, beta, groups=32, eps=1e-5):
+    """torch.nn.GroupNorm on NHWC x: contiguous channel groups."""
+    n, h, w, c = x.shape
+    g = x.reshape(n, h, w, groups, c // groups)
+    g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
+        g.var(axis=(1, 2, 4), keepdims=True) + eps)
+    return g.reshape(n, h, w, c) * gamma + beta
+
+
+class GroupNormConventionsTest(tf.test.TestCase):
+    """Detectron2's GN models (mask_rcnn_R_50_FPN_3x_gn): GroupNorm after every
+    conv of the backbone, FPN and heads (no conv bias there), a box head of
+    convs then one FC; its heads against NumPy references."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = fixtures.small_model(num_classes=C, mask_channels=32, gn=True)
+        cls.arrays = fixtures.random_state(cls.model, seed=4)
+        cls.path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"),
+                                  cls.arrays)
+        cls.skipped = d2.load_detectron2_weights(
+            cls.model, path=cls.path, source_format="RGB",
+            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
+            source_pixel_std=resnet_lib.IMAGENET_STD)
+
+    def _norm(self, unit, x):
+        a = self.arrays
+        return _group_norm(x, a[f"{unit}.norm.weight"], a[f"{unit}.norm.bias"])
+
+    def test_every_variable_loaded_and_no_bias_before_a_norm(self):
+        self.assertEqual(self.skipped, [])
+        fresh = fixtures.small_model(num_classes=C, mask_channels=32, gn=True)
+        self.assertEqual(len(self.model.weights), len(fresh.weights))
+        for ours, init in zip(self.model.weights, fresh.weights):
+            self.assertNotAllClose(ours, init, msg=ours.path)
+        # Biases: the RPN's, the FCs', the deconv's and the predictors', no conv's
+        # before a norm.
+        biased = {w.path.split("/")[-2] for w in self.model.weights
+                  if w.path.endswith("/bias")}
+        self.assertEqual(biased, {"conv", "objectness", "deltas", "fc1", "class_logits",
+                                  "box_deltas", "deconv", "predictor"})
+
+    def test_box_head(self):
+        rng = np.random.default_rng(5)
+        k, f = 3, self.model.fpn.channels
+        pooled = rng.normal(size=(k, 7, 7, f))
+        a, head = self.arrays, "roi_heads.box_head"
+        x = pooled
+        for i in (1, 2):
+            x = _relu(self._norm(f"{head}.conv{i}",
+                                 _conv3x3(x, a[f"{head}.conv{i}.weight"])))
+        x = x.transpose(0, 3, 1, 2).reshape(k, -1)   # PyTorch's (C, 7, 7) flatten
+        x = _relu(x @ a[f"{head}.fc1.weight"].T + a[f"{head}.fc1.bias"])
+        scores = x @ a["roi_heads.box_predictor.cls_score.weight"].T \
+            + a["roi_heads.box_predictor.cls_score.bias"]
+        deltas = (x @ a["roi_heads.box_predictor.bbox_pred.weight"].T
+                  + a["roi_heads.box_predictor.bbox_pred.bias"]).reshape(k, C, 4)
+        logits, box_deltas = self.model.roi_heads.box_head(
+            tf.constant(pooled[None], tf.float32))
+        self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
+                            atol=1e-4)
+        self.assertAllClose(box_deltas[0], deltas[..., [1, 0, 3, 2]], atol=1e-4)
+
+    def test_mask_head(self):
+        rng = np.random.default_rng(6)
+        k, f = 3, self.model.fpn.channels
+        features = rng.normal(size=(k, 4, 4, f))
+        a, head = self.arrays, "roi_heads.mask_head"
+        x = features
+        for i in (1, 2):
+            x = _relu(self._norm(f"{head}.mask_fcn{i}",
+                                 _conv3x3(x, a[f"{head}.mask_fcn{i}.weight"])))
+        w = a[f"{head}.deconv.weight"]   # [in, out, 2, 2]: output (2y + a, 2x + b)
+        up = np.einsum("kyxc,coab->kyaxbo", x, w).reshape(k, 8, 8, -1)
+        up = _relu(up + a[f"{head}.deconv.bias"])
+        logits = np.einsum("kyxo,no->knyx", up, a[f"{head}.predictor.weight"][:, :, 0, 0]) \
+            + a[f"{head}.predictor.bias"][None, :, None, None]
+        classes = np.array([2, 0, 1])
+        ours = self.model.roi_heads.mask_head(tf.constant(features[None], tf.float32),
+                                              tf.constant(classes[None]))
+        self.assertAllClose(ours[0], logits[np.arange(k), classes], atol=1e-4)
+
+    def test_fpn_top_level(self):
+        # A 64 x 64 canvas: C5 is 2 x 2, enough for GroupNorm statistics.
+        images = tf.constant(np.random.default_rng(7).normal(size=(1, 64, 64, 3)),
+                             tf.float32)
+        c = self.model.backbone(images)
+        p = self.model.fpn(c)
+        a = self.arrays
+        lateral = np.einsum("nhwi,oi->nhwo", c[5].numpy(),
+                            a["backbone.fpn_lateral5.weight"][:, :, 0, 0])
+        lateral = self._norm("backbone.fpn_lateral5", lateral)
+        want = self._norm("backbone.fpn_output5",
+                          _conv3x3(lateral, a["backbone.fpn_output5.weight"]))
+        self.assertAllClose(p[5], want, atol=1e-4)
+
+    def test_caffe2_group_norm_resnet(self):
+        """FAIR's R-50-GN.pkl names: conv1_gn_{s,b}, res<s>_<b>_branch*_gn_{s,b}."""
+        blobs = {}
+        for _, _, stage, block, index in resnet_lib._named_units(self.model.backbone):
+            theirs = "backbone.bottom_up." + fixtures._unit_name(stage, block, index)
+            unit = ("conv1" if stage == 1 else f"res{stage}_{block}_branch"
+                    + ("1" if index == 0 else "2" + "abc"[index - 1]))
+            blobs[f"{unit}_w"] = self.arrays[f"{theirs}.weight"]
+            blobs[f"{unit}_gn_s"] = self.arrays[f"{theirs}.norm.weight"]
+            blobs[f"{unit}_gn_b"] = self.arrays[f"{theirs}.norm.bias"]
+        path = os.path.join(tempfile.mkdtemp(), "R-18-GN.pkl")
+        with open(path, "wb") as f:
+            pickle.dump({"blobs": blobs}, f, protocol=2)
+        resnet = resnet_lib.ResNet(depth=18, norm="gn")
+        source = resnet_lib.load_detectron2_resnet_weights(resnet, path)
+        self.assertEqual(source.channels, "BGR")   # the MSRA / FAIR convention
+        for ours, theirs in zip(resnet.weights, self.model.backbone.weights):
+            self.assertAllClose(ours, theirs, msg=ours.path)
+        del blobs["res3_0_branch2b_gn_s"]
+        with open(path, "wb") as f:
+            pickle.dump({"blobs": blobs}, f, protocol=2)
+        with self.assertRaisesRegex(ValueError, "res3_0_branch2b_gn_s"):
+            resnet_lib.load_detectron2_resnet_weights(resnet, path)
+
+    def test_group_norm_stem_takes_no_other_mean(self):
+        resnet = resnet_lib.ResNet(depth=18, norm="gn")
+        resnet(tf.zeros([1, 64, 64, 3]))
+        kernel = resnet.stem_conv.conv.kernel.numpy()
+        msra = resnet_lib._SOURCES["msra"]   # BGR, the same mean, std 1
+        resnet_lib.adapt_stem_to_input(resnet, msra)
+        self.assertAllClose(resnet.stem_conv.conv.kernel,
+                            kernel[:, :, ::-1] * np.array(resnet_lib.IMAGENET_STD)[
+                                None, None, :, None])
+        with self.assertRaisesRegex(ValueError, r"cannot absorb.*MaskRCNN.pixel_mean"):
+            resnet_lib.adapt_stem_to_input(resnet, "keras")   # another mean
 
 
 class LoaderTest(tf.test.TestCase):

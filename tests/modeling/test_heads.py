@@ -63,6 +63,31 @@ class FPNTest(tf.test.TestCase):
         self.assertEqual(FPN.from_config(fpn.get_config()).get_config(),
                          fpn.get_config())
 
+    def test_norms(self):
+        """A norm after every conv, which then has no bias; batch norm uses
+        the batch's statistics in training only, GroupNorm its own always."""
+        feats = _backbone_features()
+        for norm in ("gn", "bn", "sync_bn"):
+            fpn = FPN(channels=32, norm=norm)
+            infer = fpn(feats, training=False)
+            train = fpn(feats, training=True)
+            self.assertEqual({l: x.shape for l, x in train.items()},
+                             {l: (_B, _CANVAS // 2 ** l, _CANVAS // 2 ** l, 32)
+                              for l in range(2, 7)})
+            self.assertFalse([w.path for w in fpn.weights if w.path.endswith("bias")])
+            self.assertLen(fpn.lateral_norms + fpn.output_norms, 8)
+            if norm == "gn":
+                self.assertAllClose(infer[3], train[3])
+                # Each of 32 groups of one channel: mean 0, variance 1 per image.
+                self.assertAllClose(tf.reduce_mean(train[3], axis=[1, 2]),
+                                    tf.zeros([_B, 32]), atol=1e-5)
+            else:
+                self.assertNotAllClose(infer[3], train[3])
+            self.assertEqual(FPN.from_config(fpn.get_config()).get_config()["norm"], norm)
+        self.assertIsNone(FPN(norm="").norm)
+        with self.assertRaisesRegex(ValueError, "FPN: norm='frozen_bn' must be None or"):
+            FPN(norm="frozen_bn")
+
 
 class RpnHeadTest(tf.test.TestCase, parameterized.TestCase):
 
@@ -170,9 +195,36 @@ class RoiHeadLayersTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_config_round_trip(self):
         for layer in (BoxHead(num_classes=7, fc_dim=64, num_fc=1),
-                      MaskHead(num_classes=7, channels=32, num_convs=2)):
+                      BoxHead(num_classes=7, fc_dim=64, num_fc=1, num_conv=2, conv_dim=32,
+                              norm="gn"),
+                      MaskHead(num_classes=7, channels=32, num_convs=2),
+                      MaskHead(num_classes=7, channels=32, num_convs=2, norm="gn")):
             clone = type(layer).from_config(layer.get_config())
             self.assertEqual(clone.get_config(), layer.get_config())
+
+    def test_conv_heads_with_group_norm(self):
+        """Detectron2's 4conv1fc box head (here 2 convs) and GN mask head: shapes,
+        bias-free convs, and the batch norms refused (padded slots)."""
+        box = BoxHead(num_classes=3, fc_dim=32, num_fc=1, num_conv=2, conv_dim=32, norm="gn")
+        mask = MaskHead(num_classes=3, channels=32, num_convs=2, norm="gn")
+        pooled = tf.random.stateless_normal([_B, 5, 7, 7, 16], seed=[0, 2])
+        logits, deltas = box(pooled)
+        self.assertEqual((logits.shape, deltas.shape), ((_B, 5, 4), (_B, 5, 3, 4)))
+        self.assertEqual(box.fcs[0].kernel.shape, (7 * 7 * 32, 32))
+        masks = mask(tf.random.stateless_normal([_B, 5, 14, 14, 16], seed=[0, 3]),
+                     tf.zeros([_B, 5], tf.int32))
+        self.assertEqual(masks.shape, (_B, 5, 28, 28))
+        for head in (box, mask):
+            self.assertEqual([c.bias for c in head.convs], [None, None])
+            self.assertLen(head.conv_norms, 2)
+        # A roi's output is its own: GroupNorm normalises each alone.
+        alone, _ = box(pooled[:, :1])
+        self.assertAllClose(alone, logits[:, :1], atol=1e-5)
+        for bn in ("bn", "sync_bn"):
+            with self.assertRaisesRegex(ValueError, "BoxHead: norm='.*' must be None or"):
+                BoxHead(num_conv=4, norm=bn)
+            with self.assertRaisesRegex(ValueError, "MaskHead: norm="):
+                MaskHead(norm=bn)
         heads = RoiHeads(box_head=BoxHead(num_classes=7),
                          mask_head=MaskHead(num_classes=7), num_samples=64)
         clone = RoiHeads.from_config(heads.get_config())
