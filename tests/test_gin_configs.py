@@ -125,3 +125,15 @@ def test_detectron2_r50_fpn_gn(parsed):
     assert model.backbone.norm == "gn" and not model.backbone.stride_in_1x1
     assert model.pixel_mean == (123.675, 116.28, 103.53) and model.pixel_std == (1, 1, 1)
     assert model.rpn_head.anchor_offset == 0.0 and model.roi_heads.box_head.num_conv == 4
+
+
+def test_r50_fpn_lsj_100ep(parsed):
+    model = parsed("r50_fpn_lsj_100ep.gin")
+    heads = model.roi_heads
+    assert model.backbone.norm == model.fpn.norm == "sync_bn" and model.backbone.freeze_at == 0
+    assert heads.box_head.norm == heads.mask_head.norm == "sync_bn"
+    assert (heads.box_head.num_conv, heads.box_head.num_fc) == (4, 1)
+    assert model.rpn_head.num_convs == 2 and len(model.rpn_head.convs) == 2
+    assert gin.query_parameter("train.init_fn") is None
+    assert gin.query_parameter("train/CocoInput.scale_jitter") == (0.1, 2.0)
+    assert gin.query_parameter("build_optimizer.base_batch_size") == 64

@@ -168,9 +168,9 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
             f"{sorted(arrays)[:5]}")
     used.update(k for k in arrays if k.startswith("backbone.bottom_up."))
 
-    def conv_norm(conv, norm, theirs, kernel=_conv):
+    def conv_norm(conv, norm, theirs):
         """A conv and its norm: Detectron2's `Conv2d(bias=not norm, norm=...)`."""
-        plan.add(conv.kernel, kernel(take(f"{theirs}.weight")), f"{theirs}.weight")
+        plan.add(conv.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
         if norm is None:
             plan.add(conv.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
             return
@@ -187,8 +187,9 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
     rpn = model.rpn_head
     name = "proposal_generator.rpn_head"
     order = _anchor_order(rpn.aspect_ratios, source_aspect_ratios)
-    plan.add(rpn.conv.kernel, _conv(take(f"{name}.conv.weight")), f"{name}.conv.weight")
-    plan.add(rpn.conv.bias, take(f"{name}.conv.bias"), f"{name}.conv.bias")
+    # StandardRPNHead: one conv is `conv`, more are `conv.conv0`, `conv.conv1`, ...
+    for k, conv in enumerate(rpn.convs):
+        conv_norm(conv, None, f"{name}.conv" + (f".conv{k}" if len(rpn.convs) > 1 else ""))
     w, b = take(f"{name}.objectness_logits.weight"), take(f"{name}.objectness_logits.bias")
     plan.add(rpn.objectness.kernel, _conv(w[order]), f"{name}.objectness_logits.weight")
     plan.add(rpn.objectness.bias, b[order], f"{name}.objectness_logits.bias")

@@ -133,7 +133,8 @@ class MaskRCNN(keras.Model):
                              f"2**max_level = {2 ** self.fpn.max_level}")
         image_info = tf.cast(batch["image_info"], tf.float32)
         images = self.normalize_images(images, image_info)
-        features = self.fpn(self.backbone(images, training=training))
+        # training explicit: Keras drops an outer call's on a first, building call.
+        features = self.fpn(self.backbone(images, training=training), training=training)
         objectness, deltas = self.rpn_head(features)
         anchors = self.rpn_head.anchors(canvas)
         proposals, proposal_valid = self.rpn_head.proposals(
@@ -205,7 +206,7 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     post_nms_topk_train=1000, post_nms_topk_test=1000,
                     rpn_num_samples=256, max_detections=100, masks=True,
                     cascade_stages=0, fpn_norm=None, head_norm=None, box_num_conv=0,
-                    pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+                    rpn_num_convs=1, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
     Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
@@ -217,12 +218,14 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
     (`CascadeRoiHeads` with its default IoUs and weights for 3 stages).
     `fpn_norm` is `FPN.norm` and `head_norm` the box and mask heads' `norm`;
     `box_num_conv` > 0 gives the box head that many convs of `fpn_channels`
-    and one FC (Detectron2's "4conv1fc" at 4) instead of two FCs.
+    and one FC (Detectron2's "4conv1fc" at 4) instead of two FCs;
+    `rpn_num_convs` is `RpnHead.num_convs`.
     """
     # Parts in model order: the order they are made in draws the initial weights.
     backbone = ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at)
     fpn = FPN(channels=fpn_channels, norm=fpn_norm)
-    rpn_head = RpnHead(channels=fpn_channels, pre_nms_topk_train=pre_nms_topk_train,
+    rpn_head = RpnHead(channels=fpn_channels, num_convs=rpn_num_convs,
+                       pre_nms_topk_train=pre_nms_topk_train,
                        pre_nms_topk_test=pre_nms_topk_test,
                        post_nms_topk_train=post_nms_topk_train,
                        post_nms_topk_test=post_nms_topk_test, num_samples=rpn_num_samples)

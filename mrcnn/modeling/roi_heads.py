@@ -65,9 +65,9 @@ def _msra_fill():
         2.0, mode="fan_out", distribution="untruncated_normal")
 
 
-# A head's norm is per roi: batch statistics would pool the padded and
-# negative slots of the static-shape batch with the rois that count.
-_HEAD_NORMS = ("gn",)
+# Batch norms in a head are `norms.MaskedBatchNorm`: the static-shape batch
+# holds padded slots (and negatives, in the mask head's) that must not count.
+_HEAD_NORMS = ("gn", "bn", "sync_bn")
 
 
 def _conv_norm_layers(owner, num_convs, channels, norm, name="conv"):
@@ -82,18 +82,27 @@ def _conv_norm_layers(owner, num_convs, channels, norm, name="conv"):
     if norm is None:
         return convs, [None] * num_convs
     return convs, checkpointed(owner, [
-        norm_lib.make_norm(norm, f"{name}{i + 1}_norm", channels)
+        norm_lib.make_norm(norm, f"{name}{i + 1}_norm", channels, masked=True)
         for i in range(num_convs)])
 
 
-def _run_convs(convs, norms, x):
+def _run_convs(convs, norms, x, valid=None, training=None):
     """relu(norm(conv(x))) through each conv (Detectron2's order); the
-    convs of no norm apply their relu themselves."""
+    convs of no norm apply their relu themselves. `valid` bool [N] or None:
+    the rows of x [N, h, w, F] a batch norm's training statistics count."""
     for conv, norm in zip(convs, norms):
         x = conv(x)
-        if norm is not None:
+        if isinstance(norm, norm_lib.MaskedBatchNorm):
+            # training explicit: Keras loses an outer call's on a first, building call.
+            x = tf.nn.relu(norm(x, valid, training=training))
+        elif norm is not None:
             x = tf.nn.relu(norm(x))
     return x
+
+
+def _rows(valid):
+    """bool [B, K] or None -> [B * K] or None."""
+    return None if valid is None else tf.reshape(valid, [-1])
 
 
 def _build_convs(convs, norms, shape, channels):
@@ -120,13 +129,18 @@ class BoxHead(keras.layers.Layer):
       num_conv: int, 3x3 convs before the FCs (0; 4 with num_fc 1 is
         Detectron2's "4conv1fc" head of its GN and LSJ baselines).
       conv_dim: int, channels of those convs (256).
-      norm: None (default) or 'gn', after each conv (no bias then). Batch
-        norms are refused: a head's batch holds padded slots.
+      norm: None (default), 'gn', 'bn' or 'sync_bn' after each conv (no bias
+        then). The batch norms' statistics count the `valid` rois only
+        (`norms.MaskedBatchNorm`; Detectron2's `NaiveSyncBatchNorm` with
+        stats_mode 'N' for 'sync_bn').
       class_agnostic: bool, one set of deltas for every class (Detectron2's
         `CLS_AGNOSTIC_BBOX_REG`, the cascade's heads) instead of one per class.
 
     Call:
       pooled: [B, K, 7, 7, F] RoIAligned features.
+      valid: bool [B, K] or None (all), the rois a batch norm's training
+        statistics count (the sampled ones, not the padding).
+      training: bool, batch statistics (True) or moving ones.
 
     Returns:
       class_logits: float32 [B, K, C + 1], column 0 background.
@@ -171,14 +185,15 @@ class BoxHead(keras.layers.Layer):
         self.class_logits.build((input_shape[0], input_shape[1], width))
         self.box_deltas.build((input_shape[0], input_shape[1], width))
 
-    def call(self, pooled):
+    def call(self, pooled, valid=None, training=None):
         batch, rois, height, width, channels = pooled.shape
         if rois is None:   # a count known when run (outside XLA)
             rois = tf.shape(pooled)[1]
         x = pooled
         if self.convs:
             x = tf.reshape(x, [batch * rois, height, width, channels])
-            x = _run_convs(self.convs, self.conv_norms, x)  # [B * K, 7, 7, conv_dim]
+            x = _run_convs(self.convs, self.conv_norms, x, _rows(valid),
+                           training)  # [B * K, 7, 7, conv_dim]
         x = tf.reshape(x, [batch, rois, -1])  # [B, K, 7 * 7 * (F | conv_dim)]
         for fc in self.fcs:
             x = fc(x)
@@ -204,14 +219,18 @@ class MaskHead(keras.layers.Layer):
       num_classes: int, C (80).
       channels: int, width of the convs and the deconv (256).
       num_convs: int, 3x3 convs before the deconv (4).
-      norm: None (default) or 'gn', after each 3x3 conv (no bias then; the
-        deconv keeps its bias and no norm, as Detectron2's).
+      norm: None (default), 'gn', 'bn' or 'sync_bn' after each 3x3 conv (no
+        bias then; the deconv keeps its bias and no norm, as Detectron2's);
+        batch norms count the `valid` rois (`BoxHead`).
 
     Call:
       pooled: [B, N, 14, 14, F] RoIAligned features (N = D at inference;
         in training B = 1 and N = T, the batch's gathered positives).
       classes: int32 [B, N], the class column 0..C-1 whose mask is wanted
         (the gt class - 1 in training, the detected class - 1 at inference).
+      valid: bool [B, N] or None (all), the rois a batch norm's training
+        statistics count (the positives).
+      training: bool, batch statistics (True) or moving ones.
 
     Returns:
       float32 [B, N, 28, 28] mask logits of the given class.
@@ -240,12 +259,12 @@ class MaskHead(keras.layers.Layer):
         self.deconv.build((None, height, width, channels))
         self.predictor.build((None, 2 * height, 2 * width, self.channels))
 
-    def call(self, pooled, classes):
+    def call(self, pooled, classes, valid=None, training=None):
         batch, rois, height, width, channels = pooled.shape
         if rois is None:   # a count known when run (outside XLA)
             rois = tf.shape(pooled)[1]
         x = tf.reshape(pooled, [batch * rois, height, width, channels])
-        x = _run_convs(self.convs, self.conv_norms, x)
+        x = _run_convs(self.convs, self.conv_norms, x, _rows(valid), training)
         x = self.deconv(x)  # [B * Kp, 2h, 2w, channels]
         x = tf.cast(self.predictor(x), tf.float32)  # [B * Kp, 2h, 2w, C]
         x = tf.reshape(x, [batch, rois, 2 * height, 2 * width,
@@ -420,7 +439,8 @@ class RoiHeads(keras.layers.Layer):
         """`mask_loss` with the head on all B x Kp slots, image by image."""
         kp = self.num_mask_rois
         classes = rois.classes[:, :kp]
-        logits = self.mask_outputs(features, rois.rois[:, :kp], tf.maximum(classes, 1))
+        logits = self.mask_outputs(features, rois.rois[:, :kp], tf.maximum(classes, 1),
+                                   valid=classes > 0, training=True)
         targets = self.mask_targets(gt_masks, rois.rois[:, :kp], rois.matched_index[:, :kp],
                                     gt_boxes)
         return loss_lib.mask_loss(logits, targets, classes > 0)
@@ -441,7 +461,8 @@ class RoiHeads(keras.layers.Layer):
         # Indices into the batch's gt flattened to one image of B * M.
         matched = tf.where(positive & (matched >= 0), image * num_gt + matched, -1)
         logits = self.mask_outputs(features, boxes[None], tf.maximum(classes, 1)[None],
-                                   batch_index=image[None])  # [1, T, S, S]
+                                   batch_index=image[None], valid=positive[None],
+                                   training=True)  # [1, T, S, S]
         flat_masks = tf.reshape(gt_masks, [1, -1, *gt_masks.shape[2:]])  # [1, B * M, S_m, S_m]
         flat_boxes = tf.reshape(gt_boxes, [1, -1, 4])  # [1, B * M, 4]
         targets = self.mask_targets(flat_masks, boxes[None], matched[None], flat_boxes)
@@ -465,27 +486,34 @@ class RoiHeads(keras.layers.Layer):
             max_level=self.max_level, max_sampling_ratio=self.max_sampling_ratio,
             aligned=self.aligned, batch_index=batch_index)
 
-    def box_outputs(self, features, rois):
-        """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas [B, K, C|1, 4]."""
-        return self.box_head(self._pool(features, rois, self.box_pool_size))
+    def box_outputs(self, features, rois, valid=None, training=False):
+        """Box head on `rois` float32 [B, K, 4]: logits [B, K, C+1], deltas
+        [B, K, C|1, 4]; `valid` bool [B, K]: the rois its batch norms count
+        when `training`."""
+        return self.box_head(self._pool(features, rois, self.box_pool_size), valid,
+                             training=training)
 
     def box_losses(self, features, rois, gt_boxes, gt_classes, gt_valid, image_info):
         """{rcnn_class, rcnn_box}: float32 scalars on the sampled `rois`
         (`sample`'s `ProposalTargets`); the gt and image_info serve a cascade."""
         del gt_boxes, gt_classes, gt_valid, image_info
-        class_logits, box_deltas = self.box_outputs(features, rois.rois)
+        class_logits, box_deltas = self.box_outputs(features, rois.rois, rois.valid,
+                                                    training=True)
         return {
             "rcnn_class": loss_lib.rcnn_class_loss(class_logits, rois.classes, rois.valid),
             "rcnn_box": loss_lib.rcnn_box_loss(box_deltas, rois.box_targets, rois.classes,
                                                rois.valid, self.box_loss_beta),
         }
 
-    def mask_outputs(self, features, rois, classes, batch_index=None):
+    def mask_outputs(self, features, rois, classes, batch_index=None, valid=None,
+                     training=False):
         """Mask logits float32 [N, T, S, S] for `rois` float32 [N, T, 4] and
         classes int32 [N, T] 1..C; N = B, or any N with `batch_index` int32
-        [N, T], the image of each roi (`ops.roi_align.multilevel_roi_align`)."""
+        [N, T], the image of each roi (`ops.roi_align.multilevel_roi_align`);
+        `valid` bool [N, T]: the rois the head's batch norms count when
+        `training`."""
         pooled = self._pool(features, rois, self.mask_pool_size, batch_index=batch_index)
-        return self.mask_head(pooled, classes - 1)
+        return self.mask_head(pooled, classes - 1, valid, training=training)
 
     @compiled
     def mask_targets(self, gt_masks, rois, matched_index, gt_boxes):
@@ -739,7 +767,7 @@ class CascadeRoiHeads(RoiHeads):
                                                        gt_valid, k)
             pooled = _scaled_gradient(self._pool(features, boxes, self.box_pool_size),
                                       1.0 / stages)
-            logits, deltas = head(pooled)
+            logits, deltas = head(pooled, valid, training=True)
             losses[f"rcnn_class_stage{k + 1}"] = loss_lib.rcnn_class_loss(
                 logits, classes, valid)
             losses[f"rcnn_box_stage{k + 1}"] = loss_lib.rcnn_box_loss(
@@ -753,7 +781,8 @@ class CascadeRoiHeads(RoiHeads):
             if k:
                 boxes = self._decode(deltas, boxes, self.stage_box_weights[k - 1],
                                      image_info)[:, :, 0]
-            logits, deltas = head(self._pool(features, boxes, self.box_pool_size))
+            logits, deltas = head(self._pool(features, boxes, self.box_pool_size),
+                                  training=False)
             total += tf.nn.softmax(logits, axis=-1)
         scores = total / float(len(self.box_heads))
         return self._kept(self._decode(deltas, boxes, self.stage_box_weights[-1],

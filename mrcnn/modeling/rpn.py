@@ -8,7 +8,7 @@ location (3), `P` proposals per image, `F` FPN channels.
 import keras
 import tensorflow as tf
 
-from mrcnn.modeling._config import configurable_layer
+from mrcnn.modeling._config import checkpointed, configurable_layer
 
 from mrcnn.ops import anchors as anchor_ops
 from mrcnn.ops import boxes as box_ops
@@ -19,13 +19,15 @@ from mrcnn.ops import targets as target_ops
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
 class RpnHead(keras.layers.Layer):
-    """Shared 3x3 conv + relu, then 1x1 objectness (A) and deltas (4A), on every level.
+    """Shared 3x3 conv(s) + relu, then 1x1 objectness (A) and deltas (4A), on every level.
 
     Also owns what the RPN needs around its convs: the anchors, proposal
     generation and the anchor targets, each with the R50-FPN 1x defaults.
 
     Args (keyword-only; Detectron2 R50-FPN 1x defaults):
       channels: int, the shared conv's channels (256, = FPN channels).
+      num_convs: int, shared 3x3 convs (1; 2 in Detectron2's LSJ baselines,
+        `RPN.CONV_DIMS = [-1, -1]`, and torchvision's v2 models).
       min_level, max_level: ints, pyramid levels with anchors (2, 6).
       anchor_sizes: one anchor base size in pixels per level
         (32, 64, 128, 256, 512).
@@ -58,7 +60,7 @@ class RpnHead(keras.layers.Layer):
       `multilevel_anchors` (row-major over (i, j, anchor)).
     """
 
-    def __init__(self, *, channels=256, min_level=2, max_level=6,
+    def __init__(self, *, channels=256, num_convs=1, min_level=2, max_level=6,
                  anchor_sizes=(32, 64, 128, 256, 512),
                  aspect_ratios=(0.5, 1.0, 2.0), anchor_offset=0.5,
                  round_anchors=False, pre_nms_topk_train=2000,
@@ -71,7 +73,10 @@ class RpnHead(keras.layers.Layer):
             raise ValueError(
                 f"RpnHead: len(anchor_sizes)={len(anchor_sizes)} must equal "
                 f"max_level - min_level + 1 = {max_level - min_level + 1}")
+        if int(num_convs) < 1:
+            raise ValueError(f"RpnHead: num_convs={num_convs} must be >= 1")
         self.channels = channels
+        self.num_convs = int(num_convs)
         self.min_level = min_level
         self.max_level = max_level
         self.anchor_sizes = tuple(anchor_sizes)
@@ -92,9 +97,12 @@ class RpnHead(keras.layers.Layer):
         self.num_anchors = len(self.aspect_ratios)
         # Detectron2 StandardRPNHead init: normal(std=0.01), zero bias.
         init = keras.initializers.RandomNormal(stddev=0.01)
-        self.conv = keras.layers.Conv2D(channels, 3, padding="same",
-                                        activation="relu",
-                                        kernel_initializer=init, name="conv")
+        # The first is `conv` (the one-conv head's name), then conv2, conv3, ...
+        self.convs = checkpointed(self, [
+            keras.layers.Conv2D(channels, 3, padding="same", activation="relu",
+                                kernel_initializer=init,
+                                name="conv" if i == 0 else f"conv{i + 1}")
+            for i in range(self.num_convs)])
         self.objectness = keras.layers.Conv2D(
             self.num_anchors, 1, kernel_initializer=init, name="objectness")
         self.deltas = keras.layers.Conv2D(
@@ -103,7 +111,9 @@ class RpnHead(keras.layers.Layer):
     def call(self, features):
         objectness, deltas = {}, {}
         for level in range(self.min_level, self.max_level + 1):
-            x = self.conv(features[level])
+            x = features[level]
+            for conv in self.convs:
+                x = conv(x)
             batch, height, width, _ = x.shape
             cells = height * width * self.num_anchors
             logits = self.objectness(x)  # [B, H_l, W_l, A]
@@ -192,7 +202,8 @@ class RpnHead(keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(),
-            "channels": self.channels, "min_level": self.min_level,
+            "channels": self.channels, "num_convs": self.num_convs,
+            "min_level": self.min_level,
             "max_level": self.max_level,
             "anchor_sizes": list(self.anchor_sizes),
             "aspect_ratios": list(self.aspect_ratios),

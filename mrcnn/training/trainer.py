@@ -225,6 +225,16 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
       'total': their sum}.
     """
     replicas = strategy.num_replicas_in_sync
+    if xla and replicas > 1:
+        synchronized = [layer.name for layer in model._flatten_layers()
+                        if getattr(layer, "synchronized", False)]
+        if synchronized:
+            raise ValueError(
+                f"train.xla = True with {replicas} replicas: the synchronized batch "
+                f"norms ({', '.join(synchronized[:3])}, ...) all-reduce their statistics "
+                f"inside the forward pass, which cannot sit inside a replica's XLA "
+                f"program; set train.xla = False (their XLA islands still compile), or "
+                f"norm 'bn' / 'gn'")
 
     def forward_backward(batch):
         with tf.GradientTape() as tape:
@@ -323,7 +333,9 @@ def _fuse_updates(optimizer):
 
 def _split_step(forward_backward, optimizer, model, replicas, xla):
     """Replica step: forward_backward (XLA when `xla`), then the update."""
-    compiled = tf.function(forward_backward, jit_compile=xla)
+    # Without XLA, no nested function: a synchronized batch norm's all-reduce
+    # (merge_call) is refused inside one.
+    compiled = tf.function(forward_backward, jit_compile=True) if xla else forward_backward
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(batch):

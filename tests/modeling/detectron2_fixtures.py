@@ -14,12 +14,12 @@ from mrcnn.modeling.rpn import RpnHead
 
 
 def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
-                mask_convs=2, masks=True, cascade_stages=0, gn=False, **rpn_kwargs):
+                mask_convs=2, masks=True, cascade_stages=0, norm=None, **rpn_kwargs):
     """A MaskRCNN with small heads (no mask head unless `masks`; a cascade of
-    class-agnostic box heads with `cascade_stages`). `gn`: Detectron2's GN
-    model, GroupNorm in the backbone, FPN and heads, and a 2conv1fc box head."""
-    norm = "gn" if gn else None
-    box_kwargs = dict(num_conv=2, num_fc=1, conv_dim=channels, norm=norm) if gn else {}
+    class-agnostic box heads with `cascade_stages`). `norm` ('gn', 'bn',
+    'sync_bn'): that norm in the backbone, FPN and heads and a 2conv1fc box
+    head, as Detectron2's GN models and LSJ baselines."""
+    box_kwargs = dict(num_conv=2, num_fc=1, conv_dim=channels, norm=norm) if norm else {}
     mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels,
                           num_convs=mask_convs, norm=norm) if masks else None)
     if cascade_stages:
@@ -34,7 +34,7 @@ def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=1
                                               **box_kwargs),
                              mask_head=mask_head, max_detections=10)
     model = MaskRCNN(
-        backbone=resnet_lib.ResNet(depth=depth, norm="gn" if gn else "frozen_bn"),
+        backbone=resnet_lib.ResNet(depth=depth, norm=norm or "frozen_bn"),
         fpn=FPN(channels=channels, norm=norm),
         rpn_head=RpnHead(channels=channels, pre_nms_topk_test=50,
                          post_nms_topk_test=20, **rpn_kwargs),
@@ -94,8 +94,9 @@ def random_state(model, seed=0, num_classes=None):
         conv(f"backbone.fpn_output{level}", f, f, 3, model.fpn.norm)
     a = model.rpn_head.num_anchors
     rpn = "proposal_generator.rpn_head"
-    put(f"{rpn}.conv.weight", f, f, 3, 3)
-    put(f"{rpn}.conv.bias", f, scale=0.1)
+    convs = model.rpn_head.num_convs
+    for k in range(convs):
+        conv(f"{rpn}.conv" + (f".conv{k}" if convs > 1 else ""), f, f, 3, None)
     put(f"{rpn}.objectness_logits.weight", a, f, 1, 1)
     put(f"{rpn}.objectness_logits.bias", a, scale=0.1)
     put(f"{rpn}.anchor_deltas.weight", 4 * a, f, 1, 1)

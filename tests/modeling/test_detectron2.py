@@ -126,6 +126,70 @@ class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(p[6], p[5])
 
 
+class SyncBatchNormConventionsTest(tf.test.TestCase):
+    """Detectron2's LSJ baselines (new_baselines/mask_rcnn_R_50_FPN_*ep_LSJ):
+    SyncBN in the backbone, FPN and heads (running statistics loaded), two
+    RPN convs (`rpn_head.conv.conv0`, `.conv1`); at inference against NumPy."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = fixtures.small_model(num_classes=C, mask_channels=32, norm="sync_bn",
+                                         num_convs=2, anchor_offset=0.0)
+        cls.arrays = fixtures.random_state(cls.model, seed=8)
+        cls.path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"),
+                                  cls.arrays)
+        cls.skipped = d2.load_detectron2_weights(
+            cls.model, path=cls.path, source_format="RGB",
+            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
+            source_pixel_std=resnet_lib.IMAGENET_STD)
+
+    def test_every_variable_loaded(self):
+        self.assertEqual(self.skipped, [])
+        fresh = fixtures.small_model(num_classes=C, mask_channels=32, norm="sync_bn",
+                                     num_convs=2)
+        self.assertEqual(len(self.model.weights), len(fresh.weights))
+        for ours, init in zip(self.model.weights, fresh.weights):
+            self.assertNotAllClose(ours, init, msg=ours.path)
+        self.assertIn("proposal_generator.rpn_head.conv.conv1.weight", self.arrays)
+
+    def test_rpn_head_of_two_convs(self):
+        # 1 x 1 levels: each 3 x 3 conv sees only its centre tap.
+        features = np.random.default_rng(9).normal(size=(2, self.model.fpn.channels))
+        a, name = self.arrays, "proposal_generator.rpn_head"
+        x = features
+        for k in (0, 1):
+            x = _relu(x @ a[f"{name}.conv.conv{k}.weight"][:, :, 1, 1].T
+                      + a[f"{name}.conv.conv{k}.bias"])
+        objectness = x @ a[f"{name}.objectness_logits.weight"][:, :, 0, 0].T \
+            + a[f"{name}.objectness_logits.bias"]
+        ours, _ = self.model.rpn_head(
+            {l: tf.constant(features[:, None, None, :], tf.float32) for l in range(2, 7)})
+        theirs = [D2_RATIOS.index(1.0 / r) for r in self.model.rpn_head.aspect_ratios]
+        self.assertAllClose(ours[3], objectness[:, theirs], atol=1e-5)
+
+    def test_box_head_at_inference(self):
+        rng = np.random.default_rng(10)
+        k, f = 3, self.model.fpn.channels
+        pooled = rng.normal(size=(k, 7, 7, f))
+        a, head = self.arrays, "roi_heads.box_head"
+        x = pooled
+        for i in (1, 2):
+            unit = f"{head}.conv{i}"
+            x = _conv3x3(x, a[f"{unit}.weight"])
+            x = _relu((x - a[f"{unit}.norm.running_mean"])
+                      / np.sqrt(a[f"{unit}.norm.running_var"] + 1e-5)
+                      * a[f"{unit}.norm.weight"] + a[f"{unit}.norm.bias"])
+        x = x.transpose(0, 3, 1, 2).reshape(k, -1)
+        x = _relu(x @ a[f"{head}.fc1.weight"].T + a[f"{head}.fc1.bias"])
+        scores = x @ a["roi_heads.box_predictor.cls_score.weight"].T \
+            + a["roi_heads.box_predictor.cls_score.bias"]
+        logits, _ = self.model.roi_heads.box_head(tf.constant(pooled[None], tf.float32),
+                                                  training=False)
+        self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
+                            atol=1e-4)
+
+
 def _centre(x):
     """[K, F] -> [1, K, 1, 1, F] RoI features of one pixel."""
     return x[None, :, None, None, :]
@@ -156,7 +220,7 @@ class GroupNormConventionsTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.model = fixtures.small_model(num_classes=C, mask_channels=32, gn=True)
+        cls.model = fixtures.small_model(num_classes=C, mask_channels=32, norm="gn")
         cls.arrays = fixtures.random_state(cls.model, seed=4)
         cls.path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"),
                                   cls.arrays)
@@ -171,7 +235,7 @@ class GroupNormConventionsTest(tf.test.TestCase):
 
     def test_every_variable_loaded_and_no_bias_before_a_norm(self):
         self.assertEqual(self.skipped, [])
-        fresh = fixtures.small_model(num_classes=C, mask_channels=32, gn=True)
+        fresh = fixtures.small_model(num_classes=C, mask_channels=32, norm="gn")
         self.assertEqual(len(self.model.weights), len(fresh.weights))
         for ours, init in zip(self.model.weights, fresh.weights):
             self.assertNotAllClose(ours, init, msg=ours.path)
@@ -506,8 +570,8 @@ class TorchvisionParityTest(tf.test.TestCase):
         from mrcnn.modeling.rpn import RpnHead
         rpn, heads = self.model.rpn_head, self.model.roi_heads
         stock_rpn = RpnHead(anchor_offset=0.0, round_anchors=True)
-        stock_rpn.conv, stock_rpn.objectness, stock_rpn.deltas = (
-            rpn.conv, rpn.objectness, rpn.deltas)
+        stock_rpn.convs, stock_rpn.objectness, stock_rpn.deltas = (
+            [rpn.conv], rpn.objectness, rpn.deltas)
         model = MaskRCNN(backbone=self.model.backbone, fpn=self.model.fpn,
                          rpn_head=stock_rpn,
                          roi_heads=RoiHeads(box_head=heads.box_head,

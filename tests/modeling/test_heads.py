@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from mrcnn.modeling import norms
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
 from mrcnn.modeling.rpn import RpnHead
@@ -220,11 +221,40 @@ class RoiHeadLayersTest(tf.test.TestCase, parameterized.TestCase):
         # A roi's output is its own: GroupNorm normalises each alone.
         alone, _ = box(pooled[:, :1])
         self.assertAllClose(alone, logits[:, :1], atol=1e-5)
-        for bn in ("bn", "sync_bn"):
+        for frozen in ("frozen_bn", "batch"):
             with self.assertRaisesRegex(ValueError, "BoxHead: norm='.*' must be None or"):
-                BoxHead(num_conv=4, norm=bn)
+                BoxHead(num_conv=4, norm=frozen)
             with self.assertRaisesRegex(ValueError, "MaskHead: norm="):
-                MaskHead(norm=bn)
+                MaskHead(norm=frozen)
+
+    def test_batch_norm_heads_count_the_valid_rois_only(self):
+        """'bn' / 'sync_bn' heads (Detectron2's LSJ baselines): in training the
+        statistics are those of the valid rois, whatever the others hold; at
+        inference the moving ones."""
+        pooled = tf.random.stateless_normal([_B, 5, 7, 7, 16], seed=[0, 4])
+        valid = tf.constant([[True, True, True, False, False]] * _B)
+        junk = tf.where(valid[..., None, None, None], pooled, 100.0 * pooled + 7.0)
+        for bn in ("bn", "sync_bn"):
+            box = BoxHead(num_classes=3, fc_dim=32, num_fc=1, num_conv=2, conv_dim=32,
+                          norm=bn)
+            mask = MaskHead(num_classes=3, channels=32, num_convs=2, norm=bn)
+            self.assertIsInstance(box.conv_norms[0], norms.MaskedBatchNorm)
+            self.assertEqual(box.conv_norms[1].synchronized, bn == "sync_bn")
+            clean, _ = box(pooled, valid, training=True)
+            dirty, _ = box(junk, valid, training=True)
+            self.assertAllClose(clean[:, :3], dirty[:, :3], atol=1e-4)
+            classes = tf.zeros([_B, 5], tf.int32)
+            big = tf.image.resize(tf.reshape(pooled, [-1, 7, 7, 16]), [14, 14])
+            big = tf.reshape(big, [_B, 5, 14, 14, 16])
+            big_junk = tf.where(valid[..., None, None, None], big, 100.0 * big + 7.0)
+            self.assertAllClose(mask(big, classes, valid, training=True)[:, :3],
+                                mask(big_junk, classes, valid, training=True)[:, :3],
+                                atol=1e-3)
+            # Inference: moving statistics, so each roi alone gives its output.
+            alone, _ = box(pooled[:, :1], training=False)
+            together, _ = box(pooled, training=False)
+            self.assertAllClose(alone, together[:, :1], atol=1e-5)
+            self.assertNotAllClose(box.conv_norms[0].moving_mean, tf.zeros([32]))
         heads = RoiHeads(box_head=BoxHead(num_classes=7),
                          mask_head=MaskHead(num_classes=7), num_samples=64)
         clone = RoiHeads.from_config(heads.get_config())

@@ -7,6 +7,7 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
 
 from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
 from mrcnn.modeling.fpn import FPN
@@ -258,15 +259,18 @@ class MaskRCNNTest(tf.test.TestCase):
         self.assertBetween(model.count_params(), 44.0e6, 44.5e6)
 
 
-class GroupNormModelTest(tf.test.TestCase):
-    """GroupNorm in the backbone, FPN and heads with a conv box head (Detectron2's
-    GN model, gin/r50_fpn_gn_3x.gin), small: every variable trains, and its
-    detections are the same eager and under XLA."""
+class NormalizedModelTest(tf.test.TestCase, parameterized.TestCase):
+    """Norms in the backbone, FPN and heads with a conv box head, small:
+    GroupNorm (Detectron2's GN model, gin/r50_fpn_gn_3x.gin) and SyncBN with
+    two RPN convs (its LSJ baselines, gin/r50_fpn_lsj_100ep.gin): every
+    variable trains, and the detections are the same eager and under XLA."""
 
-    def test_gradients_and_xla_inference(self):
+    @parameterized.parameters(('gn', 1), ('sync_bn', 2))
+    def test_gradients_and_xla_inference(self, norm, rpn_convs):
         keras.utils.set_random_seed(0)
-        model = build_mask_rcnn(**{**_SMALL, 'norm': 'gn', 'fpn_norm': 'gn',
-                                   'head_norm': 'gn', 'box_num_conv': 2})
+        model = build_mask_rcnn(**{**_SMALL, 'norm': norm, 'fpn_norm': norm,
+                                   'head_norm': norm, 'box_num_conv': 2,
+                                   'rpn_num_convs': rpn_convs})
         batch = synthetic_batch()
         with tf.GradientTape() as tape:
             losses = model.compute_losses(batch)
@@ -277,8 +281,12 @@ class GroupNormModelTest(tf.test.TestCase):
             self.assertIsNotNone(grad, var.path)
             self.assertTrue(np.isfinite(grad.numpy()).all(), var.path)
         for part in ('fpn/lateral_p2_norm', 'box_head/conv2_norm', 'mask_head/conv4_norm',
-                     'res3_block0_norm1'):
+                     'res3_block0_norm1', f'rpn_head/conv{rpn_convs}/'.replace('conv1/', 'conv/')):
             self.assertTrue([p for p in paths if part in re.sub(r'_\d+/', '/', p)], part)
+        if norm == 'sync_bn':   # the training call reached the heads' batch norms
+            heads = model.roi_heads
+            for bn in (heads.box_head.conv_norms[0], heads.mask_head.conv_norms[-1]):
+                self.assertNotAllClose(bn.moving_mean, tf.zeros_like(bn.moving_mean))
         eager = model.detect(batch)
         xla = tf.function(lambda x: model(x, training=False), jit_compile=True)(batch)
         for key in ('detection_boxes', 'detection_scores', 'detection_classes'):

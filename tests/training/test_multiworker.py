@@ -36,8 +36,17 @@ def _free_ports(n):
 # With XLA each device applies its update in one compiled program
 # (trainer._fuse_updates): the recipe's multi-machine path, slow here for
 # its CPU compiles (`make test-slow`).
-@pytest.mark.parametrize("xla", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_two_workers_hold_identical_weights(tmp_path, xla):
+# SyncBN in the FPN and heads (gin/r50_fpn_lsj_100ep.gin's norms): statistics
+# all-reduced across the workers, so their moving averages agree too (slow).
+_SYNC_BN = ["FPN.norm = 'sync_bn'", "RpnHead.num_convs = 2", "BoxHead.num_conv = 2",
+            "BoxHead.conv_dim = 64", "BoxHead.num_fc = 1", "BoxHead.norm = 'sync_bn'",
+            "MaskHead.norm = 'sync_bn'"]
+
+
+@pytest.mark.parametrize("xla,extra", [
+    (False, []), pytest.param(True, [], marks=pytest.mark.slow),
+    pytest.param(False, _SYNC_BN, marks=pytest.mark.slow, id="sync_bn")])
+def test_two_workers_hold_identical_weights(tmp_path, xla, extra):
     data = tmp_path / "shapes"
     subprocess.run([sys.executable, os.path.join(ROOT, "bin", "make_shapes"),
                     f"--out={data}", "--num_train=8", "--num_val=2",
@@ -47,7 +56,7 @@ def test_two_workers_hold_identical_weights(tmp_path, xla):
     # both orientations within the 3 steps, to every replica of a step alike.
     fixtures.transpose_odd_images(data)
     bindings = ";".join(["MIN_SIZE = 64", "MAX_SIZE = 128", "CANVAS = (128, 128)",
-                         f"train.xla = {xla}"])
+                         f"train.xla = {xla}", *extra])
     traces = 2
     ports = ",".join(str(p) for p in _free_ports(2))
     model_dir = tmp_path / "run"

@@ -368,6 +368,17 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         start = [w.numpy() for w in holder["model"].trainable_weights]
         return _two_cpu_mirrored(devices), start
 
+    def test_xla_refuses_synchronized_norms_on_several_replicas(self):
+        devices = _logical_cpus(2)
+        if len(devices) < 2:
+            self.skipTest("logical CPUs could not be configured in this process")
+        strategy = _two_cpu_mirrored(devices)
+        with strategy.scope():
+            model = ToyDetector()
+            model.norm = keras.layers.BatchNormalization(synchronized=True, name="sync")
+        with self.assertRaisesRegex(ValueError, r"\(sync, \.\.\.\).*train.xla = False"):
+            trainer.make_train_step(model, None, strategy, xla=True)
+
     @parameterized.named_parameters(("float32", "float32", 1e-4),
                                     ("float16_loss_scaled", "float16", 1e-2))
     def test_mirrored_two_cpus_fused_update_trains_as_keras(self, precision, tol):
