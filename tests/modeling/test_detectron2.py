@@ -25,19 +25,35 @@ def _relu(x):
     return np.maximum(x, 0.0)
 
 
+def _deconv_predictor(a, x):
+    """Detectron2's mask head after its convs, on x [K, h, w, F] (NumPy): the
+    2 x 2 / 2 deconv by its definition (output (2y + a, 2x + b)), relu, the
+    1 x 1 predictor; logits [K, C, 2h, 2w]."""
+    k, h, w, _ = x.shape
+    up = np.einsum("kyxc,coab->kyaxbo", x, a["roi_heads.mask_head.deconv.weight"])
+    up = _relu(up.reshape(k, 2 * h, 2 * w, -1) + a["roi_heads.mask_head.deconv.bias"])
+    return (np.einsum("kyxo,no->knyx", up, a["roi_heads.mask_head.predictor.weight"][:, :, 0, 0])
+            + a["roi_heads.mask_head.predictor.bias"][None, :, None, None])
+
+
 def _rel(ours, theirs):
     theirs = np.asarray(theirs, np.float64)
     return float(np.abs(np.asarray(ours, np.float64) - theirs).max() / np.abs(theirs).max())
 
 
-class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
-    """Each head's outputs against Detectron2's semantics written in NumPy."""
+class _LoadedTest(tf.test.TestCase):
+    """A small model (`fixtures.small_model(num_classes=C, **MODEL)`) loaded
+    from a random Detectron2 state of its sizes (`SEED`), once per class."""
+
+    MODEL, SEED = {}, 0
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.model = fixtures.small_model(num_classes=C, anchor_offset=0.0)
-        cls.arrays = fixtures.random_state(cls.model, seed=1)
+        if cls is _LoadedTest:   # collected too, holds no test
+            return
+        cls.model = fixtures.small_model(num_classes=C, **cls.MODEL)
+        cls.arrays = fixtures.random_state(cls.model, seed=cls.SEED)
         cls.path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"),
                                   cls.arrays)
         cls.skipped = d2.load_detectron2_weights(
@@ -45,9 +61,31 @@ class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
             source_pixel_mean=resnet_lib.IMAGENET_MEAN,
             source_pixel_std=resnet_lib.IMAGENET_STD)
 
+    def _fresh(self):
+        return fixtures.small_model(num_classes=C, **self.MODEL)
+
+    def _assert_predictor(self, x, logits, box_deltas):
+        """Box scores and deltas of the last FC's output x [K, fc] (NumPy)
+        against the head's [1, K, C + 1] and [1, K, C, 4]."""
+        a = self.arrays
+        scores = x @ a["roi_heads.box_predictor.cls_score.weight"].T \
+            + a["roi_heads.box_predictor.cls_score.bias"]   # background last
+        deltas = (x @ a["roi_heads.box_predictor.bbox_pred.weight"].T
+                  + a["roi_heads.box_predictor.bbox_pred.bias"]).reshape(len(x), C, 4)
+        self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
+                            atol=1e-4)
+        self.assertAllClose(box_deltas[0], deltas[..., [1, 0, 3, 2]], atol=1e-4)
+
+
+class ConventionsTest(_LoadedTest, parameterized.TestCase):
+    """Each head's outputs against Detectron2's semantics written in NumPy."""
+
+    MODEL = {"anchor_offset": 0.0}
+    SEED = 1
+
     def test_every_variable_loaded(self):
         self.assertEqual(self.skipped, [])
-        fresh = fixtures.small_model(num_classes=C)
+        fresh = self._fresh()
         for ours, init in zip(self.model.weights, fresh.weights):
             self.assertNotAllClose(ours, init, msg=ours.path)
 
@@ -82,15 +120,8 @@ class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
         for i in (1, 2):
             x = _relu(x @ a[f"roi_heads.box_head.fc{i}.weight"].T
                       + a[f"roi_heads.box_head.fc{i}.bias"])
-        scores = x @ a["roi_heads.box_predictor.cls_score.weight"].T \
-            + a["roi_heads.box_predictor.cls_score.bias"]   # background last
-        deltas = (x @ a["roi_heads.box_predictor.bbox_pred.weight"].T
-                  + a["roi_heads.box_predictor.bbox_pred.bias"]).reshape(k, C, 4)
-        logits, box_deltas = self.model.roi_heads.box_head(
-            tf.constant(pooled[None], tf.float32))
-        self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
-                            atol=1e-4)
-        self.assertAllClose(box_deltas[0], deltas[..., [1, 0, 3, 2]], atol=1e-4)
+        self._assert_predictor(x, *self.model.roi_heads.box_head(
+            tf.constant(pooled[None], tf.float32)))
 
     def test_mask_head(self):
         # 1 x 1 RoI features: centre taps, then the 2 x 2 deconv by its definition.
@@ -102,10 +133,7 @@ class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
         for i in (1, 2):
             w = a[f"roi_heads.mask_head.mask_fcn{i}.weight"][:, :, 1, 1]
             x = _relu(x @ w.T + a[f"roi_heads.mask_head.mask_fcn{i}.bias"])
-        w = a["roi_heads.mask_head.deconv.weight"]   # [in, out, kh, kw]
-        up = _relu(np.einsum("kc,coab->kabo", x, w) + a["roi_heads.mask_head.deconv.bias"])
-        logits = np.einsum("kabo,no->knab", up, a["roi_heads.mask_head.predictor.weight"][
-            :, :, 0, 0]) + a["roi_heads.mask_head.predictor.bias"][None, :, None, None]
+        logits = _deconv_predictor(a, x[:, None, None, :])
         classes = np.array([0, 1, 2, 1])   # class columns, 0..C-1
         ours = self.model.roi_heads.mask_head(tf.constant(_centre(features), tf.float32),
                                               tf.constant(classes[None]))
@@ -126,28 +154,17 @@ class ConventionsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(p[6], p[5])
 
 
-class SyncBatchNormConventionsTest(tf.test.TestCase):
+class SyncBatchNormConventionsTest(_LoadedTest):
     """Detectron2's LSJ baselines (new_baselines/mask_rcnn_R_50_FPN_*ep_LSJ):
     SyncBN in the backbone, FPN and heads (running statistics loaded), two
     RPN convs (`rpn_head.conv.conv0`, `.conv1`); at inference against NumPy."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.model = fixtures.small_model(num_classes=C, mask_channels=32, norm="sync_bn",
-                                         num_convs=2, anchor_offset=0.0)
-        cls.arrays = fixtures.random_state(cls.model, seed=8)
-        cls.path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"),
-                                  cls.arrays)
-        cls.skipped = d2.load_detectron2_weights(
-            cls.model, path=cls.path, source_format="RGB",
-            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
-            source_pixel_std=resnet_lib.IMAGENET_STD)
+    MODEL = {"mask_channels": 32, "norm": "sync_bn", "num_convs": 2, "anchor_offset": 0.0}
+    SEED = 8
 
     def test_every_variable_loaded(self):
         self.assertEqual(self.skipped, [])
-        fresh = fixtures.small_model(num_classes=C, mask_channels=32, norm="sync_bn",
-                                     num_convs=2)
+        fresh = self._fresh()
         self.assertEqual(len(self.model.weights), len(fresh.weights))
         for ours, init in zip(self.model.weights, fresh.weights):
             self.assertNotAllClose(ours, init, msg=ours.path)
@@ -182,12 +199,8 @@ class SyncBatchNormConventionsTest(tf.test.TestCase):
                       * a[f"{unit}.norm.weight"] + a[f"{unit}.norm.bias"])
         x = x.transpose(0, 3, 1, 2).reshape(k, -1)
         x = _relu(x @ a[f"{head}.fc1.weight"].T + a[f"{head}.fc1.bias"])
-        scores = x @ a["roi_heads.box_predictor.cls_score.weight"].T \
-            + a["roi_heads.box_predictor.cls_score.bias"]
-        logits, _ = self.model.roi_heads.box_head(tf.constant(pooled[None], tf.float32),
-                                                  training=False)
-        self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
-                            atol=1e-4)
+        self._assert_predictor(x, *self.model.roi_heads.box_head(
+            tf.constant(pooled[None], tf.float32), training=False))
 
 
 def _centre(x):
@@ -212,22 +225,13 @@ def _group_norm(x, gamma, beta, groups=32, eps=1e-5):
     return g.reshape(n, h, w, c) * gamma + beta
 
 
-class GroupNormConventionsTest(tf.test.TestCase):
+class GroupNormConventionsTest(_LoadedTest):
     """Detectron2's GN models (mask_rcnn_R_50_FPN_3x_gn): GroupNorm after every
     conv of the backbone, FPN and heads (no conv bias there), a box head of
     convs then one FC; its heads against NumPy references."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.model = fixtures.small_model(num_classes=C, mask_channels=32, norm="gn")
-        cls.arrays = fixtures.random_state(cls.model, seed=4)
-        cls.path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"),
-                                  cls.arrays)
-        cls.skipped = d2.load_detectron2_weights(
-            cls.model, path=cls.path, source_format="RGB",
-            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
-            source_pixel_std=resnet_lib.IMAGENET_STD)
+    MODEL = {"mask_channels": 32, "norm": "gn"}
+    SEED = 4
 
     def _norm(self, unit, x):
         a = self.arrays
@@ -235,7 +239,7 @@ class GroupNormConventionsTest(tf.test.TestCase):
 
     def test_every_variable_loaded_and_no_bias_before_a_norm(self):
         self.assertEqual(self.skipped, [])
-        fresh = fixtures.small_model(num_classes=C, mask_channels=32, norm="gn")
+        fresh = self._fresh()
         self.assertEqual(len(self.model.weights), len(fresh.weights))
         for ours, init in zip(self.model.weights, fresh.weights):
             self.assertNotAllClose(ours, init, msg=ours.path)
@@ -257,15 +261,8 @@ class GroupNormConventionsTest(tf.test.TestCase):
                                  _conv3x3(x, a[f"{head}.conv{i}.weight"])))
         x = x.transpose(0, 3, 1, 2).reshape(k, -1)   # PyTorch's (C, 7, 7) flatten
         x = _relu(x @ a[f"{head}.fc1.weight"].T + a[f"{head}.fc1.bias"])
-        scores = x @ a["roi_heads.box_predictor.cls_score.weight"].T \
-            + a["roi_heads.box_predictor.cls_score.bias"]
-        deltas = (x @ a["roi_heads.box_predictor.bbox_pred.weight"].T
-                  + a["roi_heads.box_predictor.bbox_pred.bias"]).reshape(k, C, 4)
-        logits, box_deltas = self.model.roi_heads.box_head(
-            tf.constant(pooled[None], tf.float32))
-        self.assertAllClose(logits[0], np.concatenate([scores[:, C:], scores[:, :C]], 1),
-                            atol=1e-4)
-        self.assertAllClose(box_deltas[0], deltas[..., [1, 0, 3, 2]], atol=1e-4)
+        self._assert_predictor(x, *self.model.roi_heads.box_head(
+            tf.constant(pooled[None], tf.float32)))
 
     def test_mask_head(self):
         rng = np.random.default_rng(6)
@@ -276,11 +273,7 @@ class GroupNormConventionsTest(tf.test.TestCase):
         for i in (1, 2):
             x = _relu(self._norm(f"{head}.mask_fcn{i}",
                                  _conv3x3(x, a[f"{head}.mask_fcn{i}.weight"])))
-        w = a[f"{head}.deconv.weight"]   # [in, out, 2, 2]: output (2y + a, 2x + b)
-        up = np.einsum("kyxc,coab->kyaxbo", x, w).reshape(k, 8, 8, -1)
-        up = _relu(up + a[f"{head}.deconv.bias"])
-        logits = np.einsum("kyxo,no->knyx", up, a[f"{head}.predictor.weight"][:, :, 0, 0]) \
-            + a[f"{head}.predictor.bias"][None, :, None, None]
+        logits = _deconv_predictor(a, x)
         classes = np.array([2, 0, 1])
         ours = self.model.roi_heads.mask_head(tf.constant(features[None], tf.float32),
                                               tf.constant(classes[None]))
