@@ -137,3 +137,7 @@ def test_r50_fpn_lsj_100ep(parsed):
     assert gin.query_parameter("train.init_fn") is None
     assert gin.query_parameter("train/CocoInput.scale_jitter") == (0.1, 2.0)
     assert gin.query_parameter("build_optimizer.base_batch_size") == 64
+    # Trained on 1024 x 1024, evaluated at Detectron2's 800 / 1333.
+    assert gin.query_parameter("train/CocoInput.canvas_size") == (1024, 1024)
+    assert gin.query_parameter("%MIN_SIZE") == 800 and gin.query_parameter("%CANVAS") == (
+        1344, 1344)
