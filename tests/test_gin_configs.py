@@ -62,6 +62,16 @@ def test_torchvision_r50_fpn(parsed):
     assert gin.query_parameter("load_detectron2_weights.source_format") == "RGB"
 
 
+def test_torchvision_r50_fpn_v2(parsed):
+    model = parsed("torchvision_r50_fpn_v2.gin")
+    assert not model.backbone.stride_in_1x1 and model.rpn_head.round_anchors
+    assert not model.roi_heads.aligned and len(model.rpn_head.convs) == 2
+    box, mask = model.roi_heads.box_head, model.roi_heads.mask_head
+    assert model.backbone.norm == "frozen_bn"
+    assert model.fpn.norm == box.norm == mask.norm == "bn"
+    assert len(box.convs) == 4 and box.num_fc == 1
+
+
 def test_r50_fpn_lsj(parsed):
     parsed("r50_fpn_lsj.gin")
     assert gin.query_parameter("train/CocoInput.scale_jitter") == (0.1, 2.0)

@@ -37,6 +37,13 @@ torchvision's models use (`pixel_mean` / `pixel_std`, RGB, 0-255 scale) for
 
   python benchmarks/peers/torchvision_maskrcnn_as_detectron2.py --out=/tmp/tv \
       --weights=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --classes=coco
+
+Both torchvision models convert: `maskrcnn_resnet50_fpn` (v1) and
+`maskrcnn_resnet50_fpn_v2` (batch norms in the FPN and both heads, two RPN
+convs, a box head of four convs and one FC: Detectron2's names for the same
+layers, as its LSJ baselines'), told apart by their arrays; `--arch` picks the
+random network. v2's COCO weights (box AP 47.4, mask 41.8 in torchvision's
+table) import with gin/torchvision_r50_fpn_v2.gin.
 The network is randomly initialised (seeded), biases and BatchNorm
 statistics included, so that every array and every permutation matters.
 torch and torchvision are not dependencies of mrcnn: run this with a Python
@@ -63,6 +70,9 @@ from torchvision_resnet50_features import detectron2_name as resnet_name  # noqa
 # them unused); our classes 1..80 are the 80 used ids in ascending order.
 COCO_CATEGORY_IDS = [i for i in range(1, 91)
                      if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+ARCHS = {"v1": "maskrcnn_resnet50_fpn", "v2": "maskrcnn_resnet50_fpn_v2"}
+# A conv's or a norm's arrays (`num_batches_tracked` is dropped).
+_ARRAYS = "weight|bias|running_mean|running_var"
 
 
 def detectron2_arrays(state, classes):
@@ -72,26 +82,47 @@ def detectron2_arrays(state, classes):
     """
     out = {}
     classes = np.asarray(classes)
+    rpn_convs = sum(bool(re.match(r"rpn\.head\.conv\.\d+\.0\.weight$", n)) for n in state)
+    box_convs = sum(bool(re.match(r"roi_heads\.box_head\.\d+\.0\.weight$", n))
+                    for n in state)
     for name, value in state.items():
         v = value.numpy()
         if name.startswith("backbone.body."):
             out["backbone.bottom_up." + resnet_name(name[len("backbone.body."):])] = v
             continue
-        # Conv2dNormActivation wraps a conv as `<name>.0` in torchvision >= 0.13.
-        m = re.match(r"backbone\.fpn\.(inner|layer)_blocks\.(\d)\.(?:0\.)?(weight|bias)$", name)
+        # Conv2dNormActivation wraps a conv as `<name>.0` in torchvision >= 0.13,
+        # and its norm (the v2 models' BatchNorm2d) as `<name>.1`: Detectron2's
+        # `<name>.norm`.
+        m = re.match(r"backbone\.fpn\.(inner|layer)_blocks\.(\d)\.(?:([01])\.)?"
+                     rf"({_ARRAYS})$", name)
         if m:
             kind = "lateral" if m.group(1) == "inner" else "output"
-            out[f"backbone.fpn_{kind}{int(m.group(2)) + 2}.{m.group(3)}"] = v
+            norm = ".norm" if m.group(3) == "1" else ""
+            out[f"backbone.fpn_{kind}{int(m.group(2)) + 2}{norm}.{m.group(4)}"] = v
             continue
-        m = re.match(r"rpn\.head\.(conv(?:\.0\.0)?|cls_logits|bbox_pred)\.(weight|bias)$", name)
+        m = re.match(r"rpn\.head\.(conv(?:\.(\d+)\.0)?|cls_logits|bbox_pred)\.(weight|bias)$",
+                     name)
         if m:
             part = {"cls_logits": "objectness_logits", "bbox_pred": "anchor_deltas"}.get(
                 m.group(1), "conv")
-            out[f"proposal_generator.rpn_head.{part}.{m.group(2)}"] = v
+            if part == "conv" and rpn_convs > 1:   # Detectron2's RPN.CONV_DIMS = [-1, -1]
+                part = f"conv.conv{m.group(2)}"
+            out[f"proposal_generator.rpn_head.{part}.{m.group(3)}"] = v
             continue
         m = re.match(r"roi_heads\.box_head\.fc([67])\.(weight|bias)$", name)
         if m:
             out[f"roi_heads.box_head.fc{int(m.group(1)) - 5}.{m.group(2)}"] = v
+            continue
+        # The v2 models' FastRCNNConvFCHead: convs with norms, Flatten, then
+        # Linear / ReLU pairs (Detectron2's conv1.. and fc1..).
+        m = re.match(rf"roi_heads\.box_head\.(\d+)\.(?:([01])\.)?({_ARRAYS})$", name)
+        if m:
+            index = int(m.group(1))
+            if m.group(2) is None:   # a Linear
+                part = f"fc{(index - box_convs - 1) // 2 + 1}"
+            else:
+                part = f"conv{index + 1}" + (".norm" if m.group(2) == "1" else "")
+            out[f"roi_heads.box_head.{part}.{m.group(3)}"] = v
             continue
         m = re.match(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$", name)
         if m:
@@ -101,10 +132,12 @@ def detectron2_arrays(state, classes):
                 v = v.reshape(-1, 4, *v.shape[1:])[classes].reshape(-1, *v.shape[1:])
             out[f"roi_heads.box_predictor.{m.group(1)}.{m.group(2)}"] = v
             continue
-        m = re.match(r"roi_heads\.mask_head\.(?:mask_fcn)?(\d)\.(?:0\.)?(weight|bias)$", name)
+        m = re.match(rf"roi_heads\.mask_head\.(?:mask_fcn)?(\d)\.(?:([01])\.)?({_ARRAYS})$",
+                     name)
         if m:
             index = int(m.group(1)) + (1 if "mask_fcn" not in name else 0)
-            out[f"roi_heads.mask_head.mask_fcn{index}.{m.group(2)}"] = v
+            norm = ".norm" if m.group(2) == "1" else ""
+            out[f"roi_heads.mask_head.mask_fcn{index}{norm}.{m.group(3)}"] = v
             continue
         m = re.match(r"roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)\.(weight|bias)$",
                      name)
@@ -179,6 +212,10 @@ def main():
     parser.add_argument("--size", default="128,192", help="H,W, multiples of 64")
     parser.add_argument("--num_classes", type=int, default=6, help="foreground classes")
     parser.add_argument("--rois", type=int, default=5)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="v1",
+                        help="the random network: maskrcnn_resnet50_fpn (v1) or "
+                        "maskrcnn_resnet50_fpn_v2 (batch norms in the FPN and heads, two "
+                        "RPN convs, a box head of four convs and one FC)")
     parser.add_argument("--weights", help="a trained torchvision Mask R-CNN state dict "
                         "(.pth) to convert, instead of the random network and outputs")
     parser.add_argument("--classes", default="all", help="with --weights: the labels "
@@ -190,7 +227,7 @@ def main():
         return
     height, width = (int(v) for v in args.size.split(","))
     torch.manual_seed(0)
-    net = torchvision.models.detection.maskrcnn_resnet50_fpn(
+    net = getattr(torchvision.models.detection, ARCHS[args.arch])(
         weights=None, weights_backbone=None, num_classes=args.num_classes + 1).eval()
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -233,7 +270,7 @@ def main():
     model = detectron2_arrays(net.state_dict(), range(1, args.num_classes + 1))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "model_final.pkl"), "wb") as f:
-        pickle.dump({"model": model, "__author__": "torchvision maskrcnn_resnet50_fpn"}, f)
+        pickle.dump({"model": model, "__author__": f"torchvision {ARCHS[args.arch]}"}, f)
     np.savez(os.path.join(args.out, "outputs.npz"), **outputs)
     print(f"wrote {args.out}/model_final.pkl ({len(model)} arrays) and outputs.npz "
           f"(torch {torch.__version__}, torchvision {torchvision.__version__})")

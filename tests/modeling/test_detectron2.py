@@ -495,30 +495,43 @@ class TorchvisionParityTest(tf.test.TestCase):
         .venv/bin/python -m pytest -q tests/modeling/test_detectron2.py -k Torchvision
     """
 
+    ARCH, NETWORK = "v1", "maskrcnn_resnet50_fpn"   # the peer script's --arch
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        from mrcnn.modeling.fpn import FPN
-        from mrcnn.modeling.mask_rcnn import MaskRCNN
-        from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
-        from mrcnn.modeling.rpn import RpnHead
         out = tempfile.mkdtemp()
         cls.script = script = os.path.join(os.path.dirname(__file__), "..", "..",
                                            "benchmarks", "peers",
                                            "torchvision_maskrcnn_as_detectron2.py")
         subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
-                        "--num_classes=6"], check=True, capture_output=True, timeout=600)
-        cls.model = MaskRCNN(   # torchvision's R50: stride on the 3x3 conv
-            backbone=resnet_lib.ResNet(depth=50, stride_in_1x1=False), fpn=FPN(),
-            rpn_head=RpnHead(anchor_offset=0.0),
-            roi_heads=RoiHeads(box_head=BoxHead(num_classes=6),
-                               mask_head=MaskHead(num_classes=6)))
+                        "--num_classes=6", f"--arch={cls.ARCH}"],
+                       check=True, capture_output=True, timeout=600)
+        cls.model = cls._model(6)
         d2.load_detectron2_weights(
             cls.model, path=os.path.join(out, "model_final.pkl"), source_format="RGB",
             source_pixel_mean=resnet_lib.IMAGENET_MEAN,
             source_pixel_std=resnet_lib.IMAGENET_STD)
         with np.load(os.path.join(out, "outputs.npz")) as o:
             cls.theirs = dict(o)
+
+    @classmethod
+    def _model(cls, num_classes, stock=False):
+        """Our model of torchvision's `ARCH`, not yet built: with Detectron2's
+        anchors and RoIAlign, or (`stock`) torchvision's own."""
+        from mrcnn.modeling.fpn import FPN
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        from mrcnn.modeling.roi_heads import BoxHead, MaskHead, RoiHeads
+        from mrcnn.modeling.rpn import RpnHead
+        v2 = cls.ARCH == "v2"
+        norm = "bn" if v2 else None
+        return MaskRCNN(   # torchvision's R50: stride on the 3x3 conv
+            backbone=resnet_lib.ResNet(depth=50, stride_in_1x1=False), fpn=FPN(norm=norm),
+            rpn_head=RpnHead(anchor_offset=0.0, round_anchors=stock, num_convs=2 if v2 else 1),
+            roi_heads=RoiHeads(
+                box_head=BoxHead(num_classes=num_classes, num_conv=4 if v2 else 0,
+                                 num_fc=1 if v2 else 2, norm=norm),
+                mask_head=MaskHead(num_classes=num_classes, norm=norm), aligned=not stock))
 
     def test_heads_match(self):
         model, theirs = self.model, self.theirs
@@ -558,17 +571,9 @@ class TorchvisionParityTest(tf.test.TestCase):
 
     def test_inference_matches_stock_torchvision(self):
         """torchvision's own conventions: anchors rounded, RoIAlign not aligned."""
-        from mrcnn.modeling.mask_rcnn import MaskRCNN
-        from mrcnn.modeling.roi_heads import RoiHeads
-        from mrcnn.modeling.rpn import RpnHead
-        rpn, heads = self.model.rpn_head, self.model.roi_heads
-        stock_rpn = RpnHead(anchor_offset=0.0, round_anchors=True)
-        stock_rpn.convs, stock_rpn.objectness, stock_rpn.deltas = (
-            [rpn.conv], rpn.objectness, rpn.deltas)
-        model = MaskRCNN(backbone=self.model.backbone, fpn=self.model.fpn,
-                         rpn_head=stock_rpn,
-                         roi_heads=RoiHeads(box_head=heads.box_head,
-                                            mask_head=heads.mask_head, aligned=False))
+        model = self._model(6, stock=True)
+        d2._build(model)
+        model.set_weights(self.model.get_weights())
         self._check_inference(model, "stock_")
 
     def test_convert_trained_coco_weights(self):
@@ -577,15 +582,14 @@ class TorchvisionParityTest(tf.test.TestCase):
         pth = os.path.join(out, "tv.pth")
         subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], "-c",
                         "import sys, torch, torchvision; torch.manual_seed(1); "
-                        "net = torchvision.models.detection.maskrcnn_resnet50_fpn("
+                        f"net = torchvision.models.detection.{self.NETWORK}("
                         "weights=None, weights_backbone=None, num_classes=91); "
                         "torch.save(net.state_dict(), sys.argv[1])", pth],
                        check=True, capture_output=True, timeout=600)
         subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], self.script, f"--out={out}",
                         f"--weights={pth}", "--classes=coco"],
                        check=True, capture_output=True, timeout=600)
-        model = fixtures.small_model(num_classes=80, depth=50, channels=256, fc_dim=1024,
-                                     mask_channels=256, mask_convs=4, anchor_offset=0.0)
+        model = self._model(80)
         with self.assertLogs("absl", level="INFO") as logs:
             d2.load_detectron2_weights(model, path=os.path.join(out, "model_final.pkl"),
                                        source_format="RGB")
@@ -630,6 +634,13 @@ class TorchvisionParityTest(tf.test.TestCase):
                                 atol=1e-3)
             self.assertAllClose(detections["detection_masks"][i][:n], theirs[f"masks_{i}"],
                                 atol=1e-4)
+
+
+class TorchvisionV2ParityTest(TorchvisionParityTest):
+    """The same for `maskrcnn_resnet50_fpn_v2`: batch norms (eval statistics)
+    in the FPN and both heads, two RPN convs, a box head of four convs and one FC."""
+
+    ARCH, NETWORK = "v2", "maskrcnn_resnet50_fpn_v2"
 
 
 if __name__ == "__main__":
