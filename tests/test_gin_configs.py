@@ -112,6 +112,23 @@ def test_x101_32x8d_fpn_3x(parsed):
     assert gin.query_parameter("train.epochs") == 36.5
 
 
+def test_r101_fpn_3x(parsed):
+    model = parsed("r101_fpn_3x.gin")
+    net = model.backbone
+    assert (net.depth, net.groups, net.stride_in_1x1) == (101, 1, True)
+    assert len(net.blocks) == 3 + 4 + 23 + 3
+    assert gin.query_parameter("%BACKBONE_WEIGHTS").endswith("R-101.pkl")
+    assert gin.query_parameter("load_backbone_weights.file_format") == "detectron2"
+    assert gin.query_parameter("train.epochs") == 36.5
+
+
+def test_detectron2_r101_fpn(parsed):
+    model = parsed("detectron2_r101_fpn.gin")
+    assert model.backbone.depth == 101 and model.backbone.stride_in_1x1
+    assert model.pixel_std == (1.0, 1.0, 1.0) and model.rpn_head.anchor_offset == 0.0
+    assert model.roi_heads.sampling_ratio == 0
+
+
 def test_detectron2_x101_32x8d_fpn(parsed):
     model = parsed("detectron2_x101_32x8d_fpn.gin")
     assert model.backbone.groups == 32 and not model.backbone.stride_in_1x1

@@ -35,7 +35,9 @@ def _zero_inference_batch(canvas_size, batch=1):
             "image_info": tf.constant([[h, w, h, w, 1.0]] * batch, tf.float32)}
 
 
-def restore_model(model_fn, checkpoint, canvas_size, precision="float32"):
+@gin.configurable(allowlist=["average_weights"])
+def restore_model(model_fn, checkpoint, canvas_size, precision="float32",
+                  average_weights=True):
     """Builds the model and restores its weights (not the optimizer's).
 
     Args:
@@ -45,6 +47,8 @@ def restore_model(model_fn, checkpoint, canvas_size, precision="float32"):
       precision: 'float32', 'bfloat16' or 'float16': the model computes in
         it (Keras mixed policy; the weights and the outputs stay float32).
         Keras' global policy is left as it was.
+      average_weights: bool, restore the moving average of the weights when
+        the checkpoint has one (`train.ema_decay`), else the weights.
 
     Returns:
       (model, step int, checkpoint path).
@@ -62,10 +66,14 @@ def restore_model(model_fn, checkpoint, canvas_size, precision="float32"):
         model = model_fn()
         model(_zero_inference_batch(canvas_size), training=False)
     step = tf.Variable(0, dtype=tf.int64)
-    ckpt = tf.train.Checkpoint(model=model, step=step)
+    # The average is a model of the same object graph, saved as `ema`.
+    averaged = average_weights and trainer.has_weight_average(path)
+    ckpt = tf.train.Checkpoint(step=step, **{"ema" if averaged else "model": model})
     status = ckpt.restore(path)
     status.expect_partial()  # the optimizer's slots are not needed here
     status.assert_existing_objects_matched()
+    if averaged:
+        logging.info("Restored the moving average of the weights of %s", path)
     return model, int(step.numpy()), path
 
 

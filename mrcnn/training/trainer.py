@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mrcnn.training import ema as ema_lib
 from mrcnn.training import optimization
 
 PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16",
@@ -200,7 +201,8 @@ def _step_kind(xla, replicas):
             "then each device's update")
 
 
-def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0):
+def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0,
+                    average=None):
     """The training step `train` runs (and `bin/bench --what=train` times).
 
     With `xla` and one replica, the forward and backward pass and the
@@ -219,12 +221,16 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
       step: optional int64 tf.Variable incremented once per step.
       weight_decay: float, coupled L2 coefficient (`optimization.l2_penalty`
         joins the losses as 'weight_decay').
+      average: optional `ema.WeightAverage`, updated after each step (which
+        needs `step`).
 
     Returns:
       A tf.function (distributed batch) -> {loss name: mean over replicas,
       'total': their sum}.
     """
     replicas = strategy.num_replicas_in_sync
+    if average is not None and step is None:
+        raise ValueError("make_train_step: a weight average needs the step variable")
     if xla and replicas > 1:
         synchronized = [layer.name for layer in model._flatten_layers()
                         if getattr(layer, "synchronized", False)]
@@ -270,6 +276,8 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
         losses = strategy.run(replica_step, args=(batch,))
         if step is not None:
             step.assign_add(1)
+        if average is not None:
+            average.update(step)
         return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                 for k, v in losses.items()}
 
@@ -362,7 +370,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
           init_fn=None, num_train_images=None, epochs=12,
           total_steps=None, precision="float32", xla=True,
           checkpoint_every=1000, keep_checkpoints=5, log_every=20,
-          stop_after=None, strategy=None, eval_fn=None, eval_every=None):
+          stop_after=None, strategy=None, eval_fn=None, eval_every=None,
+          ema_decay=None, ema_warmup=True):
     """Trains a model, resuming from `model_dir` if it holds a checkpoint.
 
     Args:
@@ -405,6 +414,12 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         workers at their next step).
       eval_every: optional int, steps between those evaluations (each also
         writes a checkpoint); None: the last step only.
+      ema_decay: optional float in (0, 1), e.g. 0.9998: keep an exponential
+        moving average of the weights (`ema.WeightAverage`), updated after
+        every step and checkpointed under `ema/`; evaluation, prediction and
+        export then use it (`restore_model.average_weights`). None: off.
+      ema_warmup: bool, the average's decay is min(ema_decay, (1 + step) /
+        (10 + step)) (Model Garden's `dynamic_decay`).
 
     A SIGTERM or SIGINT (Ctrl-C) during the loop ends it after the step in
     flight, which is checkpointed (after the NaN checks); rerunning resumes
@@ -415,7 +430,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
 
     Returns:
       dict with the final `step`, the last logged `losses`, the trained
-      `model`, `stopped_by`: the name of the signal that stopped the run
+      `model`, `average`: the model holding the weight average (None
+      without `ema_decay`), `stopped_by`: the name of the signal that stopped the run
       early, else None, and `metrics`: `eval_fn`'s last result (None
       without one).
 
@@ -463,24 +479,43 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         canvas = getattr(dataset_fn, "canvas_size", None)
         strategy.run(lambda: model(_zeros_like_spec(spec, canvas), training=True))
         optimizer.build(model.trainable_variables)
+        average = None
+        if ema_decay is not None:
+            averaged = model_fn()   # built as the model, on the same zero batch
+            strategy.run(lambda: averaged(_zeros_like_spec(spec, canvas), training=True))
+            average = ema_lib.WeightAverage(model, averaged, strategy, decay=ema_decay,
+                                            warmup=ema_warmup, xla=xla)
 
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
-                                     data_seed=data_seed)
+    objects = dict(model=model, optimizer=optimizer, step=step, data_seed=data_seed)
+    if average is not None:
+        objects["ema"] = average.average
+    checkpoint = tf.train.Checkpoint(**objects)
     manager = tf.train.CheckpointManager(
         checkpoint, _checkpoint_dir(model_dir, strategy), max_to_keep=keep_checkpoints)
     # Every worker resumes from the chief's checkpoint in model_dir (other
     # workers' own copies are scratch, removed at the end of a run).
     latest = tf.train.latest_checkpoint(model_dir)
+    fresh_average = average is not None
     if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        if average is not None and not has_weight_average(latest):
+            logging.warning("%s holds no weight average: it starts from the restored "
+                            "weights", latest)
+            objects.pop("ema")
+            tf.train.Checkpoint(**objects).restore(latest).assert_existing_objects_matched()
+        else:
+            checkpoint.restore(latest).assert_existing_objects_matched()
+            fresh_average = False
         logging.info("Resumed from %s at step %d", latest, int(step))
     elif init_fn is not None:
         init_fn(model)
+    if fresh_average:
+        with strategy.scope():
+            average.reset()
     start = int(step.numpy())
     if start >= total_steps:
         logging.info("Nothing to do: step %d >= total_steps %d", start, total_steps)
         return {"step": start, "losses": {}, "model": model, "stopped_by": None,
-                "metrics": None}
+                "metrics": None, "average": average and average.average}
     if eval_every is not None and int(eval_every) < 1:
         raise ValueError(f"train.eval_every={eval_every} must be >= 1 (or None)")
     if _is_chief(strategy):
@@ -502,7 +537,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         positioned_fn = dataset_fn
     iterator = _input_iterator(strategy, positioned_fn)
 
-    train_step = make_train_step(model, optimizer, strategy, xla, step, weight_decay)
+    train_step = make_train_step(model, optimizer, strategy, xla, step, weight_decay,
+                                 average=average)
 
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) \
         if _is_chief(strategy) else tf.summary.create_noop_writer()
@@ -603,7 +639,12 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     logging.info("Trained steps %d-%d in %.1f s", start + 1, end,
                  time.perf_counter() - run_start)
     return {"step": end, "losses": last_losses, "model": model, "stopped_by": stopped_by,
-            "metrics": metrics}
+            "metrics": metrics, "average": average and average.average}
+
+
+def has_weight_average(checkpoint):
+    """Whether the checkpoint at path `checkpoint` holds a weight average (`ema/`)."""
+    return any(name.startswith("ema/") for name, _ in tf.train.list_variables(checkpoint))
 
 
 def _evaluate(eval_fn, model_dir, checkpoint, precision):
