@@ -3,8 +3,9 @@
 
 Runs `bin/bench --what=train|infer` and `benchmarks/peers/torchvision_maskrcnn.py`
 on the same work for each case, in priority order (the issue's targets
-first), one process per case and library, and appends each report to a
-JSON-lines file as soon as it exists, so a call that runs out of time still
+first), in one process per library that measures case after case (so
+TensorFlow and torch start once; `--isolate` gives each case a process of
+its own), and appends each report to a JSON-lines file as soon as it exists, so a call that runs out of time still
 returns what it measured. Cases already in `--done` files are skipped, so a
 second call continues where the first stopped. Prints a table with ratios:
 `ours x` above 1 means ours is faster.
@@ -18,13 +19,16 @@ A case is `what:batch:precision`, e.g. `train:8:bfloat16`.
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBS = ("ours", "torchvision")
+SERVE_MARK = "@@bench "  # bin/bench's and the peer's --serve answers
 # The issue's targets first (bf16 batch 8 and 4), then the rest of its table.
 DEFAULT_CASES = ("train:8:bfloat16", "train:4:bfloat16", "train:8:float16",
                  "train:4:float16", "train:8:float32", "train:4:float32",
@@ -46,26 +50,37 @@ def parse_case(text):
     return what, batch, precision
 
 
-def command(lib, case, args, json_path):
-    """The argv that measures `case` ('what', batch, precision) with `lib`."""
-    what, batch, precision = case
-    common = [f"--what={what}", f"--batch={batch}", f"--image_size={args.image_size}",
-              f"--json={json_path}"]
+def base_command(lib, args):
+    """The argv that starts `lib`'s program with the flags every case shares."""
     if lib == "torchvision":
         return [sys.executable, os.path.join(ROOT, "benchmarks", "peers",
                                              "torchvision_maskrcnn.py"),
-                *common, f"--precision={precision}", f"--steps={args.runs}",
+                f"--image_size={args.image_size}", f"--steps={args.runs}"]
+    return [sys.executable, os.path.join(ROOT, "bin", "bench"),
+            f"--image_size={args.image_size}", f"--runs={args.runs}",
+            "--xla" if args.xla else "--noxla",
+            *[f"--gin_file={f}" for f in args.gin_file],
+            *[f"--gin_bindings={b}" for b in args.gin_bindings]]
+
+
+def case_flags(lib, case, args, json_path):
+    """The flags that make `lib`'s program measure `case` ('what', batch, precision)."""
+    what, batch, precision = case
+    common = [f"--what={what}", f"--batch={batch}", f"--json={json_path}"]
+    if lib == "torchvision":
+        return [*common, f"--precision={precision}",
                 # Ours always runs the mask head on 100 static detections.
                 *(["--box_score_thresh=0"] if what == "infer" else []),
                 *args.peer_args.split()]
-    cmd = [sys.executable, os.path.join(ROOT, "bin", "bench"), *common,
-           f"--dtype={precision}", f"--runs={args.runs}",
-           "--xla" if args.xla else "--noxla"]
-    cmd += [f"--gin_file={f}" for f in args.gin_file]
-    cmd += [f"--gin_bindings={b}" for b in args.gin_bindings]
+    flags = [*common, f"--dtype={precision}"]
     if args.profile_dir and ":".join(map(str, case)) == args.profile_case:
-        cmd += [f"--profile_dir={args.profile_dir}"]
-    return cmd
+        flags.append(f"--profile_dir={args.profile_dir}")
+    return flags
+
+
+def command(lib, case, args, json_path):
+    """The argv that measures `case` with `lib` in a process of its own."""
+    return base_command(lib, args) + case_flags(lib, case, args, json_path)
 
 
 def _key(record):
@@ -116,6 +131,22 @@ def run_matrix(cases, libs, runner, budget_s, done=(), min_start_s=60,
     return records
 
 
+def _finish(record, began, out_path):
+    """Stamps the wall time, appends `record` to `out_path` and prints its gist."""
+    record["wall_s"] = round(time.monotonic() - began, 1)
+    with open(out_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps({k: record.get(k) for k in (
+        "lib", "what", "batch", "precision", "images_per_s", "ms_per_image",
+        "compile_s", "wall_s", "error")}), flush=True)
+    return record
+
+
+def _merge_report(record, json_path):
+    with open(json_path) as f:
+        record.update(json.load(f))
+
+
 def subprocess_runner(args, out_path):
     """A runner for `run_matrix` that runs `command` and appends to `out_path`.
 
@@ -135,19 +166,117 @@ def subprocess_runner(args, out_path):
             proc = subprocess.run(command(lib, case, args, json_path), cwd=ROOT,
                                   capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode == 0 and os.path.exists(json_path):
-                with open(json_path) as f:
-                    record.update(json.load(f))
+                _merge_report(record, json_path)
             else:
                 record["error"] = f"exit {proc.returncode}: {proc.stderr[-1500:]}"
         except subprocess.TimeoutExpired:
             record["error"] = f"timed out after {timeout_s:.0f} s"
-        record["wall_s"] = round(time.monotonic() - began, 1)
-        with open(out_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps({k: record.get(k) for k in (
-            "lib", "what", "batch", "precision", "images_per_s", "ms_per_image",
-            "compile_s", "wall_s", "error")}), flush=True)
-        return record
+        return _finish(record, began, out_path)
+
+    return run
+
+
+class Server:
+    """One library's program under `--serve`, kept for case after case.
+
+    Started on the first `ask`; a process that dies is started again on the
+    next, and one that overruns its time is killed. Its stderr and the
+    stdout lines that are not answers go to `log_path`.
+    """
+
+    def __init__(self, argv, log_path):
+        self.argv, self.log_path = list(argv), log_path
+        self.proc = None
+
+    def _start(self):
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.argv + ["--serve"], cwd=ROOT, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=log, bufsize=1)
+        self.answers = queue.Queue()
+
+        def read(proc, answers):
+            for line in proc.stdout:
+                if line.startswith(SERVE_MARK):
+                    answers.put(line[len(SERVE_MARK):])
+                else:
+                    log.write(line)
+                    log.flush()
+            answers.put(None)
+
+        threading.Thread(target=read, args=(self.proc, self.answers), daemon=True).start()
+
+    def _log_tail(self, offset):
+        with open(self.log_path) as f:
+            f.seek(offset)
+            return f.read()[-1500:]
+
+    def ask(self, flags, timeout_s):
+        """Measures one case; returns the program's answer, a dict with
+        `json` (the report's path) or `error`."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        offset = os.path.getsize(self.log_path)
+        try:
+            self.proc.stdin.write(json.dumps(flags) + "\n")
+            self.proc.stdin.flush()
+            line = self.answers.get(timeout=timeout_s)
+        except queue.Empty:
+            self.close(wait_s=0)
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        except BrokenPipeError:
+            line = None
+        if line is None:
+            code = self.proc.wait()
+            self.proc = None
+            return {"error": f"exit {code}: {self._log_tail(offset)}"}
+        answer = json.loads(line)
+        if "error" in answer:
+            answer["error"] += "\n" + self._log_tail(offset)[-1000:]
+        return answer
+
+    def close(self, wait_s=60):
+        """Ends the program: closes its stdin, then kills it after `wait_s`."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=wait_s)
+        except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def server_runner(args, out_path, servers):
+    """A runner for `run_matrix` that asks each library's `Server`.
+
+    TensorFlow and torch start once per library, not once per case (about
+    15 s of imports and device start a case on the GPU machine). A case
+    measured after others in the same process reports `case_in_process`
+    above 1: its compile time can be shorter than in a fresh process, whose
+    autotuning caches start empty (`--isolate` runs a process per case).
+
+    Args:
+      servers: dict, filled with one `Server` per library; close them after.
+    """
+    scratch = tempfile.mkdtemp(prefix="matrix_cases_")
+
+    def run(lib, case, timeout_s):
+        what, batch, precision = case
+        json_path = os.path.join(scratch, f"{lib}-{what}-{batch}-{precision}.json")
+        record = {"lib": lib, "what": what, "batch": batch, "precision": precision}
+        began = time.monotonic()
+        if lib not in servers:
+            servers[lib] = Server(base_command(lib, args),
+                                  os.path.join(scratch, f"{lib}.log"))
+        answer = servers[lib].ask(case_flags(lib, case, args, json_path), timeout_s)
+        if "error" in answer:
+            record["error"] = answer["error"]
+        else:
+            _merge_report(record, answer["json"])
+            record["case_in_process"] = answer["case_in_process"]
+        return _finish(record, began, out_path)
 
     return run
 
@@ -212,6 +341,9 @@ def main(argv=None):
     p.add_argument("--noxla", dest="xla", action="store_false")
     p.add_argument("--peer_args", default="",
                    help="more flags for the torchvision script, e.g. --frozen_backbone")
+    p.add_argument("--isolate", action="store_true",
+                   help="a fresh process per case and library, as a user's first run "
+                        "(by default each library's process measures case after case)")
     p.add_argument("--profile_case", default="train:8:bfloat16")
     p.add_argument("--profile_dir", default=None,
                    help="trace --profile_case of ours there (bin/bench --profile_dir)")
@@ -227,9 +359,15 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     libs = (args.only,) if args.only else LIBS
-    runner = subprocess_runner(args, args.out)
-    run_matrix(cases, libs, runner, args.budget_s, done=load(args.done),
-               min_start_s=args.min_start_s)
+    servers = {}
+    runner = (subprocess_runner(args, args.out) if args.isolate
+              else server_runner(args, args.out, servers))
+    try:
+        run_matrix(cases, libs, runner, args.budget_s, done=load(args.done),
+                   min_start_s=args.min_start_s)
+    finally:
+        for server in servers.values():
+            server.close()
     print(table(load(args.done + [args.out])))
     return 0
 

@@ -29,14 +29,18 @@ Notes that keep the comparison fair:
 """
 
 import argparse
+import gc
 import json
 import statistics
+import sys
 import time
+import traceback
 
 import numpy as np
 import torch
 import torchvision
 
+SERVE_MARK = "@@bench "
 
 def synthetic(batch, h, w, num_gt, device, seed=0):
     rng = np.random.default_rng(seed)
@@ -62,8 +66,8 @@ def synthetic(batch, h, w, num_gt, device, seed=0):
     return images, targets
 
 
-def main():
-    p = argparse.ArgumentParser()
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--what", choices=["train", "infer"], default="train")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--image_size", default="800,1216")
@@ -76,7 +80,16 @@ def main():
                    help="FrozenBatchNorm2d, stem and res2 frozen (our recipe's backbone)")
     p.add_argument("--box_score_thresh", type=float, default=0.05)
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    p.add_argument("--serve", action="store_true",
+                   help="measure many cases in this process (torch starts once): read one "
+                        "JSON list of flags per stdin line, apply it over the command "
+                        "line's, measure, answer one stdout line '@@bench {\"json\": ...}' "
+                        "or '@@bench {\"error\": ...}' (benchmarks/gpu_matrix.py drives it)")
+    return p
+
+
+def measure(args):
+    """Measures one case; returns the report (see the module docstring)."""
     h, w = (int(v) for v in args.image_size.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cudnn.benchmark = False
@@ -150,6 +163,42 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    return report
+
+
+def serve(argv):
+    """Measures the cases that arrive on stdin (see --serve) until it closes."""
+    served = 0
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            extra = json.loads(line)
+            if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+                raise ValueError(f"expected a JSON list of flags, got {line.strip()!r}")
+            args = parser().parse_args(argv + extra)
+            measure(args)
+            served += 1
+            answer = {"json": args.json, "case_in_process": served}
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (argparse exits on a bad flag)
+            traceback.print_exc()
+            answer = {"error": f"{type(e).__name__}: {e}"[-1500:]}
+        finally:
+            # The next case's peak memory is its own, and the memory this one
+            # cached goes back to the device for the process beside this one.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(SERVE_MARK + json.dumps(answer), flush=True)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    if args.serve:
+        serve(argv)
+    else:
+        measure(args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -73,18 +75,72 @@ def test_table_has_ratios_both_ways():
     assert rows[4].startswith("| infer | 1 | bfloat16 | 20.0 ms/img | 30.0 ms/img | 1.50 |")
 
 
-def test_one_real_case_of_ours(tmp_path, capsys):
+@pytest.mark.parametrize("isolate", [False, True])
+def test_real_cases_of_ours(tmp_path, capsys, isolate):
+    # Served: one process measures both cases (the second says so); with
+    # --isolate each case has a process of its own.
     out = tmp_path / "matrix.jsonl"
-    gpu_matrix.main([f"--out={out}", "--only=ours", "--cases=infer:1:float32",
+    cases = "infer:1:float32" if isolate else "infer:1:float32,infer:2:bfloat16"
+    gpu_matrix.main([f"--out={out}", "--only=ours", f"--cases={cases}",
                      "--image_size=64,64", "--runs=1", "--noxla",
+                     *(["--isolate"] if isolate else []),
                      f"--gin_file={os.path.join(ROOT, 'gin', 'shapes_demo.gin')}",
                      *[f"--gin_bindings={b}" for b in TINY]])
-    [record] = [json.loads(line) for line in out.read_text().splitlines()]
-    assert "error" not in record, record["error"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(cases.split(","))
+    for record in records:
+        assert "error" not in record, record["error"]
+        assert record["ms_per_image"] > 0 and record["mode"] == "graph"
+        assert record["peak_memory_bytes"] > 0
+    assert [r["precision"] for r in records] == [c.split(":")[2] for c in cases.split(",")]
+    assert [r.get("case_in_process") for r in records] == (
+        [None] if isolate else [1, 2])
     # Nothing else beside it: the GPU machine sends back 8 files from $OUT.
     assert [p.name for p in tmp_path.iterdir()] == ["matrix.jsonl"]
-    assert record["ms_per_image"] > 0 and record["mode"] == "graph"
     assert "| infer | 1 | float32 |" in capsys.readouterr().out
+
+
+_FAKE_SERVER = """
+import json, os, sys, time
+for line in sys.stdin:
+    flags = json.loads(line)
+    print("a line that is not an answer", flush=True)
+    if flags == ["--crash"]:
+        print("dying on purpose", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if flags == ["--hang"]:
+        time.sleep(600)
+    if flags == ["--fail"]:
+        print("why it failed", file=sys.stderr, flush=True)
+        print("@@bench " + json.dumps({"error": "ValueError: bad case"}), flush=True)
+        continue
+    print("@@bench " + json.dumps({"json": str(os.getpid()), "args": sys.argv[1:] + flags}),
+          flush=True)
+"""
+
+
+def test_server_keeps_its_process_restarts_after_a_crash_and_kills_a_hang(tmp_path):
+    script = tmp_path / "fake.py"
+    script.write_text(_FAKE_SERVER)
+    log = tmp_path / "fake.log"
+    server = gpu_matrix.Server([sys.executable, str(script), "--base"], str(log))
+    try:
+        first = server.ask(["--case=1"], timeout_s=30)
+        assert first["args"] == ["--base", "--serve", "--case=1"]
+        assert server.ask(["--case=2"], timeout_s=30)["json"] == first["json"]
+        failed = server.ask(["--fail"], timeout_s=30)
+        assert failed["error"].startswith("ValueError: bad case") and "why it failed" in failed["error"]
+        assert server.ask(["--case=3"], timeout_s=30)["json"] == first["json"]
+        crashed = server.ask(["--crash"], timeout_s=30)
+        assert crashed["error"].startswith("exit 3") and "dying on purpose" in crashed["error"]
+        second = server.ask(["--case=4"], timeout_s=30)["json"]
+        assert second != first["json"]
+        assert server.ask(["--hang"], timeout_s=1) == {"error": "timed out after 1 s"}
+        assert server.ask(["--case=5"], timeout_s=30)["json"] not in (first["json"], second)
+        assert "a line that is not an answer" in log.read_text()
+    finally:
+        server.close()
+    assert server.proc is None
 
 
 def test_peer_command_matches_our_static_detections_and_passes_peer_args():
@@ -97,3 +153,39 @@ def test_peer_command_matches_our_static_detections_and_passes_peer_args():
     assert infer[-1] == train[-1] == "--frozen_backbone"
     ours = gpu_matrix.command("ours", ("train", 8, "bfloat16"), args, "z.json")
     assert "--frozen_backbone" not in ours and "--dtype=bfloat16" in ours
+    # A served case sends only its own flags; the process has the rest.
+    flags = gpu_matrix.case_flags("ours", ("train", 8, "bfloat16"), args, "z.json")
+    assert ours == gpu_matrix.base_command("ours", args) + flags
+    assert "--image_size=800,1216" not in flags and "--json=z.json" in flags
+def test_bench_serve_names_a_bad_request_and_goes_on(tmp_path):
+    args = argparse.Namespace(image_size="64,64", runs=1, xla=False, gin_bindings=TINY,
+                              gin_file=[os.path.join(ROOT, "gin", "shapes_demo.gin")])
+    server = gpu_matrix.Server(gpu_matrix.base_command("ours", args), str(tmp_path / "log"))
+    report = tmp_path / "case.json"
+    try:
+        bogus = server.ask(["--what=infer", "--bogus=1"], timeout_s=120)
+        assert "bogus" in bogus["error"]
+        assert "--what=train|infer" in server.ask(["--what=ops"], timeout_s=60)["error"]
+        assert "expected a JSON list" in server.ask({"what": "infer"}, timeout_s=60)["error"]
+        answer = server.ask(["--what=infer", "--batch=1", f"--json={report}"], timeout_s=120)
+        assert answer == {"json": str(report), "case_in_process": 1}
+        assert json.loads(report.read_text())["ms_per_image"] > 0
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not os.environ.get("MRCNN_TORCH_PYTHON"),
+                    reason="set MRCNN_TORCH_PYTHON to a Python with torch and torchvision")
+def test_torchvision_serves_cases(tmp_path):
+    out = tmp_path / "matrix.jsonl"
+    subprocess.run([os.environ["MRCNN_TORCH_PYTHON"],
+                    os.path.join(ROOT, "benchmarks", "gpu_matrix.py"), f"--out={out}",
+                    "--only=torchvision", "--cases=infer:1:float32,train:1:bfloat16",
+                    "--image_size=96,128", "--runs=1", "--peer_args=--warmup=0"],
+                   check=True, timeout=600)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for record in records:
+        assert "error" not in record, record["error"]
+    assert [r["case_in_process"] for r in records] == [1, 2]
+    assert records[0]["ms_per_image"] > 0 and records[1]["images_per_s"] > 0
+    assert records[0]["box_score_thresh"] == 0 and records[1]["precision"] == "bfloat16"
