@@ -142,18 +142,16 @@ def _finish(record, began, out_path):
     return record
 
 
-def _merge_report(record, json_path):
-    with open(json_path) as f:
-        record.update(json.load(f))
+def _runner(out_path, measure):
+    """A runner for `run_matrix`: `measure`s each case, appends it to `out_path`.
 
-
-def subprocess_runner(args, out_path):
-    """A runner for `run_matrix` that runs `command` and appends to `out_path`.
-
-    Each process writes its report to a scratch folder outside `out_path`'s
-    (it is merged into the record): the lent GPU machine sends back at most
-    eight files from $OUT, and sixteen case files beside matrix.jsonl could
-    crowd it out.
+    Args:
+      measure: fn(lib, case, json_path, timeout_s, scratch) -> dict: {} or
+        more fields for the record when the program has written its report
+        to `json_path` (merged in), or one with `error`. The reports go to a
+        scratch folder outside `out_path`'s: the lent GPU machine sends back
+        at most eight files from $OUT, and sixteen case files beside
+        matrix.jsonl could crowd it out.
     """
     scratch = tempfile.mkdtemp(prefix="matrix_cases_")
 
@@ -162,18 +160,30 @@ def subprocess_runner(args, out_path):
         json_path = os.path.join(scratch, f"{lib}-{what}-{batch}-{precision}.json")
         record = {"lib": lib, "what": what, "batch": batch, "precision": precision}
         began = time.monotonic()
-        try:
-            proc = subprocess.run(command(lib, case, args, json_path), cwd=ROOT,
-                                  capture_output=True, text=True, timeout=timeout_s)
-            if proc.returncode == 0 and os.path.exists(json_path):
-                _merge_report(record, json_path)
-            else:
-                record["error"] = f"exit {proc.returncode}: {proc.stderr[-1500:]}"
-        except subprocess.TimeoutExpired:
-            record["error"] = f"timed out after {timeout_s:.0f} s"
+        extra = measure(lib, case, json_path, timeout_s, scratch)
+        if "error" not in extra:
+            with open(json_path) as f:
+                record.update(json.load(f))
+        record.update(extra)
         return _finish(record, began, out_path)
 
     return run
+
+
+def subprocess_runner(args, out_path):
+    """A runner for `run_matrix` that runs `command`, a process per case."""
+
+    def measure(lib, case, json_path, timeout_s, scratch):
+        try:
+            proc = subprocess.run(command(lib, case, args, json_path), cwd=ROOT,
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        if proc.returncode != 0 or not os.path.exists(json_path):
+            return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+        return {}
+
+    return _runner(out_path, measure)
 
 
 class Server:
@@ -260,25 +270,15 @@ def server_runner(args, out_path, servers):
     Args:
       servers: dict, filled with one `Server` per library; close them after.
     """
-    scratch = tempfile.mkdtemp(prefix="matrix_cases_")
 
-    def run(lib, case, timeout_s):
-        what, batch, precision = case
-        json_path = os.path.join(scratch, f"{lib}-{what}-{batch}-{precision}.json")
-        record = {"lib": lib, "what": what, "batch": batch, "precision": precision}
-        began = time.monotonic()
+    def measure(lib, case, json_path, timeout_s, scratch):
         if lib not in servers:
             servers[lib] = Server(base_command(lib, args),
                                   os.path.join(scratch, f"{lib}.log"))
         answer = servers[lib].ask(case_flags(lib, case, args, json_path), timeout_s)
-        if "error" in answer:
-            record["error"] = answer["error"]
-        else:
-            _merge_report(record, answer["json"])
-            record["case_in_process"] = answer["case_in_process"]
-        return _finish(record, began, out_path)
+        return {k: v for k, v in answer.items() if k != "json"}
 
-    return run
+    return _runner(out_path, measure)
 
 
 def _speed(record):
