@@ -55,6 +55,14 @@ def synthetic_batch(batch, image_size, num_gt=10, num_classes=80, mask_size=112,
     }
 
 
+def _gin_train_arg(name):
+    """`train.<name>` as gin binds it, or None where it is not bound."""
+    try:
+        return gin.query_parameter(f"train.{name}")
+    except ValueError:
+        return None
+
+
 def _model_fn():
     try:
         return gin.query_parameter("train.model_fn").scoped_configurable_fn
@@ -120,8 +128,9 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
       dict: compile_s, median_s, p25_s, p75_s, images_per_s (train) or
       ms_per_image (infer), peak_memory_bytes, parameters and
       trainable_parameters, device, mode ('eager', 'graph' or 'xla'),
-      canvas, and the arguments; with `profile_dir`, `profile` (see
-      `mrcnn.benchmarks.profile.summarize`).
+      canvas, ema_decay (gin's train.ema_decay: the step then updates a
+      weight average, as `bin/train`'s; None without), and the arguments;
+      with `profile_dir`, `profile` (see `mrcnn.benchmarks.profile.summarize`).
     """
     was_eager = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(eager)
@@ -147,6 +156,7 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     if what == "infer":
         data = {k: data[k] for k in ("images", "image_info")}
     dist = strategy.experimental_distribute_values_from_function(lambda ctx: data)
+    ema_decay = None
     # The variables come from one eager call on a small batch: eagerly at
     # full size (op by op, each new conv shape autotuned on a GPU) it costs
     # far more than the compiled step, and the result does not depend on it.
@@ -159,8 +169,21 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
             optimizer, _, weight_decay = optimization.build_optimizer(
                 batch * replicas, 1000, 10000, precision=precision)
             optimizer.build(model.trainable_variables)
-            fn = trainer.make_train_step(model, optimizer, strategy, xla,
-                                         weight_decay=weight_decay)
+            step, average = None, None
+            ema_decay = _gin_train_arg("ema_decay")
+            if ema_decay is not None:
+                # As `trainer.train` with train.ema_decay: a second model,
+                # averaged after every step.
+                from mrcnn.training import ema
+                averaged = _model_fn()()
+                strategy.run(lambda b: averaged(b, training=True), args=(small,))
+                step = tf.Variable(0, dtype=tf.int64, trainable=False)
+                warmup_ema = _gin_train_arg("ema_warmup")
+                average = ema.WeightAverage(
+                    model, averaged, strategy, decay=ema_decay, xla=xla,
+                    warmup=True if warmup_ema is None else warmup_ema)
+            fn = trainer.make_train_step(model, optimizer, strategy, xla, step=step,
+                                         weight_decay=weight_decay, average=average)
         else:
             infer = tf.function(lambda b: model(b, training=False), jit_compile=xla)
             fn = tf.function(lambda b: strategy.run(infer, args=(b,)))
@@ -189,6 +212,7 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
         "image_size": list(image_size), "canvas": list(canvas),
         "precision": precision, "xla": xla,
         "num_gt": num_gt, "steps": steps, "compile_s": round(compile_s, 2),
+        "ema_decay": ema_decay,
         "mode": mode, "median_s": round(median, 4), "p25_s": round(float(q25), 4),
         "p75_s": round(float(q75), 4), "peak_memory_bytes": int(_peak_memory()),
         "parameters": int(sum(np.prod(w.shape) for w in model.weights)),
