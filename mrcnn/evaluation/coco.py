@@ -351,16 +351,7 @@ class CocoEvaluator:
           ValueError: no image seen yet, an unknown IoU type, or 'segm'
             asked of an evaluator built with `include_masks=False`.
         """
-        iou_types = tuple(iou_types)
-        for iou_type in iou_types:
-            if iou_type not in IOU_TYPES:
-                raise ValueError(
-                    f"iou_types holds {iou_type!r}; expected a subset of "
-                    f"{IOU_TYPES}")
-        if "segm" in iou_types and not self._include_masks:
-            raise ValueError("iou_types has 'segm' but include_masks=False")
-        if not self._image_ids:
-            raise ValueError("evaluate() before any update() with a real image")
+        iou_types = self._check_evaluate(iou_types)
         metrics, self.per_category = {}, {}
         for iou_type in iou_types:
             # loadRes adds keys (id, area, ...) to the entries it is given:
@@ -383,6 +374,20 @@ class CocoEvaluator:
                                  in zip(STAT_NAMES, coco_eval.stats)}
             self.per_category[iou_type] = self._per_category_ap(coco_eval)
         return metrics
+
+    def _check_evaluate(self, iou_types):
+        """`iou_types` as a tuple, once checked against this evaluator."""
+        iou_types = tuple(iou_types)
+        for iou_type in iou_types:
+            if iou_type not in IOU_TYPES:
+                raise ValueError(
+                    f"iou_types holds {iou_type!r}; expected a subset of "
+                    f"{IOU_TYPES}")
+        if "segm" in iou_types and not self._include_masks:
+            raise ValueError("iou_types has 'segm' but include_masks=False")
+        if not self._image_ids:
+            raise ValueError("evaluate() before any update() with a real image")
+        return iou_types
 
     def _per_category_ap(self, coco_eval):
         """{category name: AP at IoU .50:.95, all areas, 100 detections}, -1
@@ -414,8 +419,9 @@ class CocoEvaluator:
 def format_metrics(metrics, digits=3):
     """The metrics of `CocoEvaluator.evaluate` as a fixed-width text table.
 
-    One header line with the 12 stat names, then one row per IoU type; -1
-    (no ground truth in that range) prints as '-'.
+    One header line with the stat names (the 12 of `STAT_NAMES` for COCO,
+    LVIS's 13 for `LvisEvaluator`, in the evaluator's order), then one row
+    per IoU type; -1 (no ground truth in that range) prints as '-'.
 
     Args:
       metrics: {iou_type: {name: float}}.
@@ -424,12 +430,14 @@ def format_metrics(metrics, digits=3):
     Returns:
       str, lines joined by newlines, no trailing newline.
     """
-    width = max(digits + 3, max(len(n) for n in STAT_NAMES)) + 1
+    names = list(dict.fromkeys(n for stats in metrics.values() for n in stats))
+    names = names or list(STAT_NAMES)
+    width = max(digits + 3, max(len(n) for n in names)) + 1
     label = max([4] + [len(t) for t in metrics]) + 1
-    lines = [" " * label + "".join(n.rjust(width) for n in STAT_NAMES)]
+    lines = [" " * label + "".join(n.rjust(width) for n in names)]
     for iou_type, stats in metrics.items():
         cells = []
-        for name in STAT_NAMES:
+        for name in names:
             value = stats.get(name, -1.0)
             cells.append(("-" if value < 0 else f"{value:.{digits}f}")
                          .rjust(width))

@@ -1,0 +1,316 @@
+"""LVIS federated box and mask evaluation (Gupta et al., CVPR 2019).
+
+LVIS annotates each image exhaustively for only some categories, so its AP
+differs from COCO's in what counts as a false positive:
+
+- each image keeps its `max_dets` (300) best-scored detections over all
+  categories, not 100 per category;
+- a detection of a category that the image neither contains (no gt) nor
+  lists in its `neg_category_ids` is dropped: nobody checked whether it is
+  there;
+- an unmatched detection of a category in the image's
+  `not_exhaustive_category_ids` is ignored: some of its instances were not
+  annotated;
+- APr, APc and APf average AP over the rare, common and frequent categories
+  (the `frequency` field of each category: 'r', 'c', 'f'); AR is at 300
+  detections per image; there is no crowd, a gt `ignore` flag is honoured.
+
+The numbers follow the official `lvis` package (`LVISEval`); its
+matching, accumulation and summaries are re-expressed here over NumPy
+arrays because the package pins an old NumPy (it uses `np.float`). The
+tests check the code against pycocotools' COCOeval where the two must
+agree and, given `MRCNN_LVIS_PYTHON`, against the `lvis` package itself.
+
+The model's output goes through the same `detections_to_coco` as COCO's, so
+`LvisEvaluator` is a drop-in `CocoEvaluator`; `build_evaluator` picks one
+from the annotation file.
+"""
+
+import collections
+
+import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+
+from mrcnn.evaluation import coco as coco_eval
+
+# LVIS's limit on detections per image (its challenge rules and LVISEval).
+MAX_DETECTIONS = 300
+# Category `frequency` groups of APr, APc, APf: in < 10, 10..99, >= 100
+# training images.
+FREQUENCIES = ("r", "c", "f")
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+# (name, low, high) of object areas in pixels, bounds inclusive.
+AREA_RANGES = (("all", 0.0, 1e10), ("small", 0.0, 32.0 ** 2),
+               ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, 1e10))
+
+
+def stat_names(max_dets=MAX_DETECTIONS):
+    """The 13 names `LvisEvaluator.evaluate` reports, in LVISEval's order."""
+    return ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
+            f"AR@{max_dets}", f"ARs@{max_dets}", f"ARm@{max_dets}",
+            f"ARl@{max_dets}")
+
+
+def is_federated(coco_gt):
+    """Whether a loaded annotation file is LVIS-style (its images carry
+    `neg_category_ids`), so that `build_evaluator` picks LVIS metrics."""
+    images = coco_gt.dataset.get("images", [])
+    return bool(images) and all("neg_category_ids" in image for image in images)
+
+
+def _top_per_image(results, max_dets):
+    """Each image's `max_dets` best-scored results (ties keep input order)."""
+    by_image = collections.defaultdict(list)
+    for r in results:
+        by_image[r["image_id"]].append(r)
+    kept = []
+    for entries in by_image.values():
+        if len(entries) > max_dets:
+            order = np.argsort([-e["score"] for e in entries], kind="stable")
+            entries = [entries[i] for i in order[:max_dets]]
+        kept.extend(entries)
+    return kept
+
+
+def _regions(entries, iou_type, rles=None):
+    """What `mask.iou` compares: [x, y, w, h] boxes or RLEs."""
+    if iou_type == "bbox":
+        return [list(e["bbox"]) for e in entries]
+    return rles if rles is not None else [e["segmentation"] for e in entries]
+
+
+def _match(ious, gt_ignore, iou_thresholds):
+    """Greedy matching of score-ordered detections to gt, per IoU threshold.
+
+    Each detection in turn takes the unmatched gt of highest IoU at or above
+    the threshold, preferring a gt that is not ignored; among equal IoUs the
+    later gt wins (COCOeval's and LVISEval's loop).
+
+    Args:
+      ious: float64 [D, G], detections sorted by decreasing score.
+      gt_ignore: bool [G].
+      iou_thresholds: float64 [T].
+
+    Returns:
+      (dt_matched bool [T, D], dt_on_ignored bool [T, D]: matched to an
+      ignored gt, gt_matched bool [T, G]).
+    """
+    num_dt, num_gt = ious.shape
+    num_t = len(iou_thresholds)
+    dt_matched = np.zeros((num_t, num_dt), bool)
+    dt_on_ignored = np.zeros((num_t, num_dt), bool)
+    gt_matched = np.zeros((num_t, num_gt), bool)
+    if num_dt == 0 or num_gt == 0:
+        return dt_matched, dt_on_ignored, gt_matched
+    thresholds = np.minimum(iou_thresholds, 1 - 1e-10)[:, None]  # [T, 1]
+    rows = np.arange(num_t)
+    for d in range(num_dt):
+        free = ~gt_matched & (ious[d][None, :] >= thresholds)  # [T, G]
+        choice = np.full(num_t, -1)
+        for group in (~gt_ignore, gt_ignore):
+            candidates = free & group[None, :] & (choice[:, None] < 0)
+            values = np.where(candidates, ious[d][None, :], -np.inf)
+            last_max = num_gt - 1 - np.argmax(values[:, ::-1], axis=1)
+            choice = np.where(candidates.any(axis=1), last_max, choice)
+        hit = choice >= 0
+        gt_matched[rows[hit], choice[hit]] = True
+        dt_matched[hit, d] = True
+        dt_on_ignored[hit, d] = gt_ignore[choice[hit]]
+    return dt_matched, dt_on_ignored, gt_matched
+
+
+def federated_evaluate(coco_gt, results, iou_type, image_ids,
+                       max_dets=MAX_DETECTIONS):
+    """LVIS's federated AP and AR of `results` on `image_ids`.
+
+    Args:
+      coco_gt: a loaded `COCO` of an LVIS-style file: images with
+        `neg_category_ids` (and optionally `not_exhaustive_category_ids`),
+        annotations with `area` (and optionally `ignore`), categories with
+        `frequency` ('r', 'c' or 'f'; a category without one is in no group).
+      results: list of COCO results dicts (`image_id`, `category_id`,
+        `score`, and `bbox` [x, y, w, h] or `segmentation` RLE).
+      iou_type: 'bbox' or 'segm'. For 'segm' a detection's area is its mask
+        area (for 'bbox' its box area).
+      image_ids: the images to evaluate.
+      max_dets: int, detections kept per image.
+
+    Returns:
+      (stats, per_category): stats {name: float} with the names of
+      `stat_names(max_dets)`; per_category {category id: AP over IoUs .5:.95
+      and all areas}. Both are -1 where no category has gt in range (and a
+      category's AP is -1 without gt in the images).
+    """
+    if iou_type not in coco_eval.IOU_TYPES:
+        raise ValueError(f"iou_type={iou_type!r}; expected one of {coco_eval.IOU_TYPES}")
+    image_ids = sorted({int(i) for i in image_ids})
+    wanted = set(image_ids)
+    category_ids = sorted(coco_gt.getCatIds())
+    category_index = {c: k for k, c in enumerate(category_ids)}
+    results = _top_per_image(
+        [r for r in results if int(r["image_id"]) in wanted], max_dets)
+
+    detections = collections.defaultdict(list)   # (image, category) -> results
+    detected = collections.defaultdict(set)      # image -> categories
+    for r in results:
+        detections[int(r["image_id"]), int(r["category_id"])].append(r)
+        detected[int(r["image_id"])].add(int(r["category_id"]))
+
+    num_t, num_a = len(IOU_THRESHOLDS), len(AREA_RANGES)
+    # Per (category, area range): lists over image-category pairs of scores
+    # [D], true positives [T, D], false positives [T, D], and the number of
+    # gt that count.
+    scores = collections.defaultdict(list)
+    true_pos = collections.defaultdict(list)
+    false_pos = collections.defaultdict(list)
+    num_gt = collections.defaultdict(int)
+    seen = set()   # (category, area) with at least one image-category pair
+    for image_id in image_ids:
+        image = coco_gt.imgs[image_id]
+        gt_by_category = collections.defaultdict(list)
+        for ann in coco_gt.imgToAnns.get(image_id, []):
+            gt_by_category[int(ann["category_id"])].append(ann)
+        negative = {int(c) for c in image.get("neg_category_ids", [])}
+        not_exhaustive = {int(c) for c in image.get("not_exhaustive_category_ids", [])}
+        # The federated filter: only categories known present or absent.
+        cats = set(gt_by_category) | (detected[image_id] & negative)
+        for category_id in sorted(cats):
+            gts = gt_by_category.get(category_id, [])
+            dts = detections.get((image_id, category_id), [])
+            order = np.argsort([-d["score"] for d in dts], kind="stable")
+            dts = [dts[i] for i in order]
+            if iou_type == "segm":
+                gt_regions = [coco_gt.annToRLE(g) for g in gts]
+                dt_regions = _regions(dts, iou_type)
+                dt_area = (mask_util.area(dt_regions).astype(np.float64)
+                           if dts else np.zeros(0))
+            else:
+                gt_regions = _regions(gts, iou_type)
+                dt_regions = _regions(dts, iou_type)
+                dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts],
+                                   np.float64)
+            ious = (np.asarray(mask_util.iou(dt_regions, gt_regions, [0] * len(gts)),
+                               np.float64).reshape(len(dts), len(gts))
+                    if dts and gts else np.zeros((len(dts), len(gts))))
+            gt_area = np.array([g["area"] for g in gts], np.float64)
+            gt_flagged = np.array([bool(g.get("ignore", 0)) for g in gts], bool)
+            dt_scores = np.array([d["score"] for d in dts], np.float64)
+            k = category_index[category_id]
+            for a, (_, low, high) in enumerate(AREA_RANGES):
+                gt_ignore = gt_flagged | (gt_area < low) | (gt_area > high)
+                matched, on_ignored, _ = _match(ious, gt_ignore, IOU_THRESHOLDS)
+                unmatched_ignored = ((dt_area < low) | (dt_area > high)
+                                     | (category_id in not_exhaustive))
+                ignored = on_ignored | (~matched & unmatched_ignored[None, :])
+                scores[k, a].append(dt_scores)
+                true_pos[k, a].append(matched & ~ignored)
+                false_pos[k, a].append(~matched & ~ignored)
+                num_gt[k, a] += int((~gt_ignore).sum())
+                seen.add((k, a))
+
+    precision = -np.ones((num_t, len(RECALL_THRESHOLDS), len(category_ids), num_a))
+    recall = -np.ones((num_t, len(category_ids), num_a))
+    for (k, a) in seen:
+        if num_gt[k, a] == 0:
+            continue
+        all_scores = np.concatenate(scores[k, a])
+        order = np.argsort(-all_scores, kind="stable")
+        tp = np.cumsum(np.concatenate(true_pos[k, a], axis=1)[:, order], axis=1)
+        fp = np.cumsum(np.concatenate(false_pos[k, a], axis=1)[:, order], axis=1)
+        for t in range(num_t):
+            rc = tp[t] / num_gt[k, a]
+            recall[t, k, a] = rc[-1] if rc.size else 0.0
+            pr = tp[t] / (tp[t] + fp[t] + np.spacing(1))
+            pr = np.maximum.accumulate(pr[::-1])[::-1]   # best precision to the right
+            at = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
+            inside = at < rc.size   # recall never reached: precision 0
+            precision[t, :, k, a] = 0.0
+            precision[t, inside, k, a] = pr[at[inside]]
+
+    def mean(values):
+        values = values[values > -1]
+        return float(values.mean()) if values.size else -1.0
+
+    frequency = np.array([coco_gt.cats[c].get("frequency") for c in category_ids])
+    t50 = int(np.argmin(np.abs(IOU_THRESHOLDS - 0.5)))
+    t75 = int(np.argmin(np.abs(IOU_THRESHOLDS - 0.75)))
+    names = stat_names(max_dets)
+    values = [mean(precision[..., 0]), mean(precision[t50, ..., 0]),
+              mean(precision[t75, ..., 0]), mean(precision[..., 1]),
+              mean(precision[..., 2]), mean(precision[..., 3])]
+    values += [mean(precision[:, :, frequency == f, 0]) for f in FREQUENCIES]
+    values += [mean(recall[..., a]) for a in range(num_a)]
+    stats = dict(zip(names, values))
+    per_category = {c: mean(precision[:, :, k, 0]) for c, k in category_index.items()}
+    return stats, per_category
+
+
+class LvisEvaluator(coco_eval.CocoEvaluator):
+    """`CocoEvaluator` with LVIS's federated metrics (module docstring).
+
+    Example:
+      evaluator = LvisEvaluator('lvis_v1_val.json', class_to_category)
+      for batch in dataset:
+        evaluator.update(model(batch, training=False), batch)
+      print(format_metrics(evaluator.evaluate()))
+    """
+
+    def __init__(self, annotations, class_to_category, max_dets=MAX_DETECTIONS,
+                 **kwargs):
+        """Args: those of `CocoEvaluator`, and `max_dets`, the detections kept
+        per image (300 for LVIS)."""
+        super().__init__(annotations, class_to_category, **kwargs)
+        self._max_dets = int(max_dets)
+
+    def evaluate(self, iou_types=coco_eval.IOU_TYPES):
+        """Federated evaluation over the seen images for each IoU type.
+
+        Args:
+          iou_types: subset of ('bbox', 'segm').
+
+        Returns:
+          {iou_type: {name: float}} with the 13 names of `stat_names()`
+          (AP, AP50, AP75, APs, APm, APl, APr, APc, APf, AR@300, ARs@300,
+          ARm@300, ARl@300); -1 where no category has gt in range.
+
+        Raises:
+          ValueError: as `CocoEvaluator.evaluate`.
+        """
+        iou_types = self._check_evaluate(iou_types)
+        names = {c["id"]: c["name"] for c in self._coco_gt.loadCats(self._coco_gt.getCatIds())}
+        metrics, self.per_category = {}, {}
+        for iou_type in iou_types:
+            drop = "bbox" if iou_type == "segm" else "segmentation"
+            results = [{k: v for k, v in r.items() if k != drop} for r in self._results]
+            stats, per_category = federated_evaluate(
+                self._coco_gt, results, iou_type, self._image_ids, self._max_dets)
+            metrics[iou_type] = stats
+            self.per_category[iou_type] = {names[c]: ap for c, ap in per_category.items()}
+        return metrics
+
+
+def build_evaluator(annotations, class_to_category, kind="auto", **kwargs):
+    """The evaluator for an annotation file.
+
+    Args:
+      annotations: path of a COCO-format json, or a loaded `COCO`.
+      class_to_category: dict[int, int], class 1..C -> category id.
+      kind: 'coco', 'lvis', or 'auto': LVIS when every image of the file
+        lists `neg_category_ids` (`is_federated`), else COCO.
+      **kwargs: passed to the evaluator (`include_masks`, `mask_threshold`,
+        `verbose`).
+
+    Returns:
+      a `CocoEvaluator` or `LvisEvaluator`.
+    """
+    if kind not in ("auto", "coco", "lvis"):
+        raise ValueError(f"evaluator kind={kind!r}; expected 'auto', 'coco' or 'lvis'")
+    if not isinstance(annotations, COCO):
+        with coco_eval.CocoEvaluator._quiet(kwargs.get("verbose", False)):
+            annotations = COCO(str(annotations))
+    if kind == "auto":
+        kind = "lvis" if is_federated(annotations) else "coco"
+    cls = LvisEvaluator if kind == "lvis" else coco_eval.CocoEvaluator
+    return cls(annotations, class_to_category, **kwargs)
