@@ -44,6 +44,8 @@ RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 # (name, low, high) of object areas in pixels, bounds inclusive.
 AREA_RANGES = (("all", 0.0, 1e10), ("small", 0.0, 32.0 ** 2),
                ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, 1e10))
+_AREA_LOW = np.array([low for _, low, _ in AREA_RANGES])
+_AREA_HIGH = np.array([high for _, _, high in AREA_RANGES])
 
 
 def stat_names(max_dets=MAX_DETECTIONS):
@@ -82,43 +84,47 @@ def _regions(entries, iou_type, rles=None):
 
 
 def _match(ious, gt_ignore, iou_thresholds):
-    """Greedy matching of score-ordered detections to gt, per IoU threshold.
+    """Greedy matching of score-ordered detections to gt, per setting.
 
     Each detection in turn takes the unmatched gt of highest IoU at or above
     the threshold, preferring a gt that is not ignored; among equal IoUs the
-    later gt wins (COCOeval's and LVISEval's loop).
+    later gt wins (COCOeval's and LVISEval's loop). A setting is one row: an
+    IoU threshold and which gt are ignored (an area range), so that one
+    Python loop over the detections serves all of them.
 
     Args:
       ious: float64 [D, G], detections sorted by decreasing score.
-      gt_ignore: bool [G].
-      iou_thresholds: float64 [T].
+      gt_ignore: bool [S, G].
+      iou_thresholds: float64 [S].
 
     Returns:
-      (dt_matched bool [T, D], dt_on_ignored bool [T, D]: matched to an
-      ignored gt, gt_matched bool [T, G]).
+      (dt_matched bool [S, D], dt_on_ignored bool [S, D]: matched to an
+      ignored gt).
     """
     num_dt, num_gt = ious.shape
-    num_t = len(iou_thresholds)
-    dt_matched = np.zeros((num_t, num_dt), bool)
-    dt_on_ignored = np.zeros((num_t, num_dt), bool)
-    gt_matched = np.zeros((num_t, num_gt), bool)
+    num_s = len(iou_thresholds)
+    dt_matched = np.zeros((num_s, num_dt), bool)
+    dt_on_ignored = np.zeros((num_s, num_dt), bool)
     if num_dt == 0 or num_gt == 0:
-        return dt_matched, dt_on_ignored, gt_matched
-    thresholds = np.minimum(iou_thresholds, 1 - 1e-10)[:, None]  # [T, 1]
-    rows = np.arange(num_t)
+        return dt_matched, dt_on_ignored
+    gt_matched = np.zeros((num_s, num_gt), bool)
+    thresholds = np.minimum(iou_thresholds, 1 - 1e-10)[:, None]  # [S, 1]
+    rows = np.arange(num_s)
     for d in range(num_dt):
-        free = ~gt_matched & (ious[d][None, :] >= thresholds)  # [T, G]
-        choice = np.full(num_t, -1)
+        free = ~gt_matched & (ious[d][None, :] >= thresholds)  # [S, G]
+        if not free.any():
+            continue
+        choice = np.full(num_s, -1)
         for group in (~gt_ignore, gt_ignore):
-            candidates = free & group[None, :] & (choice[:, None] < 0)
+            candidates = free & group & (choice[:, None] < 0)
             values = np.where(candidates, ious[d][None, :], -np.inf)
             last_max = num_gt - 1 - np.argmax(values[:, ::-1], axis=1)
             choice = np.where(candidates.any(axis=1), last_max, choice)
         hit = choice >= 0
         gt_matched[rows[hit], choice[hit]] = True
         dt_matched[hit, d] = True
-        dt_on_ignored[hit, d] = gt_ignore[choice[hit]]
-    return dt_matched, dt_on_ignored, gt_matched
+        dt_on_ignored[hit, d] = gt_ignore[rows[hit], choice[hit]]
+    return dt_matched, dt_on_ignored
 
 
 def federated_evaluate(coco_gt, results, iou_type, image_ids,
@@ -198,16 +204,20 @@ def federated_evaluate(coco_gt, results, iou_type, image_ids,
             gt_flagged = np.array([bool(g.get("ignore", 0)) for g in gts], bool)
             dt_scores = np.array([d["score"] for d in dts], np.float64)
             k = category_index[category_id]
-            for a, (_, low, high) in enumerate(AREA_RANGES):
-                gt_ignore = gt_flagged | (gt_area < low) | (gt_area > high)
-                matched, on_ignored, _ = _match(ious, gt_ignore, IOU_THRESHOLDS)
-                unmatched_ignored = ((dt_area < low) | (dt_area > high)
-                                     | (category_id in not_exhaustive))
-                ignored = on_ignored | (~matched & unmatched_ignored[None, :])
+            low, high = _AREA_LOW[:, None], _AREA_HIGH[:, None]   # [A, 1]
+            gt_ignore = gt_flagged[None] | (gt_area[None] < low) | (gt_area[None] > high)
+            # Settings: area range major, IoU threshold minor ([A * T]).
+            matched, on_ignored = _match(ious, np.repeat(gt_ignore, num_t, axis=0),
+                                         np.tile(IOU_THRESHOLDS, num_a))
+            unmatched_ignored = ((dt_area[None] < low) | (dt_area[None] > high)
+                                 | (category_id in not_exhaustive))      # [A, D]
+            ignored = on_ignored | (~matched & np.repeat(unmatched_ignored, num_t, axis=0))
+            for a in range(num_a):
+                rows = slice(a * num_t, (a + 1) * num_t)
                 scores[k, a].append(dt_scores)
-                true_pos[k, a].append(matched & ~ignored)
-                false_pos[k, a].append(~matched & ~ignored)
-                num_gt[k, a] += int((~gt_ignore).sum())
+                true_pos[k, a].append(matched[rows] & ~ignored[rows])
+                false_pos[k, a].append(~matched[rows] & ~ignored[rows])
+                num_gt[k, a] += int((~gt_ignore[a]).sum())
                 seen.add((k, a))
 
     precision = -np.ones((num_t, len(RECALL_THRESHOLDS), len(category_ids), num_a))
