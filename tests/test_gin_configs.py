@@ -168,3 +168,25 @@ def test_r50_fpn_lsj_100ep(parsed):
     assert gin.query_parameter("train/CocoInput.canvas_size") == (1024, 1024)
     assert gin.query_parameter("%MIN_SIZE") == 800 and gin.query_parameter("%CANVAS") == (
         1344, 1344)
+
+
+def test_lvis_r50_fpn_1x():
+    # 300 detections x 1203 classes of 28 x 28 masks: slow on a CPU, so 20.
+    programs.parse_gin_files([os.path.join(GIN, "lvis_r50_fpn_1x.gin")],
+                             ["RoiHeads.max_detections = 20"], finalize=False)
+    try:
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        model = MaskRCNN()
+        out = model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
+                     "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])},
+                    training=False)
+        assert model.num_classes == 1203 and out["detection_boxes"].shape == (1, 20, 4)
+        assert model.roi_heads.score_threshold == 0.0001
+        assert gin.query_parameter("evaluate.evaluator") == "lvis"
+        assert gin.query_parameter("train/CocoInput.repeat_threshold") == 0.001
+        assert gin.query_parameter("train/CocoInput.annotation_file").endswith(
+            "lvis_v1_train.json")
+        assert str(gin.query_parameter("eval/CocoInput.image_dir")) == "%DATA_DIR"
+        assert gin.query_parameter("train.epochs") == 28.75
+    finally:
+        gin.clear_config()

@@ -12,7 +12,10 @@ What counts as bad, and what happens to it (`on_bad`):
   - file not JSON, or missing a top-level key (`images`, `annotations`,
     `categories`): always a `DataError`.
   - image entry missing `id`/`file_name`/`height`/`width`, or its file missing
-    on disk: a bad image.
+    on disk: a bad image. An LVIS image has no `file_name` but a `coco_url`
+    (`http://images.cocodataset.org/train2017/000000391895.jpg`): its file is
+    the URL's last two parts (`train2017/000000391895.jpg`) under
+    `image_dir`, which is then the COCO root, as in Detectron2.
   - annotation missing `image_id`, `category_id` or `bbox`; unknown
     `category_id`; bbox not 4 finite numbers, width or height <= 0, more than
     `BOX_TOLERANCE_PX` outside the image, or empty once clipped to it;
@@ -195,6 +198,7 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
     images = {}
     bad_image_ids = {}   # image id -> message
     for i, image in enumerate(dataset["images"]):
+        image = _with_file_name(image)
         missing = [k for k in _IMAGE_KEYS if not isinstance(image, dict) or k not in image]
         if missing:
             problem("bad_images", f"image #{i} (id {_get(image, 'id')}) lacks {missing}")
@@ -246,6 +250,16 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
         records.append(_record(images[image_id], kept[image_id], image_dir,
                                category_map, counts))
     return CocoSplit(records, category_map, counts, problems)
+
+
+def _with_file_name(image):
+    """An LVIS image entry with the `file_name` its `coco_url` implies."""
+    if not isinstance(image, dict) or "file_name" in image:
+        return image
+    url = image.get("coco_url")
+    if not isinstance(url, str) or url.count("/") < 1:
+        return image
+    return dict(image, file_name="/".join(url.rstrip("/").split("/")[-2:]))
 
 
 def _get(obj, key):

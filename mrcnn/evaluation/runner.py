@@ -22,6 +22,7 @@ from pycocotools import mask as mask_util
 
 from mrcnn.data import pipeline
 from mrcnn.evaluation import coco as coco_eval
+from mrcnn.evaluation import lvis as lvis_eval
 from mrcnn.evaluation import visualize
 from mrcnn.ops import masks as mask_ops
 from mrcnn.training import trainer
@@ -106,7 +107,8 @@ def _summary_pictures(batch, detections, class_names, limit):
 @gin.configurable(denylist=["model_dir"])
 def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
-             num_pictures=4, watch=False, watch_timeout=3600, tta=None):
+             num_pictures=4, watch=False, watch_timeout=3600, tta=None,
+             evaluator="auto"):
     """Evaluates checkpoints of `model_dir` on a COCO-format split.
 
     Args:
@@ -125,9 +127,13 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         TEST.AUG): each batch runs at its sizes (relative to the dataset's
         `min_size`) and flipped, merged; files and TensorBoard tags of the
         evaluation get a `-tta` / `_tta` suffix.
+      evaluator: 'coco' (COCOeval), 'lvis' (federated, 300 detections per
+        image, APr/APc/APf) or 'auto': LVIS for a file whose images list
+        `neg_category_ids`, else COCO (`mrcnn.evaluation.lvis.build_evaluator`).
 
     Returns:
-      dict: {'step', 'bbox': {AP, AP50, ...}, 'segm': {...}, 'per_category':
+      dict: {'step', 'evaluator': 'coco' or 'lvis', 'bbox': {AP, AP50, ...
+      (the evaluator's names)}, 'segm': {...}, 'per_category':
       {'bbox': {category name: AP}, 'segm': {...}}} of the last evaluation
       (-1 for a category without ground truth in the images seen); no
       'segm' for a box-only model or dataset (`CocoInput.with_masks`).
@@ -140,7 +146,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             metrics = evaluate(model_dir, model_fn=model_fn, dataset_fn=dataset_fn,
                                checkpoint=path, precision=precision, xla=xla,
                                max_batches=max_batches, num_pictures=num_pictures,
-                               tta=tta)
+                               tta=tta, evaluator=evaluator)
         return metrics
 
     model, step, path = restore_model(model_fn, checkpoint or model_dir,
@@ -150,8 +156,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     class_to_category, class_names = _class_maps(dataset_fn.category_map)
     # Masks are scored when the model makes them and the annotations have them.
     with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
-    evaluator = coco_eval.CocoEvaluator(dataset_fn.annotation_file, class_to_category,
-                                        include_masks=with_masks)
+    evaluator = lvis_eval.build_evaluator(dataset_fn.annotation_file, class_to_category,
+                                          kind=evaluator, include_masks=with_masks)
+    kind = "lvis" if isinstance(evaluator, lvis_eval.LvisEvaluator) else "coco"
     infer = _inference_fn(model, tta, max(dataset_fn.min_sizes), xla)
     suffix = "" if tta is None else "-tta"
     pictures, num_images, start = [], 0, time.perf_counter()
@@ -192,7 +199,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     out_dir = os.path.join(model_dir, "eval")
     tf.io.gfile.makedirs(out_dir)
     evaluator.write_results(os.path.join(out_dir, f"results-{step}{suffix}.json"))
-    report = {"step": step, "checkpoint": path, "num_images": num_images, **metrics,
+    report = {"step": step, "checkpoint": path, "num_images": num_images,
+              "evaluator": kind, **metrics,
               "per_category": per_category}
     if tta is not None:
         report["test_time_augmentation"] = {"min_sizes": list(tta.min_sizes),

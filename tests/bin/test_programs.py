@@ -140,6 +140,36 @@ def test_eval_writes_coco_results_and_tables(run):
         assert {r["category_id"] for r in results} <= {1, 3, 7}
 
 
+def test_eval_scores_an_lvis_file_with_federated_metrics(run, tmp_path):
+    # The val split rewritten as LVIS v1 writes it: images named by coco_url
+    # under the dataset root, negative categories listed, frequencies.
+    coco = json.loads((run["data"] / "annotations" / "instances_val2017.json").read_text())
+    for image in coco["images"]:
+        image["coco_url"] = f"http://images.cocodataset.org/val2017/{image.pop('file_name')}"
+        present = {a["category_id"] for a in coco["annotations"]
+                   if a["image_id"] == image["id"]}
+        image["neg_category_ids"] = sorted({c["id"] for c in coco["categories"]} - present)
+        image["not_exhaustive_category_ids"] = []
+    for category, frequency in zip(coco["categories"], "rcf"):
+        category["frequency"] = frequency
+    lvis_file = tmp_path / "lvis_v1_val.json"
+    lvis_file.write_text(json.dumps(coco))
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    for f in run["model_dir"].glob(f"ckpt-{STEPS}.*"):
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    (model_dir / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{STEPS}"\n')
+    proc = _run("eval", f"--model_dir={model_dir}",
+                bindings=run["bindings"] + [f"eval/CocoInput.annotation_file = '{lvis_file}'",
+                                            f"eval/CocoInput.image_dir = '{run['data']}'",
+                                            "evaluate.num_pictures = 0"])
+    metrics = json.loads((model_dir / "eval" / f"metrics-{STEPS}.json").read_text())
+    assert metrics["evaluator"] == "lvis" and metrics["num_images"] == 6
+    for iou_type in ("bbox", "segm"):
+        assert set(metrics[iou_type]) >= {"AP", "APr", "APc", "APf", "AR@300"}
+    assert "APr" in proc.stdout and "AR@300" in proc.stdout
+
+
 def test_train_evaluates_its_last_checkpoint(run, tmp_path):
     model_dir = tmp_path / "evaluated"
     proc = _run("train", f"--model_dir={model_dir}",

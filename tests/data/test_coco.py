@@ -204,6 +204,28 @@ class LoadSplitTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(coco.DataError, r"image #1 \(id 12\)"):
             coco.load_split(path, image_dir, on_bad="raise")
 
+    def test_lvis_images_name_their_file_by_coco_url(self):
+        # LVIS v1: no file_name, a coco_url into train2017 or val2017, no
+        # iscrowd; image_dir is the COCO root (Detectron2's layout).
+        path, image_dir = self._write()
+        with open(path) as f:
+            d = json.load(f)
+        for image in d["images"]:
+            name = image.pop("file_name")
+            image["coco_url"] = f"http://images.cocodataset.org/train2017/{name}"
+            image["neg_category_ids"], image["not_exhaustive_category_ids"] = [], []
+        for ann in d["annotations"]:
+            ann.pop("iscrowd", None)
+        with open(path, "w") as f:
+            json.dump(d, f)
+        split = coco.load_split(path, self.root, on_bad="raise")
+        self.assertEqual([r.image_id for r in split.records], [11, 12, 13])
+        self.assertEqual(split.records[0].path, os.path.join(image_dir, "000011.jpg"))
+        self.assertFalse(any(r.is_crowd.any() for r in split.records))
+        os.remove(os.path.join(image_dir, "000012.jpg"))
+        with self.assertRaisesRegex(coco.DataError, "image id 12.*train2017/000012.jpg"):
+            coco.load_split(path, self.root, on_bad="raise")
+
 
 if __name__ == "__main__":
     tf.test.main()

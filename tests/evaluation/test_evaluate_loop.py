@@ -59,12 +59,14 @@ def _evaluate(tmp_path, fail_at=None):
         inferred[k].set()
         return {"num_detections": tf.constant([10 + k, 0])}
 
-    coco = types.SimpleNamespace(CocoEvaluator=lambda *a, **k: evaluator,
-                                 format_metrics=str, format_per_category=str)
+    coco = types.SimpleNamespace(format_metrics=str, format_per_category=str)
+    lvis = types.SimpleNamespace(build_evaluator=lambda *a, **k: evaluator,
+                                 LvisEvaluator=type(None))
     with mock.patch.object(runner, "restore_model", return_value=(object(), 3, "ckpt-3")), \
             mock.patch.object(runner.trainer, "check_num_classes"), \
             mock.patch.object(runner, "_inference_fn", return_value=infer), \
-            mock.patch.object(runner, "coco_eval", coco):
+            mock.patch.object(runner, "coco_eval", coco), \
+            mock.patch.object(runner, "lvis_eval", lvis):
         report = runner.evaluate(str(tmp_path), model_fn=None, dataset_fn=_Dataset(),
                                  num_pictures=0)
     return evaluator, report
@@ -77,6 +79,7 @@ def test_host_work_overlaps_the_next_batch_in_order(tmp_path):
     assert evaluator.overlapped == [True] * (NUM_BATCHES - 1)
     assert {name for _, _, name in evaluator.updates} != {threading.current_thread().name}
     assert report["num_images"] == NUM_BATCHES and report["step"] == 3
+    assert report["evaluator"] == "coco"
     assert np.isclose(report["bbox"]["AP"], 0.5)
 
 
