@@ -176,10 +176,17 @@ class RoiHeadLayersTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(logits.dtype, tf.float32)
         self.assertEqual(deltas.dtype, tf.float32)
 
-    def test_mask_head_picks_class_channel(self):
-        head = MaskHead(num_classes=3, channels=8)
+    @parameterized.named_parameters(('f32', 'float32', 1e-5),
+                                    ('bf16', 'mixed_bfloat16', 0.05))
+    def test_mask_head_picks_class_channel(self, policy, atol):
+        head = MaskHead(num_classes=3, channels=8, dtype=policy)
         pooled = tf.random.stateless_normal([_B, 4, 14, 14, 8], seed=[0, 1])
         classes = tf.constant([[0, 1, 2, 0], [2, 2, 1, 0]])
+        head(pooled, classes)
+        # The predictor's init (std 0.001) would make every mask near 0.
+        head.predictor.kernel.assign(tf.random.stateless_normal(
+            head.predictor.kernel.shape, seed=[2, 3]))
+        head.predictor.bias.assign([0.5, -1.0, 2.0])
         out = head(pooled, classes)
         self.assertEqual(out.shape, (_B, 4, 28, 28))
         self.assertEqual(out.dtype, tf.float32)
@@ -187,12 +194,13 @@ class RoiHeadLayersTest(tf.test.TestCase, parameterized.TestCase):
         x = tf.reshape(pooled, [-1, 14, 14, 8])
         for conv in head.convs:
             x = conv(x)
-        full = tf.reshape(head.predictor(head.deconv(x)),
-                          [_B, 4, 28, 28, 3]).numpy()
+        full = tf.cast(tf.reshape(head.predictor(head.deconv(x)),
+                                  [_B, 4, 28, 28, 3]), tf.float32).numpy()
+        self.assertGreater(np.abs(full).std(), 10 * atol)
         for b in range(_B):
             for k in range(4):
                 self.assertAllClose(out[b, k], full[b, k, :, :, classes[b, k]],
-                                    atol=1e-5)
+                                    atol=atol)
 
     def test_config_round_trip(self):
         for layer in (BoxHead(num_classes=7, fc_dim=64, num_fc=1),
