@@ -141,14 +141,22 @@ def repeat_factors(records, threshold):
     count), `f_c` the fraction of the records with class c; 1 without
     annotations."""
     presence = [set(np.asarray(r.classes).tolist()) for r in records]
-    counts = {}
-    for classes in presence:
-        for c in classes:
-            counts[c] = counts.get(c, 0) + 1
-    per_class = {c: max(1.0, float(np.sqrt(threshold / (k / len(records)))))
-                 for c, k in counts.items()}
+    counts = class_image_counts(records, max((max(p) for p in presence if p), default=0))
+    per_class = {c: max(1.0, float(np.sqrt(threshold / (counts[c - 1] / len(records)))))
+                 for c in range(1, len(counts) + 1) if counts[c - 1]}
     return np.array([max((per_class[c] for c in classes), default=1.0)
                      for classes in presence], np.float64)
+
+
+def class_image_counts(records, num_classes):
+    """int64 [C]: how many of the records hold class c = 1..C at index c - 1
+    (crowd annotations count): LVIS's `image_count`, the federated loss's
+    draw weights (`RoiHeads.fed_loss_classes`) and the repeat factors."""
+    counts = np.zeros(num_classes, np.int64)
+    for r in records:
+        classes = np.unique(np.asarray(r.classes, np.int64))
+        np.add.at(counts, classes[(classes >= 1) & (classes <= num_classes)] - 1, 1)
+    return counts
 
 
 def _repeat_factor_epochs(indices, factors, seed):
@@ -384,6 +392,11 @@ class CocoInput:
     def num_classes(self):
         """C, foreground classes (contiguous ids 1..C)."""
         return self.category_map.num_classes
+
+    @property
+    def class_image_counts(self):
+        """int64 [C]: the records holding each class 1..C (`class_image_counts`)."""
+        return class_image_counts(self.records, self.num_classes)
 
     def num_batches(self, input_context=None):
         """Evaluation batches per epoch of one pipeline (each group's last one padded)."""

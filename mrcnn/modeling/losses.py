@@ -89,6 +89,71 @@ def rcnn_class_loss(class_logits, classes, valid):
     return tf.reduce_sum(ce * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
 
 
+def rcnn_sigmoid_class_loss(class_logits, classes, valid, scored=None):
+    """Per-class sigmoid cross-entropy (Detectron2's `USE_SIGMOID_CE`),
+    summed over the scored classes, mean over the sampled rois.
+
+    A roi's target is 1 for its class and 0 for every other; a background
+    roi has all targets 0; the background column 0 is not used.
+
+    Args:
+      class_logits: float [B, K, C + 1], column 0 background.
+      classes: int32 [B, K], 0 background, 1..C foreground, -1 padding.
+      valid: bool [B, K], True on sampled slots.
+      scored: optional bool [C], the classes 1..C that count (the federated
+        loss's, `federated_classes`); None: all.
+
+    Returns:
+      float32 scalar (0 when no roi is sampled).
+    """
+    num_classes = class_logits.shape[-1] - 1
+    targets = tf.one_hot(tf.maximum(classes, 0), num_classes + 1)[..., 1:]  # [B, K, C]
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=targets, logits=_f32(class_logits)[..., 1:])  # [B, K, C]
+    weight = _f32(valid)[..., None]
+    if scored is not None:
+        weight = weight * _f32(scored)
+    return tf.reduce_sum(bce * weight) / tf.maximum(tf.reduce_sum(_f32(valid)), 1.0)
+
+
+def federated_classes(classes, valid, class_weights, num_scored):
+    """bool [C]: the classes a federated loss scores in one step (Zhou et al.,
+    "Probabilistic two-stage detection", 2021; Detectron2's
+    `get_fed_loss_classes`).
+
+    Every class of a sampled roi counts; when fewer than `num_scored` do
+    (background counting as one when a sampled roi is background), the rest
+    are drawn without replacement with probability proportional to
+    `class_weights` (a class of weight 0 is never drawn). The draw is
+    Gumbel-top-k: the largest `log(w) + Gumbel noise` keys are a sample
+    without replacement in proportion to w, with static shapes.
+
+    Args:
+      classes: int32 [B, K], 0 background, 1..C foreground, -1 padding.
+      valid: bool [B, K].
+      class_weights: float [C] >= 0, for classes 1..C (Detectron2: each
+        class's training image count to the power 0.5).
+      num_scored: Python int.
+
+    Returns:
+      bool [C] for classes 1..C.
+    """
+    num_classes = class_weights.shape[0]
+    present = tf.math.unsorted_segment_sum(
+        tf.reshape(_f32(valid), [-1]), tf.reshape(tf.where(valid, classes, 0), [-1]),
+        num_classes + 1) > 0  # [C + 1]
+    wanted = tf.maximum(num_scored - tf.reduce_sum(tf.cast(present, tf.int32)), 0)
+    weights = _f32(class_weights)
+    noise = -tf.math.log(-tf.math.log(tf.random.uniform([num_classes], 1e-12, 1.0)))
+    keys = tf.where(present[1:] | (weights <= 0), -float("inf"),
+                    tf.math.log(tf.maximum(weights, 1e-30)) + noise)  # [C]
+    draws = min(int(num_scored), num_classes)
+    top, index = tf.math.top_k(keys, k=draws)
+    chosen = (tf.range(draws) < wanted) & (top > -float("inf"))
+    drawn = tf.scatter_nd(index[:, None], tf.cast(chosen, tf.int32), [num_classes]) > 0
+    return present[1:] | drawn
+
+
 def rcnn_box_loss(box_deltas, box_targets, classes, valid, beta=0.0):
     """Class-specific box regression on positive rois.
 

@@ -206,7 +206,8 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     post_nms_topk_train=1000, post_nms_topk_test=1000,
                     rpn_num_samples=256, max_detections=100, masks=True,
                     cascade_stages=0, fpn_norm=None, head_norm=None, box_num_conv=0,
-                    rpn_num_convs=1, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+                    rpn_num_convs=1, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
+                    class_loss="softmax", fed_loss_classes=None):
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
     Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
@@ -219,7 +220,8 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
     `fpn_norm` is `FPN.norm` and `head_norm` the box and mask heads' `norm`;
     `box_num_conv` > 0 gives the box head that many convs of `fpn_channels`
     and one FC (Detectron2's "4conv1fc" at 4) instead of two FCs;
-    `rpn_num_convs` is `RpnHead.num_convs`.
+    `rpn_num_convs` is `RpnHead.num_convs`; `class_loss` and
+    `fed_loss_classes` are `RoiHeads`' (sigmoid, federated loss).
     """
     # Parts in model order: the order they are made in draws the initial weights.
     backbone = ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at)
@@ -239,9 +241,11 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
         roi_heads = CascadeRoiHeads(
             box_heads=box_heads, stage_ious=CASCADE_IOUS[:cascade_stages],
             stage_box_weights=CASCADE_BOX_WEIGHTS[:cascade_stages],
-            mask_head=mask_head, num_samples=num_samples, max_detections=max_detections)
+            mask_head=mask_head, num_samples=num_samples, max_detections=max_detections,
+            class_loss=class_loss, fed_loss_classes=fed_loss_classes)
     else:
         roi_heads = RoiHeads(box_head=box_heads[0], mask_head=mask_head,
-                             num_samples=num_samples, max_detections=max_detections)
+                             num_samples=num_samples, max_detections=max_detections,
+                             class_loss=class_loss, fed_loss_classes=fed_loss_classes)
     return MaskRCNN(backbone=backbone, fpn=fpn, rpn_head=rpn_head, roi_heads=roi_heads,
                     pixel_mean=pixel_mean, pixel_std=pixel_std)

@@ -327,6 +327,19 @@ class RoiHeads(keras.layers.Layer):
         this project's CPU a branch was 166x slower than the same
         convolutions outside one. Meant for a GPU, and not measured there
         yet (issue 7).
+      class_loss: 'softmax' (default: cross-entropy over background and
+        the C classes, scores the softmax) or 'sigmoid' (Detectron2's
+        `USE_SIGMOID_CE`: C independent binary cross-entropies, background
+        rois all-negative, scores the sigmoids; column 0 unused).
+      fed_loss_classes: None, or an int with `class_loss='sigmoid'`: the
+        federated loss (Detectron2's `USE_FED_LOSS`, `FED_LOSS_NUM_CLASSES`
+        50 for LVIS) scores only the classes of the step's rois plus ones
+        drawn by training image frequency up to this many
+        (`losses.federated_classes`). The frequencies live in the
+        non-trainable variable `class_image_counts` [C] (checkpointed),
+        which the trainer sets from the training records.
+      fed_loss_power: float, the draw weights are `class_image_counts **
+        fed_loss_power` (0.5, `FED_LOSS_FREQ_WEIGHT_POWER`).
       paste_masks: bool; when True the detections also hold
         `detection_masks_canvas`, bool [B, D, H, W], the masks pasted with
         `ops.masks.paste_masks` onto the padded canvas in resized-image
@@ -342,8 +355,16 @@ class RoiHeads(keras.layers.Layer):
                  aligned=True, min_level=2,
                  max_level=5, mask_size=28, score_threshold=0.05,
                  nms_iou=0.5, max_detections=100, box_loss_beta=0.0,
-                 mask_buckets=1, paste_masks=False, **kwargs):
+                 mask_buckets=1, paste_masks=False, class_loss="softmax",
+                 fed_loss_classes=None, fed_loss_power=0.5, **kwargs):
         super().__init__(**kwargs)
+        if class_loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"RoiHeads: class_loss={class_loss!r} must be 'softmax' or "
+                             f"'sigmoid'")
+        if fed_loss_classes is not None and (class_loss != "sigmoid"
+                                             or int(fed_loss_classes) < 1):
+            raise ValueError(f"RoiHeads: fed_loss_classes={fed_loss_classes} needs "
+                             f"class_loss='sigmoid' and a count >= 1")
         if mask_size != 2 * mask_pool_size:
             raise ValueError(
                 f"RoiHeads: mask_size={mask_size} must be 2 * mask_pool_size"
@@ -377,6 +398,36 @@ class RoiHeads(keras.layers.Layer):
         self.box_loss_beta = box_loss_beta
         self.mask_buckets = int(mask_buckets)
         self.paste_masks = paste_masks
+        self.class_loss = class_loss
+        self.fed_loss_classes = None if fed_loss_classes is None else int(fed_loss_classes)
+        self.fed_loss_power = float(fed_loss_power)
+        self.class_image_counts = None
+        if self.fed_loss_classes is not None:
+            # Until the trainer sets them, every class is drawn alike.
+            self.class_image_counts = self.add_weight(
+                name="class_image_counts", shape=(self.num_classes,),
+                initializer="ones", trainable=False, dtype="float32")
+
+    def class_scores(self, class_logits):
+        """float32 [B, K, C] class probabilities of classes 1..C from
+        `class_logits` [B, K, C + 1] (softmax or sigmoid, `class_loss`)."""
+        class_logits = tf.cast(class_logits, tf.float32)
+        if self.class_loss == "sigmoid":
+            return tf.sigmoid(class_logits[..., 1:])
+        return tf.nn.softmax(class_logits, axis=-1)[..., 1:]
+
+    def classification_loss(self, class_logits, classes, valid):
+        """float32 scalar: this head's `class_loss` on sampled rois (`classes`
+        int32 [B, K] 0..C or -1, `valid` bool [B, K]), federated when
+        `fed_loss_classes` is set."""
+        if self.class_loss == "softmax":
+            return loss_lib.rcnn_class_loss(class_logits, classes, valid)
+        scored = None
+        if self.fed_loss_classes is not None:
+            weights = tf.pow(tf.convert_to_tensor(self.class_image_counts), self.fed_loss_power)
+            scored = loss_lib.federated_classes(classes, valid, weights,
+                                                self.fed_loss_classes)
+        return loss_lib.rcnn_sigmoid_class_loss(class_logits, classes, valid, scored)
 
     @property
     def num_mask_rois(self):
@@ -508,7 +559,7 @@ class RoiHeads(keras.layers.Layer):
         class_logits, box_deltas = self.box_outputs(features, rois.rois, rois.valid,
                                                     training=True)
         return {
-            "rcnn_class": loss_lib.rcnn_class_loss(class_logits, rois.classes, rois.valid),
+            "rcnn_class": self.classification_loss(class_logits, rois.classes, rois.valid),
             "rcnn_box": loss_lib.rcnn_box_loss(box_deltas, rois.box_targets, rois.classes,
                                                rois.valid, self.box_loss_beta),
         }
@@ -596,7 +647,7 @@ class RoiHeads(keras.layers.Layer):
         # 1.
         class_logits, deltas = self.box_outputs(features, proposals)
         return self._kept(self._decode(deltas, proposals, self.box_weights, image_info),
-                          tf.nn.softmax(class_logits, axis=-1)[..., 1:], proposal_valid)
+                          self.class_scores(class_logits), proposal_valid)
 
     def _decode(self, deltas, boxes, weights, image_info):
         """float32 [B, P, C|1, 4]: `deltas` [B, P, C|1, 4] applied to `boxes`
@@ -670,6 +721,9 @@ class RoiHeads(keras.layers.Layer):
             "box_loss_beta": self.box_loss_beta,
             "mask_buckets": self.mask_buckets,
             "paste_masks": self.paste_masks,
+            "class_loss": self.class_loss,
+            "fed_loss_classes": self.fed_loss_classes,
+            "fed_loss_power": self.fed_loss_power,
         }
 
     @classmethod
@@ -776,7 +830,7 @@ class CascadeRoiHeads(RoiHeads):
             pooled = _scaled_gradient(self._pool(features, boxes, self.box_pool_size),
                                       1.0 / stages)
             logits, deltas = head(pooled, valid, training=True)
-            losses[f"rcnn_class_stage{k + 1}"] = loss_lib.rcnn_class_loss(
+            losses[f"rcnn_class_stage{k + 1}"] = self.classification_loss(
                 logits, classes, valid)
             losses[f"rcnn_box_stage{k + 1}"] = loss_lib.rcnn_box_loss(
                 deltas, targets, classes, valid, self.box_loss_beta)
@@ -791,10 +845,10 @@ class CascadeRoiHeads(RoiHeads):
                                      image_info)[:, :, 0]
             logits, deltas = head(self._pool(features, boxes, self.box_pool_size),
                                   training=False)
-            total += tf.nn.softmax(logits, axis=-1)
+            total += self.class_scores(logits)
         scores = total / float(len(self.box_heads))
         return self._kept(self._decode(deltas, boxes, self.stage_box_weights[-1],
-                                       image_info), scores[..., 1:], proposal_valid)
+                                       image_info), scores, proposal_valid)
 
     def get_config(self):
         config = super().get_config()

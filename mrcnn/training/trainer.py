@@ -169,6 +169,26 @@ def check_num_classes(model, dataset):
             f"has {theirs}: set NUM_CLASSES = {theirs} in the gin config")
 
 
+def _set_class_image_counts(model, dataset_fn):
+    """Gives a federated loss (`RoiHeads.fed_loss_classes`) the training
+    images per class (`CocoInput.class_image_counts`); a resumed run then
+    restores the same counts from its checkpoint."""
+    heads = getattr(model, "roi_heads", None)
+    variable = getattr(heads, "class_image_counts", None)
+    if variable is None:
+        return
+    counts = getattr(dataset_fn, "class_image_counts", None)
+    if counts is None or len(counts) != heads.num_classes:
+        raise ValueError("RoiHeads.fed_loss_classes draws classes by their training "
+                         "image counts: dataset_fn has no `class_image_counts` for "
+                         f"{heads.num_classes} classes (CocoInput has)")
+    counts = np.asarray(counts)
+    variable.assign(counts.astype(np.float32))
+    logging.info("Federated loss: %d classes per step, drawn by image counts of %d "
+                 "classes (%d never seen)", heads.fed_loss_classes, len(counts),
+                 int((counts == 0).sum()))
+
+
 def _resumable(dataset_fn):
     """Whether dataset_fn takes the `start` and `seed` keywords (CocoInput does)."""
     try:
@@ -486,6 +506,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             average = ema_lib.WeightAverage(model, averaged, strategy, decay=ema_decay,
                                             warmup=ema_warmup, xla=xla)
 
+    _set_class_image_counts(model, dataset_fn)
     objects = dict(model=model, optimizer=optimizer, step=step, data_seed=data_seed)
     if average is not None:
         objects["ema"] = average.average

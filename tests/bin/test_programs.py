@@ -170,6 +170,26 @@ def test_eval_scores_an_lvis_file_with_federated_metrics(run, tmp_path):
     assert "APr" in proc.stdout and "AR@300" in proc.stdout
 
 
+def test_train_with_the_federated_loss(run, tmp_path):
+    # The shapes data has 3 classes: score 2 per step, drawn by image counts
+    # that the trainer counts on the training records and checkpoints.
+    model_dir = tmp_path / "fed"
+    proc = _run("train", f"--model_dir={model_dir}",
+                bindings=run["bindings"] + ["train.total_steps = 2",
+                                            "RoiHeads.class_loss = 'sigmoid'",
+                                            "RoiHeads.fed_loss_classes = 2"])
+    assert "Federated loss: 2 classes per step" in proc.stderr
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(str(model_dir))
+    name = next(n for n in reader.get_variable_to_shape_map() if "class_image_counts" in n)
+    counts = reader.get_tensor(name)
+    data = json.loads((run["data"] / "annotations" / "instances_train2017.json").read_text())
+    ids = sorted(c["id"] for c in data["categories"])
+    want = [len({a["image_id"] for a in data["annotations"] if a["category_id"] == c})
+            for c in ids]
+    np.testing.assert_array_equal(counts, want)
+
+
 def test_train_evaluates_its_last_checkpoint(run, tmp_path):
     model_dir = tmp_path / "evaluated"
     proc = _run("train", f"--model_dir={model_dir}",
