@@ -53,7 +53,10 @@ from mrcnn.modeling import resnet as resnet_lib
 # Detectron2's defaults for what a model_final file does not say.
 _D2_ASPECT_RATIOS = (0.5, 1.0, 2.0)   # ANCHOR_GENERATOR.ASPECT_RATIOS, h / w
 # Keys of a Detectron2 state dict that are no weights of ours.
-_NOT_WEIGHTS = re.compile(r"(^|\.)(num_batches_tracked|pixel_mean|pixel_std)$"
+# A federated-loss model's fed_loss_cls_weights is a fact of its training
+# data, which the trainer counts again (RoiHeads.class_image_counts).
+_NOT_WEIGHTS = re.compile(r"(^|\.)(num_batches_tracked|pixel_mean|pixel_std"
+                          r"|fed_loss_cls_weights)$"
                           r"|^proposal_generator\.anchor_generator\.")
 # Our norm variables (those a norm layer has) and Detectron2's names for them.
 _NORM_ARRAYS = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),

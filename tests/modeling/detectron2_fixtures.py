@@ -14,11 +14,13 @@ from mrcnn.modeling.rpn import RpnHead
 
 
 def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
-                mask_convs=2, masks=True, cascade_stages=0, norm=None, **rpn_kwargs):
+                mask_convs=2, masks=True, cascade_stages=0, norm=None, heads_kwargs=None,
+                **rpn_kwargs):
     """A MaskRCNN with small heads (no mask head unless `masks`; a cascade of
     class-agnostic box heads with `cascade_stages`). `norm` ('gn', 'bn',
     'sync_bn'): that norm in the backbone, FPN and heads and a 2conv1fc box
-    head, as Detectron2's GN models and LSJ baselines."""
+    head, as Detectron2's GN models and LSJ baselines. `heads_kwargs`: more
+    `RoiHeads` arguments."""
     box_kwargs = dict(num_conv=2, num_fc=1, conv_dim=channels, norm=norm) if norm else {}
     mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels,
                           num_convs=mask_convs, norm=norm) if masks else None)
@@ -32,7 +34,7 @@ def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=1
     else:
         roi_heads = RoiHeads(box_head=BoxHead(num_classes=num_classes, fc_dim=fc_dim,
                                               **box_kwargs),
-                             mask_head=mask_head, max_detections=10)
+                             mask_head=mask_head, max_detections=10, **(heads_kwargs or {}))
     model = MaskRCNN(
         backbone=resnet_lib.ResNet(depth=depth, norm=norm or "frozen_bn"),
         fpn=FPN(channels=channels, norm=norm),

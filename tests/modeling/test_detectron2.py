@@ -417,6 +417,19 @@ class LoaderTest(tf.test.TestCase):
         with self.assertRaises(FileNotFoundError):
             d2.load_detectron2_weights(model, path=os.path.join(self.get_temp_dir(), "no"))
 
+    def test_federated_loss_weights_are_data_not_weights(self):
+        # A USE_FED_LOSS model's file holds fed_loss_cls_weights, a fact of its
+        # training data: it loads (into a model with or without the federated
+        # loss) and leaves the counts to the trainer.
+        model = fixtures.small_model(num_classes=C, heads_kwargs=dict(
+            class_loss="sigmoid", fed_loss_classes=2))
+        arrays = fixtures.random_state(model)
+        arrays["roi_heads.box_predictor.fed_loss_cls_weights"] = np.arange(C, dtype=np.float32)
+        d2.load_detectron2_weights(model, path=self._write(arrays))
+        self.assertAllEqual(model.roi_heads.class_image_counts, np.ones(C))
+        d2.load_detectron2_weights(fixtures.small_model(num_classes=C),
+                                   path=self._write(arrays))
+
     def test_box_only_model(self):
         """Faster R-CNN: a file without a mask head, or a Mask R-CNN file whose mask
         head is left; boxes as the Mask R-CNN's."""
