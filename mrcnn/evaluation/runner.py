@@ -104,6 +104,11 @@ def _summary_pictures(batch, detections, class_names, limit):
     return pictures
 
 
+# Up to this many categories, evaluate prints and logs each one's AP (COCO's
+# 80); beyond, they are only in the metrics file.
+PER_CATEGORY_LIMIT = 100
+
+
 @gin.configurable(denylist=["model_dir"])
 def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
@@ -137,6 +142,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       {'bbox': {category name: AP}, 'segm': {...}}} of the last evaluation
       (-1 for a category without ground truth in the images seen); no
       'segm' for a box-only model or dataset (`CocoInput.with_masks`).
+      It is also written to `model_dir/eval/metrics-<step>.json` and
+      TensorBoard; the per-category APs are printed and logged only up to
+      `PER_CATEGORY_LIMIT` categories.
     """
     if dataset_fn.training:
         raise ValueError("evaluate.dataset_fn must be a CocoInput with training=False")
@@ -194,9 +202,16 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
           f"({num_images / max(seconds, 1e-9):.1f} img/s)")
     print(coco_eval.format_metrics(metrics))
     per_category = evaluator.per_category
-    print(coco_eval.format_per_category(per_category))
-
     out_dir = os.path.join(model_dir, "eval")
+    metrics_file = os.path.join(out_dir, f"metrics-{step}{suffix}.json")
+    num_categories = max((len(v) for v in per_category.values()), default=0)
+    # LVIS's 1203 rows (and 2406 TensorBoard curves) would drown the summary.
+    by_category = num_categories <= PER_CATEGORY_LIMIT
+    if by_category:
+        print(coco_eval.format_per_category(per_category))
+    else:
+        print(f"AP of each of the {num_categories} categories: {metrics_file}")
+
     tf.io.gfile.makedirs(out_dir)
     evaluator.write_results(os.path.join(out_dir, f"results-{step}{suffix}.json"))
     report = {"step": step, "checkpoint": path, "num_images": num_images,
@@ -205,7 +220,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if tta is not None:
         report["test_time_augmentation"] = {"min_sizes": list(tta.min_sizes),
                                             "flip": tta.flip}
-    with open(os.path.join(out_dir, f"metrics-{step}{suffix}.json"), "w") as f:
+    with open(metrics_file, "w") as f:
         json.dump(report, f, indent=2)
     writer = tf.summary.create_file_writer(out_dir)
     with writer.as_default(step=step):
@@ -213,7 +228,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             for name, value in stats.items():
                 tf.summary.scalar(f"{iou_type}{suffix.replace('-', '_')}/{name}", value)
             for name, value in per_category[iou_type].items():
-                if value >= 0:
+                if value >= 0 and by_category:
                     tf.summary.scalar(f"{iou_type}{suffix.replace('-', '_')}_per_category"
                                       f"/AP-{name}", value)
         for k, picture in enumerate(pictures):

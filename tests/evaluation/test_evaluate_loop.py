@@ -83,6 +83,15 @@ def test_host_work_overlaps_the_next_batch_in_order(tmp_path):
     assert np.isclose(report["bbox"]["AP"], 0.5)
 
 
+def test_many_categories_go_to_the_metrics_file_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(_Evaluator, "per_category",
+                        {"bbox": {f"c{k}": 0.5 for k in range(runner.PER_CATEGORY_LIMIT + 1)}})
+    _, report = _evaluate(tmp_path)
+    out = capsys.readouterr().out
+    assert f"AP of each of the {runner.PER_CATEGORY_LIMIT + 1} categories" in out
+    assert "metrics-3.json" in out and len(report["per_category"]["bbox"]) == 101
+
+
 def test_an_error_of_the_host_work_reaches_the_caller(tmp_path):
     with pytest.raises(ValueError, match="bad detections in batch 1"):
         _evaluate(tmp_path, fail_at=1)
