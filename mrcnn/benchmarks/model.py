@@ -101,9 +101,37 @@ def _peak_memory():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def float_ops(fn, *args):
+    """Float operations of one call of `fn` on `args`, as TensorFlow's
+    profiler counts them on the traced graph.
+
+    Its convention: 2 per multiply-add of a convolution or matmul, about 1
+    per element of an elementwise op; ops without a registered count
+    (gathers, sorts, NMS) or without static shapes add nothing. Detectron2's
+    `analyze_model` (fvcore) counts one per multiply-add, about half.
+
+    Args:
+      fn: a Python function of tensors (traced here in graph mode, even
+        when tf.functions run eagerly).
+      *args: its arguments (nests of tensors).
+
+    Returns:
+      int.
+    """
+    was_eager = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(False)
+    try:
+        graph = tf.function(fn).get_concrete_function(*args).graph
+    finally:
+        tf.config.run_functions_eagerly(was_eager)
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return int(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
+
+
 def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
                 xla=True, eager=False, steps=20, warmup=3, num_gt=10,
-                profile_dir=None, profile_steps=5):
+                profile_dir=None, profile_steps=5, flops=False):
     """Times the training step (`what='train'`) or inference (`'infer'`).
 
     Args:
@@ -123,6 +151,9 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
         traced there with the TF profiler (after the timed ones, so the
         tracing does not slow them) and summed per op type and scope.
       profile_steps: int, calls traced.
+      flops: bool, also count the float operations per image of the
+        forward pass (infer) or of the forward and backward passes (train)
+        with `float_ops`: `gflops_per_image`.
 
     Returns:
       dict: compile_s, median_s, p25_s, p75_s, images_per_s (train) or
@@ -130,20 +161,21 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
       trainable_parameters, device, mode ('eager', 'graph' or 'xla'),
       canvas, ema_decay (gin's train.ema_decay: the step then updates a
       weight average, as `bin/train`'s; None without), and the arguments;
-      with `profile_dir`, `profile` (see `mrcnn.benchmarks.profile.summarize`).
+      with `profile_dir`, `profile` (see `mrcnn.benchmarks.profile.summarize`);
+      with `flops`, `gflops_per_image`.
     """
     was_eager = tf.config.functions_run_eagerly()
     tf.config.run_functions_eagerly(eager)
     try:
         return _bench_model(what, batch, image_size, precision, xla and not eager,
                             steps, warmup, num_gt, "eager" if eager else
-                            "xla" if xla else "graph", profile_dir, profile_steps)
+                            "xla" if xla else "graph", profile_dir, profile_steps, flops)
     finally:
         tf.config.run_functions_eagerly(was_eager)
 
 
 def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt, mode,
-                 profile_dir, profile_steps):
+                 profile_dir, profile_steps, flops):
     trainer.set_precision(precision)
     strategy = trainer.make_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -226,9 +258,24 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
         profile.trace(call, profile_steps, profile_dir)
         report["profile"] = profile.summarize(profile_dir, profile_steps)
         report["profile_dir"] = profile_dir
+    if flops:
+        report["gflops_per_image"] = round(_step_float_ops(model, data, what) / batch / 1e9, 3)
     images = batch * replicas
     if what == "train":
         report["images_per_s"] = round(images / median, 2)
     else:
         report["ms_per_image"] = round(1e3 * median / images, 2)
     return report
+
+
+def _step_float_ops(model, batch, what):
+    """`float_ops` of one replica's inference, or of its losses' forward and
+    backward passes (no optimizer update), on `batch`."""
+    if what == "infer":
+        return float_ops(lambda b: model(b, training=False), batch)
+
+    def forward_backward(b):
+        with tf.GradientTape() as tape:
+            total = tf.add_n(list(model(b, training=True).values()))
+        return tape.gradient(total, model.trainable_variables)
+    return float_ops(forward_backward, batch)

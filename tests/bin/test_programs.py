@@ -509,7 +509,7 @@ def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
                if what == "infer" else [])
     # 60 x 64 images, as 800 x 1216 ones, pad to a multiple of 64 (P6).
     proc = _run("bench", f"--what={what}", mode, "--image_size=60,64", "--batch=2",
-                "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", *profile,
+                "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", "--flops", *profile,
                 # A training step with a weight average (bin/train's step then).
                 bindings=TINY + ["train.ema_decay = 0.99"])
     report = json.loads(out.read_text())
@@ -524,4 +524,5 @@ def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     assert report["images_per_s" if what == "train" else "ms_per_image"] > 0
     assert 0 < report["trainable_parameters"] <= report["parameters"]
     assert report["peak_memory_bytes"] > 0
+    assert report["gflops_per_image"] > 0
     assert report["ema_decay"] == (0.99 if what == "train" else None)
