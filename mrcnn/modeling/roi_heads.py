@@ -213,7 +213,8 @@ class BoxHead(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="mrcnn")
 class MaskHead(keras.layers.Layer):
     """`num_convs` x conv3x3 (+ norm) + relu, 2x2/2 deconv + relu, 1x1 conv
-    to C masks (Detectron2 `MaskRCNNConvUpsampleHead`).
+    to C masks (Detectron2 `MaskRCNNConvUpsampleHead`), of which each roi
+    needs one: the 1x1 conv is computed for that class only.
 
     Args (keyword-only, R50-FPN defaults):
       num_classes: int, C (80).
