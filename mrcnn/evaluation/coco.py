@@ -313,6 +313,39 @@ class CocoEvaluator:
         # {iou_type: {category name: AP}} of the last `evaluate`.
         self.per_category = {}
 
+    def add_results(self, results, image_ids=None):
+        """Adds COCO results entries made elsewhere (a results json of
+        another run or library) instead of model output.
+
+        Args:
+          results: list of dicts {image_id, category_id, score, bbox
+            [x, y, w, h]} with `segmentation` RLE for 'segm'.
+          image_ids: the images they cover (an image without detections
+            is still scored); None: every image of the annotation file.
+
+        Raises:
+          ValueError: an entry lacks a key, or names an image or a category
+            the annotation file does not have.
+        """
+        known_categories = set(self._coco_gt.getCatIds())
+        for i, r in enumerate(results):
+            missing = [k for k in ("image_id", "category_id", "score", "bbox")
+                       if k not in r]
+            if missing:
+                raise ValueError(f"results entry #{i} lacks {missing}")
+            if r["image_id"] not in self._known_image_ids:
+                raise ValueError(f"results entry #{i}: image_id {r['image_id']} is not "
+                                 f"in the annotation file")
+            if r["category_id"] not in known_categories:
+                raise ValueError(f"results entry #{i}: category_id {r['category_id']} "
+                                 f"is not in the annotation file")
+        ids = self._known_image_ids if image_ids is None else {int(i) for i in image_ids}
+        unknown = sorted(ids - self._known_image_ids)
+        if unknown:
+            raise ValueError(f"image ids {unknown[:10]} are not in the annotation file")
+        self._image_ids |= ids | {int(r["image_id"]) for r in results}
+        self._results.extend(dict(r) for r in results)
+
     def update(self, detections, batch):
         """Adds one batch of model output.
 

@@ -113,7 +113,7 @@ PER_CATEGORY_LIMIT = 100
 def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
              num_pictures=4, watch=False, watch_timeout=3600, tta=None,
-             evaluator="auto"):
+             evaluator="auto", results_file=None):
     """Evaluates checkpoints of `model_dir` on a COCO-format split.
 
     Args:
@@ -135,6 +135,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       evaluator: 'coco' (COCOeval), 'lvis' (federated, 300 detections per
         image, APr/APc/APf) or 'auto': LVIS for a file whose images list
         `neg_category_ids`, else COCO (`mrcnn.evaluation.lvis.build_evaluator`).
+      results_file: optional COCO results json: score it instead of a model
+        (`evaluate_results`; `model_dir` is then not read).
 
     Returns:
       dict: {'step', 'evaluator': 'coco' or 'lvis', 'bbox': {AP, AP50, ...
@@ -148,6 +150,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     """
     if dataset_fn.training:
         raise ValueError("evaluate.dataset_fn must be a CocoInput with training=False")
+    if results_file is not None:
+        return evaluate_results(results_file, dataset_fn, evaluator)
     if watch:
         metrics = None
         for path in tf.train.checkpoints_iterator(model_dir, timeout=watch_timeout):
@@ -234,6 +238,53 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         for k, picture in enumerate(pictures):
             tf.summary.image(f"detections/{k}", picture[None], max_outputs=1)
     writer.flush()
+    return report
+
+
+def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None):
+    """Scores a COCO results json (another run's or another library's) on
+    the annotations of `dataset_fn`, every image of the file counting
+    (`bin/eval --results`, through `evaluate(results_file=...)`).
+
+    Args:
+      results_file: str, a JSON list of COCO results entries.
+      dataset_fn: a `CocoInput`; only its `annotation_file` is read.
+      evaluator: 'auto', 'coco' or 'lvis', as `evaluate`'s.
+      iou_types: subset of ('bbox', 'segm'); None: 'segm' too when every
+        entry has a `segmentation`.
+
+    Returns:
+      dict: {'results_file', 'evaluator', 'bbox': {...}, 'segm': {...},
+      'per_category': {...}}, also written next to `results_file` as
+      `<name>-metrics.json`.
+    """
+    with tf.io.gfile.GFile(results_file) as f:
+        try:
+            results = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{results_file}: not JSON: {e}") from None
+    if not isinstance(results, list):
+        raise ValueError(f"{results_file}: not a COCO results list")
+    with_masks = bool(results) and all("segmentation" in r for r in results)
+    iou_types = tuple(iou_types or (("bbox", "segm") if with_masks else ("bbox",)))
+    annotations = dataset_fn.annotation_file
+    scorer = lvis_eval.build_evaluator(annotations, {}, kind=evaluator,
+                                       include_masks="segm" in iou_types)
+    kind = "lvis" if isinstance(scorer, lvis_eval.LvisEvaluator) else "coco"
+    try:
+        scorer.add_results(results)
+    except ValueError as e:
+        raise ValueError(f"{results_file}: {e}") from None
+    metrics = scorer.evaluate(iou_types)
+    logging.info("%s: %d results on %d images of %s (%s metrics)", results_file,
+                 len(results), len(scorer.image_ids), annotations, kind)
+    print(coco_eval.format_metrics(metrics))
+    report = {"results_file": results_file, "annotation_file": annotations,
+              "evaluator": kind, **metrics, "per_category": scorer.per_category}
+    out = os.path.splitext(results_file)[0] + "-metrics.json"
+    with tf.io.gfile.GFile(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"metrics: {out}")
     return report
 
 

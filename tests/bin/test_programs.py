@@ -140,6 +140,26 @@ def test_eval_writes_coco_results_and_tables(run):
         assert {r["category_id"] for r in results} <= {1, 3, 7}
 
 
+def test_eval_scores_a_results_file_as_it_scored_the_model(run, tmp_path):
+    # bin/eval --results on the results json of the model's own evaluation
+    # (every val image): the same numbers, without a model.
+    _run("eval", f"--model_dir={run['model_dir']}",
+         bindings=run["bindings"] + ["evaluate.num_pictures = 0"])
+    results = tmp_path / "theirs.json"
+    results.write_bytes((run["model_dir"] / "eval" / f"results-{STEPS}.json").read_bytes())
+    proc = _run("eval", f"--results={results}", bindings=run["bindings"])
+    scored = json.loads((tmp_path / "theirs-metrics.json").read_text())
+    ours = json.loads((run["model_dir"] / "eval" / f"metrics-{STEPS}.json").read_text())
+    assert scored["evaluator"] == "coco" and "AP50" in proc.stdout
+    for iou_type in ("bbox", "segm") if json.loads(results.read_text()) else ("bbox",):
+        assert scored[iou_type] == ours[iou_type], iou_type
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 99999, "category_id": 1, "score": 0.5,
+                                "bbox": [0, 0, 1, 1]}]))
+    proc = _run("eval", f"--results={bad}", bindings=run["bindings"], check=False)
+    assert proc.returncode != 0 and "image_id 99999 is not in the annotation file" in proc.stderr
+
+
 def test_eval_scores_an_lvis_file_with_federated_metrics(run, tmp_path):
     # The val split rewritten as LVIS v1 writes it: images named by coco_url
     # under the dataset root, negative categories listed, frequencies.

@@ -328,6 +328,17 @@ def test_evaluator_on_model_output(tmp_path):
             assert stats[name] == pytest.approx(1.0, abs=1e-6), (iou_type, name)
         assert stats["APr"] == stats["APc"] == -1.0
         assert evaluator.per_category[iou_type]["square"] == pytest.approx(1.0, abs=1e-6)
+    # The same entries added as a results file's are scored the same.
+    again = lvis.build_evaluator(path, {})
+    again.add_results(evaluator.results, image_ids=[11, 25, 37])
+    assert again.evaluate() == metrics and again.image_ids == [11, 25, 37]
+    for bad, message in (({"image_id": 11, "category_id": 3, "score": 1.0}, "lacks"),
+                         ({"image_id": 5, "category_id": 3, "score": 1.0,
+                           "bbox": [0, 0, 1, 1]}, "image_id 5"),
+                         ({"image_id": 11, "category_id": 4, "score": 1.0,
+                           "bbox": [0, 0, 1, 1]}, "category_id 4")):
+        with pytest.raises(ValueError, match=message):
+            lvis.build_evaluator(path, {}).add_results([bad])
     table = coco_eval.format_metrics(metrics)
     assert "APr" in table.splitlines()[0] and "AR@300" in table.splitlines()[0]
     assert "AR1" not in table
