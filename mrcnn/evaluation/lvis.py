@@ -273,6 +273,19 @@ class LvisEvaluator(coco_eval.CocoEvaluator):
         per image (300 for LVIS)."""
         super().__init__(annotations, class_to_category, **kwargs)
         self._max_dets = int(max_dets)
+        dataset = self._coco_gt.dataset
+        unlisted = [im.get("id") for im in dataset.get("images", [])
+                    if "neg_category_ids" not in im]
+        if unlisted:
+            raise ValueError(
+                f"LVIS evaluation: images {unlisted[:5]} ({len(unlisted)} in all) list no "
+                f"neg_category_ids, so no detection of an absent category could count "
+                f"as a false positive: not an LVIS-style file (evaluate.evaluator = "
+                f"'coco' scores it with COCO's metrics)")
+        no_area = [a.get("id") for a in dataset.get("annotations", []) if "area" not in a]
+        if no_area:
+            raise ValueError(f"LVIS evaluation: annotations {no_area[:5]} "
+                             f"({len(no_area)} in all) have no 'area'")
 
     def evaluate(self, iou_types=coco_eval.IOU_TYPES):
         """Federated evaluation over the seen images for each IoU type.

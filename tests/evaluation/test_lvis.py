@@ -316,6 +316,14 @@ def test_evaluator_on_model_output(tmp_path):
         is coco_eval.CocoEvaluator
     with pytest.raises(ValueError, match="kind"):
         lvis.build_evaluator(path, fixtures.CLASS_TO_CATEGORY, kind="voc")
+    with pytest.raises(ValueError, match=r"images \[11, 25, 37, 40\].*neg_category_ids"):
+        lvis.build_evaluator(str(coco_path), fixtures.CLASS_TO_CATEGORY, kind="lvis")
+    no_area = json.loads(open(path).read())
+    del no_area["annotations"][1]["area"]
+    no_area_path = tmp_path / "no_area.json"
+    no_area_path.write_text(json.dumps(no_area))
+    with pytest.raises(ValueError, match=r"annotations \[2\] \(1 in all\) have no 'area'"):
+        lvis.build_evaluator(str(no_area_path), fixtures.CLASS_TO_CATEGORY)
 
     fixtures.install_paste_masks_stand_in()
     detections, batch = fixtures.perfect_detections(evaluator.coco_gt, [11, 25, -1, 37])
