@@ -83,6 +83,15 @@ def _regions(entries, iou_type, rles=None):
     return rles if rles is not None else [e["segmentation"] for e in entries]
 
 
+def _mask_areas(rles):
+    """float64 [n]: the pixel counts of n RLEs."""
+    # pycocotools' area() of a list fails beyond 255 RLEs (it builds its
+    # output with np.array((n,), np.uint8)): 255 at a time.
+    return np.concatenate([np.zeros(0)] + [
+        np.asarray(mask_util.area(rles[i:i + 255]), np.float64).reshape(-1)
+        for i in range(0, len(rles), 255)])
+
+
 def _match(ious, gt_ignore, iou_thresholds):
     """Greedy matching of score-ordered detections to gt, per setting.
 
@@ -190,8 +199,7 @@ def federated_evaluate(coco_gt, results, iou_type, image_ids,
             if iou_type == "segm":
                 gt_regions = [coco_gt.annToRLE(g) for g in gts]
                 dt_regions = _regions(dts, iou_type)
-                dt_area = (mask_util.area(dt_regions).astype(np.float64)
-                           if dts else np.zeros(0))
+                dt_area = _mask_areas(dt_regions)
             else:
                 gt_regions = _regions(gts, iou_type)
                 dt_regions = _regions(dts, iou_type)

@@ -163,6 +163,36 @@ def test_matches_cocoeval_when_every_category_is_listed(iou_type, seed):
     assert stats["AP"] > 0.05   # the case is not degenerate
 
 
+def test_hundreds_of_masks_of_one_category_in_one_image():
+    # More than 255 detections of a category in an image (pycocotools'
+    # area() of a list fails there), scored as COCOeval scores them.
+    image = dict(_image(1), height=200, width=200)
+    gt = [dict(_gt(k + 1, 1, 3, box), iscrowd=0)
+          for k, box in enumerate([(10.0, 10.0, 40.0, 40.0), (100.0, 50.0, 60.0, 90.0),
+                                   (5.0, 150.0, 20.0, 20.0)])]
+    categories = [dict(c, id=3) for c in _CATEGORIES[:1]]
+    coco_gt = _load({"images": [image], "annotations": gt, "categories": categories})
+    height, width = 200, 200
+    rng = np.random.default_rng(5)
+    results = []
+    for k in range(290):
+        if k % 10 == 0:   # near a gt
+            x, y, w, h = np.array(gt[k % 3]["bbox"]) + rng.normal(0, 2, 4)
+        else:
+            w, h = rng.uniform(3, width / 2), rng.uniform(3, height / 2)
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        rle = mask_util.frPyObjects([_polygon_of_box(x, y, w, h)], height, width)[0]
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append({"image_id": image["id"], "category_id": 3, "segmentation": rle,
+                        "bbox": [x, y, w, h], "score": float(rng.uniform())})
+    stats, _ = lvis.federated_evaluate(coco_gt, _for_type(results, "segm"), "segm",
+                                       [image["id"]])
+    expected, _ = _cocoeval(coco_gt, results, "segm")
+    np.testing.assert_allclose([stats["AP"], stats["APs"], stats["AR@300"]],
+                               [expected[0], expected[3], expected[8]], atol=1e-12)
+    assert stats["AP"] > 0.1
+
+
 def _image(image_id, neg=(), not_exhaustive=()):
     return {"id": image_id, "height": 100, "width": 100, "file_name": f"{image_id}.jpg",
             "neg_category_ids": list(neg), "not_exhaustive_category_ids": list(not_exhaustive)}
