@@ -253,6 +253,9 @@ class CocoEvaluator:
       print(format_metrics(evaluator.evaluate()))
     """
 
+    # Which metrics `evaluate` computes (reports carry it as 'evaluator').
+    kind = "coco"
+
     def __init__(self, annotations, class_to_category,
                  mask_threshold=DEFAULT_MASK_THRESHOLD, include_masks=True,
                  verbose=False):

@@ -275,6 +275,8 @@ class LvisEvaluator(coco_eval.CocoEvaluator):
       print(format_metrics(evaluator.evaluate()))
     """
 
+    kind = "lvis"
+
     def __init__(self, annotations, class_to_category, max_dets=MAX_DETECTIONS,
                  **kwargs):
         """Args: those of `CocoEvaluator`, and `max_dets`, the detections kept

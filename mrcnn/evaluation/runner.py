@@ -170,7 +170,6 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
     evaluator = lvis_eval.build_evaluator(dataset_fn.annotation_file, class_to_category,
                                           kind=evaluator, include_masks=with_masks)
-    kind = "lvis" if isinstance(evaluator, lvis_eval.LvisEvaluator) else "coco"
     infer = _inference_fn(model, tta, max(dataset_fn.min_sizes), xla)
     suffix = "" if tta is None else "-tta"
     pictures, num_images, start = [], 0, time.perf_counter()
@@ -219,7 +218,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     tf.io.gfile.makedirs(out_dir)
     evaluator.write_results(os.path.join(out_dir, f"results-{step}{suffix}.json"))
     report = {"step": step, "checkpoint": path, "num_images": num_images,
-              "evaluator": kind, **metrics,
+              "evaluator": evaluator.kind, **metrics,
               "per_category": per_category}
     if tta is not None:
         report["test_time_augmentation"] = {"min_sizes": list(tta.min_sizes),
@@ -270,17 +269,16 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
     annotations = dataset_fn.annotation_file
     scorer = lvis_eval.build_evaluator(annotations, {}, kind=evaluator,
                                        include_masks="segm" in iou_types)
-    kind = "lvis" if isinstance(scorer, lvis_eval.LvisEvaluator) else "coco"
     try:
         scorer.add_results(results)
     except ValueError as e:
         raise ValueError(f"{results_file}: {e}") from None
     metrics = scorer.evaluate(iou_types)
     logging.info("%s: %d results on %d images of %s (%s metrics)", results_file,
-                 len(results), len(scorer.image_ids), annotations, kind)
+                 len(results), len(scorer.image_ids), annotations, scorer.kind)
     print(coco_eval.format_metrics(metrics))
     report = {"results_file": results_file, "annotation_file": annotations,
-              "evaluator": kind, **metrics, "per_category": scorer.per_category}
+              "evaluator": scorer.kind, **metrics, "per_category": scorer.per_category}
     out = os.path.splitext(results_file)[0] + "-metrics.json"
     with tf.io.gfile.GFile(out, "w") as f:
         json.dump(report, f, indent=2)

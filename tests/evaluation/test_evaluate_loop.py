@@ -29,6 +29,8 @@ class _Dataset:
 class _Evaluator:
     """Records updates; update k waits (up to 10 s) for the model's call on k + 1."""
 
+    kind = "coco"
+
     def __init__(self, inferred, fail_at=None):
         self.inferred, self.fail_at, self.updates, self.overlapped = inferred, fail_at, [], []
 
@@ -60,8 +62,7 @@ def _evaluate(tmp_path, fail_at=None):
         return {"num_detections": tf.constant([10 + k, 0])}
 
     coco = types.SimpleNamespace(format_metrics=str, format_per_category=str)
-    lvis = types.SimpleNamespace(build_evaluator=lambda *a, **k: evaluator,
-                                 LvisEvaluator=type(None))
+    lvis = types.SimpleNamespace(build_evaluator=lambda *a, **k: evaluator)
     with mock.patch.object(runner, "restore_model", return_value=(object(), 3, "ckpt-3")), \
             mock.patch.object(runner.trainer, "check_num_classes"), \
             mock.patch.object(runner, "_inference_fn", return_value=infer), \
