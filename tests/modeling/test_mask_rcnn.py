@@ -204,7 +204,11 @@ class MaskRCNNTest(tf.test.TestCase):
         # serialize_keras_object keeps each head's build config, and
         # from_config builds the head from it: a head that only marked itself
         # built would come back with no variables (and Keras would warn).
+        # The model is called first: this test may run alone (pytest -k, or
+        # an xdist worker that got no earlier test of the class).
+        self.model(self.batch, training=False)
         heads = self.model.roi_heads
+        self.assertNotEmpty(heads.weights)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             clone = RoiHeads.from_config(heads.get_config())

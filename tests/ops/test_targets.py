@@ -7,6 +7,7 @@ through determinism: a given seed gives the same result eagerly and under XLA.
 """
 
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -247,6 +248,27 @@ class MatchBoxesTest(tf.test.TestCase, parameterized.TestCase):
         idx, lab = targets.match_boxes(boxes, gt, [[True]], 0.7, 0.3)
         self.assertAllEqual(idx, [[0, 0]])
         self.assertAllEqual(lab, [[1, -1]])  # IoU 1 and 1/3
+
+
+    def test_xla_keeps_no_pairwise_iou(self):
+        """Compiled, the only [B, N, M]-sized buffers are the ones each
+        reduction reads: at most 12 bytes per (box, gt) pair in all (an IoU
+        shared by both reductions kept 16: IoU, masked IoU, int64 key), the
+        [B, N, M] matching memory of an LVIS image with 300 gt."""
+        b, n, m = 2, 1031, 37
+        rng = np.random.default_rng(3)
+        boxes = _random_boxes(rng, (n,), canvas=256.0)
+        gt = _random_boxes(rng, (b, m), canvas=256.0)
+        fn = _jit(targets.match_boxes, positive_iou=0.7, negative_iou=0.3)
+        hlo = fn.experimental_get_compiler_ir(
+            boxes, gt, np.ones((b, m), bool))(stage='optimized_hlo')
+        entry = hlo[hlo.index('ENTRY'):]
+        sizes = {'f32': 4, 's32': 4, 's64': 8, 'pred': 1, 'u32': 4}
+        pairwise = [sizes[t] for t, dims in re.findall(
+            r'= (\w+)\[([\d,]+)\]', entry)
+                    if sorted(map(int, dims.split(','))) == sorted((b, n, m))]
+        self.assertNotEmpty(pairwise)  # XLA:CPU keeps a reduction's input
+        self.assertLessEqual(sum(pairwise), 12, pairwise)
 
 
 class SampleBalancedTest(tf.test.TestCase, parameterized.TestCase):
