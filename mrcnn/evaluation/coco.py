@@ -36,17 +36,19 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mrcnn.evaluation import cocoeval
+# The 12 numbers COCOeval.summarize() prints, in its order (stats[0..11]),
+# and the IoU types.
+from mrcnn.evaluation.cocoeval import IOU_TYPES, STAT_NAMES
 from mrcnn.ops import masks as mask_ops
 
-# The 12 numbers COCOeval.summarize() prints, in its order (stats[0..11]).
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
-              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# `CocoEvaluator` engines: this package's `cocoeval.coco_evaluate` (the same
+# numbers, ~10x faster) or pycocotools' COCOeval itself.
+ENGINES = ("mrcnn", "pycocotools")
 
 # Mask probability at or above which a pasted pixel belongs to the instance
 # (Mask R-CNN §3, "binarized at a threshold of 0.5").
 DEFAULT_MASK_THRESHOLD = 0.5
-
-IOU_TYPES = ("bbox", "segm")
 
 
 def _to_numpy(x):
@@ -239,7 +241,7 @@ def _empty_results(coco_gt):
 
 
 class CocoEvaluator:
-    """Accumulates detections over batches and runs COCOeval on them.
+    """Accumulates detections over batches and scores them with COCO's AP.
 
     Evaluation is restricted to the image ids seen by `update` (padded slots
     excluded), so evaluating a subset of the annotation file gives that
@@ -258,7 +260,7 @@ class CocoEvaluator:
 
     def __init__(self, annotations, class_to_category,
                  mask_threshold=DEFAULT_MASK_THRESHOLD, include_masks=True,
-                 verbose=False):
+                 verbose=False, engine="mrcnn"):
         """Args:
           annotations: path to a COCO instances json, or a loaded `COCO`.
           class_to_category: dict[int, int], contiguous class 1..C -> COCO
@@ -266,11 +268,17 @@ class CocoEvaluator:
           mask_threshold: Python float, see `detections_to_coco`.
           include_masks: whether `update` pastes masks (needed for 'segm').
           verbose: let pycocotools print its own progress and tables.
+          engine: 'mrcnn' (`cocoeval.coco_evaluate`: COCOeval's numbers,
+            within 1e-12 in the tests, ~10x faster) or 'pycocotools'
+            (COCOeval itself, the reference).
 
         Raises:
           ValueError: a category id of `class_to_category` is not in the
-            annotation file.
+            annotation file, or an unknown engine.
         """
+        if engine not in ENGINES:
+            raise ValueError(f"CocoEvaluator: engine={engine!r}; expected one of {ENGINES}")
+        self.engine = engine
         if isinstance(annotations, COCO):
             self._coco_gt = annotations
         else:
@@ -373,7 +381,7 @@ class CocoEvaluator:
             include_masks=self._include_masks))
 
     def evaluate(self, iou_types=IOU_TYPES):
-        """Runs COCOeval over the seen images for each IoU type.
+        """COCO AP and AR of the seen images for each IoU type (`engine`).
 
         Args:
           iou_types: subset of ('bbox', 'segm').
@@ -390,26 +398,35 @@ class CocoEvaluator:
         iou_types = self._check_evaluate(iou_types)
         metrics, self.per_category = {}, {}
         for iou_type in iou_types:
-            # loadRes adds keys (id, area, ...) to the entries it is given:
-            # hand it copies so that `results` stays what `update` made.
-            # Without 'bbox', loadRes takes each detection's area from its
-            # mask, which is what the small/medium/large split must use for
-            # segm (Detectron2 does the same).
-            drop = "bbox" if iou_type == "segm" else None
-            results = [{k: v for k, v in r.items() if k != drop}
-                       for r in self._results]
-            with self._quiet(self._verbose):
-                coco_dt = (self._coco_gt.loadRes(results) if results
-                           else _empty_results(self._coco_gt))
-                coco_eval = COCOeval(self._coco_gt, coco_dt, iouType=iou_type)
-                coco_eval.params.imgIds = sorted(self._image_ids)
-                coco_eval.evaluate()
-                coco_eval.accumulate()
-                coco_eval.summarize()
-            metrics[iou_type] = {name: float(value) for name, value
-                                 in zip(STAT_NAMES, coco_eval.stats)}
-            self.per_category[iou_type] = self._per_category_ap(coco_eval)
+            if self.engine == "mrcnn":
+                metrics[iou_type], precision = cocoeval.coco_evaluate(
+                    self._coco_gt, self._results, iou_type, self._image_ids)
+                category_ids = sorted(self._coco_gt.getCatIds())
+            else:
+                metrics[iou_type], precision, category_ids = self._pycocotools(iou_type)
+            self.per_category[iou_type] = self._per_category_ap(precision, category_ids)
         return metrics
+
+    def _pycocotools(self, iou_type):
+        """(metrics, precision [T, R, K, A, M], category ids) from COCOeval."""
+        # loadRes adds keys (id, area, ...) to the entries it is given:
+        # hand it copies so that `results` stays what `update` made.
+        # Without 'bbox', loadRes takes each detection's area from its
+        # mask, which is what the small/medium/large split must use for
+        # segm (Detectron2 does the same).
+        drop = "bbox" if iou_type == "segm" else None
+        results = [{k: v for k, v in r.items() if k != drop}
+                   for r in self._results]
+        with self._quiet(self._verbose):
+            coco_dt = (self._coco_gt.loadRes(results) if results
+                       else _empty_results(self._coco_gt))
+            coco_eval = COCOeval(self._coco_gt, coco_dt, iouType=iou_type)
+            coco_eval.params.imgIds = sorted(self._image_ids)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        metrics = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)}
+        return metrics, coco_eval.eval["precision"], coco_eval.params.catIds
 
     def _check_evaluate(self, iou_types):
         """`iou_types` as a tuple, once checked against this evaluator."""
@@ -425,18 +442,17 @@ class CocoEvaluator:
             raise ValueError("evaluate() before any update() with a real image")
         return iou_types
 
-    def _per_category_ap(self, coco_eval):
+    def _per_category_ap(self, precision, category_ids):
         """{category name: AP at IoU .50:.95, all areas, 100 detections}, -1
         for a category without ground truth in the seen images.
 
-        COCOeval's AP is the mean of these over the categories that have
-        ground truth. precision is [T iou, R recall, K category, A area, M
-        max detections], -1 where undefined.
+        COCO's AP is the mean of these over the categories that have ground
+        truth. `precision` is [T iou, R recall, K category, A area, M max
+        detections], -1 where undefined; K follows `category_ids`.
         """
-        precision = coco_eval.eval["precision"]
-        names = {c["id"]: c["name"] for c in self._coco_gt.loadCats(coco_eval.params.catIds)}
+        names = {c["id"]: c["name"] for c in self._coco_gt.loadCats(category_ids)}
         out = {}
-        for k, category in enumerate(coco_eval.params.catIds):
+        for k, category in enumerate(category_ids):
             p = precision[:, :, k, 0, -1]
             p = p[p > -1]
             out[names[category]] = float(p.mean()) if p.size else -1.0

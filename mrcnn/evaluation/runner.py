@@ -132,9 +132,11 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         TEST.AUG): each batch runs at its sizes (relative to the dataset's
         `min_size`) and flipped, merged; files and TensorBoard tags of the
         evaluation get a `-tta` / `_tta` suffix.
-      evaluator: 'coco' (COCOeval), 'lvis' (federated, 300 detections per
-        image, APr/APc/APf) or 'auto': LVIS for a file whose images list
-        `neg_category_ids`, else COCO (`mrcnn.evaluation.lvis.build_evaluator`).
+      evaluator: 'coco' (COCOeval's numbers, `mrcnn.evaluation.cocoeval`),
+        'lvis' (federated, 300 detections per image, APr/APc/APf), 'auto':
+        LVIS for a file whose images list `neg_category_ids`, else COCO
+        (`mrcnn.evaluation.lvis.build_evaluator`); or 'pycocotools': COCO's
+        metrics from pycocotools' COCOeval itself, ~10x slower.
       results_file: optional COCO results json: score it instead of a model
         (`evaluate_results`; `model_dir` is then not read).
 
@@ -248,7 +250,7 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
     Args:
       results_file: str, a JSON list of COCO results entries.
       dataset_fn: a `CocoInput`; only its `annotation_file` is read.
-      evaluator: 'auto', 'coco' or 'lvis', as `evaluate`'s.
+      evaluator: 'auto', 'coco', 'lvis' or 'pycocotools', as `evaluate`'s.
       iou_types: subset of ('bbox', 'segm'); None: 'segm' too when every
         entry has a `segmentation`.
 
