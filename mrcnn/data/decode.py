@@ -20,38 +20,80 @@ sample points are symmetric in the box.
 """
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_util
 
 from mrcnn.data.coco import DataError
 
 
-def read_image(path, image_id, height, width):
-    """Decodes an image file to RGB.
+# The EXIF tag saying how to turn the stored pixels upright (1: as stored;
+# 5-8 turn them a quarter, swapping height and width).
+_ORIENTATION_TAG = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def open_rgb(path, exif_orientation=True):
+    """Decodes an image file to RGB, upright by its EXIF orientation.
+
+    Phones and cameras store a portrait photo as a landscape bitmap plus an
+    EXIF tag saying how to turn it; viewers and labelling tools (labelme,
+    CVAT, VIA) show it turned, and Detectron2's `read_image` applies it.
+
+    Args:
+      path: str, any format PIL reads (grey, RGBA and CMYK become RGB).
+      exif_orientation: bool, apply the file's EXIF orientation (False: the
+        stored pixels).
+
+    Returns:
+      (uint8 [h, w, 3], orientation int: the file's EXIF tag, 1 without one).
+
+    Raises:
+      OSError, ValueError, SyntaxError, Image.DecompressionBombError: PIL's,
+        for a missing, unreadable or truncated file.
+    """
+    with Image.open(path) as image:
+        image.load()   # decodes everything: a truncated file raises here
+        orientation = int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
+        if exif_orientation and orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        return np.asarray(image.convert("RGB")), orientation
+
+
+def read_image(path, image_id, height, width, exif_orientation=True):
+    """Decodes a dataset image to RGB and checks its size against the json.
 
     Args:
       path: str, a JPEG or PNG (any format PIL reads; grey, RGBA and CMYK are
         converted to RGB).
       image_id: int, for messages.
       height, width: int, the size the annotation file gives.
+      exif_orientation: bool, see `open_rgb` (`CocoInput.exif_orientation`).
 
     Returns:
       uint8 [h, w, 3].
 
     Raises:
       DataError: missing, unreadable or truncated file, or a size other than
-        the json's (boxes would be wrong), naming the file and image id.
+        the json's (boxes would be wrong), naming the file and image id, and
+        the setting to change when the EXIF orientation explains the size.
     """
     try:
-        with Image.open(path) as image:
-            image.load()   # decodes everything: a truncated file raises here
-            pixels = np.asarray(image.convert("RGB"))
+        pixels, orientation = open_rgb(path, exif_orientation)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image id {image_id}: {e}") from None
     if pixels.shape[:2] != (height, width):
+        hint = ""
+        if orientation in _QUARTER_TURNS and pixels.shape[:2] == (width, height):
+            hint = (f"; its EXIF orientation ({orientation}) turns the stored pixels a "
+                    f"quarter, " + (
+                        "and the file gives the stored size: if its annotations were "
+                        "drawn on the stored pixels, set CocoInput.exif_orientation = "
+                        "False" if exif_orientation else
+                        "and the file gives the upright size: set "
+                        "CocoInput.exif_orientation = True"))
         raise DataError(
             f"{path}: image id {image_id} is {pixels.shape[0]}x{pixels.shape[1]} "
-            f"(h x w) but the annotation file says {height}x{width}")
+            f"(h x w) but the annotation file says {height}x{width}{hint}")
     return pixels
 
 
@@ -104,7 +146,8 @@ def _bilinear(image, ys, xs):
     return top * (1 - wy) + bottom * wy
 
 
-def decode_example(record, mask_size, max_instances, keep_crowd=False):
+def decode_example(record, mask_size, max_instances, keep_crowd=False,
+                   exif_orientation=True):
     """Image, boxes, classes and box-frame masks of one record.
 
     Crowd annotations are dropped unless `keep_crowd` (they are never gt
@@ -115,13 +158,15 @@ def decode_example(record, mask_size, max_instances, keep_crowd=False):
       mask_size: int S; 0 decodes no mask (box-only data, evaluation).
       max_instances: int M.
       keep_crowd: bool.
+      exif_orientation: bool, see `read_image`.
 
     Returns:
       (image uint8 [h, w, 3], boxes float32 [n, 4] (y1, x1, y2, x2) original
       pixels, classes int32 [n] 1..C, masks uint8 [n, S, S], num_dropped int:
       instances beyond M).
     """
-    image = read_image(record.path, record.image_id, record.height, record.width)
+    image = read_image(record.path, record.image_id, record.height, record.width,
+                       exif_orientation)
     keep = np.flatnonzero(~record.is_crowd | keep_crowd)
     num_dropped = max(len(keep) - max_instances, 0)
     keep = keep[:max_instances]

@@ -272,6 +272,10 @@ class CocoInput:
         floor(r) times plus once more with probability r - floor(r) (one
         draw per image and epoch, from the seed). `self.repeat_factors`
         holds r. `train.epochs` still counts `len(records)` images an epoch.
+      exif_orientation: bool, turn each image upright by its EXIF orientation
+        tag, as viewers and labelling tools show it and Detectron2 reads it;
+        False for annotations drawn on the stored pixels (a size mismatch
+        names this setting when the tag explains it).
       flip_probability: float in [0, 1], training only.
       skip_bad: bool, skip (training) instead of raising on bad input.
       filter_empty: bool, drop training images without a non-crowd
@@ -294,7 +298,8 @@ class CocoInput:
                  mask_size=112, flip_probability=0.5, skip_bad=True, filter_empty=True,
                  shuffle_buffer=None, seed=None, annotation_file=None,
                  image_dir=None, check_files=True, group_by_orientation=False,
-                 with_masks=True, scale_jitter=None, repeat_threshold=None):
+                 with_masks=True, scale_jitter=None, repeat_threshold=None,
+                 exif_orientation=True):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
         canvas_size = tuple(int(s) for s in canvas_size)
         if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
@@ -329,6 +334,7 @@ class CocoInput:
         self.max_instances = int(max_instances)
         self.mask_size = int(mask_size)
         self.with_masks = bool(with_masks)
+        self.exif_orientation = bool(exif_orientation)
         # Training only: evaluation keeps the min_size / max_size resize.
         self.scale_jitter = scale_jitter if training else None
         self.flip_probability = float(flip_probability)
@@ -590,7 +596,8 @@ class CocoInput:
                 continue
             try:
                 image, boxes, classes, masks, dropped = decode.decode_example(
-                    record, s, self.max_instances)
+                    record, s, self.max_instances,
+                    exif_orientation=self.exif_orientation)
             except coco.DataError as e:
                 if not (self.training and self.skip_bad):
                     raise

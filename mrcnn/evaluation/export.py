@@ -23,7 +23,10 @@ model) and
 
 `serve_encoded` decodes JPEGs with libjpeg's accurate integer DCT, as PIL
 does in training and `bin/eval`, so both signatures see the same pixels
-(TF's default JPEG DCT differs by up to 7 grey levels).
+(TF's default JPEG DCT differs by up to 7 grey levels). It does not read
+EXIF orientation tags (TF's decoders ignore them): boxes are in the stored
+pixels, so send phone photos turned upright (`mrcnn.data.decode.open_rgb`,
+as `bin/predict` and training read them) or decoded to `serve_images`.
 """
 
 import gin

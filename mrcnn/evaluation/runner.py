@@ -20,7 +20,7 @@ from absl import logging
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mrcnn.data import pipeline
+from mrcnn.data import decode, pipeline
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import lvis as lvis_eval
 from mrcnn.evaluation import visualize
@@ -481,7 +481,8 @@ class Predictor:
 
 
 @gin.configurable(denylist=["model_dir", "inputs", "out_dir"])
-def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
+def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, exif_orientation=True,
+            **kwargs):
     """Detects objects in image files; writes detections.json and one PNG per image.
 
     detections.json holds, per image, its picture's file name and each
@@ -495,6 +496,9 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
       model_dir: str, run directory (its latest checkpoint) unless `checkpoint`.
       inputs: list of image files or folders.
       out_dir: str, where `detections.json` and `<name>.png` go.
+      exif_orientation: bool, turn each file upright by its EXIF orientation
+        tag first (`mrcnn.data.decode.open_rgb`): boxes and masks are then
+        in the upright image's pixels, as a viewer shows a phone photo.
       model_fn, **kwargs: `Predictor`'s (dataset_fn, min_size, max_size,
         canvas_size, size_divisor, score_threshold, checkpoint, batch_size, tta,
         precision, xla).
@@ -512,9 +516,11 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, **kwargs):
         images = []
         for file in files[first:first + chunk]:
             try:
-                with Image.open(file) as opened:
-                    images.append((file, np.asarray(opened.convert("RGB"))))
-            except OSError as e:   # one bad file in a folder must not cost the others
+                # Upright by its EXIF tag, as a viewer shows a phone photo
+                # (and as `CocoInput.exif_orientation` reads training images).
+                images.append((file, decode.open_rgb(file, exif_orientation)[0]))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                # One bad file in a folder must not cost the others.
                 logging.warning("%s: cannot read image (%s); skipped", file, e)
                 unreadable.append({"file": file, "error": str(e)})
         outs = predictor.batch([image for _, image in images])

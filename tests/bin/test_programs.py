@@ -304,7 +304,8 @@ def test_eval_on_landscape_and_portrait_images(run, tmp_path):
 
 def test_predict_writes_png_and_json(run, tmp_path):
     # A square image, a landscape one, a file that is no image, a square JPEG
-    # and a portrait PNG of the same stem (cut from val images), and a sixth
+    # and a portrait PNG of the same stem (cut from val images; upright by
+    # its EXIF orientation), and a sixth
     # that --max_images leaves out.
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -313,12 +314,19 @@ def test_predict_writes_png_and_json(run, tmp_path):
     Image.fromarray(val[1][16:48]).save(inputs / "b.png")
     (inputs / "bad.jpg").write_bytes(b"not a JPEG")
     Image.fromarray(val[3]).save(inputs / "c.jpg")
-    Image.fromarray(val[2][:, 16:48]).save(inputs / "c.png")
+    # The portrait PNG is stored as a phone stores it: a landscape bitmap
+    # with an EXIF tag (6) saying to turn it a quarter clockwise.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(val[2][:, 16:48], 1)).save(inputs / "c.png", exif=exif.tobytes())
     Image.fromarray(val[4]).save(inputs / "d.png")
     out = tmp_path / "pictures"
     proc = _run("predict", f"--model_dir={run['model_dir']}", f"--out_dir={out}",
                 "--max_images=5", str(inputs),
+                # Every image gets detections, however short the training:
+                # the head's own 0.05 cut lifted too.
                 bindings=run["bindings"] + ["predict.score_threshold = 0.0",
+                                            "RoiHeads.score_threshold = 0.0",
                                             "MAX_SIZE = 128", "CANVAS = (128, 128)"])
     # Each orientation on its own canvas: 64 x 128 (the square images with
     # the landscape one) and 128 x 64, not the 128 x 128 bound.

@@ -177,6 +177,40 @@ class ReadImageTest(tf.test.TestCase, parameterized.TestCase):
         if fmt == "PNG" and mode != "L":
             self.assertAllEqual(got, self.pixels)
 
+    # What each EXIF orientation tag asks of the stored pixels [h, w, 3]
+    # to show them upright (EXIF 2.3, tag 0x0112).
+    _UPRIGHT = {1: lambda p: p, 2: lambda p: p[:, ::-1], 3: lambda p: p[::-1, ::-1],
+                4: lambda p: p[::-1], 5: lambda p: p.transpose(1, 0, 2),
+                6: lambda p: np.rot90(p, -1), 7: lambda p: p[::-1, ::-1].transpose(1, 0, 2),
+                8: lambda p: np.rot90(p, 1)}
+
+    def _tagged(self, orientation, fmt="PNG"):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        Image.fromarray(self.pixels).save(buf, format=fmt, exif=exif.tobytes())
+        return self._write(f"o{orientation}.{fmt.lower()}", buf.getvalue())
+
+    @parameterized.parameters(range(1, 9))
+    def test_exif_orientation_turns_images_upright(self, orientation):
+        path = self._tagged(orientation)
+        want = self._UPRIGHT[orientation](self.pixels)   # 12 x 16 stored
+        got = decode.read_image(path, 3, *want.shape[:2])
+        self.assertAllEqual(got, want)
+        pixels, tag = decode.open_rgb(path, exif_orientation=False)
+        self.assertEqual(tag, orientation)
+        self.assertAllEqual(pixels, self.pixels)
+        self.assertAllEqual(decode.read_image(path, 3, 12, 16, exif_orientation=False),
+                            self.pixels)
+
+    def test_quarter_turn_size_mismatch_names_the_setting(self):
+        path = self._tagged(6, "JPEG")
+        with self.assertRaisesRegex(coco.DataError, r"image id 9 is 16x12 .* says 12x16; its "
+                                    r"EXIF orientation \(6\).*exif_orientation = False"):
+            decode.read_image(path, 9, 12, 16)
+        with self.assertRaisesRegex(coco.DataError, r"says 16x12; .*exif_orientation = True"):
+            decode.read_image(path, 9, 16, 12, exif_orientation=False)
+
     @parameterized.named_parameters(
         ("missing", None, "cannot decode"),
         ("garbage", b"this is not an image", "cannot decode"),

@@ -457,6 +457,23 @@ class BadInputPipelineTest(tf.test.TestCase):
         with self.assertRaisesRegex(tf.errors.OpError, "image id 13"):
             list(make()().take(6))
 
+    def test_exif_orientation_read_upright_unless_turned_off(self):
+        # Image 12 stored as a phone stores a photo: turned a quarter, with
+        # the EXIF tag (6) that turns it back to the json's size.
+        make = self._build(training=False)   # writes the files: before the rewrite
+        stored = self._build(training=False, exif_orientation=False)
+        path = os.path.join(self.root, "train2017", "000012.jpg")
+        with Image.open(path) as image:
+            upright = np.asarray(image)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(np.rot90(upright, 1)).save(path, exif=exif.tobytes(), quality=100)
+        ids = [int(i) for b in make()() for i in b["image_id"] if i >= 0]
+        self.assertEqual(ids, [11, 12, 13])
+        with self.assertRaisesRegex(tf.errors.OpError,
+                                    "image id 12 .*exif_orientation = True"):
+            list(stored()())
+
     def test_missing_file(self):
         make = self._build()
         os.remove(os.path.join(self.root, "train2017", "000011.jpg"))
