@@ -25,6 +25,7 @@ class BenchConfig:
     num_classes: int = 80
     num_rois: int = 512            # K rois (roi_align, mask targets)
     num_gt: int = 100              # M gt boxes
+    num_images: int = 200          # images scored by coco_eval
     canvas: int = 1024             # square padded canvas, pixels
     channels: int = 256
     output_size: int = 7

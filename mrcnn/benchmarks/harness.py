@@ -27,6 +27,7 @@ OP_CASES = {
     "mask_targets": ("ops_masks", "bench_mask_targets"),
     "paste_masks": ("ops_masks", "bench_paste_masks"),
     "coco_rle": ("ops_masks", "bench_coco_rle"),
+    "coco_eval": ("eval_coco", "bench_coco_eval"),
 }
 
 
