@@ -23,9 +23,8 @@ import contextlib
 import functools
 
 import tensorflow as tf
-# Whether the graph being traced is one XLA compiles (`jit_compile=True`, here
-# or in an enclosing function): TensorFlow answers this only privately.
-from tensorflow.python.ops import control_flow_util
+
+from mrcnn.ops._context import in_xla_context
 
 # Read when a graph is traced, from whichever thread traces it (MirroredStrategy
 # traces each replica in a thread of its own): a plain module flag.
@@ -64,10 +63,3 @@ def compiled(method):
             return tf.function(island, jit_compile=True, autograph=False)()
 
     return wrapper
-
-
-def in_xla_context():
-    """True while tracing a graph that XLA compiles (static shapes needed)."""
-    return (not tf.executing_eagerly()
-            and control_flow_util.GraphOrParentsInXlaContext(
-                tf.compat.v1.get_default_graph()))

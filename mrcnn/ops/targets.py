@@ -18,6 +18,7 @@ import collections
 import tensorflow as tf
 
 from mrcnn.ops import boxes as box_ops
+from mrcnn.ops._context import in_xla_context
 from mrcnn.ops._scope import scoped
 
 # Mixing constants of Chris Wellons' `lowbias32` integer hash (bias ~0.17,
@@ -144,20 +145,23 @@ def match_boxes(boxes, gt_boxes, gt_valid, positive_iou, negative_iou,
 
     # 3. Low-quality claims outrank any IoU key: _CLAIM + m, so the highest
     # claiming gt index wins the same reduction.
-    # The best IoU per gt is a reduction of its own over an IoU of its own
-    # ([B, M, N]): sharing `iou` made XLA keep it, its masked copy and the
-    # int64 keys in memory together (16 bytes a pair, 1.3 GB for an
+    # Under XLA the best IoU per gt is a reduction of its own over an IoU of
+    # its own ([B, M, N]): sharing `iou` made XLA keep it, its masked copy
+    # and the int64 keys in memory together (16 bytes a pair, 1.3 GB for an
     # 832 x 1344 image with LVIS's 300 gt). Apart, each reduction reads only
     # its own elementwise producers: XLA:CPU keeps 4 + 8 bytes a pair, one
     # after the other (`MatchBoxesTest.test_xla_keeps_no_pairwise_iou`;
     # rpn_targets there 137 -> 53 ms, one image, 100 gt); a GPU's reduction
-    # fusions need keep none. Under XLA the two IoUs may differ by float32
-    # rounding: `_TIE_RTOL`.
+    # fusions need keep none. The two IoUs may differ by float32 rounding
+    # (`_TIE_RTOL`). Op by op, `iou` is in memory anyway: reduce it.
     if allow_low_quality:
-        gt_best = tf.reduce_max(
-            tf.where(gt_valid[:, :, None],
-                     box_ops.box_iou(gt_boxes, boxes), -1.0),
-            axis=2)[:, None, :]  # [B, 1, M]
+        if in_xla_context():
+            gt_best = tf.reduce_max(
+                tf.where(gt_valid[:, :, None],
+                         box_ops.box_iou(gt_boxes, boxes), -1.0),
+                axis=2)[:, None, :]  # [B, 1, M]
+        else:
+            gt_best = tf.reduce_max(iou, axis=1, keepdims=True)  # [B, 1, M]
         claims = tf.logical_and(iou >= gt_best * (1.0 - _TIE_RTOL),
                                 gt_best > 0.0)  # [B, N, M]
         key = tf.where(claims, _CLAIM + gt_ids, key)
