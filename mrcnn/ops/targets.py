@@ -151,7 +151,7 @@ def match_boxes(boxes, gt_boxes, gt_valid, positive_iou, negative_iou,
     # 832 x 1344 image with LVIS's 300 gt). Apart, each reduction reads only
     # its own elementwise producers: XLA:CPU keeps 4 + 8 bytes a pair, one
     # after the other (`MatchBoxesTest.test_xla_keeps_no_pairwise_iou`;
-    # rpn_targets there 137 -> 53 ms, one image, 100 gt); a GPU's reduction
+    # rpn_targets there 137 -> 47 ms, one image, 100 gt); a GPU's reduction
     # fusions need keep none. The two IoUs may differ by float32 rounding
     # (`_TIE_RTOL`). Op by op, `iou` is in memory anyway: reduce it.
     if allow_low_quality:
