@@ -158,6 +158,35 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
       recall points, categories in `sorted(coco_gt.getCatIds())`, area
       ranges, `MAX_DETS`), -1 where undefined: COCOeval's `eval['precision']`.
     """
+    precision, recall = score_results(
+        coco_gt, results, iou_type, image_ids, max_dets=MAX_DETS,
+        pair_cap=MAX_DETS[-1], crowds=True, zero_id_unmatched=True)
+    return _summarize(precision, recall), precision
+
+
+def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
+                  crowds, zero_id_unmatched, unmatched_ignored=None):
+    """Matching and accumulation of COCOeval, with the rules that COCO and
+    LVIS (`mrcnn.evaluation.lvis`) set apart as arguments.
+
+    Args:
+      coco_gt, results, iou_type, image_ids: as `coco_evaluate`'s; the
+        caller filters `results` first where its rules say so.
+      max_dets: tuple of ints, the detection counts per (image, category)
+        that precision and recall are given at (the M axis).
+      pair_cap: int or None, detections kept per (image, category).
+      crowds: bool. True: COCO's gt `iscrowd` (IoU over the detection's
+        area, matched any number of times, ignored), and gt `ignore` fields
+        not read; False: no crowds, and a gt `ignore` field ignores it.
+      zero_id_unmatched: bool, a match to a gt of annotation id 0 counts as
+        none (COCOeval).
+      unmatched_ignored: optional bool [len(results)]: results also ignored
+        when unmatched (LVIS's categories not exhaustively annotated).
+
+    Returns:
+      (precision float64 [T, R, K, A, M], recall float64 [T, K, A, M]), -1
+      where a category and area range have no non-ignored gt.
+    """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type={iou_type!r}; expected one of {IOU_TYPES}")
     image_ids = sorted({int(i) for i in image_ids})
@@ -166,6 +195,17 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
     category_index = {c: k for k, c in enumerate(category_ids)}
     num_k, num_a, num_t = len(category_ids), len(AREA_RANGES), len(IOU_THRESHOLDS)
     low, high = _AREA_LOW[:, None], _AREA_HIGH[:, None]   # [A, 1]
+
+    def gt_flags(gts):
+        """(crowd bool [G], ignored bool [A, G]) of a pair's gt."""
+        if crowds:
+            crowd = np.array([bool(g.get("iscrowd", 0)) for g in gts], bool)
+            flagged = crowd
+        else:
+            crowd = np.zeros(len(gts), bool)
+            flagged = np.array([bool(g.get("ignore", 0)) for g in gts], bool)
+        area = np.array([_area_of(g) for g in gts], np.float64)
+        return crowd, flagged[None] | (area[None] < low) | (area[None] > high)
 
     # Ground truth by (image, category); non-ignored counts per category and
     # area range.
@@ -176,14 +216,15 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
                 truths[image_index[image_id], category_index[int(ann["category_id"])]].append(ann)
     num_gt = np.zeros((num_k, num_a), np.int64)
     for (_, k), gts in truths.items():
-        crowd = np.array([bool(g.get("iscrowd", 0)) for g in gts])
-        area = np.array([_area_of(g) for g in gts], np.float64)
-        num_gt[k] += (~(crowd[None] | (area[None] < low) | (area[None] > high))).sum(axis=1)
+        num_gt[k] += (~gt_flags(gts)[1]).sum(axis=1)
 
     # Detections, all at once: [E] arrays sorted by image, category, then
-    # decreasing score (stable), each pair's first MAX_DETS[-1] kept.
-    dts = [r for r in results if int(r["image_id"]) in image_index
-           and int(r["category_id"]) in category_index]
+    # decreasing score (stable), each pair's first `pair_cap` kept.
+    known = [n for n, r in enumerate(results) if int(r["image_id"]) in image_index
+             and int(r["category_id"]) in category_index]
+    extra = (np.zeros(len(known), bool) if unmatched_ignored is None
+             else np.asarray(unmatched_ignored, bool)[known])
+    dts = [results[n] for n in known]
     image = np.array([image_index[int(r["image_id"])] for r in dts], np.int64)
     category = np.array([category_index[int(r["category_id"])] for r in dts], np.int64)
     scores = np.array([r["score"] for r in dts], np.float64)
@@ -191,10 +232,10 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
     pair = (image * num_k + category)[order]
     starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(dts) else np.zeros(0, int)
     rank = np.arange(len(dts)) - np.repeat(starts, np.diff(np.r_[starts, len(dts)]))
-    order = order[rank < MAX_DETS[-1]]
-    rank = rank[rank < MAX_DETS[-1]]
+    if pair_cap is not None:
+        order, rank = order[rank < pair_cap], rank[rank < pair_cap]
     dts = [dts[i] for i in order]
-    image, category, scores = image[order], category[order], scores[order]
+    image, category, scores, extra = image[order], category[order], scores[order], extra[order]
     if iou_type == "bbox":
         regions = [list(d["bbox"]) for d in dts]
         dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts], np.float64)
@@ -207,8 +248,8 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
             for i in range(0, len(regions), 255)])   # area() fails beyond 255
 
     # Unmatched until matched: a detection is ignored where its area is
-    # outside the range, else a false positive.
-    outside = (dt_area[None] < low) | (dt_area[None] > high)            # [A, E]
+    # outside the range (or `unmatched_ignored`), else a false positive.
+    outside = (dt_area[None] < low) | (dt_area[None] > high) | extra[None]   # [A, E]
     true_pos = np.zeros((num_a, num_t, len(dts)), bool)
     false_pos = np.broadcast_to(~outside[:, None, :], true_pos.shape).copy()
 
@@ -221,14 +262,12 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
         gts = truths.get((int(image[begin]), int(category[begin])))
         if not gts:
             continue
-        crowd = np.array([bool(g.get("iscrowd", 0)) for g in gts])
-        area = np.array([_area_of(g) for g in gts], np.float64)
+        crowd, gt_ignore = gt_flags(gts)
         gt_regions = ([list(g["bbox"]) for g in gts] if iou_type == "bbox"
                       else [coco_gt.annToRLE(g) for g in gts])
         ious = np.asarray(mask_util.iou(regions[begin:end], gt_regions,
                                         list(crowd.astype(np.uint8))),
                           np.float64).reshape(end - begin, len(gts))
-        gt_ignore = crowd[None] | (area[None] < low) | (area[None] > high)   # [A, G]
         pairs.append((ious, gt_ignore, crowd))
         spans.append((begin, end, np.array([int(g["id"]) for g in gts], np.int64)))
     for chosen, (iou, gt_ignore, _), (begin, end, gt_ids) in zip(
@@ -238,26 +277,25 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
         on_ignored = found & np.take_along_axis(
             np.broadcast_to(gt_ignore[:, None, :], (num_a, num_t, gt_ids.size)),
             index, axis=-1)
-        matched = found & (gt_ids[index] != 0)
+        matched = found & (gt_ids[index] != 0) if zero_id_unmatched else found
         ignored = on_ignored | (~matched & outside[:, None, begin:end])
         true_pos[..., begin:end] = matched & ~ignored
         false_pos[..., begin:end] = ~matched & ~ignored
 
-    precision, recall = _accumulate(category, image, rank, scores, true_pos,
-                                    false_pos, num_gt)
-    return _summarize(precision, recall), precision
+    return _accumulate(category, image, rank, scores, true_pos, false_pos, num_gt,
+                       max_dets)
 
 
-def _accumulate(category, image, rank, scores, true_pos, false_pos, num_gt):
+def _accumulate(category, image, rank, scores, true_pos, false_pos, num_gt, max_dets):
     """COCOeval.accumulate: precision [T, R, K, A, M] and recall [T, K, A,
     M], -1 where a category and area range have no non-ignored gt.
 
     Args: per detection [E]: category index, image index, rank in its
     (image, category), score; true_pos and false_pos bool [A, T, E];
-    num_gt int [K, A] non-ignored gt.
+    num_gt int [K, A] non-ignored gt; max_dets: the M axis.
     """
     num_k, num_a = num_gt.shape
-    num_t, num_r, num_m = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(MAX_DETS)
+    num_t, num_r, num_m = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(max_dets)
     precision = -np.ones((num_t, num_r, num_k, num_a, num_m))
     recall = -np.ones((num_t, num_k, num_a, num_m))
     # COCOeval concatenates each category's detections image by image (each
@@ -271,7 +309,7 @@ def _accumulate(category, image, rank, scores, true_pos, false_pos, num_gt):
         if not counted.any():
             continue
         span = slice(bounds[k], bounds[k + 1])
-        for m, max_det in enumerate(MAX_DETS):
+        for m, max_det in enumerate(max_dets):
             precision[:, :, k, counted, m] = 0.0
             recall[:, k, counted, m] = 0.0
             keep = np.flatnonzero(rank[span] < max_det) + bounds[k]

@@ -15,11 +15,12 @@ differs from COCO's in what counts as a false positive:
   (the `frequency` field of each category: 'r', 'c', 'f'); AR is at 300
   detections per image; there is no crowd, a gt `ignore` flag is honoured.
 
-The numbers follow the official `lvis` package (`LVISEval`); its
-matching, accumulation and summaries are re-expressed here over NumPy
-arrays because the package pins an old NumPy (it uses `np.float`). The
-tests check the code against pycocotools' COCOeval where the two must
-agree and, given `MRCNN_LVIS_PYTHON`, against the `lvis` package itself.
+The numbers follow the official `lvis` package (`LVISEval`), which pins an
+old NumPy (it uses `np.float`): its matching and accumulation are COCOeval's
+with the rules above, so they run in `cocoeval.score_results` (vectorized
+over all image-category pairs) and only the filter and the summaries are
+here. The tests check the code against pycocotools' COCOeval where the two
+must agree and, given `MRCNN_LVIS_PYTHON`, against the `lvis` package itself.
 
 The model's output goes through the same `detections_to_coco` as COCO's, so
 `LvisEvaluator` is a drop-in `CocoEvaluator`; `build_evaluator` picks one
@@ -29,7 +30,6 @@ from the annotation file.
 import collections
 
 import numpy as np
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from mrcnn.evaluation import coco as coco_eval
@@ -40,13 +40,8 @@ MAX_DETECTIONS = 300
 # Category `frequency` groups of APr, APc, APf: in < 10, 10..99, >= 100
 # training images.
 FREQUENCIES = ("r", "c", "f")
-IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
-RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
-# (name, low, high) of object areas in pixels, bounds inclusive.
-AREA_RANGES = (("all", 0.0, 1e10), ("small", 0.0, 32.0 ** 2),
-               ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, 1e10))
-_AREA_LOW = np.array([low for _, low, _ in AREA_RANGES])
-_AREA_HIGH = np.array([high for _, _, high in AREA_RANGES])
+# COCOeval's IoU thresholds, which LVISEval shares.
+IOU_THRESHOLDS = cocoeval.IOU_THRESHOLDS
 
 
 def stat_names(max_dets=MAX_DETECTIONS):
@@ -77,22 +72,6 @@ def _top_per_image(results, max_dets):
     return kept
 
 
-def _regions(entries, iou_type, rles=None):
-    """What `mask.iou` compares: [x, y, w, h] boxes or RLEs."""
-    if iou_type == "bbox":
-        return [list(e["bbox"]) for e in entries]
-    return rles if rles is not None else [e["segmentation"] for e in entries]
-
-
-def _mask_areas(rles):
-    """float64 [n]: the pixel counts of n RLEs."""
-    # pycocotools' area() of a list fails beyond 255 RLEs (it builds its
-    # output with np.array((n,), np.uint8)): 255 at a time.
-    return np.concatenate([np.zeros(0)] + [
-        np.asarray(mask_util.area(rles[i:i + 255]), np.float64).reshape(-1)
-        for i in range(0, len(rles), 255)])
-
-
 def federated_evaluate(coco_gt, results, iou_type, image_ids,
                        max_dets=MAX_DETECTIONS):
     """LVIS's federated AP and AR of `results` on `image_ids`.
@@ -118,101 +97,28 @@ def federated_evaluate(coco_gt, results, iou_type, image_ids,
     if iou_type not in coco_eval.IOU_TYPES:
         raise ValueError(f"iou_type={iou_type!r}; expected one of {coco_eval.IOU_TYPES}")
     image_ids = sorted({int(i) for i in image_ids})
-    wanted = set(image_ids)
     category_ids = sorted(coco_gt.getCatIds())
     category_index = {c: k for k, c in enumerate(category_ids)}
-    results = _top_per_image(
-        [r for r in results if int(r["image_id"]) in wanted], max_dets)
-
-    detections = collections.defaultdict(list)   # (image, category) -> results
-    detected = collections.defaultdict(set)      # image -> categories
-    for r in results:
-        detections[int(r["image_id"]), int(r["category_id"])].append(r)
-        detected[int(r["image_id"])].add(int(r["category_id"]))
-
-    num_t, num_a = len(IOU_THRESHOLDS), len(AREA_RANGES)
-    # Per (category, area range): lists over image-category pairs of scores
-    # [D], true positives [T, D], false positives [T, D], and the number of
-    # gt that count.
-    scores = collections.defaultdict(list)
-    true_pos = collections.defaultdict(list)
-    false_pos = collections.defaultdict(list)
-    num_gt = collections.defaultdict(int)
-    seen = set()   # (category, area) with at least one image-category pair
-    pairs, metas = [], []
+    present, negative, not_exhaustive = {}, {}, {}
     for image_id in image_ids:
         image = coco_gt.imgs[image_id]
-        gt_by_category = collections.defaultdict(list)
-        for ann in coco_gt.imgToAnns.get(image_id, []):
-            gt_by_category[int(ann["category_id"])].append(ann)
-        negative = {int(c) for c in image.get("neg_category_ids", [])}
-        not_exhaustive = {int(c) for c in image.get("not_exhaustive_category_ids", [])}
-        # The federated filter: only categories known present or absent.
-        cats = set(gt_by_category) | (detected[image_id] & negative)
-        for category_id in sorted(cats):
-            gts = gt_by_category.get(category_id, [])
-            dts = detections.get((image_id, category_id), [])
-            order = np.argsort([-d["score"] for d in dts], kind="stable")
-            dts = [dts[i] for i in order]
-            if iou_type == "segm":
-                gt_regions = [coco_gt.annToRLE(g) for g in gts]
-                dt_regions = _regions(dts, iou_type)
-                dt_area = _mask_areas(dt_regions)
-            else:
-                gt_regions = _regions(gts, iou_type)
-                dt_regions = _regions(dts, iou_type)
-                dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts],
-                                   np.float64)
-            ious = (np.asarray(mask_util.iou(dt_regions, gt_regions, [0] * len(gts)),
-                               np.float64).reshape(len(dts), len(gts))
-                    if dts and gts else np.zeros((len(dts), len(gts))))
-            gt_area = np.array([g["area"] for g in gts], np.float64)
-            gt_flagged = np.array([bool(g.get("ignore", 0)) for g in gts], bool)
-            low, high = _AREA_LOW[:, None], _AREA_HIGH[:, None]   # [A, 1]
-            gt_ignore = gt_flagged[None] | (gt_area[None] < low) | (gt_area[None] > high)
-            # Unmatched detections ignored: area out of range, or a category
-            # not exhaustively annotated in the image.
-            unmatched_ignored = ((dt_area[None] < low) | (dt_area[None] > high)
-                                 | (category_id in not_exhaustive))      # [A, D]
-            pairs.append((ious, gt_ignore, np.zeros(len(gts), bool)))   # LVIS: no crowd
-            metas.append((category_index[category_id],
-                          np.array([d["score"] for d in dts], np.float64),
-                          unmatched_ignored))
-
-    # COCOeval's greedy matching, all pairs at once (`cocoeval.match_greedy`).
-    for chosen, (_, gt_ignore, _), (k, dt_scores, unmatched_ignored) in zip(
-            cocoeval.match_greedy(pairs, IOU_THRESHOLDS), pairs, metas):
-        matched = chosen >= 0                                          # [A, T, D]
-        on_ignored = matched & np.take_along_axis(
-            np.broadcast_to(gt_ignore[:, None, :],
-                            (num_a, num_t, gt_ignore.shape[1])),
-            np.maximum(chosen, 0), axis=-1) if gt_ignore.shape[1] else np.zeros_like(matched)
-        ignored = on_ignored | (~matched & unmatched_ignored[:, None, :])
-        for a in range(num_a):
-            scores[k, a].append(dt_scores)
-            true_pos[k, a].append(matched[a] & ~ignored[a])
-            false_pos[k, a].append(~matched[a] & ~ignored[a])
-            num_gt[k, a] += int((~gt_ignore[a]).sum())
-            seen.add((k, a))
-
-    precision = -np.ones((num_t, len(RECALL_THRESHOLDS), len(category_ids), num_a))
-    recall = -np.ones((num_t, len(category_ids), num_a))
-    for (k, a) in seen:
-        if num_gt[k, a] == 0:
-            continue
-        all_scores = np.concatenate(scores[k, a])
-        order = np.argsort(-all_scores, kind="stable")
-        tp = np.cumsum(np.concatenate(true_pos[k, a], axis=1)[:, order], axis=1)
-        fp = np.cumsum(np.concatenate(false_pos[k, a], axis=1)[:, order], axis=1)
-        for t in range(num_t):
-            rc = tp[t] / num_gt[k, a]
-            recall[t, k, a] = rc[-1] if rc.size else 0.0
-            pr = tp[t] / (tp[t] + fp[t] + np.spacing(1))
-            pr = np.maximum.accumulate(pr[::-1])[::-1]   # best precision to the right
-            at = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
-            inside = at < rc.size   # recall never reached: precision 0
-            precision[t, :, k, a] = 0.0
-            precision[t, inside, k, a] = pr[at[inside]]
+        present[image_id] = {int(a["category_id"]) for a in coco_gt.imgToAnns.get(image_id, [])}
+        negative[image_id] = {int(c) for c in image.get("neg_category_ids", [])}
+        not_exhaustive[image_id] = {int(c) for c in image.get("not_exhaustive_category_ids", [])}
+    results = _top_per_image([r for r in results if int(r["image_id"]) in present], max_dets)
+    # The federated filter: only categories known present or absent.
+    results = [r for r in results if int(r["category_id"]) in present[int(r["image_id"])]
+               or int(r["category_id"]) in negative[int(r["image_id"])]]
+    # COCOeval's matching and accumulation at max_dets per image, without
+    # crowds, with gt `ignore` flags, and unmatched detections of categories
+    # not exhaustively annotated ignored.
+    precision, recall = cocoeval.score_results(
+        coco_gt, results, iou_type, image_ids, max_dets=(max_dets,), pair_cap=None,
+        crowds=False, zero_id_unmatched=False,
+        unmatched_ignored=[int(r["category_id"]) in not_exhaustive[int(r["image_id"])]
+                           for r in results])
+    precision, recall = precision[..., 0], recall[..., 0]   # [T, R, K, A], [T, K, A]
+    num_a = precision.shape[-1]
 
     def mean(values):
         values = values[values > -1]
