@@ -216,6 +216,10 @@ def _lvis_style(coco_file, split, out_file):
     return out_file
 
 
+# The real R50 recipe: 70 s on this project's slower 2-core machines. The
+# LVIS evaluation (test_eval_scores_an_lvis_file_with_federated_metrics) and
+# the federated loss (test_train_with_the_federated_loss) stay in CI.
+@pytest.mark.slow
 def test_lvis_recipe_trains_and_evaluates(run, tmp_path):
     # gin/lvis_r50_fpn_1x.gin as written (R50, repeat factors, 300 detections
     # above 0.0001, LVIS metrics), with the federated loss, on LVIS-style
@@ -259,6 +263,9 @@ def test_train_evaluates_its_last_checkpoint(run, tmp_path):
     assert metrics["num_images"] == 6 and set(metrics) >= {"bbox", "segm"}
 
 
+# 36 s on the slower machines; TTA's wiring stays in CI through
+# tests/evaluation/test_predictor.py and its numbers through test_tta.py.
+@pytest.mark.slow
 def test_eval_with_test_time_augmentation(run):
     bindings = run["bindings"] + ["TestTimeAugmentation.min_sizes = (32, 64)",
                                   "evaluate.num_pictures = 0"]

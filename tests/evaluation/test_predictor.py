@@ -148,7 +148,8 @@ def test_xla_gives_the_graphs_detections(tmp_path):
 
 def test_test_time_augmentation_is_wired(tmp_path):
     """One size without flip gives the model's own detections (sizes and flips:
-    tests/modeling/test_tta.py, and in a traced step the eval program test)."""
+    tests/modeling/test_tta.py, and in a traced step the eval program test,
+    make test-slow)."""
     from mrcnn.modeling.tta import TestTimeAugmentation
     model = _run_dir(tmp_path)
     image = np.random.default_rng(4).integers(0, 256, (48, 80, 3)).astype(np.uint8)
