@@ -121,15 +121,6 @@ def _match_group(pairs, cap_dt, cap_gt, thresholds):
     return chosen
 
 
-def _as_rle(segmentation, height, width):
-    """A result's or annotation's segmentation as a compressed RLE."""
-    if isinstance(segmentation, list):   # polygons
-        return mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):   # uncompressed RLE
-        return mask_util.frPyObjects(segmentation, height, width)
-    return segmentation
-
-
 def _area_of(annotation):
     try:
         return float(annotation["area"])
@@ -214,9 +205,10 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
         for ann in coco_gt.imgToAnns.get(image_id, []):
             if int(ann["category_id"]) in category_index:
                 truths[image_index[image_id], category_index[int(ann["category_id"])]].append(ann)
+    flags = {key: gt_flags(gts) for key, gts in truths.items()}
     num_gt = np.zeros((num_k, num_a), np.int64)
-    for (_, k), gts in truths.items():
-        num_gt[k] += (~gt_flags(gts)[1]).sum(axis=1)
+    for (_, k), (_, gt_ignore) in flags.items():
+        num_gt[k] += (~gt_ignore).sum(axis=1)
 
     # Detections, all at once: [E] arrays sorted by image, category, then
     # decreasing score (stable), each pair's first `pair_cap` kept.
@@ -240,9 +232,9 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
         regions = [list(d["bbox"]) for d in dts]
         dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts], np.float64)
     else:
-        regions = [_as_rle(d["segmentation"], coco_gt.imgs[image_ids[i]]["height"],
-                           coco_gt.imgs[image_ids[i]]["width"])
-                   for d, i in zip(dts, image)]
+        # Polygons and uncompressed RLEs become compressed RLEs at the
+        # image's size, as COCOeval converts them.
+        regions = [coco_gt.annToRLE(d) for d in dts]
         dt_area = np.concatenate([np.zeros(0)] + [
             np.asarray(mask_util.area(regions[i:i + 255]), np.float64).reshape(-1)
             for i in range(0, len(regions), 255)])   # area() fails beyond 255
@@ -259,10 +251,11 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
     ends = np.r_[starts[1:], len(dts)].astype(int)
     pairs, spans = [], []
     for begin, end in zip(starts, ends):
-        gts = truths.get((int(image[begin]), int(category[begin])))
+        key = int(image[begin]), int(category[begin])
+        gts = truths.get(key)
         if not gts:
             continue
-        crowd, gt_ignore = gt_flags(gts)
+        crowd, gt_ignore = flags[key]
         gt_regions = ([list(g["bbox"]) for g in gts] if iou_type == "bbox"
                       else [coco_gt.annToRLE(g) for g in gts])
         ious = np.asarray(mask_util.iou(regions[begin:end], gt_regions,
