@@ -30,6 +30,8 @@ from mrcnn.data.coco import DataError
 # 5-8 turn them a quarter, swapping height and width).
 _ORIENTATION_TAG = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)
+# What PIL raises for a missing, unreadable, truncated or oversized file.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def open_rgb(path, exif_orientation=True):
@@ -48,8 +50,8 @@ def open_rgb(path, exif_orientation=True):
       (uint8 [h, w, 3], orientation int: the file's EXIF tag, 1 without one).
 
     Raises:
-      OSError, ValueError, SyntaxError, Image.DecompressionBombError: PIL's,
-        for a missing, unreadable or truncated file.
+      one of `DECODE_ERRORS`, PIL's, for a missing, unreadable or truncated
+        file.
     """
     with Image.open(path) as image:
         image.load()   # decodes everything: a truncated file raises here
@@ -79,7 +81,7 @@ def read_image(path, image_id, height, width, exif_orientation=True):
     """
     try:
         pixels, orientation = open_rgb(path, exif_orientation)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise DataError(f"{path}: cannot decode image id {image_id}: {e}") from None
     if pixels.shape[:2] != (height, width):
         hint = ""

@@ -17,7 +17,6 @@ import gin
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from PIL import Image
 from pycocotools import mask as mask_util
 
 from mrcnn.data import decode, pipeline
@@ -519,7 +518,7 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, exif_orientati
                 # Upright by its EXIF tag, as a viewer shows a phone photo
                 # (and as `CocoInput.exif_orientation` reads training images).
                 images.append((file, decode.open_rgb(file, exif_orientation)[0]))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            except decode.DECODE_ERRORS as e:
                 # One bad file in a folder must not cost the others.
                 logging.warning("%s: cannot read image (%s); skipped", file, e)
                 unreadable.append({"file": file, "error": str(e)})
