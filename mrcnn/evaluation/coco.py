@@ -56,48 +56,136 @@ def _to_numpy(x):
     return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
 
-def _window_runs(window, top, left, height, width):
-    """COCO's uncompressed RLE counts of a mask that is 0 outside a window.
-
-    COCO RLE runs over the pixels in column-major order and starts with a run
-    of zeros (possibly empty); here only the window's columns are laid out,
-    the columns left and right of it join the first and last zero runs.
+def _paste_axes(boxes, height, width, cells):
+    """`mask_ops.paste_coordinates` of K boxes along both axes, as numpy.
 
     Args:
-      window: bool [h, w], the mask at rows `top..top+h`, columns
-        `left..left+w`; h, w >= 1.
-      top, left: Python ints.
-      height, width: Python ints, the image size.
+      boxes: float32 [K, 4] (y1, x1, y2, x2) pixels.
+      height, width: Python ints, pixels sampled along each axis (a pixel's
+        coordinates do not depend on the image size, so one call can serve
+        images up to this size, each reading its first rows / columns).
+      cells: (oh, ow) Python ints, the masks' size.
 
     Returns:
-      int64 [R] run lengths, summing to `height * width`.
+      ((y_low, y_high, y_frac, y_inside), (x_low, ...)): numpy [K, height]
+      and [K, width] (`paste_coordinates`' outputs without the batch axis).
     """
-    h, w = window.shape
-    columns = np.zeros((w, height), np.uint8)  # one row per image column
-    columns[:, top:top + h] = window.T
-    flat = columns.reshape(-1)
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], change, [flat.size]]))
-    if flat[0]:
-        runs = np.concatenate([[0], runs])
-    runs[0] += left * height
-    after = (width - left - w) * height
-    if flat[-1]:
-        runs = np.concatenate([runs, [after]]) if after else runs
-    else:
-        runs[-1] += after
+    return tuple(
+        tuple(t.numpy()[0] for t in mask_ops.paste_coordinates(
+            boxes[None, :, lo], boxes[None, :, hi], size, n))
+        for lo, hi, size, n in ((0, 2, height, cells[0]), (1, 3, width, cells[1])))
+
+
+# Box columns pasted at once (each `oh` float32 values and a few temporaries
+# of that size): bounds host memory for many detections on a large image.
+_PASTE_CHUNK_COLUMNS = 1 << 16
+
+
+def _window_runs(masks, axes, height, width, threshold):
+    """COCO uncompressed RLE counts of K masks pasted inside their boxes.
+
+    A mask is 0 outside its box's window (the rows and columns whose pixel
+    centres lie in the box, `paste_coordinates`' `inside`). Each window
+    column first interpolates between two of the mask's columns (a vector of
+    `oh` values); down the column, a pixel's value is that vector's
+    piecewise-linear interpolation at the row's cell coordinate, so the rows
+    at or above `threshold` are read off where the vector crosses it, by a
+    search among the rows' (sorted) coordinates. The host work scales with
+    the windows' widths times `oh`, not with their areas. A pixel can
+    differ from `paste_masks` only where its value is within float32
+    rounding of `threshold`.
+
+    COCO RLE runs over pixels in column-major order and starts with a run of
+    zeros (possibly empty); the runs are the distances between the positions
+    where the value changes, where changes that meet at one position (a run
+    that crosses from one column into the next, an interval between two
+    crossings holding no row) cancel in pairs.
+
+    Args:
+      masks: float32 [K, oh, ow] probabilities.
+      axes: `_paste_axes` of the K boxes, at least `height` x `width`.
+      height, width: Python ints, the image size.
+      threshold: Python float; a pixel is in the mask at value >= threshold.
+
+    Returns:
+      list of K int64 arrays of run lengths, each summing to height * width.
+    """
+    (y_low, _, y_frac, y_in), (x_low, x_high, x_frac, x_in) = (
+        tuple(a[:, :size] for a in axis) for axis, size in zip(axes, (height, width)))
+    num, oh, ow = masks.shape
+    rows, cols = y_in.sum(1), x_in.sum(1)  # window height, width [K]
+    top = y_in.argmax(1)                   # window's first row [K]
+    pixels = height * width
+    runs = [np.array([pixels])] * num      # an empty window: all zeros
+    chunks = np.split(np.arange(num),
+                      np.flatnonzero(np.diff(np.cumsum(cols) // _PASTE_CHUNK_COLUMNS)) + 1)
+    for det in chunks:
+        det = det[(rows[det] > 0) & (cols[det] > 0)]
+        if det.size == 0:
+            continue
+        n = det.size
+        # Window rows' cell coordinates, sorted within each box and offset
+        # by box, so that one search serves all boxes ([sum of rows]).
+        spacing = oh + 1.0
+        box_of_row, row = np.nonzero(y_in[det])
+        coords = (box_of_row * spacing + y_low[det][box_of_row, row]
+                  + y_frac[det][box_of_row, row].astype(np.float64))
+        first_row = np.concatenate([[0], np.cumsum(rows[det])[:-1]])
+        # Each window column across the mask's rows: [C, oh] float32.
+        box, column = np.nonzero(x_in[det])
+        frac = x_frac[det][box, column][:, None]
+        mask_columns = masks[det].transpose(0, 2, 1).reshape(n * ow, oh)
+        values = (mask_columns[box * ow + x_low[det][box, column]] * (1.0 - frac)
+                  + mask_columns[box * ow + x_high[det][box, column]] * frac)
+        on = values >= threshold
+        # Crossings between cells i and i + 1, at t = i + u in cell units.
+        at, cell = np.nonzero(on[:, 1:] != on[:, :-1])
+        low = values[at, cell].astype(np.float64)
+        high = values[at, cell + 1].astype(np.float64)
+        t = box[at] * spacing + cell + (threshold - low) / (high - low)
+        rising = on[at, cell + 1]
+        # A rising crossing's first row in has t_row >= t; a falling one's
+        # first row out has t_row > t.
+        rho = np.where(rising, np.searchsorted(coords, t, "left"),
+                       np.searchsorted(coords, t, "right")) - first_row[box[at]]
+        column_start = column * height + top[det][box]  # [C] position of row 0
+        starts_on = np.flatnonzero(on[:, 0])
+        ends_on = np.flatnonzero(on[:, -1])
+        which = np.concatenate([box[starts_on], box[at], box[ends_on]])
+        position = np.concatenate([
+            column_start[starts_on],
+            column_start[at] + rho,
+            column_start[ends_on] + rows[det][box[ends_on]]])
+        key, repeats = np.unique(which * (pixels + 1) + position, return_counts=True)
+        key = key[repeats % 2 == 1]
+        which, position = np.divmod(key, pixels + 1)
+        # Run lengths: each change's distance from the one before (from 0
+        # for a box's first change), then the zeros to the image's end
+        # (a mask that reaches the image's last pixel ends on its run).
+        counts = np.bincount(which, minlength=n)
+        ends = np.cumsum(counts)
+        previous = np.concatenate([[0], position[:-1]])
+        previous[(ends - counts)[counts > 0]] = 0
+        last = np.full(n, pixels)
+        last[counts > 0] -= position[ends[counts > 0] - 1]
+        tail = last > 0
+        lengths = np.insert(position - previous, ends[tail], last[tail])
+        for i, window in zip(det, np.split(lengths, np.cumsum(counts + tail)[:-1])):
+            runs[i] = window
     return runs
 
 
-def paste_masks_rle(masks, boxes, image_shape, threshold=DEFAULT_MASK_THRESHOLD):
+def paste_masks_rle(masks, boxes, image_shape, threshold=DEFAULT_MASK_THRESHOLD,
+                    axes=None):
     """COCO RLEs of `mrcnn.ops.masks.paste_masks`, pasting only inside boxes.
 
     The op resamples every mask over the whole image (`K x H x W` work and a
     float `[K, H, W]` tensor); a COCO result needs each mask only inside its
     box, everything else is 0. Here the pixel model comes from the op's own
-    `paste_coordinates`, the interpolation runs in NumPy over each box's
-    pixels, and the RLE is built from the box window: host time scales with
-    the boxes' area, not with `K x H x W`. Pixels agree with `paste_masks`
+    `paste_coordinates`, and NumPy finds where each box column's
+    interpolated values cross `threshold` (`_window_runs`): host time scales
+    with the boxes' widths times `oh`, not with `K x H x W` or the boxes'
+    areas. Pixels agree with `paste_masks`
     except where the interpolated value is within float32 rounding of
     `threshold` (`tests/evaluation/test_coco.py`).
 
@@ -106,6 +194,8 @@ def paste_masks_rle(masks, boxes, image_shape, threshold=DEFAULT_MASK_THRESHOLD)
       boxes: float [K, 4] (y1, x1, y2, x2) in pixels of the `H x W` image.
       image_shape: (H, W) Python ints.
       threshold: Python float.
+      axes: optional `_paste_axes` of `boxes` at least H x W (computed here
+        if None): a batch's images can share one call of the op.
 
     Returns:
       K COCO RLE dicts `{size: [H, W], counts: str}` (JSON-safe).
@@ -113,29 +203,12 @@ def paste_masks_rle(masks, boxes, image_shape, threshold=DEFAULT_MASK_THRESHOLD)
     masks = np.asarray(masks, np.float32)
     boxes = np.asarray(boxes, np.float32)
     height, width = (int(v) for v in image_shape)
-    num, oh, ow = masks.shape
-    if num == 0:
+    if masks.shape[0] == 0:
         return []
-    axes = [[t.numpy()[0] for t in mask_ops.paste_coordinates(
-        boxes[None, :, lo], boxes[None, :, hi], size, cells)]
-        for lo, hi, size, cells in ((0, 2, height, oh), (1, 3, width, ow))]
-    (y_low, y_high, y_frac, y_in), (x_low, x_high, x_frac, x_in) = axes
-    objects = []
-    for k in range(num):
-        rows, cols = np.flatnonzero(y_in[k]), np.flatnonzero(x_in[k])
-        if rows.size == 0 or cols.size == 0:
-            runs = np.array([height * width])
-        else:
-            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-            fx = x_frac[k, c0:c1]
-            along_x = (masks[k][:, x_low[k, c0:c1]] * (1.0 - fx)
-                       + masks[k][:, x_high[k, c0:c1]] * fx)  # [oh, w]
-            fy = y_frac[k, r0:r1, None]
-            pasted = (along_x[y_low[k, r0:r1]] * (1.0 - fy)
-                      + along_x[y_high[k, r0:r1]] * fy)  # [h, w]
-            runs = _window_runs(pasted >= threshold, r0, c0, height, width)
-        objects.append({"counts": runs.tolist(),
-                        "size": [height, width]})
+    if axes is None:
+        axes = _paste_axes(boxes, height, width, masks.shape[1:])
+    objects = [{"counts": runs.tolist(), "size": [height, width]}
+               for runs in _window_runs(masks, axes, height, width, threshold)]
     rles = mask_util.frPyObjects(objects, height, width)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
@@ -190,12 +263,11 @@ def detections_to_coco(detections, image_ids, image_info, class_to_category,
     image_ids = _to_numpy(image_ids).astype(np.int64).reshape(-1)
     image_info = _to_numpy(image_info).astype(np.float32)
 
-    results = []
+    keeps = {}  # b -> indices [K] of its valid detection slots
     for b, image_id in enumerate(image_ids):
         if image_id < 0:
             continue
-        num_slots = boxes.shape[1]
-        in_count = np.arange(num_slots) < num_detections[b]
+        in_count = np.arange(boxes.shape[1]) < num_detections[b]
         keep = np.nonzero(in_count & (classes[b] > 0))[0]  # [K]
         if keep.size == 0:
             continue
@@ -206,23 +278,36 @@ def detections_to_coco(detections, image_ids, image_info, class_to_category,
                 f"detection_classes {unknown} of image_id {int(image_id)} "
                 f"are not in class_to_category (classes "
                 f"{sorted(class_to_category)})")
+        keeps[b] = keep
+    sizes = {b: (int(round(float(image_info[b, 0]))), int(round(float(image_info[b, 1]))))
+             for b in keeps}
+    if include_masks and keeps:
+        # One call of the op for the batch, at its largest image size.
+        batch_axes = _paste_axes(
+            np.concatenate([boxes[b, keep] for b, keep in keeps.items()]),
+            max(h for h, _ in sizes.values()), max(w for _, w in sizes.values()),
+            masks.shape[2:])
+        offsets = np.cumsum([0] + [keep.size for keep in keeps.values()])
+
+    results = []
+    for i, (b, keep) in enumerate(keeps.items()):
         image_boxes = boxes[b, keep]  # [K, 4]
         rles = None
         if include_masks:
-            height = int(round(float(image_info[b, 0])))
-            width = int(round(float(image_info[b, 1])))
-            rles = paste_masks_rle(masks[b, keep], image_boxes,
-                                   (height, width), threshold=mask_threshold)
-        for i, k in enumerate(keep):
-            y1, x1, y2, x2 = (float(v) for v in image_boxes[i])
+            axes = tuple(tuple(a[offsets[i]:offsets[i + 1]] for a in axis)
+                         for axis in batch_axes)
+            rles = paste_masks_rle(masks[b, keep], image_boxes, sizes[b],
+                                   threshold=mask_threshold, axes=axes)
+        for j, k in enumerate(keep):
+            y1, x1, y2, x2 = (float(v) for v in image_boxes[j])
             entry = {
-                "image_id": int(image_id),
+                "image_id": int(image_ids[b]),
                 "category_id": int(class_to_category[int(classes[b, k])]),
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "score": float(scores[b, k]),
             }
             if rles is not None:
-                entry["segmentation"] = rles[i]
+                entry["segmentation"] = rles[j]
             results.append(entry)
     return results
 

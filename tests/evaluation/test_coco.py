@@ -229,6 +229,34 @@ class PasteMasksRleTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLess(np.sum(below & ~above), 5)
         self.assertGreater(got.sum(), 1000)
 
+    @parameterized.parameters((0.5, 3), (0.25, 4), (0.75, 5))
+    def test_exact_ties_match_the_op_exactly(self, threshold, seed):
+        # Cell values on a quarter grid and boxes whose rows and columns
+        # fall on dyadic cell coordinates: every pasted value is exact in
+        # float32 in both paths, many equal the threshold and many
+        # crossings fall exactly on a row, so the pixels must be equal.
+        rng = np.random.default_rng(seed)
+        height, width = 70, 90
+        masks = rng.choice(np.float32([0, 0.25, 0.5, 0.75, 1]), (12, 28, 14))
+        sides = np.array([[28, 14], [56, 28], [14, 7], [7, 56]] * 3, np.float32)
+        corners = rng.integers(-4, 40, (12, 2)).astype(np.float32)
+        boxes = np.concatenate([corners, corners + sides], 1)
+        expected = mask_ops.paste_masks(masks[None], boxes[None], (height, width),
+                                        threshold).numpy()[0]
+        got = self.decoded(masks, boxes, (height, width), threshold)
+        self.assertAllEqual(got, expected)
+        self.assertGreater(got.sum(), 1000)
+
+    def test_columns_in_chunks_give_the_same_runs(self):
+        rng = np.random.default_rng(6)
+        boxes = np.concatenate([_edge_boxes(37, 52),
+                                rng.uniform(0, 30, (20, 2)).repeat(2, 1)
+                                + [0, 0, 9, 14]]).astype(np.float32)
+        masks = rng.uniform(0, 1, (len(boxes), 28, 28)).astype(np.float32)
+        whole = coco_eval.paste_masks_rle(masks, boxes, (37, 52))
+        with mock.patch.object(coco_eval, "_PASTE_CHUNK_COLUMNS", 16):
+            self.assertEqual(coco_eval.paste_masks_rle(masks, boxes, (37, 52)), whole)
+
     def test_no_masks(self):
         self.assertEqual(coco_eval.paste_masks_rle(
             np.zeros((0, 28, 28)), np.zeros((0, 4)), (5, 6)), [])
