@@ -8,7 +8,10 @@ PNG pictures.
 """
 
 from concurrent import futures
+import contextlib
+import functools
 import glob
+import itertools
 import json
 import os
 import time
@@ -112,7 +115,7 @@ PER_CATEGORY_LIMIT = 100
 def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
              num_pictures=4, watch=False, watch_timeout=3600, tta=None,
-             evaluator="auto", results_file=None):
+             evaluator="auto", results_file=None, devices=None):
     """Evaluates checkpoints of `model_dir` on a COCO-format split.
 
     Args:
@@ -138,6 +141,11 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         metrics from pycocotools' COCOeval itself, ~10x slower.
       results_file: optional COCO results json: score it instead of a model
         (`evaluate_results`; `model_dir` is then not read).
+      devices: where the model runs, one batch per device at a time
+        (a MirroredStrategy's replicas; the dataset's batch size is per
+        device, as in training): None for every GPU of this machine where
+        it has several, else the default device; or a list of device names.
+        The results are those of one device, batch for batch.
 
     Returns:
       dict: {'step', 'evaluator': 'coco' or 'lvis', 'bbox': {AP, AP50, ...
@@ -159,11 +167,13 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             metrics = evaluate(model_dir, model_fn=model_fn, dataset_fn=dataset_fn,
                                checkpoint=path, precision=precision, xla=xla,
                                max_batches=max_batches, num_pictures=num_pictures,
-                               tta=tta, evaluator=evaluator)
+                               tta=tta, evaluator=evaluator, devices=devices)
         return metrics
 
-    model, step, path = restore_model(model_fn, checkpoint or model_dir,
-                                      dataset_fn.canvas_size, precision)
+    strategy = _eval_strategy(devices)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model, step, path = restore_model(model_fn, checkpoint or model_dir,
+                                          dataset_fn.canvas_size, precision)
     trainer.check_num_classes(model, dataset_fn)
     logging.info("Evaluating %s (step %d) on %s", path, step, dataset_fn.annotation_file)
     class_to_category, class_names = _class_maps(dataset_fn.category_map)
@@ -171,33 +181,37 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
     evaluator = lvis_eval.build_evaluator(dataset_fn.annotation_file, class_to_category,
                                           kind=evaluator, include_masks=with_masks)
-    infer = _inference_fn(model, tta, max(dataset_fn.min_sizes), xla)
+    infer = _replicated(_inference_fn(model, tta, max(dataset_fn.min_sizes), xla),
+                        strategy)
     suffix = "" if tta is None else "-tta"
     pictures, num_images, start = [], 0, time.perf_counter()
 
-    def host_work(detections, batch):
-        """A batch's detections into the evaluator, on the host (numpy)."""
+    def host_work(detections, batches):
+        """Batches' detections into the evaluator, on the host (numpy)."""
         nonlocal num_images
-        detections = {k: v.numpy() for k, v in detections.items()}
-        batch = {k: v.numpy() for k, v in batch.items()}
-        evaluator.update(detections, batch)
-        num_images += int((batch["image_id"] >= 0).sum())
-        if len(pictures) < num_pictures:
-            pictures.extend(_summary_pictures(batch, detections, class_names,
-                                              num_pictures - len(pictures)))
+        for detections, batch in zip(detections, batches):
+            detections = {k: v.numpy() for k, v in detections.items()}
+            batch = {k: v.numpy() for k, v in batch.items()}
+            evaluator.update(detections, batch)
+            num_images += int((batch["image_id"] >= 0).sum())
+            if len(pictures) < num_pictures:
+                pictures.extend(_summary_pictures(batch, detections, class_names,
+                                                  num_pictures - len(pictures)))
 
     # One worker, so batches reach the evaluator in order: it pastes and
-    # encodes batch k - 1's masks while the model runs on batch k, and at
-    # most two batches of detections are held.
+    # encodes step k - 1's masks while the model runs on step k (a batch
+    # per device), and at most two steps of detections are held.
+    batches = dataset_fn()
+    if max_batches is not None:
+        batches = itertools.islice(batches, max_batches)
     with futures.ThreadPoolExecutor(1, thread_name_prefix="eval_host") as host:
         pending = None
-        for i, batch in enumerate(dataset_fn()):
-            if max_batches is not None and i >= max_batches:
-                break
-            detections = infer(batch)
+        for group in _groups(batches, 1 if strategy is None else
+                             strategy.num_replicas_in_sync):
+            detections = infer(group)
             if pending is not None:
                 pending.result()   # re-raises the host work's error, if any
-            pending = host.submit(host_work, detections, batch)
+            pending = host.submit(host_work, detections, group)
         if pending is not None:
             pending.result()
     seconds = time.perf_counter() - start
@@ -303,6 +317,59 @@ def _raise_score_threshold(model, threshold):
         return
     below = np.nextafter(np.float32(threshold), np.float32(-np.inf))
     heads.score_threshold = max(float(below), float(current))
+
+
+def _eval_strategy(devices):
+    """The MirroredStrategy `evaluate(devices=...)` runs the model under, or
+    None for the default device (`devices` None and at most one GPU)."""
+    if devices is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) < 2:
+            return None
+        devices = [d.name for d in gpus]
+    return _mirrored_strategy(tuple(devices))
+
+
+@functools.lru_cache(maxsize=None)
+def _mirrored_strategy(devices):
+    # One per device set in a process: training's evaluations reuse it.
+    return tf.distribute.MirroredStrategy(devices=list(devices))
+
+
+def _groups(batches, size):
+    """Lists of `size` consecutive batches, one per device; the last list
+    padded with copies of its last batch whose image slots are all padding
+    (`image_id` -1), which the evaluator skips."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        padding = dict(group[-1], image_id=tf.fill(tf.shape(group[-1]["image_id"]),
+                                                   tf.constant(-1, group[-1]["image_id"].dtype)))
+        yield group + [padding] * (size - len(group))
+
+
+def _replicated(infer, strategy):
+    """list of batches -> list of their detections, each batch on a device."""
+    if strategy is None:
+        return lambda group: [infer(group[0])]
+
+    @tf.function
+    def run(batches):
+        # A Python function around the traced one: given a tf.function
+        # itself, MirroredStrategy ran its XLA program on the first device
+        # with the second one's variables (an error).
+        return strategy.run(lambda batch: infer(batch), args=(batches,))
+
+    def on_devices(group):
+        batches = strategy.experimental_distribute_values_from_function(
+            lambda context: group[context.replica_id_in_sync_group])
+        return list(strategy.experimental_local_results(run(batches)))
+
+    return on_devices
 
 
 def _inference_fn(model, tta, base_min_size, xla=False):

@@ -2,6 +2,7 @@
 overlaps the model's inference on the next batch, in batch order; an error
 of the host work reaches the caller."""
 
+import json
 import threading
 import types
 from unittest import mock
@@ -96,3 +97,64 @@ def test_many_categories_go_to_the_metrics_file_only(tmp_path, capsys, monkeypat
 def test_an_error_of_the_host_work_reaches_the_caller(tmp_path):
     with pytest.raises(ValueError, match="bad detections in batch 1"):
         _evaluate(tmp_path, fail_at=1)
+
+
+def _images(n):
+    """`fixtures.base_dataset` grown to n images (ids 11, 12, ...), varied colours."""
+    from tests.data import fixtures
+    dataset = fixtures.base_dataset()
+    for k in range(3, n):
+        image = dict(dataset["images"][k % 3], id=11 + k, file_name=f"{11 + k:06d}.jpg")
+        dataset["images"].append(image)
+        dataset["annotations"].append(dict(dataset["annotations"][k % 4], id=200 + k,
+                                           image_id=11 + k))
+    return dataset
+
+
+# The replicas' code is the same with and without XLA; with XLA it broke once
+# (each replica's XLA program must see its own device's variables), so CI
+# runs that case and `make test-slow` the other (20 s).
+@pytest.mark.parametrize("xla", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_devices_spread_batches_and_give_one_devices_results(tmp_path, xla):
+    # Two logical CPUs (tests/conftest.py) as two replicas: 5 images in
+    # batches of 2 make 3 batches, so the second step pads its second device.
+    from mrcnn.data.pipeline import CocoInput
+    from mrcnn.modeling.mask_rcnn import build_mask_rcnn
+    from tests.data import fixtures
+    fixtures.write_dataset(str(tmp_path / "data"), _images(5), split="val2017")
+    data = CocoInput(str(tmp_path / "data"), split="val2017", training=False,
+                     batch_size=2, min_size=32, max_size=64, canvas_size=(64, 64))
+
+    def model_fn():
+        model = build_mask_rcnn(num_classes=2, depth=18, fpn_channels=16, fc_dim=32,
+                                mask_channels=8, num_samples=16, pre_nms_topk_test=50,
+                                post_nms_topk_test=20, max_detections=10)
+        model.roi_heads.score_threshold = 0.0   # random weights: keep every detection
+        return model
+
+    tf.keras.utils.set_random_seed(0)
+    model = model_fn()
+    model(runner._zero_inference_batch((64, 64)), training=False)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=tf.Variable(
+        5, dtype=tf.int64)), str(tmp_path / "run"), 1).save()
+
+    reports, results = [], []
+    for devices in (None, ["/cpu:0", "/cpu:1"]):
+        with mock.patch.object(runner, "_replicated", wraps=runner._replicated) as spread:
+            reports.append(runner.evaluate(str(tmp_path / "run"), model_fn=model_fn,
+                                           dataset_fn=data, devices=devices,
+                                           num_pictures=5, xla=xla))
+        strategy = spread.call_args.args[1]
+        assert (strategy is None) == (devices is None)
+        results.append(json.loads((tmp_path / "run" / "eval" / "results-5.json").read_text()))
+    assert strategy.num_replicas_in_sync == 2
+    assert reports[0]["num_images"] == reports[1]["num_images"] == 5
+    assert len(results[0]) == 5 * 10
+    assert sorted({r["image_id"] for r in results[1]}) == list(range(11, 16))
+    # The same detections, image by image (in the order of the batches).
+    for ours, theirs in zip(results[1], results[0]):
+        assert ours["segmentation"] == theirs["segmentation"]
+        np.testing.assert_allclose(ours["bbox"], theirs["bbox"], rtol=1e-5, atol=1e-3)
+        assert ours["category_id"] == theirs["category_id"]
+    for name in ("bbox", "segm"):
+        assert reports[0][name] == pytest.approx(reports[1][name], abs=1e-6)
