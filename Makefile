@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # Tests marked @pytest.mark.slow (the multi-worker XLA case, ~4 min here; the
 # multi-worker SyncBN case, ~1 min; the cascade overfit; the LVIS recipe and
-# bin/eval --tta program tests; evaluation on two CPUs without XLA; exit 5 =
+# bin/eval --tta program tests; the whole model evaluated on two CPUs; exit 5 =
 # none collected).
 test-slow: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]

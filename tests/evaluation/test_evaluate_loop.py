@@ -7,6 +7,7 @@ import threading
 import types
 from unittest import mock
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -111,10 +112,70 @@ def _images(n):
     return dataset
 
 
-# The replicas' code is the same with and without XLA; with XLA it broke once
-# (each replica's XLA program must see its own device's variables), so CI
-# runs that case and `make test-slow` the other (20 s).
-@pytest.mark.parametrize("xla", [pytest.param(False, marks=pytest.mark.slow), True])
+class ToyDetector(keras.Model):
+    """Detections from a convolution of the images: per-device variables."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(3, 3, kernel_initializer=keras.initializers.Constant(0.1))
+
+    def call(self, batch, training=False):
+        del training
+        images = tf.cast(batch["images"], tf.float32)
+        score = tf.reduce_mean(self.conv(images), [1, 2])  # [B, 3]
+        return {"num_detections": tf.cast(batch["image_id"], tf.int32) % 3,
+                "detection_scores": score}
+
+
+class _Recorder(_Evaluator):
+    def __init__(self):
+        self.updates = []
+
+    def update(self, detections, batch):
+        self.updates.append((batch["image_id"].tolist(), detections))
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_devices_run_a_batch_each_in_order(tmp_path, xla):
+    # 7 batches on two logical CPUs (tests/conftest.py): 4 steps, the last
+    # padded with a batch of padding slots only.
+    class Dataset(_Dataset):
+        def __call__(self):
+            for k in range(7):
+                yield {"image_id": tf.constant([2 * k, -1 if k == 6 else 2 * k + 1]),
+                       "images": tf.fill([2, 8, 8, 3], float(k))}
+
+    records = {}
+    for devices in (None, ["/cpu:0", "/cpu:1"]):
+        recorder = _Recorder()
+        coco = types.SimpleNamespace(format_metrics=str, format_per_category=str)
+        lvis = types.SimpleNamespace(build_evaluator=lambda *a, **k: recorder)
+
+        def restore(*args, **kwargs):
+            model = ToyDetector()
+            model({"images": tf.zeros([1, 8, 8, 3]), "image_id": tf.zeros([1], tf.int64)})
+            return model, 3, "ckpt-3"
+
+        with mock.patch.object(runner, "restore_model", restore), \
+                mock.patch.object(runner.trainer, "check_num_classes"), \
+                mock.patch.object(runner, "coco_eval", coco), \
+                mock.patch.object(runner, "lvis_eval", lvis):
+            report = runner.evaluate(str(tmp_path), model_fn=None, dataset_fn=Dataset(),
+                                     num_pictures=0, devices=devices, xla=xla)
+        assert report["num_images"] == 13
+        records[devices is None] = recorder.updates
+    one, two = records[True], records[False]
+    assert [ids for ids, _ in one] == [[2 * k, 2 * k + 1] for k in range(6)] + [[12, -1]]
+    assert [ids for ids, _ in two] == [ids for ids, _ in one] + [[-1, -1]]
+    for (_, ours), (_, theirs) in zip(two, one):
+        np.testing.assert_array_equal(ours["num_detections"], theirs["num_detections"])
+        np.testing.assert_allclose(ours["detection_scores"], theirs["detection_scores"],
+                                   rtol=1e-6)
+
+
+# The whole model on two devices (both evaluations ~20-35 s each here).
+@pytest.mark.slow
+@pytest.mark.parametrize("xla", [False, True])
 def test_devices_spread_batches_and_give_one_devices_results(tmp_path, xla):
     # Two logical CPUs (tests/conftest.py) as two replicas: 5 images in
     # batches of 2 make 3 batches, so the second step pads its second device.
