@@ -443,12 +443,31 @@ class CocoEvaluator:
         self._results.extend(dict(r) for r in results)
 
     def update(self, detections, batch):
-        """Adds one batch of model output.
+        """Adds one batch of model output (`add(convert(detections, batch))`).
 
         Args:
           detections: the model's inference output dict (module docstring).
           batch: dict holding at least `image_id` int64 [B] (-1 = padded
             slot) and `image_info` float32 [B, 5].
+
+        Raises:
+          ValueError: an image id is not in the annotation file.
+        """
+        self.add(self.convert(detections, batch))
+
+    def convert(self, detections, batch):
+        """One batch of model output as results entries, adding nothing.
+
+        The host's share of evaluation (masks pasted and encoded): it only
+        reads the evaluator, so threads may convert batches at once and
+        `add` them in order.
+
+        Args:
+          detections, batch: as `update`'s (numpy arrays or tensors); any
+            subset of a batch's images (the same slots of both).
+
+        Returns:
+          (results entries list, set of the batch's image ids), for `add`.
 
         Raises:
           ValueError: an image id is not in the annotation file.
@@ -459,11 +478,16 @@ class CocoEvaluator:
         if unknown:
             raise ValueError(
                 f"image ids {unknown[:10]} are not in the annotation file")
-        self._image_ids |= seen
-        self._results.extend(detections_to_coco(
+        return detections_to_coco(
             detections, image_ids, batch["image_info"],
             self._class_to_category, mask_threshold=self._mask_threshold,
-            include_masks=self._include_masks))
+            include_masks=self._include_masks), seen
+
+    def add(self, converted):
+        """Adds the output of `convert` (not thread-safe: one thread adds)."""
+        results, image_ids = converted
+        self._image_ids |= image_ids
+        self._results.extend(results)
 
     def evaluate(self, iou_types=IOU_TYPES):
         """COCO AP and AR of the seen images for each IoU type (`engine`).

@@ -1,6 +1,7 @@
-"""runner.evaluate's loop: a batch's host work (the evaluator's update)
-overlaps the model's inference on the next batch, in batch order; an error
-of the host work reaches the caller."""
+"""runner.evaluate's loop: a batch's host work (the evaluator's convert, in
+threads, then its add, in batch order) overlaps the model's inference on the
+next batch; an error of the host work reaches the caller; several devices
+run a batch each."""
 
 import json
 import threading
@@ -25,25 +26,29 @@ class _Dataset:
 
     def __call__(self):
         for k in range(NUM_BATCHES):
-            yield {"image_id": tf.constant([k, -1]), "images": tf.zeros([2, 8, 8, 3])}
+            yield {"image_id": tf.constant([k, -1]), "images": tf.zeros([2, 8, 8, 3]),
+                   "image_info": tf.zeros([2, 5])}
 
 
 class _Evaluator:
-    """Records updates; update k waits (up to 10 s) for the model's call on k + 1."""
+    """Records conversions and additions; converting batch k waits (up to
+    10 s) for the model's call on k + 1."""
 
     kind = "coco"
 
     def __init__(self, inferred, fail_at=None):
         self.inferred, self.fail_at, self.updates, self.overlapped = inferred, fail_at, [], []
 
-    def update(self, detections, batch):
+    def convert(self, detections, batch):
         k = int(batch["image_id"][0])
         if k == self.fail_at:
             raise ValueError(f"bad detections in batch {k}")
-        if k + 1 < NUM_BATCHES:
+        if k + 1 < NUM_BATCHES and self.fail_at is None:
             self.overlapped.append(self.inferred[k + 1].wait(10.0))
-        self.updates.append((k, int(detections["num_detections"][0]),
-                             threading.current_thread().name))
+        return k, int(detections["num_detections"][0]), threading.current_thread().name
+
+    def add(self, converted):
+        self.updates.append(converted)
 
     def evaluate(self, iou_types):
         return {"bbox": {"AP": 0.5}}
@@ -54,9 +59,9 @@ class _Evaluator:
         pass
 
 
-def _evaluate(tmp_path, fail_at=None):
+def _evaluate(tmp_path, fail_at=None, evaluator=None, host_threads=1):
     inferred = [threading.Event() for _ in range(NUM_BATCHES)]
-    evaluator = _Evaluator(inferred, fail_at)
+    evaluator = evaluator or _Evaluator(inferred, fail_at)
 
     def infer(batch):
         k = int(batch["image_id"][0])
@@ -71,7 +76,7 @@ def _evaluate(tmp_path, fail_at=None):
             mock.patch.object(runner, "coco_eval", coco), \
             mock.patch.object(runner, "lvis_eval", lvis):
         report = runner.evaluate(str(tmp_path), model_fn=None, dataset_fn=_Dataset(),
-                                 num_pictures=0)
+                                 num_pictures=0, host_threads=host_threads)
     return evaluator, report
 
 
@@ -98,6 +103,22 @@ def test_many_categories_go_to_the_metrics_file_only(tmp_path, capsys, monkeypat
 def test_an_error_of_the_host_work_reaches_the_caller(tmp_path):
     with pytest.raises(ValueError, match="bad detections in batch 1"):
         _evaluate(tmp_path, fail_at=1)
+
+
+def test_threads_convert_slices_of_a_batch_at_once(tmp_path):
+    # Each batch's two image slots go to two threads, which must meet.
+    class Meeting(_Evaluator):
+        def __init__(self):
+            self.updates, self.barrier = [], threading.Barrier(2, timeout=10.0)
+
+        def convert(self, detections, batch):
+            self.barrier.wait()   # BrokenBarrierError if the slots came one by one
+            return batch["image_id"].tolist(), detections["num_detections"].tolist()
+
+    evaluator, report = _evaluate(tmp_path, evaluator=Meeting(), host_threads=2)
+    assert evaluator.updates == [(ids, n) for k in range(NUM_BATCHES)
+                                 for ids, n in (([k], [10 + k]), ([-1], [0]))]
+    assert report["num_images"] == NUM_BATCHES
 
 
 def _images(n):
@@ -131,8 +152,8 @@ class _Recorder(_Evaluator):
     def __init__(self):
         self.updates = []
 
-    def update(self, detections, batch):
-        self.updates.append((batch["image_id"].tolist(), detections))
+    def convert(self, detections, batch):
+        return batch["image_id"].tolist(), detections
 
 
 @pytest.mark.parametrize("xla", [False, True])
@@ -143,7 +164,8 @@ def test_devices_run_a_batch_each_in_order(tmp_path, xla):
         def __call__(self):
             for k in range(7):
                 yield {"image_id": tf.constant([2 * k, -1 if k == 6 else 2 * k + 1]),
-                       "images": tf.fill([2, 8, 8, 3], float(k))}
+                       "images": tf.fill([2, 8, 8, 3], float(k)),
+                       "image_info": tf.zeros([2, 5])}
 
     records = {}
     for devices in (None, ["/cpu:0", "/cpu:1"]):
@@ -161,7 +183,8 @@ def test_devices_run_a_batch_each_in_order(tmp_path, xla):
                 mock.patch.object(runner, "coco_eval", coco), \
                 mock.patch.object(runner, "lvis_eval", lvis):
             report = runner.evaluate(str(tmp_path), model_fn=None, dataset_fn=Dataset(),
-                                     num_pictures=0, devices=devices, xla=xla)
+                                     num_pictures=0, devices=devices, xla=xla,
+                                     host_threads=1)
         assert report["num_images"] == 13
         records[devices is None] = recorder.updates
     one, two = records[True], records[False]
