@@ -1,4 +1,5 @@
-"""Benchmark case: scoring COCO results, ours against pycocotools' COCOeval.
+"""Benchmark cases of COCO evaluation's host work: scoring (`coco_eval`) and
+converting model output to results (`eval_host`, `bench_eval_host`).
 
 `coco_eval` scores `cfg.num_images` COCO-like images of 480 x 640: 1 to 14
 gt boxes each (COCO averages 7.3), 1% crowds, over `cfg.num_classes`
@@ -9,14 +10,17 @@ the results list to the summary (pycocotools' loadRes, evaluate,
 accumulate, summarize).
 """
 
+from concurrent import futures
 import contextlib
 import io
+import os
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mrcnn.benchmarks.common import Entry
+from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import cocoeval
 
 _HEIGHT, _WIDTH = 480, 640
@@ -83,4 +87,59 @@ def bench_coco_eval(cfg):
         Entry("mrcnn.evaluation.cocoeval.coco_evaluate", ours, None, note),
         Entry("pycocotools COCOeval", pycocotools, None, "loadRes, evaluate, "
               "accumulate, summarize"),
+    ]
+
+
+def _coco_like_detections(rng, batch, height=_HEIGHT, width=_WIDTH):
+    """(detections, image_ids, image_info) of a batch as the model returns
+    them: 100 detections per image, box sides log-uniform in 8..400 pixels,
+    28 x 28 masks shaped as blurred discs (real masks' run counts)."""
+    shape = (batch, _DETECTIONS)
+    y1, x1 = rng.uniform(0, height - 20, shape), rng.uniform(0, width - 20, shape)
+    h = np.exp(rng.uniform(np.log(8), np.log(400), shape))
+    w = h * np.exp(rng.uniform(-0.7, 0.7, shape))
+    boxes = np.stack([y1, x1, np.minimum(y1 + h, height), np.minimum(x1 + w, width)], -1)
+    cells = (np.arange(28) + 0.5) / 28 - 0.5
+    cy, cx = rng.uniform(-0.15, 0.15, (2,) + shape + (1, 1))
+    radius = np.sqrt((cells[:, None] - cy) ** 2 + (cells[None, :] - cx) ** 2)
+    masks = 1 / (1 + np.exp((radius - 0.35) * 20 + rng.normal(0, 0.5, radius.shape)))
+    detections = {"detection_boxes": boxes.astype(np.float32),
+                  "detection_scores": rng.uniform(size=shape).astype(np.float32),
+                  "detection_classes": rng.integers(1, 81, shape).astype(np.int32),
+                  "num_detections": np.full((batch,), _DETECTIONS, np.int32),
+                  "detection_masks": masks.astype(np.float32)}
+    info = np.tile(np.float32([[height, width, height, width, 1.0]]), (batch, 1))
+    return detections, np.arange(1, batch + 1), info
+
+
+def bench_eval_host(cfg):
+    """`eval_host`: a batch of `cfg.batch` COCO-like images' detections to
+    COCO results (boxes, masks pasted and RLE-encoded), as `bin/eval`'s host
+    threads do it (each a slice of the batch's images), against one thread."""
+    detections, image_ids, info = _coco_like_detections(np.random.default_rng(cfg.seed),
+                                                        cfg.batch)
+    classes = {c: c for c in range(1, 81)}
+    threads = min(8, os.cpu_count() or 1, cfg.batch)
+    pool = futures.ThreadPoolExecutor(threads)
+    bounds = np.linspace(0, cfg.batch, threads + 1).astype(int)
+
+    def convert(images):
+        return coco_eval.detections_to_coco(
+            {k: v[images] for k, v in detections.items()}, image_ids[images],
+            info[images], classes)
+
+    def threaded():
+        parts = [pool.submit(convert, slice(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [r for part in parts for r in part.result()]
+
+    def one_thread():
+        return convert(slice(None))
+
+    if threaded() != one_thread():
+        raise AssertionError("eval_host: threads changed the results")
+    note = (f"{cfg.batch} images of {_HEIGHT}x{_WIDTH} x {_DETECTIONS} detections with "
+            f"28x28 masks")
+    return [
+        Entry(f"detections_to_coco, {threads} threads", threaded, None, note),
+        Entry("detections_to_coco, 1 thread", one_thread, None, ""),
     ]

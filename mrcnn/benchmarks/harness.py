@@ -28,6 +28,7 @@ OP_CASES = {
     "paste_masks": ("ops_masks", "bench_paste_masks"),
     "coco_rle": ("ops_masks", "bench_coco_rle"),
     "coco_eval": ("eval_coco", "bench_coco_eval"),
+    "eval_host": ("eval_coco", "bench_eval_host"),
 }
 
 

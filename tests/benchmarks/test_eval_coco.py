@@ -1,4 +1,4 @@
-"""bin/bench --op=coco_eval: its two entries score the same COCO-like data."""
+"""bin/bench --op=coco_eval and --op=eval_host: their entries compute the same."""
 
 import dataclasses
 
@@ -14,3 +14,12 @@ def test_entries_agree_and_run():
     assert list(got) == list(cocoeval.STAT_NAMES) == list(want)
     assert 0.0 < got["AP"] < 1.0
     assert "6 images x 100 detections" in ours.note
+
+
+def test_eval_host_entries_give_the_same_results():
+    cfg = dataclasses.replace(BenchConfig(), batch=3)
+    threaded, one_thread = harness.build_entries("eval_host", cfg)   # checks equality
+    results = threaded.fn()
+    assert len(results) == 3 * 100 and results == one_thread.fn()
+    assert {r["image_id"] for r in results} == {1, 2, 3}
+    assert all("segmentation" in r for r in results)
