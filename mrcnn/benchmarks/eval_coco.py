@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mrcnn.benchmarks.common import Entry
 from mrcnn.evaluation import coco as coco_eval
-from mrcnn.evaluation import cocoeval
+from mrcnn.evaluation import cocoeval, runner
 
 _HEIGHT, _WIDTH = 480, 640
 _DETECTIONS = 100
@@ -121,7 +121,6 @@ def bench_eval_host(cfg):
     classes = {c: c for c in range(1, 81)}
     threads = min(8, os.cpu_count() or 1, cfg.batch)
     pool = futures.ThreadPoolExecutor(threads)
-    bounds = np.linspace(0, cfg.batch, threads + 1).astype(int)
 
     def convert(images):
         return coco_eval.detections_to_coco(
@@ -129,7 +128,8 @@ def bench_eval_host(cfg):
             info[images], classes)
 
     def threaded():
-        parts = [pool.submit(convert, slice(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        parts = [pool.submit(convert, images)
+                 for images in runner.image_slices(cfg.batch, threads)]
         return [r for part in parts for r in part.result()]
 
     def one_thread():

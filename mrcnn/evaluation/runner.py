@@ -225,10 +225,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             detections = infer(group)
             parts = []
             for output, batch in zip(detections, group):
-                size = int(batch["image_id"].shape[0])
-                bounds = np.linspace(0, size, min(size, threads) + 1).astype(int)
-                parts += [pool.submit(convert, output, batch, slice(lo, hi))
-                          for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+                parts += [pool.submit(convert, output, batch, images) for images in
+                          image_slices(int(batch["image_id"].shape[0]), threads)]
             if pending is not None:
                 pending.result()   # re-raises the host work's error, if any
             pending = host.submit(add, parts, detections, group)
@@ -337,6 +335,13 @@ def _raise_score_threshold(model, threshold):
         return
     below = np.nextafter(np.float32(threshold), np.float32(-np.inf))
     heads.score_threshold = max(float(below), float(current))
+
+
+def image_slices(size, threads):
+    """At most `threads` contiguous, non-empty slices covering `size` images,
+    of sizes differing by at most one: a batch's share per host thread."""
+    bounds = np.linspace(0, size, min(size, threads) + 1).astype(int)
+    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def _eval_strategy(devices):
