@@ -1,12 +1,32 @@
-"""Test-wide setup: quiet TensorFlow logs; two logical CPUs for strategy tests.
+"""Test-wide setup: quiet TensorFlow logs; an XLA compilation cache shared by
+the run's processes; two logical CPUs for strategy tests.
 
 Logical devices can only be configured before TensorFlow initialises its
 runtime, so it happens here, at collection, once per test process.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Many tests compile the same small XLA programs (the model's RoI islands at
+# the tiny shapes, in every program test's subprocess). TensorFlow's
+# persistent cache lets each be compiled once per test run: the first process
+# (this one, or the pytest-xdist controller, which starts the workers) makes
+# an empty directory, its workers and their subprocesses inherit it through
+# the environment, and the owner deletes it at exit, so no run ever reads
+# another run's programs. An entry is used only when its HLO matches.
+_XLA_CACHE_VAR = "MRCNN_TESTS_XLA_CACHE"
+if _XLA_CACHE_VAR not in os.environ:
+    os.environ[_XLA_CACHE_VAR] = tempfile.mkdtemp(prefix="mrcnn-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ[_XLA_CACHE_VAR], ignore_errors=True)
+if "tf_xla_persistent_cache_directory" not in os.environ.get("TF_XLA_FLAGS", ""):
+    os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("TF_XLA_FLAGS"),
+        f"--tf_xla_persistent_cache_directory={os.environ[_XLA_CACHE_VAR]}"]))
 
 import tensorflow as tf  # noqa: E402
 
