@@ -1,5 +1,7 @@
-"""What every program in bin/ shares: gin flags, parsing, and clean failures."""
+"""What every program in bin/ shares: gin flags, parsing, clean failures, and
+the XLA compilation cache."""
 
+import os
 import sys
 
 import gin
@@ -9,6 +11,35 @@ _GIN_FILE = flags.DEFINE_multi_string(
     "gin_file", [], "Gin config file (repeatable; later files override earlier).")
 _GIN_BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "Gin binding, e.g. \"train.total_steps=100\" (repeatable).")
+_XLA_CACHE_DIR = flags.DEFINE_string(
+    "xla_cache_dir", None,
+    "Keep the programs XLA compiles (the training step, evaluation's inference) in "
+    "this directory and load them from it when the same program is compiled again, "
+    "e.g. on resuming. Use one directory per machine type and TensorFlow version.")
+
+
+def use_xla_cache(directory=None):
+    """Points TensorFlow's persistent XLA compilation cache at `directory`
+    (default: `--xla_cache_dir`; nothing when neither is set).
+
+    TensorFlow keys each entry on the compiled program's HLO and signature
+    and loads it only when that HLO matches exactly, so a changed model or
+    shape compiles anew; the executable itself is specific to the machine
+    that compiled it. Set through `TF_XLA_FLAGS` (replacing a cache directory
+    named there), which TensorFlow reads at its first XLA compilation in the
+    process, and inherited by child processes. Returns the directory, or None.
+    """
+    if directory is None and flags.FLAGS.is_parsed():
+        directory = _XLA_CACHE_DIR.value
+    if not directory:
+        return None
+    directory = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(directory, exist_ok=True)
+    kept = [option for option in os.environ.get("TF_XLA_FLAGS", "").split()
+            if not option.startswith("--tf_xla_persistent_cache_directory=")]
+    os.environ["TF_XLA_FLAGS"] = " ".join(
+        kept + [f"--tf_xla_persistent_cache_directory={directory}"])
+    return directory
 
 
 def _register_configurables():
@@ -30,7 +61,6 @@ def parse_gin_files(files, bindings, finalize=True):
     `include 'gin/r50_fpn_1x.gin'` resolves from the working directory or
     from the repository root, which is on gin's search path.
     """
-    import os
     _register_configurables()
     root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     if root not in gin.config._LOCATION_PREFIXES:
@@ -57,6 +87,7 @@ def run(main_fn, config_dir=None):
     count mismatch, a loss that became NaN) ends the program with one clear
     message; `--verbosity=1` logs the traceback too.
     """
+    use_xla_cache()
     import tensorflow as tf
     try:
         parse_gin()

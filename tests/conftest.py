@@ -1,5 +1,5 @@
-"""Test-wide setup: quiet TensorFlow logs; oneDNN kernels; an XLA compilation cache shared by
-the run's processes; two logical CPUs for strategy tests.
+"""Test-wide setup: quiet TensorFlow logs; oneDNN kernels; an XLA compilation
+cache shared by the run's processes; two logical CPUs for strategy tests.
 
 Logical devices can only be configured before TensorFlow initialises its
 runtime, so it happens here, at collection, once per test process.
@@ -27,10 +27,10 @@ _XLA_CACHE_VAR = "MRCNN_TESTS_XLA_CACHE"
 if _XLA_CACHE_VAR not in os.environ:
     os.environ[_XLA_CACHE_VAR] = tempfile.mkdtemp(prefix="mrcnn-tests-xla-")
     atexit.register(shutil.rmtree, os.environ[_XLA_CACHE_VAR], ignore_errors=True)
-if "tf_xla_persistent_cache_directory" not in os.environ.get("TF_XLA_FLAGS", ""):
-    os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [
-        os.environ.get("TF_XLA_FLAGS"),
-        f"--tf_xla_persistent_cache_directory={os.environ[_XLA_CACHE_VAR]}"]))
+
+from mrcnn import programs  # noqa: E402  (no TensorFlow import)
+
+programs.use_xla_cache(os.environ[_XLA_CACHE_VAR])
 
 import tensorflow as tf  # noqa: E402
 

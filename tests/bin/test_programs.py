@@ -108,10 +108,11 @@ def test_kill_minus_nine_then_rerun_resumes(run, tmp_path):
 
 
 def test_precision_and_init_switches(run, tmp_path):
-    # Two switches in one run; XLA through the same gin (train.xla) is left to
-    # the trainer's tests, which train with it in every precision: its CPU
-    # compile would double this run.
-    proc = _run("train", f"--model_dir={tmp_path / 'switches'}",
+    # Two switches (and --xla_cache_dir) in one run; XLA through the same gin
+    # (train.xla) is left to the trainer's tests, which train with it in every
+    # precision: its CPU compile would double this run.
+    xla_cache = tmp_path / "xla_cache"
+    proc = _run("train", f"--model_dir={tmp_path / 'switches'}", f"--xla_cache_dir={xla_cache}",
                 bindings=run["bindings"] + [
                     "train.total_steps = 1", "train.precision = 'bfloat16'",
                     "train.init_fn = @init_from_checkpoint",
@@ -121,6 +122,20 @@ def test_precision_and_init_switches(run, tmp_path):
         in proc.stderr, proc.stderr[-2000:]
     assert "Kept" not in proc.stderr   # one config: every variable loaded
     assert "step 1/1" in proc.stderr
+    # The step's RoI islands were compiled by XLA and kept there.
+    assert list(xla_cache.glob("xla_compile_cache_*")), proc.stderr[-2000:]
+
+
+def test_use_xla_cache_names_one_directory(tmp_path, monkeypatch):
+    from mrcnn import programs
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=0 "
+                       "--tf_xla_persistent_cache_directory=/elsewhere")
+    assert programs.use_xla_cache(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    assert os.environ["TF_XLA_FLAGS"] == (
+        f"--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory={tmp_path / 'a' / 'b'}")
+    assert programs.use_xla_cache("") is None   # none asked: the environment stays
+    assert os.environ["TF_XLA_FLAGS"].endswith(str(tmp_path / "a" / "b"))
 
 
 def test_eval_writes_coco_results_and_tables(run):
