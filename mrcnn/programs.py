@@ -26,8 +26,9 @@ def use_xla_cache(directory=None):
     and loads it only when that HLO matches exactly, so a changed model or
     shape compiles anew; the executable itself is specific to the machine
     that compiled it. Set through `TF_XLA_FLAGS` (replacing a cache directory
-    named there), which TensorFlow reads at its first XLA compilation in the
-    process, and inherited by child processes. Returns the directory, or None.
+    named there), which TensorFlow reads once, when its runtime starts (the
+    process's first TF op; importing it is not yet too late), and which
+    child processes inherit. Returns the directory, or None.
     """
     if directory is None and flags.FLAGS.is_parsed():
         directory = _XLA_CACHE_DIR.value
