@@ -13,13 +13,13 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow leaves its oneDNN CPU kernels off on CPUs without AVX-512 (this
 # project's AMD EPYC) unless asked; `make demo` asks too. The overfit test's
-# step: 0.19 s without, 0.14 s with them. Their OpenMP threads spin-wait
-# after each op by default, which took the CPU from NumPy work between TF
-# calls (a pipeline test: 11 s without oneDNN, 45 s with spinning, 11 s
-# passive) and from the other pytest worker; passive, the step was 0.13 s.
-# Inherited by the tests' subprocesses.
+# step: 0.19 s without, 0.14 s with them; the suite: 958 s -> 911 s.
+# Inherited by the tests' subprocesses. Their OpenMP threads spin-wait after
+# each op, which slows NumPy work between TF calls (a pipeline test: 11 s
+# without oneDNN, 45 s alone with it); OMP_WAIT_POLICY=PASSIVE fixed that
+# test, but two contending processes stepped 6% slower and the suite took
+# 1034 s, so the threads spin.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Many tests compile the same small XLA programs (the model's RoI islands at
 # the tiny shapes, in every program test's subprocess). TensorFlow's
