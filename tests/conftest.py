@@ -13,7 +13,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow leaves its oneDNN CPU kernels off on CPUs without AVX-512 (this
 # project's AMD EPYC) unless asked; `make demo` asks too. The overfit test's
-# step: 0.19 s without, 0.14 s with them; the suite: 958 s -> 911 s.
+# step: 0.19 s without, 0.14 s with them; the suite: 958 s, then 911-971 s.
 # Inherited by the tests' subprocesses. Their OpenMP threads spin-wait after
 # each op, which slows NumPy work between TF calls (a pipeline test: 11 s
 # without oneDNN, 45 s alone with it); OMP_WAIT_POLICY=PASSIVE fixed that
