@@ -1,4 +1,4 @@
-"""`gin.configurable` for Keras layers.
+"""`gin.configurable` for Keras layers; layers built by their parts.
 
 gin wraps `__init__` in a `(*args, **kwargs)` function; Keras 3 reads
 `inspect.getfullargspec(cls.__init__)` when a layer is created and fails on
@@ -39,3 +39,25 @@ def checkpointed(owner, layers):
     for layer in layers:
         setattr(owner, layer.name, layer)
     return layers
+
+
+class BuiltByParts:
+    """Mixin for a Keras layer whose weights all belong to sub-layers made in
+    `__init__` (put it before `keras.layers.Layer` in the bases).
+
+    Keras 3 builds a layer that has no `build` and holds unbuilt sub-layers by
+    first tracing its `call` on symbolic inputs, in a scratch graph, and then
+    running it; nested such layers each trace again inside their parent's
+    trace. Marked built, the layer runs once and each sub-layer builds on its
+    own first call, in the same order, with the same initial values (the
+    overfit test's small model: first call 2.1-2.3 s before, 1.7-2.0 s).
+
+    Not for a layer that freezes sub-layers before they are built (ResNet's
+    `freeze_at`): Keras marks a frozen layer's new variable non-trainable
+    only after creating it, so a variable created eagerly stays a trainable
+    `tf.Variable` that every GradientTape watches, while one created in the
+    symbolic pass is made after the mark.
+    """
+
+    def build(self, input_shape):
+        self.built = True

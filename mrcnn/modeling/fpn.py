@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from mrcnn.modeling import norms as norm_lib
-from mrcnn.modeling._config import checkpointed, configurable_layer
+from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_layer
 
 
 def _xavier_fill():
@@ -19,7 +19,7 @@ def _xavier_fill():
 
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
-class FPN(keras.layers.Layer):
+class FPN(BuiltByParts, keras.layers.Layer):
     """Lateral 1x1 convs, top-down nearest 2x upsampling, 3x3 output convs.
 
     `P_l = conv3x3(lateral_l(C_l) + upsample2x(top-down_{l+1}))` for

@@ -93,7 +93,7 @@ import tensorflow as tf
 from absl import logging
 
 from mrcnn.modeling import norms as norm_lib
-from mrcnn.modeling._config import checkpointed, configurable_layer
+from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_layer
 
 # ImageNet statistics of RGB pixels in [0, 255], the ones torchvision-trained
 # ResNet-50 weights expect: MaskRCNN's default input normalisation.
@@ -211,7 +211,7 @@ def _conv_norm(conv, norm, x, training):
     return norm(conv(x), training=training)
 
 
-class _Block(keras.layers.Layer):
+class _Block(BuiltByParts, keras.layers.Layer):
     """One residual block: bottleneck (3 convs) or basic (2 convs)."""
 
     def __init__(self, *, in_channels, out_channels, bottleneck_channels,

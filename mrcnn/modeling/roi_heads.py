@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling import norms as norm_lib
-from mrcnn.modeling._config import checkpointed, configurable_layer
+from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_layer
 from mrcnn.modeling._xla import compiled, in_xla_context
 
 from mrcnn.ops import boxes as box_ops
@@ -289,7 +289,7 @@ class MaskHead(keras.layers.Layer):
 
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
-class RoiHeads(keras.layers.Layer):
+class RoiHeads(BuiltByParts, keras.layers.Layer):
     """The second stage around a built `BoxHead` and `MaskHead`.
 
     Owns roi sampling (`ops.targets.sample_proposals`), multilevel RoIAlign,

@@ -8,7 +8,7 @@ location (3), `P` proposals per image, `F` FPN channels.
 import keras
 import tensorflow as tf
 
-from mrcnn.modeling._config import checkpointed, configurable_layer
+from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_layer
 from mrcnn.modeling._xla import compiled
 
 from mrcnn.ops import anchors as anchor_ops
@@ -19,7 +19,7 @@ from mrcnn.ops import targets as target_ops
 
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
-class RpnHead(keras.layers.Layer):
+class RpnHead(BuiltByParts, keras.layers.Layer):
     """Shared 3x3 conv(s) + relu, then 1x1 objectness (A) and deltas (4A), on every level.
 
     Also owns what the RPN needs around its convs: the anchors, proposal
