@@ -3,11 +3,13 @@
 import os
 import re
 import warnings
+from unittest import mock
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
+from keras.src import backend as keras_backend
 
 from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
 from mrcnn.modeling.fpn import FPN
@@ -259,8 +261,20 @@ class MaskRCNNTest(tf.test.TestCase):
         model = build_mask_rcnn(num_classes=80)
         batch = {k: v[:1] for k, v in self.batch.items()}
         batch['images'] = tf.zeros([1, 64, 64, 3], tf.uint8)
-        model(batch, training=False)
+        traced = []
+        real = keras_backend.compute_output_spec
+
+        def spy(fn, *args, **kwargs):
+            traced.append(type(getattr(fn, '__self__', None)).__name__)
+            return real(fn, *args, **kwargs)
+
+        with mock.patch.object(keras_backend, 'compute_output_spec', spy):
+            model(batch, training=False)
         self.assertBetween(model.count_params(), 44.0e6, 44.5e6)
+        # Keras traces a layer without `build` symbolically before its first
+        # call: only the backbone (its frozen variables need it); its blocks,
+        # the FPN and the heads build as they run (_config.BuiltByParts).
+        self.assertEqual(traced, ['ResNet'])
 
 
 class NormalizedModelTest(tf.test.TestCase, parameterized.TestCase):
