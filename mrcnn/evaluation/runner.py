@@ -382,7 +382,7 @@ def _replicated(infer, strategy):
     if strategy is None:
         return lambda group: [infer(group[0])]
 
-    @tf.function
+    @tf.function(autograph=False)
     def run(batches):
         # A Python function around the traced one: given a tf.function
         # itself, MirroredStrategy ran its XLA program on the first device
@@ -399,12 +399,15 @@ def _replicated(infer, strategy):
 
 def _inference_fn(model, tta, base_min_size, xla=False):
     """The traced detections of a batch: the model's, or through `tta`."""
+    # Plain TensorFlow: autograph would only convert every call (10% of a trace).
     if tta is None:
-        return tf.function(lambda b: model(b, training=False), jit_compile=xla)
+        return tf.function(lambda b: model(b, training=False), jit_compile=xla,
+                           autograph=False)
     logging.info("Test-time augmentation: %d runs per batch (sizes %s for %d%s)",
                  tta.num_augmentations, ", ".join(map(str, tta.min_sizes)),
                  base_min_size, ", and flipped" if tta.flip else "")
-    return tf.function(lambda b: tta(model, b, base_min_size), jit_compile=xla)
+    return tf.function(lambda b: tta(model, b, base_min_size), jit_compile=xla,
+                       autograph=False)
 
 
 def image_files(inputs):

@@ -98,7 +98,8 @@ class WeightAverage:
                         rate = tf.cast(1.0 - decay, a.dtype)
                         a.assign_sub(rate * (a - tf.cast(w, a.dtype)))
 
-                self._programs[index] = tf.function(apply, jit_compile=self.xla)
+                self._programs[index] = tf.function(apply, jit_compile=self.xla,
+                                                    autograph=False)
             return self._programs[index](decay)
 
         self.strategy.extended.update(_local(self._floats[0][0]), on_device,

@@ -286,12 +286,14 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
             optimizer.apply(grads, model.trainable_variables)
             return losses
 
-        replica_step = tf.function(whole_step, jit_compile=True)
+        replica_step = tf.function(whole_step, jit_compile=True, autograph=False)
     else:
         replica_step = _split_step(forward_backward, optimizer, model,
                                    replicas, xla)
 
-    @tf.function
+    # autograph=False here and in the nested programs: the step is plain
+    # TensorFlow, and converting every call it makes cost 10% of tracing it.
+    @tf.function(autograph=False)
     def train_step(batch):
         losses = strategy.run(replica_step, args=(batch,))
         if step is not None:
@@ -347,7 +349,7 @@ def _fuse_updates(optimizer):
                     for grad, copy in zip(grads, copies):
                         inner.update_step(grad, copy, learning_rate)
 
-                programs[index] = tf.function(apply, jit_compile=True)
+                programs[index] = tf.function(apply, jit_compile=True, autograph=False)
             return programs[index](list(grads), learning_rate)
 
         distribution.extended.update(variables[0], on_device,
@@ -363,7 +365,8 @@ def _split_step(forward_backward, optimizer, model, replicas, xla):
     """Replica step: forward_backward (XLA when `xla`), then the update."""
     # Without XLA, no nested function: a synchronized batch norm's all-reduce
     # (merge_call) is refused inside one.
-    compiled = tf.function(forward_backward, jit_compile=True) if xla else forward_backward
+    compiled = (tf.function(forward_backward, jit_compile=True, autograph=False) if xla
+                else forward_backward)
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(batch):
