@@ -335,7 +335,7 @@ class MixedPrecisionTest(tf.test.TestCase):
 
 class OverfitTest(tf.test.TestCase):
     """150 training steps (a graph: XLA costs more than it saves on CPU) on 2
-    images with 3 objects each, then detect them, with XLA as well."""
+    images with 3 objects each, then detect them."""
 
     def test_overfit_two_images(self):
         keras.utils.set_random_seed(0)
@@ -364,14 +364,9 @@ class OverfitTest(tf.test.TestCase):
             last = np.mean([h[name] for h in history[-10:]])
             self.assertLess(last, 0.7 * first, (name, first, last))
 
-        detect = tf.function(lambda x: model(x, training=False),
-                             jit_compile=True)
-        out = detect(batch)
-        eager = model.detect(batch)
-        self.assertAllClose(out['detection_boxes'][:, :3],
-                            eager['detection_boxes'][:, :3], atol=0.05)
-        self.assertAllEqual(out['detection_classes'][:, :3],
-                            eager['detection_classes'][:, :3])
+        # Eager: whole-model XLA inference gives the eager detections in
+        # NormalizedModelTest (all 100 slots); compiling it here cost 9 s.
+        out = model.detect(batch)
         for b in range(_B):
             iou = box_iou(batch['gt_boxes'][b, :3],
                           out['detection_boxes'][b]).numpy()  # [3, 100]
