@@ -2,6 +2,7 @@
 its precision and the exported model's."""
 
 import functools
+from unittest import mock
 
 import gin
 import keras
@@ -13,7 +14,7 @@ from pycocotools import mask as mask_util
 from mrcnn import programs
 from mrcnn.data import pipeline
 from mrcnn.evaluation import export, runner
-from mrcnn.modeling.mask_rcnn import build_mask_rcnn
+from mrcnn.modeling.mask_rcnn import MaskRCNN, build_mask_rcnn
 
 SMALL = dict(num_classes=3, depth=18, fpn_channels=16, fc_dim=32, mask_channels=8,
              num_samples=16, pre_nms_topk_test=50, post_nms_topk_test=20,
@@ -188,8 +189,19 @@ def test_bfloat16_predictor_and_export(tmp_path):
     np.testing.assert_allclose(boxes, want["detection_boxes"][0, :3], atol=0.05)
 
     export_dir = tmp_path / "saved_model"
-    export.export_saved_model(str(tmp_path), str(export_dir), model_fn=model_fn,
-                              precision="bfloat16", **SIZES)
+    calls = []
+    call = MaskRCNN.call
+
+    def counted(self, *args, **kwargs):
+        calls.append(tf.executing_eagerly())
+        return call(self, *args, **kwargs)
+
+    with mock.patch.object(MaskRCNN, "call", counted):
+        export.export_saved_model(str(tmp_path), str(export_dir), model_fn=model_fn,
+                                  precision="bfloat16", **SIZES)
+    # The eager build, then one trace per canvas (64 x 128, 128 x 64), made
+    # by tf.saved_model.save and shared by both signatures.
+    assert calls == [True, False, False]
     assert keras.mixed_precision.global_policy().name == "float32"
     loaded = tf.saved_model.load(str(export_dir))   # kept: its functions need it
     served = {k: v.numpy()[0] for k, v in loaded.serve_images(image[None]).items()}
