@@ -55,8 +55,8 @@ class BuiltByParts:
     Not for a layer that freezes sub-layers before they are built (ResNet's
     `freeze_at`): Keras marks a frozen layer's new variable non-trainable
     only after creating it, so a variable created eagerly stays a trainable
-    `tf.Variable` that every GradientTape watches, while one created in the
-    symbolic pass is made after the mark.
+    `tf.Variable` that every GradientTape watches (`ResNet.build` makes its
+    variables in a `keras.StatelessScope`, which creates them after the mark).
     """
 
     def build(self, input_shape):

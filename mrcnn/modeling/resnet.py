@@ -93,7 +93,7 @@ import tensorflow as tf
 from absl import logging
 
 from mrcnn.modeling import norms as norm_lib
-from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_layer
+from mrcnn.modeling._config import checkpointed, configurable_layer
 
 # ImageNet statistics of RGB pixels in [0, 255], the ones torchvision-trained
 # ResNet-50 weights expect: MaskRCNN's default input normalisation.
@@ -211,7 +211,7 @@ def _conv_norm(conv, norm, x, training):
     return norm(conv(x), training=training)
 
 
-class _Block(BuiltByParts, keras.layers.Layer):
+class _Block(keras.layers.Layer):
     """One residual block: bottleneck (3 convs) or basic (2 convs)."""
 
     def __init__(self, *, in_channels, out_channels, bottleneck_channels,
@@ -234,6 +234,17 @@ class _Block(BuiltByParts, keras.layers.Layer):
             self.shortcut = _Conv(out_channels, 1, stride,
                                   name=f"{name}_shortcut")
             self.shortcut_norm = _make_norm(norm, f"{name}_shortcut_norm")
+
+    def build(self, input_shape):
+        # From the channel counts, in the order the call would make them.
+        channels = input_shape[-1]
+        if self.shortcut is not None:
+            self.shortcut.build(input_shape)
+            self.shortcut_norm.build((None, None, None, self.shortcut.conv.filters))
+        for conv, norm in zip(self.convs, self.norms):
+            conv.build((None, None, None, channels))
+            channels = conv.conv.filters
+            norm.build((None, None, None, channels))
 
     def call(self, x, training=None):
         shortcut = x
@@ -345,6 +356,21 @@ class ResNet(keras.layers.Layer):
         self.blocks = checkpointed(self, blocks)
         self.out_channels = {
             l: expansion * width * 2 ** (l - 2) for l in range(2, 6)}
+
+    def build(self, input_shape):
+        # Every weight from the channel counts, in the call's order, without
+        # Keras's symbolic pass over `call` (a second trace of the backbone
+        # at every first call). Inside a StatelessScope the variables are
+        # made when it closes, after Keras has marked those of the frozen
+        # stages non-trainable: made at once, they would stay trainable
+        # tf.Variables, watched by every GradientTape.
+        with keras.StatelessScope():
+            self.stem_conv.build(input_shape)
+            channels = self.stem_conv.conv.filters
+            self.stem_norm.build((None, None, None, channels))
+            for block in self.blocks:
+                block.build((None, None, None, channels))
+                channels = block.convs[-1].conv.filters
 
     def call(self, images, training=None):
         x = tf.nn.relu(_conv_norm(self.stem_conv, self.stem_norm, images,
