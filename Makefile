@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# 2 cores here: two pytest workers keep both busy while XLA compiles.
+# 2 cores here: two pytest workers keep both busy while XLA compiles. Each
+# starts with half the tests and takes from the other's queue when idle
+# (worksteal), so neither waits at the end on the other's long tests.
 PYTEST_WORKERS ?= 2
 
 .PHONY: venv test test-slow demo bench clean
@@ -18,10 +20,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q tests
 
-# Tests marked @pytest.mark.slow (the multi-worker XLA case, ~4 min here; the
-# multi-worker SyncBN case, ~1 min; the cascade overfit; the LVIS recipe and
+# Tests marked @pytest.mark.slow (the multi-worker runs: graph mode ~1 min,
+# XLA ~4 min, SyncBN ~1 min; the cascade overfit; the LVIS recipe and
 # bin/eval --tta program tests; the whole model evaluated on two CPUs; exit 5 =
 # none collected).
 test-slow: $(STAMP)

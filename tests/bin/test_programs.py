@@ -138,9 +138,16 @@ def test_use_xla_cache_names_one_directory(tmp_path, monkeypatch):
     assert os.environ["TF_XLA_FLAGS"].endswith(str(tmp_path / "a" / "b"))
 
 
-def test_eval_writes_coco_results_and_tables(run):
+@pytest.fixture(scope="module")
+def evaluated(run):
+    """bin/eval of the fixture's run, as a user calls it: its output (its
+    metrics and results files lie under the run's eval/)."""
+    return _run("eval", f"--model_dir={run['model_dir']}", bindings=run["bindings"])
+
+
+def test_eval_writes_coco_results_and_tables(run, evaluated):
     from pycocotools.coco import COCO
-    proc = _run("eval", f"--model_dir={run['model_dir']}", bindings=run["bindings"])
+    proc = evaluated
     assert "bbox" in proc.stdout and "segm" in proc.stdout
     metrics = json.loads((run["model_dir"] / "eval" / f"metrics-{STEPS}.json").read_text())
     assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75", "ARl"}
@@ -156,11 +163,9 @@ def test_eval_writes_coco_results_and_tables(run):
         assert {r["category_id"] for r in results} <= {1, 3, 7}
 
 
-def test_eval_scores_a_results_file_as_it_scored_the_model(run, tmp_path):
+def test_eval_scores_a_results_file_as_it_scored_the_model(run, evaluated, tmp_path):
     # bin/eval --results on the results json of the model's own evaluation
     # (every val image): the same numbers, without a model.
-    _run("eval", f"--model_dir={run['model_dir']}",
-         bindings=run["bindings"] + ["evaluate.num_pictures = 0"])
     results = tmp_path / "theirs.json"
     results.write_bytes((run["model_dir"] / "eval" / f"results-{STEPS}.json").read_bytes())
     proc = _run("eval", f"--results={results}", bindings=run["bindings"])
