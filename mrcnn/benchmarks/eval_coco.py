@@ -1,5 +1,6 @@
 """Benchmark cases of COCO evaluation's host work: scoring (`coco_eval`) and
-converting model output to results (`eval_host`, `bench_eval_host`).
+converting model output to results (`eval_host`, `bench_eval_host`, which
+also reports the bytes the evaluator holds per result).
 
 `coco_eval` scores `cfg.num_images` COCO-like images of 480 x 640: 1 to 14
 gt boxes each (COCO averages 7.3), 1% crowds, over `cfg.num_classes`
@@ -12,8 +13,10 @@ accumulate, summarize).
 
 from concurrent import futures
 import contextlib
+import gc
 import io
 import os
+import tracemalloc
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -22,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from mrcnn.benchmarks.common import Entry
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import cocoeval, runner
+from mrcnn.evaluation.results import ResultsTable
 
 _HEIGHT, _WIDTH = 480, 640
 _DETECTIONS = 100
@@ -123,23 +127,39 @@ def bench_eval_host(cfg):
     pool = futures.ThreadPoolExecutor(threads)
 
     def convert(images):
-        return coco_eval.detections_to_coco(
+        return coco_eval.detections_to_table(
             {k: v[images] for k, v in detections.items()}, image_ids[images],
             info[images], classes)
 
     def threaded():
         parts = [pool.submit(convert, images)
                  for images in runner.image_slices(cfg.batch, threads)]
-        return [r for part in parts for r in part.result()]
+        return ResultsTable.concat(part.result() for part in parts)
 
     def one_thread():
         return convert(slice(None))
 
-    if threaded() != one_thread():
+    if list(threaded()) != list(one_thread()):
         raise AssertionError("eval_host: threads changed the results")
+    # What the evaluator holds per result: the table, against the same
+    # entries as dicts (as it held them before the table).
+    table, table_bytes = _allocated(one_thread)
+    _, dict_bytes = _allocated(lambda: list(one_thread()))
     note = (f"{cfg.batch} images of {_HEIGHT}x{_WIDTH} x {_DETECTIONS} detections with "
-            f"28x28 masks")
+            f"28x28 masks; held per result: {table_bytes / len(table):.0f} B as a "
+            f"ResultsTable, {dict_bytes / len(table):.0f} B as dicts")
     return [
-        Entry(f"detections_to_coco, {threads} threads", threaded, None, note),
-        Entry("detections_to_coco, 1 thread", one_thread, None, ""),
+        Entry(f"detections_to_table, {threads} threads", threaded, None, note),
+        Entry("detections_to_table, 1 thread", one_thread, None, ""),
     ]
+
+
+def _allocated(fn):
+    """(`fn()`, the bytes its value holds): tracemalloc, after the call."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        value = fn()
+        return value, tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()

@@ -40,6 +40,7 @@ from mrcnn.evaluation import cocoeval
 # The 12 numbers COCOeval.summarize() prints, in its order (stats[0..11]),
 # and the IoU types.
 from mrcnn.evaluation.cocoeval import IOU_TYPES, STAT_NAMES
+from mrcnn.evaluation.results import ResultsTable
 from mrcnn.ops import masks as mask_ops
 
 # `CocoEvaluator` engines: this package's `cocoeval.coco_evaluate` (the same
@@ -207,18 +208,32 @@ def paste_masks_rle(masks, boxes, image_shape, threshold=DEFAULT_MASK_THRESHOLD,
         return []
     if axes is None:
         axes = _paste_axes(boxes, height, width, masks.shape[1:])
-    objects = [{"counts": runs.tolist(), "size": [height, width]}
-               for runs in _window_runs(masks, axes, height, width, threshold)]
-    rles = mask_util.frPyObjects(objects, height, width)
+    rles = _encode_rles(masks, axes, height, width, threshold)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
 
 
+def _encode_rles(masks, axes, height, width, threshold):
+    """pycocotools RLE dicts `{size, counts: bytes}` of K pasted masks."""
+    objects = [{"counts": runs.tolist(), "size": [height, width]}
+               for runs in _window_runs(masks, axes, height, width, threshold)]
+    return mask_util.frPyObjects(objects, height, width)
+
+
 def detections_to_coco(detections, image_ids, image_info, class_to_category,
                        mask_threshold=DEFAULT_MASK_THRESHOLD,
                        include_masks=True):
-    """COCO results entries for one batch of model output.
+    """COCO results entries for one batch of model output, as dicts:
+    `list(detections_to_table(...))` (arguments and entries there)."""
+    return list(detections_to_table(detections, image_ids, image_info, class_to_category,
+                                    mask_threshold, include_masks))
+
+
+def detections_to_table(detections, image_ids, image_info, class_to_category,
+                        mask_threshold=DEFAULT_MASK_THRESHOLD,
+                        include_masks=True):
+    """COCO results entries for one batch of model output, as a `ResultsTable`.
 
     Padded image slots (`image_id < 0`), padded detection slots
     (`k >= num_detections[b]`) and slots whose class is `<= 0` are skipped.
@@ -242,8 +257,11 @@ def detections_to_coco(detections, image_ids, image_info, class_to_category,
       include_masks: whether to paste masks and add `segmentation`.
 
     Returns:
-      list of dicts `{image_id: int, category_id: int, bbox: [x, y, w, h]
-      (floats, original pixels), score: float}` plus, with `include_masks`,
+      a `ResultsTable` of the kept slots, image by image in slot order:
+      bbox [x, y, w, h] in original pixels, score, category id and, with
+      `include_masks`, each mask's compressed RLE at its image's size.
+      Its entries are dicts `{image_id: int, category_id: int, bbox: [x,
+      y, w, h] (floats), score: float}` plus, with `include_masks`,
       `segmentation: {size: [H, W], counts: str}` (COCO RLE).
 
     Raises:
@@ -289,27 +307,29 @@ def detections_to_coco(detections, image_ids, image_info, class_to_category,
             masks.shape[2:])
         offsets = np.cumsum([0] + [keep.size for keep in keeps.values()])
 
-    results = []
+    columns = {"image_id": [], "category_id": [], "bbox": [], "score": [],
+               "mask_size": [], "mask_counts": []}
     for i, (b, keep) in enumerate(keeps.items()):
-        image_boxes = boxes[b, keep]  # [K, 4]
-        rles = None
+        image_boxes = boxes[b, keep].astype(np.float64)  # [K, 4]
+        y1, x1, y2, x2 = image_boxes.T
+        columns["image_id"].append(np.full(keep.size, image_ids[b]))
+        columns["category_id"].append(
+            np.array([class_to_category[int(c)] for c in classes[b, keep]], np.int64))
+        columns["bbox"].append(np.stack([x1, y1, x2 - x1, y2 - y1], axis=-1))
+        columns["score"].append(scores[b, keep])
         if include_masks:
             axes = tuple(tuple(a[offsets[i]:offsets[i + 1]] for a in axis)
                          for axis in batch_axes)
-            rles = paste_masks_rle(masks[b, keep], image_boxes, sizes[b],
-                                   threshold=mask_threshold, axes=axes)
-        for j, k in enumerate(keep):
-            y1, x1, y2, x2 = (float(v) for v in image_boxes[j])
-            entry = {
-                "image_id": int(image_ids[b]),
-                "category_id": int(class_to_category[int(classes[b, k])]),
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(scores[b, k]),
-            }
-            if rles is not None:
-                entry["segmentation"] = rles[j]
-            results.append(entry)
-    return results
+            columns["mask_size"].append(np.tile(sizes[b], (keep.size, 1)))
+            columns["mask_counts"] += [
+                rle["counts"] for rle in _encode_rles(
+                    masks[b, keep], axes, *sizes[b], mask_threshold)]
+    if not keeps:
+        return ResultsTable.empty(masks=include_masks)
+    return ResultsTable(
+        *(np.concatenate(columns[k]) for k in ("image_id", "category_id", "bbox", "score")),
+        np.concatenate(columns["mask_size"]) if include_masks else None,
+        columns["mask_counts"] if include_masks else None)
 
 
 def _empty_results(coco_gt):
@@ -394,8 +414,15 @@ class CocoEvaluator:
 
     @property
     def results(self):
-        """The accumulated COCO results entries (list of dicts)."""
-        return self._results
+        """The accumulated COCO results entries, as a new list of dicts on
+        each call (about 890 bytes for each entry with a mask, 3-4x what
+        the evaluator holds: `write_results` streams them instead)."""
+        return [entry for part in self._parts for entry in part]
+
+    @property
+    def num_results(self):
+        """How many results entries the evaluator holds."""
+        return sum(len(part) for part in self._parts)
 
     @property
     def image_ids(self):
@@ -404,7 +431,9 @@ class CocoEvaluator:
 
     def reset(self):
         """Forgets all accumulated detections and seen images."""
-        self._results = []
+        # `ResultsTable`s of `add` and lists of dicts of `add_results`, in
+        # order.
+        self._parts = []
         self._image_ids = set()
         # {iou_type: {category name: AP}} of the last `evaluate`.
         self.per_category = {}
@@ -440,7 +469,7 @@ class CocoEvaluator:
         if unknown:
             raise ValueError(f"image ids {unknown[:10]} are not in the annotation file")
         self._image_ids |= ids | {int(r["image_id"]) for r in results}
-        self._results.extend(dict(r) for r in results)
+        self._parts.append([dict(r) for r in results])
 
     def update(self, detections, batch):
         """Adds one batch of model output (`add(convert(detections, batch))`).
@@ -467,7 +496,8 @@ class CocoEvaluator:
             subset of a batch's images (the same slots of both).
 
         Returns:
-          (results entries list, set of the batch's image ids), for `add`.
+          (`ResultsTable` of the batch's entries, set of the batch's image
+          ids), for `add`.
 
         Raises:
           ValueError: an image id is not in the annotation file.
@@ -478,7 +508,7 @@ class CocoEvaluator:
         if unknown:
             raise ValueError(
                 f"image ids {unknown[:10]} are not in the annotation file")
-        return detections_to_coco(
+        return detections_to_table(
             detections, image_ids, batch["image_info"],
             self._class_to_category, mask_threshold=self._mask_threshold,
             include_masks=self._include_masks), seen
@@ -487,7 +517,8 @@ class CocoEvaluator:
         """Adds the output of `convert` (not thread-safe: one thread adds)."""
         results, image_ids = converted
         self._image_ids |= image_ids
-        self._results.extend(results)
+        if len(results):
+            self._parts.append(results)
 
     def evaluate(self, iou_types=IOU_TYPES):
         """COCO AP and AR of the seen images for each IoU type (`engine`).
@@ -509,7 +540,7 @@ class CocoEvaluator:
         for iou_type in iou_types:
             if self.engine == "mrcnn":
                 metrics[iou_type], precision = cocoeval.coco_evaluate(
-                    self._coco_gt, self._results, iou_type, self._image_ids)
+                    self._coco_gt, self._table(iou_type), iou_type, self._image_ids)
                 category_ids = sorted(self._coco_gt.getCatIds())
             else:
                 metrics[iou_type], precision, category_ids = self._pycocotools(iou_type)
@@ -525,7 +556,7 @@ class CocoEvaluator:
         # segm (Detectron2 does the same).
         drop = "bbox" if iou_type == "segm" else None
         results = [{k: v for k, v in r.items() if k != drop}
-                   for r in self._results]
+                   for r in self.results]
         with self._quiet(self._verbose):
             coco_dt = (self._coco_gt.loadRes(results) if results
                        else _empty_results(self._coco_gt))
@@ -573,8 +604,25 @@ class CocoEvaluator:
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
+        # Entry by entry: the same bytes as json.dump of the list, without
+        # the list.
         with open(path, "w") as f:
-            json.dump(self._results, f)
+            f.write("[")
+            separator = ""
+            for part in self._parts:
+                for entry in part:
+                    f.write(separator + json.dumps(entry))
+                    separator = ", "
+            f.write("]")
+
+    def _table(self, iou_type):
+        """All results as one `ResultsTable` for scoring `iou_type`: results
+        added as dicts are converted (their segmentations to compressed RLE
+        at their image's size, as COCOeval does)."""
+        to_rle = self._coco_gt.annToRLE if iou_type == "segm" else None
+        return ResultsTable.concat(
+            part if isinstance(part, ResultsTable) else ResultsTable.from_entries(part, to_rle)
+            for part in self._parts)
 
 
 def format_metrics(metrics, digits=3):

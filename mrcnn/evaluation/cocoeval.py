@@ -35,6 +35,8 @@ import collections
 import numpy as np
 from pycocotools import mask as mask_util
 
+from mrcnn.evaluation.results import ResultsTable
+
 IOU_TYPES = ("bbox", "segm")
 # The 12 numbers COCOeval.summarize() prints, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -121,6 +123,16 @@ def _match_group(pairs, cap_dt, cap_gt, thresholds):
     return chosen
 
 
+def group_ranks(keys):
+    """int64 [N]: each element's position in its run of equal `keys` (a
+    sorted int array [N])."""
+    keys = np.asarray(keys)
+    if not keys.size:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return np.arange(keys.size) - np.repeat(starts, np.diff(np.r_[starts, keys.size]))
+
+
 def _area_of(annotation):
     try:
         return float(annotation["area"])
@@ -136,10 +148,10 @@ def coco_evaluate(coco_gt, results, iou_type, image_ids):
     Args:
       coco_gt: a loaded pycocotools `COCO`; annotations need `area`
         (`iscrowd` is 0 when absent).
-      results: list of COCO results dicts (`image_id`, `category_id`,
-        `score`, and `bbox` [x, y, w, h] for 'bbox' or `segmentation` for
-        'segm'); results of other images or of unknown categories are not
-        scored.
+      results: a `ResultsTable`, or a list of COCO results dicts
+        (`image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] for
+        'bbox' or `segmentation` for 'segm'); results of other images or of
+        unknown categories are not scored.
       iou_type: 'bbox' or 'segm'.
       image_ids: the images evaluated; each counts, detections or not.
 
@@ -212,32 +224,41 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
 
     # Detections, all at once: [E] arrays sorted by image, category, then
     # decreasing score (stable), each pair's first `pair_cap` kept.
-    known = [n for n, r in enumerate(results) if int(r["image_id"]) in image_index
-             and int(r["category_id"]) in category_index]
-    extra = (np.zeros(len(known), bool) if unmatched_ignored is None
-             else np.asarray(unmatched_ignored, bool)[known])
-    dts = [results[n] for n in known]
-    image = np.array([image_index[int(r["image_id"])] for r in dts], np.int64)
-    category = np.array([category_index[int(r["category_id"])] for r in dts], np.int64)
-    scores = np.array([r["score"] for r in dts], np.float64)
+    extra = (np.zeros(len(results), bool) if unmatched_ignored is None
+             else np.asarray(unmatched_ignored, bool).reshape(-1))
+    if isinstance(results, ResultsTable):
+        known = np.flatnonzero(np.isin(results.image_id, image_ids)
+                               & np.isin(results.category_id, category_ids))
+        dts = results.take(known)
+    else:
+        known = [n for n, r in enumerate(results) if int(r["image_id"]) in image_index
+                 and int(r["category_id"]) in category_index]
+        dts = ResultsTable.from_entries([results[n] for n in known],
+                                        coco_gt.annToRLE if iou_type == "segm" else None)
+    extra = extra[known]
+    image = np.searchsorted(image_ids, dts.image_id)
+    category = np.searchsorted(category_ids, dts.category_id)
+    scores = dts.score
     order = np.lexsort((np.arange(len(dts)), -scores, category, image))
-    pair = (image * num_k + category)[order]
-    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(dts) else np.zeros(0, int)
-    rank = np.arange(len(dts)) - np.repeat(starts, np.diff(np.r_[starts, len(dts)]))
+    rank = group_ranks((image * num_k + category)[order])
     if pair_cap is not None:
         order, rank = order[rank < pair_cap], rank[rank < pair_cap]
-    dts = [dts[i] for i in order]
+    dts = dts.take(order)
     image, category, scores, extra = image[order], category[order], scores[order], extra[order]
     if iou_type == "bbox":
-        regions = [list(d["bbox"]) for d in dts]
-        dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts], np.float64)
+        dt_area = dts.bbox[:, 2] * dts.bbox[:, 3]
+
+        def regions(begin, end):
+            return dts.bbox[begin:end].tolist()
     else:
-        # Polygons and uncompressed RLEs become compressed RLEs at the
-        # image's size, as COCOeval converts them.
-        regions = [coco_gt.annToRLE(d) for d in dts]
+        def regions(begin, end):
+            return dts.rles(range(begin, end))
+
+        # area() fails beyond 255 masks at once.
         dt_area = np.concatenate([np.zeros(0)] + [
-            np.asarray(mask_util.area(regions[i:i + 255]), np.float64).reshape(-1)
-            for i in range(0, len(regions), 255)])   # area() fails beyond 255
+            np.asarray(mask_util.area(regions(i, min(i + 255, len(dts)))),
+                       np.float64).reshape(-1)
+            for i in range(0, len(dts), 255)])
 
     # Unmatched until matched: a detection is ignored where its area is
     # outside the range (or `unmatched_ignored`), else a false positive.
@@ -258,7 +279,7 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
         crowd, gt_ignore = flags[key]
         gt_regions = ([list(g["bbox"]) for g in gts] if iou_type == "bbox"
                       else [coco_gt.annToRLE(g) for g in gts])
-        ious = np.asarray(mask_util.iou(regions[begin:end], gt_regions,
+        ious = np.asarray(mask_util.iou(regions(begin, end), gt_regions,
                                         list(crowd.astype(np.uint8))),
                           np.float64).reshape(end - begin, len(gts))
         pairs.append((ious, gt_ignore, crowd))

@@ -27,13 +27,13 @@ The model's output goes through the same `detections_to_coco` as COCO's, so
 from the annotation file.
 """
 
-import collections
 
 import numpy as np
 from pycocotools.coco import COCO
 
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import cocoeval
+from mrcnn.evaluation.results import ResultsTable
 
 # LVIS's limit on detections per image (its challenge rules and LVISEval).
 MAX_DETECTIONS = 300
@@ -58,18 +58,14 @@ def is_federated(coco_gt):
     return bool(images) and all("neg_category_ids" in image for image in images)
 
 
-def _top_per_image(results, max_dets):
-    """Each image's `max_dets` best-scored results (ties keep input order)."""
-    by_image = collections.defaultdict(list)
-    for r in results:
-        by_image[r["image_id"]].append(r)
-    kept = []
-    for entries in by_image.values():
-        if len(entries) > max_dets:
-            order = np.argsort([-e["score"] for e in entries], kind="stable")
-            entries = [entries[i] for i in order[:max_dets]]
-        kept.extend(entries)
-    return kept
+def _top_per_image(table, max_dets):
+    """Each image's `max_dets` best-scored entries of a `ResultsTable`, in
+    its order (ties at the cap keep the earlier entries)."""
+    order = np.lexsort((np.arange(len(table)), -table.score, table.image_id))
+    rank = cocoeval.group_ranks(table.image_id[order])
+    keep = np.zeros(len(table), bool)
+    keep[order[rank < max_dets]] = True
+    return table.take(keep)
 
 
 def federated_evaluate(coco_gt, results, iou_type, image_ids,
@@ -81,8 +77,9 @@ def federated_evaluate(coco_gt, results, iou_type, image_ids,
         `neg_category_ids` (and optionally `not_exhaustive_category_ids`),
         annotations with `area` (and optionally `ignore`), categories with
         `frequency` ('r', 'c' or 'f'; a category without one is in no group).
-      results: list of COCO results dicts (`image_id`, `category_id`,
-        `score`, and `bbox` [x, y, w, h] or `segmentation` RLE).
+      results: a `ResultsTable`, or a list of COCO results dicts
+        (`image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] or
+        `segmentation` RLE).
       iou_type: 'bbox' or 'segm'. For 'segm' a detection's area is its mask
         area (for 'bbox' its box area).
       image_ids: the images to evaluate.
@@ -99,24 +96,38 @@ def federated_evaluate(coco_gt, results, iou_type, image_ids,
     image_ids = sorted({int(i) for i in image_ids})
     category_ids = sorted(coco_gt.getCatIds())
     category_index = {c: k for k, c in enumerate(category_ids)}
-    present, negative, not_exhaustive = {}, {}, {}
-    for image_id in image_ids:
+    num_k = len(category_ids)
+    # (image, category) pairs as image position * K + category position.
+    listed, not_exhaustive = [], []
+    for n, image_id in enumerate(image_ids):
         image = coco_gt.imgs[image_id]
-        present[image_id] = {int(a["category_id"]) for a in coco_gt.imgToAnns.get(image_id, [])}
-        negative[image_id] = {int(c) for c in image.get("neg_category_ids", [])}
-        not_exhaustive[image_id] = {int(c) for c in image.get("not_exhaustive_category_ids", [])}
-    results = _top_per_image([r for r in results if int(r["image_id"]) in present], max_dets)
+        known = {int(a["category_id"]) for a in coco_gt.imgToAnns.get(image_id, [])}
+        known |= {int(c) for c in image.get("neg_category_ids", [])}
+        listed += [n * num_k + category_index[c] for c in known if c in category_index]
+        not_exhaustive += [n * num_k + category_index[int(c)]
+                           for c in image.get("not_exhaustive_category_ids", [])
+                           if int(c) in category_index]
+    if isinstance(results, ResultsTable):
+        table = results.take(np.isin(results.image_id, image_ids))
+    else:
+        present = set(image_ids)
+        table = ResultsTable.from_entries(
+            [r for r in results if int(r["image_id"]) in present],
+            coco_gt.annToRLE if iou_type == "segm" else None)
+    table = _top_per_image(table, max_dets)
     # The federated filter: only categories known present or absent.
-    results = [r for r in results if int(r["category_id"]) in present[int(r["image_id"])]
-               or int(r["category_id"]) in negative[int(r["image_id"])]]
+    category = np.searchsorted(category_ids, table.category_id)
+    known = np.isin(table.category_id, category_ids)
+    pair = np.searchsorted(image_ids, table.image_id) * num_k + category
+    table = table.take(known & np.isin(pair, listed))
+    pair = pair[known & np.isin(pair, listed)]
     # COCOeval's matching and accumulation at max_dets per image, without
     # crowds, with gt `ignore` flags, and unmatched detections of categories
     # not exhaustively annotated ignored.
     precision, recall = cocoeval.score_results(
-        coco_gt, results, iou_type, image_ids, max_dets=(max_dets,), pair_cap=None,
+        coco_gt, table, iou_type, image_ids, max_dets=(max_dets,), pair_cap=None,
         crowds=False, zero_id_unmatched=False,
-        unmatched_ignored=[int(r["category_id"]) in not_exhaustive[int(r["image_id"])]
-                           for r in results])
+        unmatched_ignored=np.isin(pair, not_exhaustive))
     precision, recall = precision[..., 0], recall[..., 0]   # [T, R, K, A], [T, K, A]
     num_a = precision.shape[-1]
 
@@ -188,10 +199,9 @@ class LvisEvaluator(coco_eval.CocoEvaluator):
         names = {c["id"]: c["name"] for c in self._coco_gt.loadCats(self._coco_gt.getCatIds())}
         metrics, self.per_category = {}, {}
         for iou_type in iou_types:
-            drop = "bbox" if iou_type == "segm" else "segmentation"
-            results = [{k: v for k, v in r.items() if k != drop} for r in self._results]
             stats, per_category = federated_evaluate(
-                self._coco_gt, results, iou_type, self._image_ids, self._max_dets)
+                self._coco_gt, self._table(iou_type), iou_type, self._image_ids,
+                self._max_dets)
             metrics[iou_type] = stats
             self.per_category[iou_type] = {names[c]: ap for c, ap in per_category.items()}
         return metrics

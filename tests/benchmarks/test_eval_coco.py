@@ -19,7 +19,8 @@ def test_entries_agree_and_run():
 def test_eval_host_entries_give_the_same_results():
     cfg = dataclasses.replace(BenchConfig(), batch=3)
     threaded, one_thread = harness.build_entries("eval_host", cfg)   # checks equality
-    results = threaded.fn()
-    assert len(results) == 3 * 100 and results == one_thread.fn()
+    results = list(threaded.fn())
+    assert len(results) == 3 * 100 and results == list(one_thread.fn())
     assert {r["image_id"] for r in results} == {1, 2, 3}
     assert all("segmentation" in r for r in results)
+    assert "B as a ResultsTable" in threaded.note

@@ -149,19 +149,20 @@ class DetectionsToCocoTest(_GtTestCase):
 
     def test_pastes_each_image_at_its_size(self):
         detections, batch = self.perfect
-        with mock.patch.object(coco_eval, "paste_masks_rle",
-                               wraps=coco_eval.paste_masks_rle) as paste:
-            coco_eval.detections_to_coco(
+        with mock.patch.object(coco_eval, "_encode_rles",
+                               wraps=coco_eval._encode_rles) as encode:
+            table = coco_eval.detections_to_table(
                 detections, batch["image_id"], batch["image_info"],
                 fixtures.CLASS_TO_CATEGORY, mask_threshold=0.3)
         # Images 11 and 25 have detections; 37 and the padded slot do not.
-        self.assertEqual(paste.call_count, 2)
-        for call, size in zip(paste.call_args_list, [(120, 160), (140, 150)]):
-            masks, boxes, image_shape = call.args
-            self.assertEqual(tuple(image_shape), size)
+        self.assertEqual(encode.call_count, 2)
+        for call, size in zip(encode.call_args_list, [(120, 160), (140, 150)]):
+            masks, axes, height, width, threshold = call.args
+            self.assertEqual((height, width), size)
             self.assertEqual(masks.shape, (2, 28, 28))
-            self.assertEqual(boxes.shape, (2, 4))
-            self.assertEqual(call.kwargs["threshold"], 0.3)
+            self.assertEqual([len(a) for axis in axes for a in axis], [2] * 8)
+            self.assertEqual(threshold, 0.3)
+        self.assertEqual(table.mask_size.tolist(), [[120, 160]] * 2 + [[140, 150]] * 2)
 
 
 def _edge_boxes(height, width):
@@ -376,6 +377,10 @@ class CocoEvaluatorTest(_GtTestCase):
         coco_dt = self.coco_gt.loadRes(path)
         self.assertLen(coco_dt.getAnnIds(), 4)
         self.assertEqual(sorted(coco_dt.getCatIds()), [3, 7, 12])
+        # Streamed entry by entry: json.dump's bytes of the whole list.
+        with open(path) as f:
+            self.assertEqual(f.read(), json.dumps(evaluator.results))
+        self.assertEqual(evaluator.num_results, 4)
 
     def test_segm_needs_masks(self):
         evaluator = self.evaluator(include_masks=False)

@@ -19,6 +19,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import cocoeval
+from mrcnn.evaluation.results import ResultsTable
 # The same COCO loading and per-IoU-type results (for segm without 'bbox',
 # so that loadRes takes the area from the mask, as cocoeval does).
 from tests.evaluation.test_lvis import _for_type, _load, _polygon_of_box
@@ -96,6 +97,10 @@ def test_equals_pycocotools(seed, iou_type):
     assert list(stats) == list(cocoeval.STAT_NAMES)
     np.testing.assert_allclose(list(stats.values()), ev.stats, rtol=0, atol=1e-12)
     np.testing.assert_allclose(precision, ev.eval["precision"], rtol=0, atol=1e-12)
+    # The evaluator's columns of the same entries: the same numbers exactly.
+    table = ResultsTable.from_entries(results, coco_gt.annToRLE if iou_type == "segm" else None)
+    again, again_precision = cocoeval.coco_evaluate(coco_gt, table, iou_type, image_ids)
+    assert again == stats and np.array_equal(again_precision, precision)
     # The data must reach what it is meant to: some AP between 0 and 1,
     # crowds, an id-0 gt, and a pair beyond 100 detections.
     assert 0.05 < stats["AP"] < 0.95

@@ -28,6 +28,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import lvis
+from mrcnn.evaluation.results import ResultsTable
 from tests.evaluation import fixtures
 
 
@@ -163,6 +164,25 @@ def test_matches_cocoeval_when_every_category_is_listed(iou_type, seed):
     assert stats["AP"] > 0.05   # the case is not degenerate
 
 
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_results_table_scores_as_its_dicts(iou_type, seed):
+    # Federated cases (negative, unlisted and not exhaustive categories,
+    # tied scores, a cap of 10 per image), the entries as the dicts of a
+    # results file and as the columns the evaluator holds.
+    dataset, results = _random_case(seed)
+    coco_gt = _load(dataset)
+    image_ids = [im["id"] for im in dataset["images"]][1:]
+    to_rle = coco_gt.annToRLE if iou_type == "segm" else None
+    table = ResultsTable.from_entries(results, to_rle)
+    assert len(table) == len(results) > 50
+    expected = lvis.federated_evaluate(coco_gt, _for_type(results, iou_type), iou_type,
+                                       image_ids, max_dets=10)
+    assert lvis.federated_evaluate(coco_gt, table, iou_type, image_ids,
+                                   max_dets=10) == expected
+    assert 0.05 < expected[0]["AP"] < 0.95
+
+
 def test_hundreds_of_masks_of_one_category_in_one_image():
     # More than 255 detections of a category in an image (pycocotools'
     # area() of a list fails there), scored as COCOeval scores them.
@@ -219,8 +239,11 @@ _ELSEWHERE = (60.0, 60.0, 30.0, 30.0)
 def _ap(images, annotations, results, category_id=1, **kwargs):
     coco_gt = _load({"images": images, "annotations": annotations,
                      "categories": _CATEGORIES})
-    stats, per_category = lvis.federated_evaluate(
-        coco_gt, results, "bbox", [im["id"] for im in images], **kwargs)
+    image_ids = [im["id"] for im in images]
+    stats, per_category = lvis.federated_evaluate(coco_gt, results, "bbox", image_ids, **kwargs)
+    # The evaluator's own form of the same entries scores them the same.
+    assert lvis.federated_evaluate(coco_gt, ResultsTable.from_entries(results), "bbox",
+                                   image_ids, **kwargs) == (stats, per_category)
     return per_category[category_id], stats
 
 

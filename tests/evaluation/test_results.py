@@ -1,0 +1,63 @@
+"""ResultsTable: COCO results entries as columns, and back as dicts."""
+
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+from mrcnn.evaluation.results import ResultsTable
+
+
+def _entries():
+    masks = np.zeros((3, 6, 5), np.uint8, order="F")
+    masks[0, 1:3, 1:4] = 1
+    masks[1, 4:, :] = 1
+    out = []
+    for k, rle in enumerate(mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))):
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append({"image_id": 7 + k // 2, "category_id": 3 - k,
+                    "bbox": [0.5 * k, 1.0, 2.25, 3.0 + k], "score": 0.75 - 0.25 * k,
+                    "segmentation": rle})
+    return out
+
+
+def test_entries_come_back_as_they_went_in():
+    entries = _entries()
+    table = ResultsTable.from_entries(entries, to_rle=lambda e: e["segmentation"])
+    assert len(table) == 3 and table.has_masks
+    assert isinstance(table.mask_counts[0], bytes)
+    assert json.dumps(list(table)) == json.dumps(entries)
+    assert list(table.entries(masks=False)) == [
+        {k: v for k, v in e.items() if k != "segmentation"} for e in entries]
+    boxes = ResultsTable.from_entries(entries)
+    assert not boxes.has_masks and list(boxes) == list(table.entries(masks=False))
+    # pycocotools reads the RLEs the table hands out.
+    assert mask_util.area(table.rles([0, 1, 2])).tolist() == [6, 10, 0]
+
+
+def test_take_and_concat_keep_every_column():
+    table = ResultsTable.from_entries(_entries(), to_rle=lambda e: e["segmentation"])
+    picked = table.take([2, 0])
+    assert picked.image_id.tolist() == [8, 7]
+    assert picked.mask_counts == [table.mask_counts[2], table.mask_counts[0]]
+    assert table.take(np.array([False, True, False])).category_id.tolist() == [2]
+    both = ResultsTable.concat([picked, table.take([1])])
+    assert list(both) == [list(table)[i] for i in (2, 0, 1)]
+    # Masks only where every part has them; no parts: no entries.
+    assert not ResultsTable.concat([table, ResultsTable.from_entries(_entries())]).has_masks
+    assert len(ResultsTable.concat([])) == 0
+    assert len(ResultsTable.empty(masks=True)) == 0 and ResultsTable.empty(True).has_masks
+
+
+def test_entries_without_a_box_hold_nan():
+    entries = [{k: v for k, v in e.items() if k != "bbox"} for e in _entries()]
+    table = ResultsTable.from_entries(entries, to_rle=lambda e: e["segmentation"])
+    assert np.isnan(table.bbox).all()
+
+
+def test_columns_of_different_lengths_fail():
+    with pytest.raises(ValueError, match="different lengths"):
+        ResultsTable([1, 2], [1, 2], np.zeros((2, 4)), [0.5])
+    with pytest.raises(ValueError, match="go together"):
+        ResultsTable([1], [1], np.zeros((1, 4)), [0.5], mask_size=[[2, 2]])
