@@ -1,7 +1,8 @@
 """COCO box and mask evaluation (pycocotools) and detection drawing.
 
 `mrcnn.evaluation.coco` turns the model's batched inference output into COCO
-result entries and scores them with COCO's metrics (`mrcnn.evaluation.cocoeval`:
+result entries, held as columns (`mrcnn.evaluation.results.ResultsTable`), and
+scores them with COCO's metrics (`mrcnn.evaluation.cocoeval`:
 pycocotools' COCOeval numbers, vectorized); `mrcnn.evaluation.lvis` scores the same
 entries with LVIS's federated metrics (and `build_evaluator` picks one of
 the two for an annotation file); `mrcnn.evaluation.visualize` draws
