@@ -22,11 +22,10 @@ over all image-category pairs) and only the filter and the summaries are
 here. The tests check the code against pycocotools' COCOeval where the two
 must agree and, given `MRCNN_LVIS_PYTHON`, against the `lvis` package itself.
 
-The model's output goes through the same `detections_to_coco` as COCO's, so
+The model's output goes through the same `detections_to_table` as COCO's, so
 `LvisEvaluator` is a drop-in `CocoEvaluator`; `build_evaluator` picks one
 from the annotation file.
 """
-
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -116,18 +115,19 @@ def federated_evaluate(coco_gt, results, iou_type, image_ids,
             coco_gt.annToRLE if iou_type == "segm" else None)
     table = _top_per_image(table, max_dets)
     # The federated filter: only categories known present or absent.
-    category = np.searchsorted(category_ids, table.category_id)
+    # (A category outside the file gets position K: `known` drops it.)
     known = np.isin(table.category_id, category_ids)
-    pair = np.searchsorted(image_ids, table.image_id) * num_k + category
-    table = table.take(known & np.isin(pair, listed))
-    pair = pair[known & np.isin(pair, listed)]
+    pair = (np.searchsorted(image_ids, table.image_id) * num_k
+            + np.searchsorted(category_ids, table.category_id))
+    keep = known & np.isin(pair, np.array(listed, np.int64))
+    table, pair = table.take(keep), pair[keep]
     # COCOeval's matching and accumulation at max_dets per image, without
     # crowds, with gt `ignore` flags, and unmatched detections of categories
     # not exhaustively annotated ignored.
     precision, recall = cocoeval.score_results(
         coco_gt, table, iou_type, image_ids, max_dets=(max_dets,), pair_cap=None,
         crowds=False, zero_id_unmatched=False,
-        unmatched_ignored=np.isin(pair, not_exhaustive))
+        unmatched_ignored=np.isin(pair, np.array(not_exhaustive, np.int64)))
     precision, recall = precision[..., 0], recall[..., 0]   # [T, R, K, A], [T, K, A]
     num_a = precision.shape[-1]
 

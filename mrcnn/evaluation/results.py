@@ -106,8 +106,7 @@ class ResultsTable:
     def take(self, index):
         """The entries at `index` (int array [M] or bool [N]), in its order."""
         index = np.asarray(index)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
+        index = np.flatnonzero(index) if index.dtype == bool else index.astype(np.int64)
         return ResultsTable(
             self.image_id[index], self.category_id[index], self.bbox[index],
             self.score[index],

@@ -42,6 +42,7 @@ def test_take_and_concat_keep_every_column():
     assert picked.image_id.tolist() == [8, 7]
     assert picked.mask_counts == [table.mask_counts[2], table.mask_counts[0]]
     assert table.take(np.array([False, True, False])).category_id.tolist() == [2]
+    assert len(table.take([])) == 0 and table.take([]).has_masks
     both = ResultsTable.concat([picked, table.take([1])])
     assert list(both) == [list(table)[i] for i in (2, 0, 1)]
     # Masks only where every part has them; no parts: no entries.
