@@ -57,6 +57,7 @@ class ResultsTable:
 
     @property
     def has_masks(self):
+        """Whether the entries carry masks (`mask_size`, `mask_counts`)."""
         return self.mask_counts is not None
 
     def __len__(self):
