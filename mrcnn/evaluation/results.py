@@ -93,16 +93,32 @@ class ResultsTable:
           to_rle: None (no masks), or a function entry -> compressed RLE
             dict `{size, counts}` (`COCO.annToRLE`, which turns polygons and
             uncompressed RLEs into one at the image's size).
+
+        Raises:
+          ValueError: naming the entry (its position in `entries` and its
+            image id) whose segmentation `to_rle` cannot turn into a
+            compressed RLE.
         """
         nan = [np.nan] * 4
-        masks = None
+        sizes = counts = None
         if to_rle is not None:
-            masks = [to_rle(e) for e in entries]
+            sizes, counts = [], []
+            for i, entry in enumerate(entries):
+                try:
+                    rle = to_rle(entry)
+                    size = [int(v) for v in rle["size"]]
+                    if len(size) != 2 or not isinstance(rle["counts"], (str, bytes)):
+                        raise ValueError(f"got {rle!r:.80}")
+                except Exception as e:   # pycocotools raises bare Exceptions
+                    raise ValueError(
+                        f"results entry #{i} (image_id {entry.get('image_id')}): its "
+                        f"segmentation is not a COCO polygon list or RLE of the image "
+                        f"({type(e).__name__}: {e})") from None
+                sizes.append(size)
+                counts.append(_bytes(rle["counts"]))
         return cls([e["image_id"] for e in entries], [e["category_id"] for e in entries],
                    [list(e["bbox"]) if "bbox" in e else nan for e in entries],
-                   [e["score"] for e in entries],
-                   [m["size"] for m in masks] if masks is not None else None,
-                   [_bytes(m["counts"]) for m in masks] if masks is not None else None)
+                   [e["score"] for e in entries], sizes, counts)
 
     def take(self, index):
         """The entries at `index` (int array [M] or bool [N]), in its order."""

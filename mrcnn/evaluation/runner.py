@@ -306,7 +306,10 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
         scorer.add_results(results)
     except ValueError as e:
         raise ValueError(f"{results_file}: {e}") from None
-    metrics = scorer.evaluate(iou_types)
+    try:
+        metrics = scorer.evaluate(iou_types)
+    except ValueError as e:
+        raise ValueError(f"{results_file}: {e}") from None
     logging.info("%s: %d results on %d images of %s (%s metrics)", results_file,
                  len(results), len(scorer.image_ids), annotations, scorer.kind)
     print(coco_eval.format_metrics(metrics))

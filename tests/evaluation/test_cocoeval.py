@@ -10,6 +10,7 @@ greedy matching's preferences one at a time.
 """
 
 import contextlib
+import json
 import io
 
 import numpy as np
@@ -176,3 +177,25 @@ def test_evaluator_engines_agree():
     assert lvis.build_evaluator(coco_gt, {}, kind="coco").engine == "mrcnn"
     with pytest.raises(ValueError, match="engine"):
         coco_eval.CocoEvaluator(coco_gt, {}, engine="fast")
+
+
+@pytest.mark.parametrize("segmentation", [[[1.0, 2.0, 3.0]], {"size": [10, 10], "counts": 5},
+                                          "not a mask"])
+def test_bad_segmentation_of_a_results_file_is_named(tmp_path, segmentation):
+    """bin/eval --results: an entry whose segmentation is neither polygons
+    nor an RLE stops the scoring with the file, the entry and its image."""
+    import types
+
+    from mrcnn.evaluation import runner
+    dataset, results = _random_files(0)
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(dataset))
+    results = [dict(r, segmentation=r.get("segmentation", [[0, 0, 4, 0, 4, 4]]))
+               for r in results]
+    results[5]["segmentation"] = segmentation
+    results_path = tmp_path / "theirs.json"
+    results_path.write_text(json.dumps(results))
+    inputs = types.SimpleNamespace(annotation_file=str(gt_path))
+    with pytest.raises(ValueError, match=rf"theirs.json: results entry #5 \(image_id "
+                                         rf"{results[5]['image_id']}\): its segmentation"):
+        runner.evaluate_results(str(results_path), inputs, evaluator="coco")
