@@ -252,7 +252,7 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
             return dts.bbox[begin:end].tolist()
     else:
         def regions(begin, end):
-            return dts.rles(range(begin, end))
+            return dts.rles(slice(begin, end))
 
         # area() fails beyond 255 masks at once.
         dt_area = np.concatenate([np.zeros(0)] + [

@@ -57,14 +57,14 @@ def is_federated(coco_gt):
     return bool(images) and all("neg_category_ids" in image for image in images)
 
 
-def _top_per_image(table, max_dets):
-    """Each image's `max_dets` best-scored entries of a `ResultsTable`, in
-    its order (ties at the cap keep the earlier entries)."""
-    order = np.lexsort((np.arange(len(table)), -table.score, table.image_id))
-    rank = cocoeval.group_ranks(table.image_id[order])
-    keep = np.zeros(len(table), bool)
-    keep[order[rank < max_dets]] = True
-    return table.take(keep)
+def _top_per_image(image_id, score, max_dets):
+    """bool [N]: the entries among each image's `max_dets` best-scored (ties
+    at the cap keep the earlier entries), of int64 image ids [N] and float
+    scores [N]."""
+    order = np.lexsort((np.arange(len(image_id)), -score, image_id))
+    keep = np.zeros(len(image_id), bool)
+    keep[order[cocoeval.group_ranks(image_id[order]) < max_dets]] = True
+    return keep
 
 
 def federated_evaluate(coco_gt, results, iou_type, image_ids,
@@ -106,21 +106,21 @@ def federated_evaluate(coco_gt, results, iou_type, image_ids,
         not_exhaustive += [n * num_k + category_index[int(c)]
                            for c in image.get("not_exhaustive_category_ids", [])
                            if int(c) in category_index]
-    if isinstance(results, ResultsTable):
-        table = results.take(np.isin(results.image_id, image_ids))
-    else:
-        present = set(image_ids)
-        table = ResultsTable.from_entries(
-            [r for r in results if int(r["image_id"]) in present],
-            coco_gt.annToRLE if iou_type == "segm" else None)
-    table = _top_per_image(table, max_dets)
+    # Dicts: their boxes and scores first; masks only of the entries kept.
+    table = results if isinstance(results, ResultsTable) else ResultsTable.from_entries(results)
+    keep = np.flatnonzero(np.isin(table.image_id, image_ids))
+    keep = keep[_top_per_image(table.image_id[keep], table.score[keep], max_dets)]
     # The federated filter: only categories known present or absent.
     # (A category outside the file gets position K: `known` drops it.)
-    known = np.isin(table.category_id, category_ids)
-    pair = (np.searchsorted(image_ids, table.image_id) * num_k
-            + np.searchsorted(category_ids, table.category_id))
-    keep = known & np.isin(pair, np.array(listed, np.int64))
-    table, pair = table.take(keep), pair[keep]
+    image_id, category_id = table.image_id[keep], table.category_id[keep]
+    pair = (np.searchsorted(image_ids, image_id) * num_k
+            + np.searchsorted(category_ids, category_id))
+    listed = np.isin(category_id, category_ids) & np.isin(pair, np.array(listed, np.int64))
+    keep, pair = keep[listed], pair[listed]
+    if isinstance(results, ResultsTable) or iou_type == "bbox":
+        table = table.take(keep)
+    else:
+        table = ResultsTable.from_entries([results[i] for i in keep], coco_gt.annToRLE)
     # COCOeval's matching and accumulation at max_dets per image, without
     # crowds, with gt `ignore` flags, and unmatched detections of categories
     # not exhaustively annotated ignored.

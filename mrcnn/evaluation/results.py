@@ -132,9 +132,14 @@ class ResultsTable:
 
     def rles(self, index):
         """pycocotools RLE dicts `{size, counts: bytes}` of the entries at
-        `index` (ints), built on demand."""
-        return [{"size": [int(v) for v in self.mask_size[i]], "counts": self.mask_counts[i]}
-                for i in index]
+        `index` (a slice, or ints), built on demand."""
+        if isinstance(index, slice):
+            counts = self.mask_counts[index]
+        else:
+            index = np.asarray(index, np.int64)
+            counts = [self.mask_counts[i] for i in index]
+        return [{"size": size, "counts": c}
+                for size, c in zip(self.mask_size[index].tolist(), counts)]
 
     def entries(self, boxes=True, masks=True):
         """The entries as COCO results dicts, one at a time (JSON-safe):

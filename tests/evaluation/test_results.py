@@ -34,6 +34,7 @@ def test_entries_come_back_as_they_went_in():
     assert not boxes.has_masks and list(boxes) == list(table.entries(masks=False))
     # pycocotools reads the RLEs the table hands out.
     assert mask_util.area(table.rles([0, 1, 2])).tolist() == [6, 10, 0]
+    assert table.rles(slice(1, 3)) == table.rles(np.array([1, 2]))
 
 
 def test_take_and_concat_keep_every_column():
