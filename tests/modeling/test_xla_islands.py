@@ -6,6 +6,7 @@ from unittest import mock
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mrcnn.modeling import _xla, roi_heads
@@ -174,20 +175,30 @@ class MaskHeadSlotsTest(_SmallModelTest):
 
         return run() if jit_compile is None else tf.function(run, jit_compile=jit_compile)()
 
-    def test_gathered_positives_give_the_loss_and_gradients_of_all_slots(self):
+    def _assert_gathered_equal_all_slots(self, runs):
         positives = tf.reduce_sum(tf.cast(self.rois.classes > 0, tf.int32), axis=1).numpy()
         self.assertGreater(positives.min(), 0)
         self.assertLess(positives.sum(), 128)   # most of the 256 slots hold none
         want = self._loss_and_grads(_all_slots_mask_loss)
         self.assertGreater(float(want[0]), 0.0)
-        mask_loss = type(self.model.roi_heads).mask_loss
-        runs = [(mask_loss, jit) for jit in (None, False, True)]  # eager, graph, XLA switch_case
-        runs.append((_capacity_mask_loss(256), None))   # the largest branch: 256 - 20 padding
-        # Under XLA the 128-roi branch runs (fewer positives), not the 256.
         for loss_fn, jit in runs:
             got = self._loss_and_grads(loss_fn, jit_compile=jit)
             for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
                 self.assertAllClose(w, g, rtol=1e-5, atol=1e-6, msg=f"{loss_fn} {jit}")
+
+    def test_gathered_positives_give_the_loss_and_gradients_of_all_slots(self):
+        mask_loss = type(self.model.roi_heads).mask_loss
+        self._assert_gathered_equal_all_slots([
+            (mask_loss, None), (mask_loss, False),   # eager, graph
+            (_capacity_mask_loss(256), None)])       # the largest branch: 256 - 20 padding
+
+    # The XLA switch_case of `mask_buckets > 1` (opt-in; the default, 1,
+    # compiles no conditional: test_one_bucket_compiles_no_conditional):
+    # 20-30 s each of XLA:CPU compiling, so `make test-slow`.
+    @pytest.mark.slow
+    def test_under_xla_the_switch_case_gives_the_loss_and_gradients_of_all_slots(self):
+        # The 128-roi branch runs (fewer positives), not the 256.
+        self._assert_gathered_equal_all_slots([(type(self.model.roi_heads).mask_loss, True)])
 
     def test_capacities_and_the_one_picked(self):
         heads = self.model.roi_heads
@@ -232,6 +243,7 @@ class MaskHeadSlotsTest(_SmallModelTest):
         self.assertAllClose(ops[1, 'loss'], ops[2, 'loss'], rtol=1e-6)
         self.assertAllClose(ops[1, 'loss'], self._loss_and_grads(mask_loss)[0], rtol=1e-5)
 
+    @pytest.mark.slow
     def test_unbuilt_mask_head_first_called_in_a_branch_gets_its_variables(self):
         """A mask head not built yet builds inside the switch_case branches."""
         config = self.model.roi_heads.get_config()
