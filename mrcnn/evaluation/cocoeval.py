@@ -227,12 +227,16 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
     extra = (np.zeros(len(results), bool) if unmatched_ignored is None
              else np.asarray(unmatched_ignored, bool).reshape(-1))
     if isinstance(results, ResultsTable):
+        if iou_type == "segm" and not results.has_masks:
+            raise ValueError("iou_type 'segm' of a ResultsTable without masks")
         known = np.flatnonzero(np.isin(results.image_id, image_ids)
                                & np.isin(results.category_id, category_ids))
         dts = results.take(known)
     else:
         known = [n for n, r in enumerate(results) if int(r["image_id"]) in image_index
                  and int(r["category_id"]) in category_index]
+        # Polygons and uncompressed RLEs become compressed RLEs at the
+        # image's size, as COCOeval converts them.
         dts = ResultsTable.from_entries([results[n] for n in known],
                                         coco_gt.annToRLE if iou_type == "segm" else None)
     extra = extra[known]

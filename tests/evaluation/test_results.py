@@ -58,6 +58,18 @@ def test_entries_without_a_box_hold_nan():
     assert np.isnan(table.bbox).all()
 
 
+def test_segm_of_a_table_without_masks_fails():
+    from pycocotools.coco import COCO
+
+    from mrcnn.evaluation import cocoeval
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 7, "height": 6, "width": 5}], "annotations": [],
+                  "categories": [{"id": 3, "name": "a"}]}
+    gt.createIndex()
+    with pytest.raises(ValueError, match="without masks"):
+        cocoeval.coco_evaluate(gt, ResultsTable.from_entries(_entries()), "segm", [7])
+
+
 def test_columns_of_different_lengths_fail():
     with pytest.raises(ValueError, match="different lengths"):
         ResultsTable([1, 2], [1, 2], np.zeros((2, 4)), [0.5])
