@@ -227,7 +227,7 @@ def score_results(coco_gt, results, iou_type, image_ids, *, max_dets, pair_cap,
     extra = (np.zeros(len(results), bool) if unmatched_ignored is None
              else np.asarray(unmatched_ignored, bool).reshape(-1))
     if isinstance(results, ResultsTable):
-        if iou_type == "segm" and not results.has_masks:
+        if iou_type == "segm" and len(results) and not results.has_masks:
             raise ValueError("iou_type 'segm' of a ResultsTable without masks")
         known = np.flatnonzero(np.isin(results.image_id, image_ids)
                                & np.isin(results.category_id, category_ids))
