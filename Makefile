@@ -25,8 +25,9 @@ test: $(STAMP)
 # Tests marked @pytest.mark.slow (the multi-worker runs: graph mode ~1 min,
 # XLA ~4 min, SyncBN ~1 min; the cascade overfit; the LVIS recipe and
 # bin/eval --tta program tests; the whole model evaluated on two CPUs; the
-# mask head's XLA switch_case of RoiHeads.mask_buckets > 1, ~1 min; exit 5 =
-# none collected).
+# mask head's XLA switch_case of RoiHeads.mask_buckets > 1, ~1 min; the
+# federated-loss, Detectron2-import and visualize_data programs and the GPU
+# matrix's process-per-case mode, ~1.5 min; exit 5 = none collected).
 test-slow: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 

@@ -75,7 +75,8 @@ def test_table_has_ratios_both_ways():
     assert rows[4].startswith("| infer | 1 | bfloat16 | 20.0 ms/img | 30.0 ms/img | 1.50 |")
 
 
-@pytest.mark.parametrize("isolate", [False, True])
+# A process per case (`--isolate`) is slow (13 s): the served process runs in CI.
+@pytest.mark.parametrize("isolate", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_real_cases_of_ours(tmp_path, capsys, isolate):
     # Served: one process measures both cases (the second says so); with
     # --isolate each case has a process of its own.

@@ -200,6 +200,7 @@ def test_eval_scores_an_lvis_file_with_federated_metrics(run, tmp_path):
     assert "APr" in proc.stdout and "AR@300" in proc.stdout
 
 
+@pytest.mark.slow   # 23 s; the loss itself: tests/modeling/test_federated_loss.py (CI)
 def test_train_with_the_federated_loss(run, tmp_path):
     # The shapes data has 3 classes: score 2 per step, drawn by image counts
     # that the trainer counts on the training records and checkpoints.
@@ -396,6 +397,7 @@ def test_predict_fails_when_no_file_is_an_image(run, tmp_path):
     assert not (tmp_path / "o" / "detections.json").exists()
 
 
+@pytest.mark.slow   # 36 s; the loader: tests/modeling/test_detectron2.py's LoaderTests (CI)
 def test_import_detectron2_then_predict(run, tmp_path):
     from tests.modeling import detectron2_fixtures
     # Detectron2's R-18 at width 64 with batch norm (the demo's GN half-width
@@ -465,6 +467,7 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
         assert "detection_boxes" in outputs and "detection_masks" not in outputs, outputs
 
 
+@pytest.mark.slow   # 16 s; the batches it draws are the pipeline's, tested in CI
 def test_visualize_data_draws_the_training_batches(run, tmp_path):
     plain, jittered = tmp_path / "plain", tmp_path / "jittered"
     proc = _run("visualize_data", f"--out_dir={plain}", "--num_images=3",
