@@ -140,9 +140,13 @@ def test_use_xla_cache_names_one_directory(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def evaluated(run):
-    """bin/eval of the fixture's run, as a user calls it: its output (its
-    metrics and results files lie under the run's eval/)."""
-    return _run("eval", f"--model_dir={run['model_dir']}", bindings=run["bindings"])
+    """bin/eval --watch of the fixture's run: its output (its metrics and
+    results files lie under the run's eval/). --watch evaluates through the
+    same `evaluate` as a plain bin/eval, once per checkpoint, starting at the
+    newest; one process serves both (bin/eval without --watch: the landscape
+    and portrait test)."""
+    return _run("eval", f"--model_dir={run['model_dir']}", "--watch",
+                bindings=run["bindings"] + ["evaluate.watch_timeout = 1"])
 
 
 def test_eval_writes_coco_results_and_tables(run, evaluated):
@@ -181,21 +185,22 @@ def test_eval_scores_a_results_file_as_it_scored_the_model(run, evaluated, tmp_p
     assert proc.returncode != 0 and "image_id 99999 is not in the annotation file" in proc.stderr
 
 
-def test_eval_scores_an_lvis_file_with_federated_metrics(run, tmp_path):
+def test_eval_scores_an_lvis_file_with_federated_metrics(run, evaluated, tmp_path):
+    # The model's own results scored on the same images written as LVIS v1
+    # writes them: the evaluator is picked from the annotation file. (The
+    # model's detections reach the LVIS evaluator through the same
+    # `lvis_eval.build_evaluator` in `evaluate`: tests/evaluation/
+    # test_evaluate_loop.py; LVIS image paths: tests/data/test_coco.py.)
     lvis_file = _lvis_style(run["data"] / "annotations" / "instances_val2017.json",
                             "val2017", tmp_path / "lvis_v1_val.json")
-    model_dir = tmp_path / "run"
-    model_dir.mkdir()
-    for f in run["model_dir"].glob(f"ckpt-{STEPS}.*"):
-        (model_dir / f.name).write_bytes(f.read_bytes())
-    (model_dir / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{STEPS}"\n')
-    proc = _run("eval", f"--model_dir={model_dir}",
+    results = tmp_path / "results.json"
+    results.write_bytes((run["model_dir"] / "eval" / f"results-{STEPS}.json").read_bytes())
+    proc = _run("eval", f"--results={results}",
                 bindings=run["bindings"] + [f"eval/CocoInput.annotation_file = '{lvis_file}'",
-                                            f"eval/CocoInput.image_dir = '{run['data']}'",
-                                            "evaluate.num_pictures = 0"])
-    metrics = json.loads((model_dir / "eval" / f"metrics-{STEPS}.json").read_text())
-    assert metrics["evaluator"] == "lvis" and metrics["num_images"] == 6
-    for iou_type in ("bbox", "segm"):
+                                            f"eval/CocoInput.image_dir = '{run['data']}'"])
+    metrics = json.loads((tmp_path / "results-metrics.json").read_text())
+    assert metrics["evaluator"] == "lvis"
+    for iou_type in ("bbox", "segm") if json.loads(results.read_text()) else ("bbox",):
         assert set(metrics[iou_type]) >= {"AP", "APr", "APc", "APf", "AR@300"}
     assert "APr" in proc.stdout and "AR@300" in proc.stdout
 
@@ -272,16 +277,6 @@ def test_lvis_recipe_trains_and_evaluates(run, tmp_path):
     # (A randomly initialised R50 with frozen batch norms may score nothing.)
     results = json.loads((model_dir / "eval" / "results-2.json").read_text())
     assert max(collections.Counter(r["image_id"] for r in results).values(), default=0) <= 300
-
-
-def test_train_evaluates_its_last_checkpoint(run, tmp_path):
-    model_dir = tmp_path / "evaluated"
-    proc = _run("train", f"--model_dir={model_dir}",
-                bindings=run["bindings"] + ["train.total_steps = 2", "train.eval_fn = @evaluate",
-                                            "evaluate.num_pictures = 0"])
-    assert "Evaluated" in proc.stderr and "bbox" in proc.stdout
-    metrics = json.loads((model_dir / "eval" / "metrics-2.json").read_text())
-    assert metrics["num_images"] == 6 and set(metrics) >= {"bbox", "segm"}
 
 
 # 36 s on the slower machines; TTA's wiring stays in CI through
@@ -443,10 +438,12 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     bindings = TINY + [f"DATA_DIR = '{data}'", "RoiHeads.mask_head = None",
                        "CocoInput.with_masks = False"]
     model_dir = tmp_path / "run"
-    _run("train", f"--model_dir={model_dir}", bindings=bindings + ["train.total_steps = 4"])
-    _run("eval", f"--model_dir={model_dir}", bindings=bindings)
+    # Training evaluates its last checkpoint (train.eval_fn), in its process.
+    proc = _run("train", f"--model_dir={model_dir}",
+                bindings=bindings + ["train.total_steps = 4", "train.eval_fn = @evaluate"])
+    assert "Evaluated" in proc.stderr and "bbox" in proc.stdout, proc.stderr[-2000:]
     metrics = json.loads((model_dir / "eval" / "metrics-4.json").read_text())
-    assert "bbox" in metrics and "segm" not in metrics
+    assert "bbox" in metrics and "segm" not in metrics and metrics["num_images"] == 6
     out = tmp_path / "pictures"
     _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=2",
          str(data / "val2017"), bindings=bindings + ["predict.score_threshold = 0.0"])
@@ -595,12 +592,12 @@ def test_bad_input_gives_one_clear_error(run, tmp_path, program, args, bindings,
     assert "Traceback" not in proc.stderr
 
 
-def test_eval_watch_evaluates_each_checkpoint_then_stops(run):
-    proc = _run("eval", f"--model_dir={run['model_dir']}", "--watch",
-                bindings=run["bindings"] + ["evaluate.watch_timeout = 1"])
-    # The fixture keeps ckpt-20 and ckpt-40; --watch starts at the latest.
-    assert proc.stdout.count("bbox") >= 1
-    assert (run["model_dir"] / "eval" / f"metrics-{STEPS}.json").exists()
+def test_eval_watch_evaluates_the_newest_checkpoint_then_stops(run, evaluated):
+    # The fixture keeps ckpt-20 and ckpt-40; --watch starts at the newest and
+    # stops when none comes within the timeout.
+    assert evaluated.stderr.count("Evaluating ") == 1, evaluated.stderr[-2000:]
+    assert f"ckpt-{STEPS} (step {STEPS})" in evaluated.stderr
+    assert not (run["model_dir"] / "eval" / "metrics-20.json").exists()
 
 
 @pytest.mark.parametrize("what,mode", [("train", "--eager"), ("infer", "--noxla")])

@@ -31,17 +31,29 @@ def _run_dir(tmp_path, masks=True):
     return model
 
 
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory):
+    """A run directory of the masks model, the model itself, and a Predictor
+    of it that keeps every detection, shared by the tests that only read
+    them: each Predictor traces its model once per canvas, a few seconds
+    each on this CPU."""
+    run_dir = tmp_path_factory.mktemp("predictor_run")
+    model = _run_dir(run_dir)
+    every = runner.Predictor(str(run_dir), model_fn=functools.partial(build_mask_rcnn, **SMALL),
+                             score_threshold=0.0, **SIZES)
+    return run_dir, model, every
+
+
 @pytest.mark.parametrize("shape", [(48, 80, 3), (90, 40, 3)])
-def test_matches_the_model_on_the_padded_image(tmp_path, shape):
-    model = _run_dir(tmp_path)
-    predictor = runner.Predictor(str(tmp_path), model_fn=functools.partial(
-        build_mask_rcnn, **SMALL), score_threshold=0.0, **SIZES)
+def test_matches_the_model_on_the_padded_image(fixture_run, shape):
+    _, model, predictor = fixture_run
     assert predictor.step == 7
     image = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+    before = dict(predictor.canvases_used)
     out = predictor(image)
     # The model itself on the canvas the Predictor says it used.
-    (canvas, count), = predictor.canvases_used.items()
-    assert count == 1 and canvas == ((64, 128) if shape[1] > shape[0] else (128, 64))
+    canvas = (64, 128) if shape[1] > shape[0] else (128, 64)
+    assert predictor.canvases_used == {**before, canvas: before.get(canvas, 0) + 1}
     images, info = pipeline.preprocess_image(image, **SIZES)
     det = model.detect({"images": images[None, :canvas[0], :canvas[1]],
                         "image_info": info[None]})
@@ -69,16 +81,14 @@ def test_threshold_and_box_only_model(tmp_path):
     np.testing.assert_allclose(kept["scores"], every["scores"][every["scores"] >= cut])
 
 
-def test_threshold_becomes_the_models_with_the_same_detections(tmp_path):
-    _run_dir(tmp_path)
+def test_threshold_becomes_the_models_with_the_same_detections(fixture_run):
+    run_dir, _, every = fixture_run
     model_fn = functools.partial(build_mask_rcnn, **SMALL)
     image = np.random.default_rng(2).integers(0, 256, (64, 64, 3)).astype(np.uint8)
-    every = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
-                             **SIZES)
     assert every.model.roi_heads.score_threshold == 0.05   # not lowered
     every = every(image)
     cut = float(every["scores"][len(every["scores"]) // 2])   # attained: >= keeps it
-    predictor = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=cut,
+    predictor = runner.Predictor(str(run_dir), model_fn=model_fn, score_threshold=cut,
                                  **SIZES)
     model_threshold = predictor.model.roi_heads.score_threshold
     assert np.float32(model_threshold) < np.float32(cut) and model_threshold > 0.05
@@ -91,15 +101,15 @@ def test_threshold_becomes_the_models_with_the_same_detections(tmp_path):
     np.testing.assert_array_equal(kept["masks"], every["masks"][:n])
 
 
-def test_from_gin_uses_the_predict_bindings(tmp_path):
-    _run_dir(tmp_path)
+def test_from_gin_uses_the_predict_bindings(fixture_run):
+    run_dir, _, _ = fixture_run
     bindings = ["predict.model_fn = @build_mask_rcnn", "predict.score_threshold = 0.0",
                 "predict.min_size = 64", "predict.max_size = 128",
                 "predict.canvas_size = (128, 128)"]
     bindings += [f"build_mask_rcnn.{k} = {v!r}" for k, v in SMALL.items()]
     programs.parse_gin_files([], bindings, finalize=False)
     try:
-        predictor = runner.Predictor.from_gin(str(tmp_path))
+        predictor = runner.Predictor.from_gin(str(run_dir))
         out = predictor(np.zeros((64, 100, 3), np.uint8))
     finally:
         gin.clear_config()
@@ -107,16 +117,14 @@ def test_from_gin_uses_the_predict_bindings(tmp_path):
     assert list(predictor.canvases_used) == [(64, 128)] and len(out["boxes"]) > 0
 
 
-def test_batches_equal_single_images(tmp_path):
+def test_batches_equal_single_images(fixture_run):
     """batch_size 2 over 5 images of both orientations (one padded batch each)."""
-    _run_dir(tmp_path)
+    run_dir, _, single = fixture_run
     model_fn = functools.partial(build_mask_rcnn, **SMALL)
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, shape).astype(np.uint8) for shape in
               [(48, 80, 3), (90, 40, 3), (64, 64, 3), (70, 50, 3), (30, 100, 3)]]
-    single = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
-                              **SIZES)
-    batched = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+    batched = runner.Predictor(str(run_dir), model_fn=model_fn, score_threshold=0.0,
                                batch_size=2, **SIZES)
     outs = batched.batch(images)
     assert batched.canvases_used == {(64, 128): 3, (128, 64): 2}
@@ -127,15 +135,15 @@ def test_batches_equal_single_images(tmp_path):
         np.testing.assert_allclose(out["boxes"], want["boxes"], atol=1e-3)
         assert out["masks"].shape == want["masks"].shape == (len(want["boxes"]),) + image.shape[:2]
     with pytest.raises(ValueError, match="batch_size=0"):
-        runner.Predictor(str(tmp_path), model_fn=model_fn, batch_size=0, **SIZES)
+        runner.Predictor(str(run_dir), model_fn=model_fn, batch_size=0, **SIZES)
 
 
-def test_xla_gives_the_graphs_detections(tmp_path):
-    _run_dir(tmp_path)
+def test_xla_gives_the_graphs_detections(fixture_run):
+    run_dir, _, graph_predictor = fixture_run
     model_fn = functools.partial(build_mask_rcnn, **SMALL)
     image = np.random.default_rng(6).integers(0, 256, (48, 80, 3)).astype(np.uint8)
-    predictors = [runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
-                                   xla=flag, **SIZES) for flag in (False, True)]
+    predictors = [graph_predictor, runner.Predictor(
+        str(run_dir), model_fn=model_fn, score_threshold=0.0, xla=True, **SIZES)]
     graph, xla = (p(image) for p in predictors)
     batch = runner._zero_inference_batch((64, 128))
     assert [p._infer.get_concrete_function(batch).function_def.attr["_XlaMustCompile"].b
@@ -147,14 +155,14 @@ def test_xla_gives_the_graphs_detections(tmp_path):
     assert len(xla["scores"]) == len(graph["scores"])
 
 
-def test_test_time_augmentation_is_wired(tmp_path):
+def test_test_time_augmentation_is_wired(fixture_run):
     """One size without flip gives the model's own detections (sizes and flips:
     tests/modeling/test_tta.py, and in a traced step the eval program test,
     make test-slow)."""
     from mrcnn.modeling.tta import TestTimeAugmentation
-    model = _run_dir(tmp_path)
+    run_dir, model, _ = fixture_run
     image = np.random.default_rng(4).integers(0, 256, (48, 80, 3)).astype(np.uint8)
-    out = runner.Predictor(str(tmp_path), model_fn=functools.partial(build_mask_rcnn, **SMALL),
+    out = runner.Predictor(str(run_dir), model_fn=functools.partial(build_mask_rcnn, **SMALL),
                            score_threshold=0.0, **SIZES,
                            tta=TestTimeAugmentation(min_sizes=(64,), flip=False))(image)
     images, info = pipeline.preprocess_image(image, **SIZES)
@@ -165,14 +173,14 @@ def test_test_time_augmentation_is_wired(tmp_path):
     np.testing.assert_allclose(out["scores"], det["detection_scores"][0, :n], atol=1e-6)
 
 
-def test_bfloat16_predictor_and_export(tmp_path):
+def test_bfloat16_predictor_and_export(fixture_run, tmp_path):
     """The model computes in the precision asked for; the caller's global
     policy, the outputs' dtypes and (within bf16 rounding) the detections
     stay those of float32."""
-    model = _run_dir(tmp_path)   # float32
+    run_dir, model, _ = fixture_run   # float32
     model_fn = functools.partial(build_mask_rcnn, **SMALL)
     image = np.random.default_rng(5).integers(0, 256, (48, 80, 3)).astype(np.uint8)
-    half = runner.Predictor(str(tmp_path), model_fn=model_fn, score_threshold=0.0,
+    half = runner.Predictor(str(run_dir), model_fn=model_fn, score_threshold=0.0,
                             precision="bfloat16", **SIZES)
     assert keras.mixed_precision.global_policy().name == "float32"
     assert {layer.compute_dtype for layer in half.model.layers} == {"bfloat16"}
@@ -197,7 +205,7 @@ def test_bfloat16_predictor_and_export(tmp_path):
         return call(self, *args, **kwargs)
 
     with mock.patch.object(MaskRCNN, "call", counted):
-        export.export_saved_model(str(tmp_path), str(export_dir), model_fn=model_fn,
+        export.export_saved_model(str(run_dir), str(export_dir), model_fn=model_fn,
                                   precision="bfloat16", **SIZES)
     # The eager build, then one trace per canvas (64 x 128, 128 x 64), made
     # by tf.saved_model.save and shared by both signatures.
