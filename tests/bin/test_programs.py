@@ -76,8 +76,9 @@ def test_train_writes_checkpoints_config_and_progress(run):
 
 def test_kill_minus_nine_then_rerun_resumes(run, tmp_path):
     model_dir = tmp_path / "killed"
+    xla_cache = tmp_path / "xla_cache"   # this run's own, not the suite's
     cmd = [sys.executable, os.path.join(BIN, "train"), "--gin_file=gin/shapes_demo.gin",
-           f"--model_dir={model_dir}"]
+           f"--model_dir={model_dir}", f"--xla_cache_dir={xla_cache}"]
     cmd += [f"--gin_bindings={b}" for b in run["bindings"] + ["train.total_steps = 400"]]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL,
@@ -93,7 +94,9 @@ def test_kill_minus_nine_then_rerun_resumes(run, tmp_path):
     saved = sorted(int(p.name.split("-")[1].split(".")[0])
                    for p in model_dir.glob("ckpt-*.index"))
     assert saved, "no checkpoint was written before the kill"
-    rerun = _run("train", f"--model_dir={model_dir}",
+    compiled = sorted(p.name for p in xla_cache.glob("xla_compile_cache_*"))
+    assert compiled, "the step's XLA islands were not kept before the kill"
+    rerun = _run("train", f"--model_dir={model_dir}", f"--xla_cache_dir={xla_cache}",
                  bindings=run["bindings"] + ["train.total_steps = 400",
                                              "train.stop_after = 2"])
     resumed = re.search(r"Resumed from \S*ckpt-(\d+) at step (\d+)", rerun.stderr)
@@ -105,25 +108,9 @@ def test_kill_minus_nine_then_rerun_resumes(run, tmp_path):
     # nothing older than the one before it may be picked.
     assert step in saved[-2:], (step, saved)
     assert os.path.exists(model_dir / f"ckpt-{step + 2}.index"), rerun.stderr[-2000:]
-
-
-def test_precision_and_init_switches(run, tmp_path):
-    # Two switches (and --xla_cache_dir) in one run; XLA through the same gin
-    # (train.xla) is left to the trainer's tests, which train with it in every
-    # precision: its CPU compile would double this run.
-    xla_cache = tmp_path / "xla_cache"
-    proc = _run("train", f"--model_dir={tmp_path / 'switches'}", f"--xla_cache_dir={xla_cache}",
-                bindings=run["bindings"] + [
-                    "train.total_steps = 1", "train.precision = 'bfloat16'",
-                    "train.init_fn = @init_from_checkpoint",
-                    f"init_from_checkpoint.path = '{run['model_dir']}'"])
-    assert "precision bfloat16, graph (XLA off)" in proc.stderr, proc.stderr[-2000:]
-    assert f"of backbone, fpn, rpn_head, roi_heads from {run['model_dir']}/ckpt-{STEPS}" \
-        in proc.stderr, proc.stderr[-2000:]
-    assert "Kept" not in proc.stderr   # one config: every variable loaded
-    assert "step 1/1" in proc.stderr
-    # The step's RoI islands were compiled by XLA and kept there.
-    assert list(xla_cache.glob("xla_compile_cache_*")), proc.stderr[-2000:]
+    # The resumed step has the fresh one's function names, so every program
+    # it compiles was found in the cache and none was added.
+    assert sorted(p.name for p in xla_cache.glob("xla_compile_cache_*")) == compiled
 
 
 def test_use_xla_cache_names_one_directory(tmp_path, monkeypatch):
@@ -425,7 +412,8 @@ def test_import_detectron2_then_predict(run, tmp_path):
 
 
 def test_box_only_train_eval_predict_export(run, tmp_path):
-    """Faster R-CNN on box-only annotations: box AP only, no masks anywhere."""
+    """Faster R-CNN on box-only annotations: box AP only, no masks anywhere.
+    Its training run also takes the switches a user sets on bin/train."""
     data = tmp_path / "boxes"
     (data / "annotations").mkdir(parents=True)
     for split in ("train2017", "val2017"):
@@ -438,9 +426,23 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     bindings = TINY + [f"DATA_DIR = '{data}'", "RoiHeads.mask_head = None",
                        "CocoInput.with_masks = False"]
     model_dir = tmp_path / "run"
-    # Training evaluates its last checkpoint (train.eval_fn), in its process.
-    proc = _run("train", f"--model_dir={model_dir}",
-                bindings=bindings + ["train.total_steps = 4", "train.eval_fn = @evaluate"])
+    xla_cache = tmp_path / "xla_cache"
+    # Four switches, one process: bfloat16; the masks run's weights (every
+    # variable a box-only model has); --xla_cache_dir; an evaluation of the
+    # last checkpoint (train.eval_fn). XLA through the same gin (train.xla)
+    # is left to the trainer's tests, which train with it in every
+    # precision: its CPU compile would double this run.
+    proc = _run("train", f"--model_dir={model_dir}", f"--xla_cache_dir={xla_cache}",
+                bindings=bindings + [
+                    "train.total_steps = 4", "train.eval_fn = @evaluate",
+                    "train.precision = 'bfloat16'", "train.init_fn = @init_from_checkpoint",
+                    f"init_from_checkpoint.path = '{run['model_dir']}'"])
+    assert "precision bfloat16, graph (XLA off)" in proc.stderr, proc.stderr[-2000:]
+    assert f"of backbone, fpn, rpn_head, roi_heads from {run['model_dir']}/ckpt-{STEPS}" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert "Kept" not in proc.stderr   # every variable loaded
+    # The step's RoI islands were compiled by XLA and kept there.
+    assert list(xla_cache.glob("xla_compile_cache_*")), proc.stderr[-2000:]
     assert "Evaluated" in proc.stderr and "bbox" in proc.stdout, proc.stderr[-2000:]
     metrics = json.loads((model_dir / "eval" / "metrics-4.json").read_text())
     assert "bbox" in metrics and "segm" not in metrics and metrics["num_images"] == 6
