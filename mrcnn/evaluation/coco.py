@@ -431,10 +431,13 @@ class CocoEvaluator:
 
     def reset(self):
         """Forgets all accumulated detections and seen images."""
-        # `ResultsTable`s of `add` and lists of dicts of `add_results`, in
-        # order.
+        # The `ResultsTable`s of `add` and `add_results`, in order.
         self._parts = []
         self._image_ids = set()
+        # Entries of `add_results` so far, and the first without a
+        # segmentation (None: none), which 'segm' then names.
+        self._num_added = 0
+        self._without_segmentation = None
         # {iou_type: {category name: AP}} of the last `evaluate`.
         self.per_category = {}
 
@@ -442,18 +445,31 @@ class CocoEvaluator:
         """Adds COCO results entries made elsewhere (a results json of
         another run or library) instead of model output.
 
+        A file's entries may come in parts (`runner.evaluate_results` adds
+        them 50,000 at a time): entries are numbered in the order of all
+        `add_results` calls since `reset`, so an error names an entry by its
+        position in the file. They are kept as a `ResultsTable`, with masks
+        when the evaluator includes masks and every entry of the call has a
+        `segmentation` (polygons and uncompressed RLEs become compressed RLEs
+        at their image's size, as COCOeval makes them; `results` gives them
+        back so).
+
         Args:
-          results: list of dicts {image_id, category_id, score, bbox
-            [x, y, w, h]} with `segmentation` RLE for 'segm'.
+          results: sequence of dicts {image_id, category_id, score, bbox
+            [x, y, w, h]} with `segmentation` for 'segm'.
           image_ids: the images they cover (an image without detections
             is still scored); None: every image of the annotation file.
 
         Raises:
-          ValueError: an entry lacks a key, or names an image or a category
-            the annotation file does not have.
+          ValueError: an entry is not a dict or lacks a key, names an image
+            or a category the annotation file does not have, or has a
+            segmentation that is no polygon list or RLE of its image.
         """
         known_categories = set(self._coco_gt.getCatIds())
-        for i, r in enumerate(results):
+        first = self._num_added
+        for i, r in enumerate(results, first):
+            if not isinstance(r, dict):
+                raise ValueError(f"results entry #{i} is not a JSON object: {r!r:.80}")
             missing = [k for k in ("image_id", "category_id", "score", "bbox")
                        if k not in r]
             if missing:
@@ -468,8 +484,16 @@ class CocoEvaluator:
         unknown = sorted(ids - self._known_image_ids)
         if unknown:
             raise ValueError(f"image ids {unknown[:10]} are not in the annotation file")
-        self._image_ids |= ids | {int(r["image_id"]) for r in results}
-        self._parts.append([dict(r) for r in results])
+        if self._include_masks and self._without_segmentation is None:
+            self._without_segmentation = next(
+                (i for i, r in enumerate(results, first) if "segmentation" not in r), None)
+        masks = self._include_masks and self._without_segmentation is None
+        table = ResultsTable.from_entries(results, self._coco_gt.annToRLE if masks else None,
+                                          first_index=first)
+        self._num_added += len(table)
+        self._image_ids |= ids | set(table.image_id.tolist())
+        if len(table):
+            self._parts.append(table)
 
     def update(self, detections, batch):
         """Adds one batch of model output (`add(convert(detections, batch))`).
@@ -616,13 +640,11 @@ class CocoEvaluator:
             f.write("]")
 
     def _table(self, iou_type):
-        """All results as one `ResultsTable` for scoring `iou_type`: results
-        added as dicts are converted (their segmentations to compressed RLE
-        at their image's size, as COCOeval does)."""
-        to_rle = self._coco_gt.annToRLE if iou_type == "segm" else None
-        return ResultsTable.concat(
-            part if isinstance(part, ResultsTable) else ResultsTable.from_entries(part, to_rle)
-            for part in self._parts)
+        """All results as one `ResultsTable` for scoring `iou_type`."""
+        if iou_type == "segm" and self._without_segmentation is not None:
+            raise ValueError(f"results entry #{self._without_segmentation} has no "
+                             f"segmentation: 'segm' needs one in every entry")
+        return ResultsTable.concat(self._parts)
 
 
 def format_metrics(metrics, digits=3):

@@ -18,6 +18,9 @@ and builds the RLE dicts pycocotools takes a pair of (image, category)
 at a time.
 """
 
+import json
+import re
+
 import numpy as np
 
 
@@ -84,7 +87,7 @@ class ResultsTable:
                    [c for t in tables for c in t.mask_counts] if masks else None)
 
     @classmethod
-    def from_entries(cls, entries, to_rle=None):
+    def from_entries(cls, entries, to_rle=None, first_index=0):
         """A table of COCO results dicts (another run's or library's).
 
         Args:
@@ -93,6 +96,8 @@ class ResultsTable:
           to_rle: None (no masks), or a function entry -> compressed RLE
             dict `{size, counts}` (`COCO.annToRLE`, which turns polygons and
             uncompressed RLEs into one at the image's size).
+          first_index: the number of `entries[0]` in error messages (its
+            position in a file read in parts).
 
         Raises:
           ValueError: naming the entry (its position in `entries` and its
@@ -103,7 +108,7 @@ class ResultsTable:
         sizes = counts = None
         if to_rle is not None:
             sizes, counts = [], []
-            for i, entry in enumerate(entries):
+            for i, entry in enumerate(entries, first_index):
                 try:
                     rle = to_rle(entry)
                     size = [int(v) for v in rle["size"]]
@@ -168,3 +173,92 @@ class ResultsTable:
 
 def _bytes(counts):
     return counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+# One entry of a results file is a few KB (an RLE of a large mask); text that
+# long without a complete element is a malformed file, not a slow one.
+_MAX_ELEMENT_CHARS = 1 << 28
+
+
+def iter_json_list(f, chunk_chars=1 << 20):
+    """The elements of the JSON array a text file holds, one at a time.
+
+    Reads `chunk_chars` characters at a time, so that a results file of
+    millions of entries (LVIS: 300 per image) never becomes one list of
+    dicts: `json.load` of one costs about 1 KB per entry with a mask.
+
+    Args:
+      f: a text file object positioned at the start of the array.
+      chunk_chars: int, characters read per call of `f.read`.
+
+    Yields:
+      Each element, as `json.loads` would give it.
+
+    Raises:
+      ValueError: the text is not one JSON array (naming the character
+        offset where it stops being one).
+    """
+    decoder = json.JSONDecoder()
+    buf, pos, consumed, eof = "", 0, 0, False
+
+    def fill():
+        nonlocal buf, pos, consumed, eof
+        chunk = f.read(chunk_chars)
+        eof = not chunk
+        consumed += pos
+        buf, pos = buf[pos:] + chunk, 0
+
+    def skip_whitespace():
+        nonlocal pos
+        while True:
+            pos = _WHITESPACE.match(buf, pos).end()
+            if pos < len(buf) or eof:
+                return
+            fill()
+
+    def fail(what, at=None):
+        raise ValueError(f"not a JSON array: {what} (character "
+                         f"{consumed + (pos if at is None else at)})")
+
+    skip_whitespace()
+    if buf[pos:pos + 1] != "[":
+        fail("no '['")
+    pos += 1
+    skip_whitespace()
+    if buf[pos:pos + 1] == "]":
+        pos += 1
+    else:
+        while True:
+            while True:
+                try:
+                    element, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as e:
+                    if eof:
+                        fail(e.msg, e.pos)
+                    element, end = None, None
+                if end is not None:
+                    after = _WHITESPACE.match(buf, end).end()
+                    # Complete unless the buffer ends before what follows it,
+                    # or it is a number the buffer cut ("3." of "3.5").
+                    cut = after == len(buf) or (
+                        isinstance(element, (int, float)) and buf[after] in _NUMBER_CHARS)
+                    if eof or not cut:
+                        break
+                if len(buf) - pos > _MAX_ELEMENT_CHARS:
+                    fail(f"an element longer than {_MAX_ELEMENT_CHARS} characters")
+                fill()
+            pos = end
+            yield element
+            skip_whitespace()
+            separator = buf[pos:pos + 1]
+            pos += 1
+            if separator == "]":
+                break
+            if separator != ",":
+                fail("no ',' or ']' after an element", pos - 1)
+            skip_whitespace()
+    skip_whitespace()
+    if pos < len(buf):
+        fail("text after the array")

@@ -25,6 +25,7 @@ from pycocotools import mask as mask_util
 from mrcnn.data import decode, pipeline
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import lvis as lvis_eval
+from mrcnn.evaluation import results as results_lib
 from mrcnn.evaluation import visualize
 from mrcnn.ops import masks as mask_ops
 from mrcnn.training import trainer
@@ -109,6 +110,8 @@ def _summary_pictures(batch, detections, class_names, limit):
 # Up to this many categories, evaluate prints and logs each one's AP (COCO's
 # 80); beyond, they are only in the metrics file.
 PER_CATEGORY_LIMIT = 100
+# Entries of a results file read and added to the evaluator at a time.
+_RESULTS_PART = 50_000
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -290,28 +293,32 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
       'per_category': {...}}, also written next to `results_file` as
       `<name>-metrics.json`.
     """
-    with tf.io.gfile.GFile(results_file) as f:
-        try:
-            results = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{results_file}: not JSON: {e}") from None
-    if not isinstance(results, list):
-        raise ValueError(f"{results_file}: not a COCO results list")
-    with_masks = bool(results) and all("segmentation" in r for r in results)
-    iou_types = tuple(iou_types or (("bbox", "segm") if with_masks else ("bbox",)))
     annotations = dataset_fn.annotation_file
     scorer = lvis_eval.build_evaluator(annotations, {}, kind=evaluator,
-                                       include_masks="segm" in iou_types)
-    try:
-        scorer.add_results(results)
-    except ValueError as e:
-        raise ValueError(f"{results_file}: {e}") from None
+                                       include_masks=iou_types is None or "segm" in iou_types)
+    # Read and added in parts: an LVIS results file of 6M entries as one
+    # list of dicts would take about 6 GB before the first is scored.
+    num_results, with_masks, part = 0, True, []
+    with tf.io.gfile.GFile(results_file) as f:
+        try:
+            for entry in results_lib.iter_json_list(f):
+                with_masks = with_masks and isinstance(entry, dict) and "segmentation" in entry
+                part.append(entry)
+                if len(part) == _RESULTS_PART:
+                    scorer.add_results(part)
+                    num_results, part = num_results + len(part), []
+            scorer.add_results(part)   # also for none: every image counts
+            num_results += len(part)
+        except ValueError as e:
+            raise ValueError(f"{results_file}: {e}") from None
+    with_masks = with_masks and num_results > 0
+    iou_types = tuple(iou_types or (("bbox", "segm") if with_masks else ("bbox",)))
     try:
         metrics = scorer.evaluate(iou_types)
     except ValueError as e:
         raise ValueError(f"{results_file}: {e}") from None
     logging.info("%s: %d results on %d images of %s (%s metrics)", results_file,
-                 len(results), len(scorer.image_ids), annotations, scorer.kind)
+                 num_results, len(scorer.image_ids), annotations, scorer.kind)
     print(coco_eval.format_metrics(metrics))
     report = {"results_file": results_file, "annotation_file": annotations,
               "evaluator": scorer.kind, **metrics, "per_category": scorer.per_category}

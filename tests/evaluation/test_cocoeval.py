@@ -199,3 +199,46 @@ def test_bad_segmentation_of_a_results_file_is_named(tmp_path, segmentation):
     with pytest.raises(ValueError, match=rf"theirs.json: results entry #5 \(image_id "
                                          rf"{results[5]['image_id']}\): its segmentation"):
         runner.evaluate_results(str(results_path), inputs, evaluator="coco")
+
+
+def test_results_file_read_in_parts_scores_as_one(tmp_path, monkeypatch):
+    """bin/eval --results adds a file's entries in parts: the same metrics,
+    and an error names the entry by its place in the file; a file where one
+    entry has no segmentation is scored for boxes only."""
+    import types
+
+    from mrcnn.evaluation import runner
+    dataset, results = _random_files(3)
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(dataset))
+    inputs = types.SimpleNamespace(annotation_file=str(gt_path))
+    results_path = tmp_path / "theirs.json"
+    results_path.write_text(json.dumps(results))
+    whole = runner.evaluate_results(str(results_path), inputs, evaluator="coco")
+    monkeypatch.setattr(runner, "_RESULTS_PART", 7)
+    parts = runner.evaluate_results(str(results_path), inputs, evaluator="coco")
+    assert len(results) > 30 and set(whole) >= {"bbox", "segm"}
+    for iou_type in ("bbox", "segm"):
+        assert parts[iou_type] == whole[iou_type], iou_type
+    assert parts["per_category"] == whole["per_category"]
+
+    bad = [dict(r) for r in results]
+    bad[23]["category_id"] = 999
+    results_path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"theirs.json: results entry #23: category_id 999"):
+        runner.evaluate_results(str(results_path), inputs, evaluator="coco")
+    results_path.write_text(json.dumps(results)[:-40])
+    with pytest.raises(ValueError, match=r"theirs.json: not a JSON array"):
+        runner.evaluate_results(str(results_path), inputs, evaluator="coco")
+
+    boxes_only = [dict(r) for r in results]
+    del boxes_only[20]["segmentation"]
+    results_path.write_text(json.dumps(boxes_only))
+    scored = runner.evaluate_results(str(results_path), inputs, evaluator="coco")
+    assert "segm" not in scored and scored["bbox"] == whole["bbox"]
+    evaluator = coco_eval.CocoEvaluator(_load(dataset), {})
+    evaluator.add_results(boxes_only[:10])
+    evaluator.add_results(boxes_only[10:])
+    with pytest.raises(ValueError, match=r"results entry #20 has no segmentation"):
+        evaluator.evaluate(("segm",))
+    assert evaluator.evaluate(("bbox",))["bbox"] == whole["bbox"]

@@ -1,12 +1,14 @@
 """ResultsTable: COCO results entries as columns, and back as dicts."""
 
+import io
 import json
+import random
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from mrcnn.evaluation.results import ResultsTable
+from mrcnn.evaluation.results import ResultsTable, iter_json_list
 
 
 def _entries():
@@ -75,3 +77,40 @@ def test_columns_of_different_lengths_fail():
         ResultsTable([1, 2], [1, 2], np.zeros((2, 4)), [0.5])
     with pytest.raises(ValueError, match="go together"):
         ResultsTable([1], [1], np.zeros((1, 4)), [0.5], mask_size=[[2, 2]])
+
+
+def _random_json(rng, depth=0):
+    kind = rng.randrange(6 if depth < 3 else 4)
+    if kind == 0:
+        return rng.randrange(-10 ** 6, 10 ** 6)
+    if kind == 1:
+        return rng.random() * 10.0 ** rng.randrange(-5, 8)
+    if kind == 2:   # what a chunk boundary could confuse: brackets, commas, escapes
+        return "".join(rng.choice('ab[]{},"\\: \u00e9\n') for _ in range(rng.randrange(8)))
+    if kind == 3:
+        return rng.choice([True, False, None])
+    if kind == 4:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {str(rng.random()): _random_json(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def test_json_list_read_in_chunks_is_json_loads():
+    rng = random.Random(0)
+    for _ in range(200):
+        text = json.dumps([_random_json(rng) for _ in range(rng.randrange(6))],
+                          indent=rng.choice([None, 0, 2]))
+        text = " " * rng.randrange(3) + text + "\n" * rng.randrange(3)
+        for chunk_chars in (1, 2, 3, 7, 64, 1 << 20):
+            assert list(iter_json_list(io.StringIO(text), chunk_chars)) == json.loads(text), (
+                text, chunk_chars)
+
+
+@pytest.mark.parametrize("text,where", [
+    ("", "no '\\[' \\(character 0"), ("{}", "no '\\[' \\(character 0"),
+    ("[1,]", "character 3"), ("[1 2]", "no ',' or '\\]' after an element \\(character 3"),
+    ("[1", "character 2"), ("[1.]", "character 2"), ("[1e5, tru]", "character 6"),
+    ('[{"a": "b}]', "Unterminated string"), ("[1]]", "text after the array \\(character 3")])
+def test_json_list_names_where_the_text_stops_being_one(text, where):
+    for chunk_chars in (1, 3, 100):
+        with pytest.raises(ValueError, match=f"not a JSON array: .*{where}"):
+            list(iter_json_list(io.StringIO(text), chunk_chars))
