@@ -60,15 +60,36 @@ def restore_model(model_fn, checkpoint, canvas_size, precision="float32",
     Raises:
       FileNotFoundError: no checkpoint there.
     """
+    path = _checkpoint_path(checkpoint)
+    with trainer.precision_scope(precision):
+        model = model_fn()
+        model(_zero_inference_batch(canvas_size), training=False)
+    step, path = restore_weights(model, path, average_weights)
+    return model, step, path
+
+
+def _checkpoint_path(checkpoint):
     path = checkpoint
     if tf.io.gfile.isdir(checkpoint):
         path = tf.train.latest_checkpoint(checkpoint)
     if not path or not tf.io.gfile.exists(path + ".index"):
         raise FileNotFoundError(f"no checkpoint at {checkpoint} (train first, or give "
                                 f"--checkpoint=DIR/ckpt-N)")
-    with trainer.precision_scope(precision):
-        model = model_fn()
-        model(_zero_inference_batch(canvas_size), training=False)
+    return path
+
+
+def restore_weights(model, checkpoint, average_weights=True):
+    """Restores a checkpoint's weights into a built model (`restore_model`'s).
+
+    Args:
+      model: keras.Model built as the checkpoint's.
+      checkpoint: a checkpoint path, or a model_dir whose latest is taken.
+      average_weights: as `restore_model`'s.
+
+    Returns:
+      (step int, checkpoint path).
+    """
+    path = _checkpoint_path(checkpoint)
     step = tf.Variable(0, dtype=tf.int64)
     # The average is a model of the same object graph, saved as `ema`.
     averaged = average_weights and trainer.has_weight_average(path)
@@ -78,7 +99,7 @@ def restore_model(model_fn, checkpoint, canvas_size, precision="float32",
     status.assert_existing_objects_matched()
     if averaged:
         logging.info("Restored the moving average of the weights of %s", path)
-    return model, int(step.numpy()), path
+    return int(step.numpy()), path
 
 
 def _class_maps(category_map):
@@ -118,7 +139,8 @@ _RESULTS_PART = 50_000
 def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
              num_pictures=4, watch=False, watch_timeout=3600, tta=None,
-             evaluator="auto", results_file=None, devices=None, host_threads=None):
+             evaluator="auto", results_file=None, devices=None, host_threads=None,
+             reuse=None):
     """Evaluates checkpoints of `model_dir` on a COCO-format split.
 
     Args:
@@ -151,6 +173,13 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         The results are those of one device, batch for batch.
       host_threads: threads that paste and encode masks on the host beside
         the model (None: as many as CPU cores, at most 8).
+      reuse: optional dict the caller keeps between calls (`bin/train`'s
+        periodic evaluation, `watch`): the first call keeps its model and
+        compiled inference there, and a later call with the same canvas,
+        precision, XLA, test-time augmentation and devices restores the
+        next checkpoint's weights into them instead of building, tracing
+        and compiling again. The caller must not change the model's
+        configuration (gin) in between.
 
     Returns:
       dict: {'step', 'evaluator': 'coco' or 'lvis', 'bbox': {AP, AP50, ...
@@ -167,19 +196,32 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if results_file is not None:
         return evaluate_results(results_file, dataset_fn, evaluator)
     if watch:
-        metrics = None
+        metrics, reuse = None, {} if reuse is None else reuse
         for path in tf.train.checkpoints_iterator(model_dir, timeout=watch_timeout):
             metrics = evaluate(model_dir, model_fn=model_fn, dataset_fn=dataset_fn,
                                checkpoint=path, precision=precision, xla=xla,
                                max_batches=max_batches, num_pictures=num_pictures,
                                tta=tta, evaluator=evaluator, devices=devices,
-                               host_threads=host_threads)
+                               host_threads=host_threads, reuse=reuse)
         return metrics
 
-    strategy = _eval_strategy(devices)
-    with strategy.scope() if strategy else contextlib.nullcontext():
-        model, step, path = restore_model(model_fn, checkpoint or model_dir,
-                                          dataset_fn.canvas_size, precision)
+    key = (tuple(dataset_fn.canvas_size), precision, bool(xla),
+           None if tta is None else (tuple(tta.min_sizes), tta.flip),
+           None if devices is None else tuple(devices))
+    if reuse is not None and reuse.get("key") == key:
+        model, strategy, infer = reuse["model"], reuse["strategy"], reuse["infer"]
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            step, path = restore_weights(model, checkpoint or model_dir)
+    else:
+        strategy = _eval_strategy(devices)
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model, step, path = restore_model(model_fn, checkpoint or model_dir,
+                                              dataset_fn.canvas_size, precision)
+        infer = _replicated(_inference_fn(model, tta, max(dataset_fn.min_sizes), xla),
+                            strategy)
+        if reuse is not None:
+            reuse.clear()
+            reuse.update(key=key, model=model, strategy=strategy, infer=infer)
     trainer.check_num_classes(model, dataset_fn)
     logging.info("Evaluating %s (step %d) on %s", path, step, dataset_fn.annotation_file)
     class_to_category, class_names = _class_maps(dataset_fn.category_map)
@@ -187,8 +229,6 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
     evaluator = lvis_eval.build_evaluator(dataset_fn.annotation_file, class_to_category,
                                           kind=evaluator, include_masks=with_masks)
-    infer = _replicated(_inference_fn(model, tta, max(dataset_fn.min_sizes), xla),
-                        strategy)
     suffix = "" if tta is None else "-tta"
     pictures, num_images, start = [], 0, time.perf_counter()
 

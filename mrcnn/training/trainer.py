@@ -625,6 +625,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     try:
         pending = None
         signatures = set()
+        eval_reuse = {}   # the evaluation's model and compiled inference
         for current in range(start + 1, end + 1):
             batch = next(iterator)
             signature = _input_signature(strategy, batch)
@@ -678,7 +679,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                 manager.save(checkpoint_number=current)
             if evaluated and _is_chief(strategy):
                 metrics = _evaluate(eval_fn, model_dir, manager.latest_checkpoint,
-                                    precision)
+                                    precision, eval_reuse)
                 # The evaluation's time stays out of the next window's img/s.
                 window_start, window_images = time.perf_counter(), 0
             if stopped_by:
@@ -707,11 +708,19 @@ def has_weight_average(checkpoint):
     return any(name.startswith("ema/") for name, _ in tf.train.list_variables(checkpoint))
 
 
-def _evaluate(eval_fn, model_dir, checkpoint, precision):
-    """`eval_fn` on a checkpoint of the run; the training precision restored."""
+def _evaluate(eval_fn, model_dir, checkpoint, precision, reuse):
+    """`eval_fn` on a checkpoint of the run; the training precision restored.
+    An `eval_fn` that takes `reuse` (`runner.evaluate`) gets the run's dict:
+    its model and compiled inference serve every evaluation of the run."""
     start = time.perf_counter()
+    kwargs = {}
     try:
-        metrics = eval_fn(model_dir, checkpoint=checkpoint)
+        if "reuse" in inspect.signature(eval_fn).parameters:
+            kwargs["reuse"] = reuse
+    except (TypeError, ValueError):   # no signature to read
+        pass
+    try:
+        metrics = eval_fn(model_dir, checkpoint=checkpoint, **kwargs)
     finally:
         set_precision(precision)   # the evaluation may set its own
     logging.info("Evaluated %s in %.1f s%s", checkpoint, time.perf_counter() - start,

@@ -156,6 +156,57 @@ class _Recorder(_Evaluator):
         return batch["image_id"].tolist(), detections
 
 
+def test_a_kept_model_gets_the_next_checkpoints_weights(tmp_path):
+    """evaluate(reuse=...): the second checkpoint is restored into the first
+    call's model and run by its traced inference, with the numbers a fresh
+    evaluation of it gives."""
+    class Toy(ToyDetector):
+        def call(self, batch, training=False):
+            calls.append(tf.executing_eagerly())
+            score = tf.reduce_mean(self.conv(tf.cast(batch["images"], tf.float32)), [1, 2])
+            return {"num_detections": tf.ones_like(score[:, 0], tf.int32),
+                    "detection_scores": score}
+
+    class Dataset(_Dataset):
+        def __call__(self):
+            for k in range(NUM_BATCHES):
+                yield {"image_id": tf.constant([k, -1]), "images": tf.fill([2, 8, 8, 3], k + 1.0),
+                       "image_info": tf.zeros([2, 5])}
+
+    calls = []
+    model = Toy()
+    model(runner._zero_inference_batch((64, 64)))
+    checkpoint = tf.train.Checkpoint(model=model, step=tf.Variable(0, dtype=tf.int64))
+    for step, value in ((1, 0.1), (2, 0.3)):
+        model.conv.kernel.assign(tf.fill(model.conv.kernel.shape, value))
+        checkpoint.step.assign(step)
+        assert checkpoint.save(str(tmp_path / "ckpt")).endswith(f"ckpt-{step}")
+
+    def run(step, reuse):
+        recorder = _Recorder()
+        coco = types.SimpleNamespace(format_metrics=str, format_per_category=str)
+        lvis = types.SimpleNamespace(build_evaluator=lambda *a, **k: recorder)
+        with mock.patch.object(runner.trainer, "check_num_classes"), \
+                mock.patch.object(runner, "coco_eval", coco), \
+                mock.patch.object(runner, "lvis_eval", lvis):
+            report = runner.evaluate(str(tmp_path), model_fn=Toy, dataset_fn=Dataset(),
+                                     checkpoint=str(tmp_path / f"ckpt-{step}"),
+                                     num_pictures=0, host_threads=1, reuse=reuse)
+        assert report["step"] == step
+        return np.concatenate([d["detection_scores"] for _, d in recorder.updates])
+
+    reuse = {}
+    first = run(1, reuse)
+    kept = reuse["model"]
+    calls.clear()
+    second = run(2, reuse)
+    assert reuse["model"] is kept and calls == []   # no model built, no trace
+    fresh = run(2, None)
+    assert True in calls and False in calls   # a new model: built, then traced
+    np.testing.assert_allclose(second, fresh, rtol=1e-6)
+    assert not np.allclose(first, second)
+
+
 @pytest.mark.parametrize("xla", [False, True])
 def test_devices_run_a_batch_each_in_order(tmp_path, xla):
     # 7 batches on two logical CPUs (tests/conftest.py): 4 steps, the last

@@ -169,6 +169,19 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(keras.mixed_precision.global_policy().name, "float32")
         out = self._train(d, {})
         self.assertIsNone(out["metrics"])
+        # An eval_fn that takes `reuse` (runner.evaluate) gets one dict for
+        # the run, where it keeps its model between evaluations.
+        reuses = []
+
+        def eval_with_reuse(model_dir, checkpoint, reuse):
+            reuses.append(reuse)
+            reuse["calls"] = reuse.get("calls", 0) + 1
+
+        self._train(os.path.join(self.get_temp_dir(), "reused"), {},
+                    eval_fn=eval_with_reuse, eval_every=5, stop_after=10)
+        self.assertEqual(len(reuses), 2)
+        self.assertIs(reuses[0], reuses[1])
+        self.assertEqual(reuses[0]["calls"], 2)
         with self.assertRaisesRegex(ValueError, "eval_every"):
             self._train(os.path.join(self.get_temp_dir(), "bad"), {}, eval_fn=eval_fn,
                         eval_every=0)
