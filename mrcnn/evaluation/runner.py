@@ -175,11 +175,11 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         the model (None: as many as CPU cores, at most 8).
       reuse: optional dict the caller keeps between calls (`bin/train`'s
         periodic evaluation, `watch`): the first call keeps its model and
-        compiled inference there, and a later call with the same canvas,
-        precision, XLA, test-time augmentation and devices restores the
-        next checkpoint's weights into them instead of building, tracing
-        and compiling again. The caller must not change the model's
-        configuration (gin) in between.
+        compiled inference there, and a later call with the same model_fn,
+        canvas, sizes, precision, XLA, test-time augmentation and devices
+        restores the next checkpoint's weights into them instead of
+        building, tracing and compiling again. The caller must not change
+        the model's configuration (gin) in between.
 
     Returns:
       dict: {'step', 'evaluator': 'coco' or 'lvis', 'bbox': {AP, AP50, ...
@@ -205,8 +205,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                                host_threads=host_threads, reuse=reuse)
         return metrics
 
-    key = (tuple(dataset_fn.canvas_size), precision, bool(xla),
-           None if tta is None else (tuple(tta.min_sizes), tta.flip),
+    key = (model_fn, tuple(dataset_fn.canvas_size), max(dataset_fn.min_sizes), precision,
+           bool(xla), None if tta is None else (tuple(tta.min_sizes), tta.flip),
            None if devices is None else tuple(devices))
     if reuse is not None and reuse.get("key") == key:
         model, strategy, infer = reuse["model"], reuse["strategy"], reuse["infer"]
