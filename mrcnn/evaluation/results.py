@@ -18,6 +18,7 @@ and builds the RLE dicts pycocotools takes a pair of (image, category)
 at a time.
 """
 
+import codecs
 import json
 import re
 
@@ -190,8 +191,10 @@ def iter_json_list(f, chunk_chars=1 << 20):
     dicts: `json.load` of one costs about 1 KB per entry with a mask.
 
     Args:
-      f: a text file object positioned at the start of the array.
-      chunk_chars: int, characters read per call of `f.read`.
+      f: a file object positioned at the start of the array: text, or
+        binary holding UTF-8 (a character cut by a chunk boundary is
+        decoded with the next chunk).
+      chunk_chars: int, characters (bytes) read per call of `f.read`.
 
     Yields:
       Each element, as `json.loads` would give it.
@@ -201,12 +204,18 @@ def iter_json_list(f, chunk_chars=1 << 20):
         offset where it stops being one).
     """
     decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
     buf, pos, consumed, eof = "", 0, 0, False
 
     def fill():
         nonlocal buf, pos, consumed, eof
         chunk = f.read(chunk_chars)
         eof = not chunk
+        if isinstance(chunk, bytes):
+            try:
+                chunk = utf8.decode(chunk, final=eof)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"not UTF-8 text: {e}") from None
         consumed += pos
         buf, pos = buf[pos:] + chunk, 0
 

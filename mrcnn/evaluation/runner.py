@@ -339,7 +339,7 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
     # Read and added in parts: an LVIS results file of 6M entries as one
     # list of dicts would take about 6 GB before the first is scored.
     num_results, with_masks, part = 0, True, []
-    with tf.io.gfile.GFile(results_file) as f:
+    with tf.io.gfile.GFile(results_file, "rb") as f:   # UTF-8 decoded in iter_json_list
         try:
             for entry in results_lib.iter_json_list(f):
                 with_masks = with_masks and isinstance(entry, dict) and "segmentation" in entry

@@ -103,6 +103,10 @@ def test_json_list_read_in_chunks_is_json_loads():
         for chunk_chars in (1, 2, 3, 7, 64, 1 << 20):
             assert list(iter_json_list(io.StringIO(text), chunk_chars)) == json.loads(text), (
                 text, chunk_chars)
+            # Bytes: a chunk may end inside a character's UTF-8 ("\u00e9": 2 bytes).
+            raw = io.BytesIO(json.dumps(json.loads(text), ensure_ascii=False).encode())
+            assert list(iter_json_list(raw, chunk_chars)) == json.loads(text), (
+                text, chunk_chars)
 
 
 @pytest.mark.parametrize("text,where", [
