@@ -60,9 +60,12 @@ def parse_gin_files(files, bindings, finalize=True):
     """Parses gin files and bindings with every configurable registered.
 
     `include 'gin/r50_fpn_1x.gin'` resolves from the working directory or
-    from the repository root, which is on gin's search path.
+    from the repository root, which is on gin's search path. Files may be on
+    any filesystem `tf.io.gfile` knows (`gs://...`), as with `gin.tf`.
     """
     _register_configurables()
+    import tensorflow as tf  # imported by the configurables above already
+    gin.config.register_file_reader(tf.io.gfile.GFile, tf.io.gfile.exists)
     root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     if root not in gin.config._LOCATION_PREFIXES:
         gin.add_config_file_search_path(root)

@@ -196,3 +196,15 @@ def test_lvis_r50_fpn_1x():
         assert gin.query_parameter("train.epochs") == 28.75
     finally:
         gin.clear_config()
+
+
+def test_a_gin_file_behind_a_url_includes_the_recipes(tmp_path):
+    # file:// stands in for gs://: gin opens local files itself, and reads
+    # the others through tf.io.gfile (as gin.tf registers it).
+    (tmp_path / "mine.gin").write_text("include 'gin/r50_fpn_1x.gin'\ntrain.epochs = 3\n")
+    programs.parse_gin_files([f"file://{tmp_path}/mine.gin"], [], finalize=False)
+    try:
+        assert gin.query_parameter("train.epochs") == 3
+        assert gin.query_parameter("%TRAIN_MIN_SIZE") == (640, 672, 704, 736, 768, 800)
+    finally:
+        gin.clear_config()

@@ -34,12 +34,13 @@ What counts as bad, and what happens to it (`on_bad`):
 import collections
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import List, Optional, Tuple
 
 import numpy as np
+
+from mrcnn.data import files
 
 # COCO boxes come from float polygons and can overhang the image by a
 # fraction of a pixel; more than one pixel means a wrong coordinate frame.
@@ -148,11 +149,13 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
     """Reads and validates one COCO instances json (see the module docstring).
 
     Args:
-      annotation_file: str, path of `instances_<split>.json`.
-      image_dir: str, the directory `file_name` is relative to.
+      annotation_file: str, path of `instances_<split>.json` (local, or any
+        filesystem `tf.io.gfile` knows: `mrcnn.data.files`).
+      image_dir: str, the directory `file_name` is relative to (likewise).
       on_bad: "raise", "skip_image" or "skip_annotation".
       check_files: bool, check that every image file exists (one `stat` per
-        image: about a second for COCO train2017).
+        image: about a second for COCO train2017; on an object store one
+        listing per directory).
       with_masks: bool; False reads box-only annotations: `segmentation` is
         neither needed nor checked (records hold None for it).
 
@@ -166,9 +169,8 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad={on_bad!r} must be one of {ON_BAD}")
     try:
-        with open(annotation_file) as f:
-            dataset = json.load(f)
-    except (OSError, ValueError) as e:
+        dataset = files.read_json(annotation_file)
+    except (*files.READ_ERRORS, ValueError) as e:
         raise DataError(f"{annotation_file}: cannot read COCO json: {e}") from None
     if not isinstance(dataset, dict):
         raise DataError(f"{annotation_file}: not a COCO json (top level is "
@@ -195,6 +197,7 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
         raise DataError(f"{annotation_file}: duplicate category ids")
 
     # Images.
+    checker = files.FileChecker()
     images = {}
     bad_image_ids = {}   # image id -> message
     for i, image in enumerate(dataset["images"]):
@@ -211,7 +214,7 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
         if not (int(image["height"]) > 0 and int(image["width"]) > 0):
             bad_image_ids[image_id] = (f"image id {image_id} ({path}): size "
                                        f"{image['height']}x{image['width']} is not positive")
-        elif check_files and not os.path.isfile(path):
+        elif check_files and not checker.isfile(path):
             bad_image_ids[image_id] = f"image id {image_id}: file {path} is missing"
         if image_id in bad_image_ids:
             if on_bad == "skip_annotation":   # evaluation needs every image

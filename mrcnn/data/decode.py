@@ -19,10 +19,13 @@ Flipping the image flips every box-frame mask along `v` exactly, because the
 sample points are symmetric in the box.
 """
 
+import io
+
 import numpy as np
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_util
 
+from mrcnn.data import files
 from mrcnn.data.coco import DataError
 
 
@@ -30,8 +33,10 @@ from mrcnn.data.coco import DataError
 # 5-8 turn them a quarter, swapping height and width).
 _ORIENTATION_TAG = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)
-# What PIL raises for a missing, unreadable, truncated or oversized file.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What PIL raises for a missing, unreadable, truncated or oversized file,
+# and TensorFlow's filesystems for a missing or unreadable remote one.
+DECODE_ERRORS = (*files.READ_ERRORS, ValueError, SyntaxError,
+                 Image.DecompressionBombError)
 
 
 def open_rgb(path, exif_orientation=True):
@@ -42,7 +47,9 @@ def open_rgb(path, exif_orientation=True):
     CVAT, VIA) show it turned, and Detectron2's `read_image` applies it.
 
     Args:
-      path: str, any format PIL reads (grey, RGBA and CMYK become RGB).
+      path: str, any format PIL reads (grey, RGBA and CMYK become RGB), on
+        any filesystem of `mrcnn.data.files` (a remote file is read whole,
+        then decoded).
       exif_orientation: bool, apply the file's EXIF orientation (False: the
         stored pixels).
 
@@ -53,7 +60,8 @@ def open_rgb(path, exif_orientation=True):
       one of `DECODE_ERRORS`, PIL's, for a missing, unreadable or truncated
         file.
     """
-    with Image.open(path) as image:
+    source = path if files.is_local(path) else io.BytesIO(files.read_bytes(path))
+    with Image.open(source) as image:
         image.load()   # decodes everything: a truncated file raises here
         orientation = int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
         if exif_orientation and orientation != 1:

@@ -36,6 +36,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mrcnn.data import files
 from mrcnn.evaluation import cocoeval
 # The 12 numbers COCOeval.summarize() prints, in its order (stats[0..11]),
 # and the IoU types.
@@ -332,6 +333,29 @@ def detections_to_table(detections, image_ids, image_info, class_to_category,
         columns["mask_counts"] if include_masks else None)
 
 
+def load_coco(path):
+    """pycocotools' `COCO` of an annotation file on any filesystem.
+
+    `COCO(path)` opens local files only; this reads the json through
+    `mrcnn.data.files` (local, `gs://`, ...) and indexes it, quietly.
+
+    Args:
+      path: str or PathLike, a COCO-format annotation json.
+
+    Returns:
+      pycocotools.coco.COCO.
+    """
+    coco = COCO()
+    dataset = files.read_json(path)
+    if not isinstance(dataset, dict):
+        raise ValueError(f"{os.fspath(path)}: not a COCO annotation file (top level "
+                         f"is {type(dataset).__name__}, not an object)")
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
 def _empty_results(coco_gt):
     """A results COCO with no annotations: `loadRes([])` would fail."""
     coco_dt = COCO()
@@ -387,8 +411,7 @@ class CocoEvaluator:
         if isinstance(annotations, COCO):
             self._coco_gt = annotations
         else:
-            with self._quiet(verbose):
-                self._coco_gt = COCO(os.fspath(annotations))
+            self._coco_gt = load_coco(annotations)
         missing = sorted(set(class_to_category.values()) -
                          set(self._coco_gt.getCatIds()))
         if missing:
@@ -624,13 +647,10 @@ class CocoEvaluator:
 
     def write_results(self, path):
         """Writes the accumulated results as a COCO results JSON list."""
-        path = os.fspath(path)
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+        files.make_parent(path)
         # Entry by entry: the same bytes as json.dump of the list, without
         # the list.
-        with open(path, "w") as f:
+        with files.open_file(path, "w") as f:
             f.write("[")
             separator = ""
             for part in self._parts:

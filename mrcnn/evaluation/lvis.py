@@ -229,8 +229,7 @@ def build_evaluator(annotations, class_to_category, kind="auto", **kwargs):
     if kind == "pycocotools":
         kwargs["engine"] = "pycocotools"
     if not isinstance(annotations, COCO):
-        with coco_eval.CocoEvaluator._quiet(kwargs.get("verbose", False)):
-            annotations = COCO(str(annotations))
+        annotations = coco_eval.load_coco(annotations)
     if kind == "auto":
         kind = "lvis" if is_federated(annotations) else "coco"
     cls = LvisEvaluator if kind == "lvis" else coco_eval.CocoEvaluator

@@ -10,7 +10,6 @@ PNG pictures.
 from concurrent import futures
 import contextlib
 import functools
-import glob
 import itertools
 import json
 import os
@@ -22,13 +21,13 @@ import tensorflow as tf
 from absl import logging
 from pycocotools import mask as mask_util
 
-from mrcnn.data import decode, pipeline
+from mrcnn.data import decode, files, pipeline
 from mrcnn.evaluation import coco as coco_eval
 from mrcnn.evaluation import lvis as lvis_eval
 from mrcnn.evaluation import results as results_lib
 from mrcnn.evaluation import visualize
 from mrcnn.ops import masks as mask_ops
-from mrcnn.training import trainer
+from mrcnn.training import initialization, trainer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -69,10 +68,8 @@ def restore_model(model_fn, checkpoint, canvas_size, precision="float32",
 
 
 def _checkpoint_path(checkpoint):
-    path = checkpoint
-    if tf.io.gfile.isdir(checkpoint):
-        path = tf.train.latest_checkpoint(checkpoint)
-    if not path or not tf.io.gfile.exists(path + ".index"):
+    path = initialization.find_checkpoint(checkpoint)
+    if path is None:
         raise FileNotFoundError(f"no checkpoint at {checkpoint} (train first, or give "
                                 f"--checkpoint=DIR/ckpt-N)")
     return path
@@ -291,7 +288,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     else:
         print(f"AP of each of the {num_categories} categories: {metrics_file}")
 
-    tf.io.gfile.makedirs(out_dir)
+    files.makedirs(out_dir)
     evaluator.write_results(os.path.join(out_dir, f"results-{step}{suffix}.json"))
     report = {"step": step, "checkpoint": path, "num_images": num_images,
               "evaluator": evaluator.kind, **metrics,
@@ -299,7 +296,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if tta is not None:
         report["test_time_augmentation"] = {"min_sizes": list(tta.min_sizes),
                                             "flip": tta.flip}
-    with open(metrics_file, "w") as f:
+    with files.open_file(metrics_file, "w") as f:
         json.dump(report, f, indent=2)
     writer = tf.summary.create_file_writer(out_dir)
     with writer.as_default(step=step):
@@ -462,18 +459,20 @@ def _inference_fn(model, tta, base_min_size, xla=False):
 
 def image_files(inputs):
     """Image files of `inputs` (files and folders); FileNotFoundError if none."""
-    files = []
+    paths = []
     for item in inputs:
-        if os.path.isdir(item):
-            files += sorted(f for f in glob.glob(os.path.join(item, "*"))
-                            if f.lower().endswith(IMAGE_SUFFIXES))
-        elif os.path.exists(item):
-            files.append(item)
+        if tf.io.gfile.isdir(item):
+            paths += sorted(os.path.join(item, name)
+                            for name in tf.io.gfile.listdir(item)
+                            if name.lower().endswith(IMAGE_SUFFIXES)
+                            and not name.startswith("."))
+        elif tf.io.gfile.exists(item):
+            paths.append(item)
         else:
             raise FileNotFoundError(f"{item}: no such image file or folder")
-    if not files:
+    if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {inputs}")
-    return files
+    return paths
 
 
 class Predictor:
@@ -650,15 +649,15 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, exif_orientati
     Returns:
       list of per-image dicts as written to detections.json.
     """
-    files = image_files(inputs)
+    paths = image_files(inputs)
     predictor = Predictor(model_dir, model_fn=model_fn, **kwargs)
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     written, unreadable, pictures = [], [], set()
     # Files are read a few batches at a time, so that each canvas's batches fill.
     chunk = 4 * predictor.batch_size
-    for first in range(0, len(files), chunk):
+    for first in range(0, len(paths), chunk):
         images = []
-        for file in files[first:first + chunk]:
+        for file in paths[first:first + chunk]:
             try:
                 # Upright by its EXIF tag, as a viewer shows a phone photo
                 # (and as `CocoInput.exif_orientation` reads training images).
@@ -672,19 +671,19 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, exif_orientati
             written.append(_write_prediction(file, image, out, predictor, out_dir,
                                              pictures))
     if not written:
-        raise ValueError(f"none of the {len(files)} image files could be read: "
+        raise ValueError(f"none of the {len(paths)} image files could be read: "
                          + "; ".join(f"{u['file']}: {u['error']}" for u in unreadable))
     report = {"checkpoint": predictor.checkpoint_path, "step": predictor.step,
               "images": written}
     if unreadable:
         report["unreadable"] = unreadable
-    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+    with files.open_file(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump(report, f, indent=2)
     logging.info("Predicted %d images: %s", len(written), ", ".join(
         f"{n} on {h}x{w}" for (h, w), n in sorted(predictor.canvases_used.items())))
     if unreadable:
         logging.warning("%d of %d files could not be read (listed under 'unreadable' "
-                        "in detections.json)", len(unreadable), len(files))
+                        "in detections.json)", len(unreadable), len(paths))
     return written
 
 
@@ -722,7 +721,7 @@ def visualize_data(out_dir, *, dataset_fn=gin.REQUIRED, num_images=16):
       list of the PNG paths written.
     """
     names = dict(enumerate(dataset_fn.category_map.names, start=1))
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     paths = []
     for batch in dataset_fn(seed=0) if dataset_fn.training else dataset_fn():
         for b in range(batch["images"].shape[0]):

@@ -5,10 +5,11 @@ model's detections are), `K` detection slots. Host-side numpy + PIL only.
 """
 
 import colorsys
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from mrcnn.data import files
 
 # Weight of the instance colour over the image inside a mask: 0.5 keeps the
 # object's texture readable under the colour.
@@ -115,9 +116,8 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
 
 
 def save_png(path, image):
-    """Writes uint8 [H, W, 3] (or [H, W]) `image` as a PNG, making parent dirs."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG")
+    """Writes uint8 [H, W, 3] (or [H, W]) `image` as a PNG, making parent dirs
+    (on any filesystem of `mrcnn.data.files`)."""
+    files.make_parent(path)
+    with files.open_file(path, "wb") as f:
+        Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")

@@ -82,6 +82,7 @@ trained on, which `load_backbone_weights` folds into the stem.
 
 import codecs
 import collections
+import io
 import pickle
 import re
 import zipfile
@@ -92,6 +93,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mrcnn.data import files
 from mrcnn.modeling import norms as norm_lib
 from mrcnn.modeling._config import checkpointed, configurable_layer
 
@@ -482,12 +484,18 @@ def _keras_snake(name):
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
+def _local_or_bytes(path):
+    """`path` itself if local, else the remote file's bytes as a file object
+    (h5py and NumPy open local paths only)."""
+    return path if files.is_local(path) else io.BytesIO(files.read_bytes(path))
+
+
 def _read_keras_resnet50(path):
     """{'conv2_block1_1_conv/kernel': array, ...} from either h5 layout."""
     import h5py  # Keras' own dependency for .h5 files.
 
     arrays = {}
-    with h5py.File(path, "r") as f:
+    with h5py.File(_local_or_bytes(path), "r") as f:
         if "layer_names" in f.attrs or (
                 "model_weights" in f and "layer_names" in f["model_weights"].attrs):
             # Legacy Keras 2 layout: <layer>/<layer>/<var>:0.
@@ -590,7 +598,7 @@ def load_tensorpack_resnet_weights(resnet, path):
       missing or mis-shaped, or when a backbone array of the file is unused.
     """
     _check_loadable(resnet)
-    with np.load(path) as npz:
+    with np.load(_local_or_bytes(path)) as npz:
         arrays = {k[:-2] if k.endswith(":0") else k: npz[k] for k in npz.files}
     used = set()
     suffix = {"kernel": "W", "gamma": "bn/gamma", "beta": "bn/beta",
@@ -679,16 +687,17 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _read_detectron2_pickle(path):
     """({name: array}, author or None) from a Detectron2 or Caffe2 `.pkl`."""
-    if zipfile.is_zipfile(path):
+    raw = io.BytesIO(files.read_bytes(path))
+    if zipfile.is_zipfile(raw):
         raise ValueError(
             f"{path}: a PyTorch checkpoint (zip), not a Detectron2 .pkl of NumPy "
             "arrays; convert torchvision weights with Detectron2's "
             "tools/convert-torchvision-to-d2.py, or save a Detectron2 model's "
             "state_dict as {'model': {name: tensor.numpy()}} with pickle")
     try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            # latin1: the Caffe2 model zoo files are Python 2 pickles.
-            data = _ArrayUnpickler(f, encoding="latin1").load()
+        raw.seek(0)
+        # latin1: the Caffe2 model zoo files are Python 2 pickles.
+        data = _ArrayUnpickler(raw, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: cannot read as a Detectron2 weights pickle "
                          f"({e})") from None

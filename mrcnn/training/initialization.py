@@ -18,9 +18,26 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 MODULES = ("backbone", "fpn", "rpn_head", "roi_heads")
 
 
+def find_checkpoint(path):
+    """`path` if it is a checkpoint prefix (DIR/ckpt-N), else the latest
+    checkpoint of run directory `path`; None when there is neither.
+
+    The prefix is tried first: some filesystems (ram://) call any prefix of
+    a file name a directory.
+    """
+    path = str(path)
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    if tf.io.gfile.isdir(path):
+        found = tf.train.latest_checkpoint(path)
+        if found and tf.io.gfile.exists(found + ".index"):
+            return found
+    return None
+
+
 def _checkpoint_path(path):
-    found = tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else path
-    if not found or not tf.io.gfile.exists(found + ".index"):
+    found = find_checkpoint(path)
+    if found is None:
         raise FileNotFoundError(f"init_from_checkpoint: no checkpoint at {path} (give a "
                                 f"run directory or DIR/ckpt-N)")
     return found

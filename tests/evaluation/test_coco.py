@@ -382,6 +382,22 @@ class CocoEvaluatorTest(_GtTestCase):
             self.assertEqual(f.read(), json.dumps(evaluator.results))
         self.assertEqual(evaluator.num_results, 4)
 
+    def test_annotations_and_results_on_an_object_store(self):
+        # A file:// URL stands in for gs://: pycocotools opens local files only.
+        from tests.data.test_files import remote_dir
+        root = remote_dir(self._dir.name)
+        tf.io.gfile.makedirs(root)
+        tf.io.gfile.copy(self.gt_path, f"{root}/instances.json")
+        evaluator = coco_eval.CocoEvaluator(f"{root}/instances.json",
+                                            fixtures.CLASS_TO_CATEGORY)
+        evaluator.update(*self.perfect)
+        self.assertAllClose(evaluator.evaluate()["segm"]["AP"], 1.0, atol=1e-6)
+        evaluator.write_results(f"{root}/eval/results.json")
+        with tf.io.gfile.GFile(f"{root}/eval/results.json") as f:
+            self.assertEqual(f.read(), json.dumps(evaluator.results))
+        with self.assertRaisesRegex(FileNotFoundError, f"{root}/missing.json"):
+            coco_eval.load_coco(f"{root}/missing.json")
+
     def test_segm_needs_masks(self):
         evaluator = self.evaluator(include_masks=False)
         detections = dict(self.perfect[0])

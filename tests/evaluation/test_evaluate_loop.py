@@ -100,6 +100,17 @@ def test_many_categories_go_to_the_metrics_file_only(tmp_path, capsys, monkeypat
     assert "metrics-3.json" in out and len(report["per_category"]["bbox"]) == 101
 
 
+def test_reports_go_to_a_run_directory_on_an_object_store(tmp_path):
+    # A file:// URL stands in for gs://: the metrics file and TensorBoard
+    # events are written through tf.io.gfile.
+    from tests.data.test_files import remote_dir
+    run = remote_dir(tmp_path)
+    _, report = _evaluate(run)
+    with tf.io.gfile.GFile(f"{run}/eval/metrics-3.json") as f:
+        assert json.load(f)["bbox"] == report["bbox"] == {"AP": 0.5}
+    assert tf.io.gfile.glob(f"{run}/eval/events.out.tfevents.*")
+
+
 def test_an_error_of_the_host_work_reaches_the_caller(tmp_path):
     with pytest.raises(ValueError, match="bad detections in batch 1"):
         _evaluate(tmp_path, fail_at=1)

@@ -2,6 +2,8 @@
 its precision and the exported model's."""
 
 import functools
+import json
+import os
 from unittest import mock
 
 import gin
@@ -9,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 from pycocotools import mask as mask_util
 
 from mrcnn import programs
@@ -226,3 +229,35 @@ def test_bfloat16_predictor_and_export(fixture_run, tmp_path):
     assert any(node.op == "Conv2D" and node.attr["T"].type == bf16
                for f in saved.meta_graphs[0].graph_def.library.function
                for node in f.node_def)
+
+
+def test_predict_from_and_to_an_object_store(fixture_run, tmp_path):
+    """bin/predict's loop with the run, the images and the output behind a
+    file:// URL (standing in for gs://): the same detections as the local
+    run's Predictor, a PNG and detections.json written there. (Landscape
+    images only: each canvas costs the new Predictor a trace.)"""
+    from tests.data.test_files import copy_tree, remote_dir
+    run_dir, _, every = fixture_run
+    root = remote_dir(tmp_path)
+    copy_tree(str(run_dir), f"{root}/run")
+    rng = np.random.default_rng(7)
+    images = {"a.png": rng.integers(0, 256, (48, 80, 3)).astype(np.uint8),
+              "b.png": rng.integers(0, 256, (60, 90, 3)).astype(np.uint8)}
+    tf.io.gfile.makedirs(f"{root}/images")
+    for name, image in images.items():
+        with tf.io.gfile.GFile(f"{root}/images/{name}", "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+    written = runner.predict(f"{root}/run", [f"{root}/images"], f"{root}/out",
+                             model_fn=functools.partial(build_mask_rcnn, **SMALL),
+                             score_threshold=0.0, **SIZES)
+    assert [w["file"] for w in written] == [f"{root}/images/a.png", f"{root}/images/b.png"]
+    with tf.io.gfile.GFile(f"{root}/out/detections.json") as f:
+        report = json.load(f)
+    assert report["step"] == 7 and report["images"] == written
+    for entry in written:
+        want = every(images[os.path.basename(entry["file"])])
+        got = entry["detections"]
+        assert len(got) == len(want["scores"]) > 0
+        np.testing.assert_allclose([d["score"] for d in got], want["scores"], atol=1e-4)
+        with tf.io.gfile.GFile(f"{root}/out/{entry['picture']}", "rb") as f:
+            assert Image.open(f).size == images[os.path.basename(entry["file"])].shape[1::-1]

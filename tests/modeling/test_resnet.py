@@ -277,14 +277,16 @@ class KerasLoaderTest(tf.test.TestCase):
         self.assertAllClose(ours, ref, atol=1e-3, rtol=1e-3)
 
     def test_legacy_h5_layout(self):
-        # Keras 2 layout (groups named by layer), as the downloadable files.
+        # Keras 2 layout (groups named by layer), as the downloadable files,
+        # read from a URL (file:// stands in for gs://; h5py opens local
+        # paths only).
         import h5py
         from keras.src.legacy.saving import legacy_h5_format
         path = os.path.join(self.get_temp_dir(), 'legacy.h5')
         with h5py.File(path, 'w') as f:
             legacy_h5_format.save_weights_to_hdf5_group(f, self.keras_model)
         net = resnet_lib.ResNet(depth=50)
-        resnet_lib.load_keras_resnet50_weights(net, path)
+        resnet_lib.load_keras_resnet50_weights(net, 'file://' + path)
         self.assertAllEqual(net.stages[3][2].convs[2].conv.kernel,
                             self.source['conv5_block3_3_conv/kernel'])
 
@@ -375,7 +377,8 @@ class TensorpackLoaderTest(tf.test.TestCase, parameterized.TestCase):
         net = resnet_lib.ResNet(depth=depth)
         net(tf.zeros([1, _CANVAS, _CANVAS, 3]))
         path, arrays = self._write_npz(net)
-        resnet_lib.load_tensorpack_resnet_weights(net, path)
+        # From a URL: file:// stands in for gs:// (np.load opens local paths only).
+        resnet_lib.load_tensorpack_resnet_weights(net, 'file://' + path)
         loaded = 0
         for conv, norm, stage, block, index in resnet_lib._named_units(net):
             prefix = ('conv0' if stage == 1 else
@@ -548,6 +551,8 @@ class Detectron2LoaderTest(tf.test.TestCase, parameterized.TestCase):
             arrays['stem.fc.weight'] = np.zeros((1000, 2048))
         path = self._write({'model': arrays, '__author__': author,
                             'matching_heuristics': True})
+        if not prefix:   # from a URL: file:// stands in for gs://
+            path = 'file://' + path
         net = resnet_lib.ResNet(depth=50)
         source = resnet_lib.load_detectron2_resnet_weights(net, path)
         self._assert_loaded(net)

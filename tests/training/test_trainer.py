@@ -150,6 +150,19 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(os.path.exists(os.path.join(d, "run", "operative_config.gin")))
         self.assertTrue(tf.io.gfile.glob(os.path.join(d, "run", "train", "events.*")))
 
+    def test_a_run_directory_on_an_object_store_resumes(self):
+        # A file:// URL stands in for gs://: checkpoints, the operative
+        # config and summaries go through TensorFlow's filesystems.
+        from tests.data.test_files import remote_dir
+        run, first, again = remote_dir(self.get_temp_dir()), {}, {}
+        self.assertEqual(self._train(run, first, stop_after=8)["step"], 8)
+        out = self._train(run, again, stop_after=0)
+        self.assertEqual(out["step"], 8)
+        for a, b in zip(_weights(first["model"]), _weights(again["model"])):
+            self.assertAllEqual(a, b)
+        self.assertTrue(tf.io.gfile.exists(f"{run}/operative_config.gin"))
+        self.assertTrue(tf.io.gfile.glob(f"{run}/train/events.*"))
+
     def test_eval_fn_runs_on_the_checkpoints_of_its_steps(self):
         d = os.path.join(self.get_temp_dir(), "run")
         calls = []
