@@ -45,6 +45,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from mrcnn.data import files
+
 # COCO-style, deliberately non-contiguous ids (COCO 2017 skips 12, 26, ...).
 CATEGORIES = (
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -90,11 +92,11 @@ def make_shapes(out_dir, num_train=500, num_val=100, image_size=(128, 128),
         raise ValueError(f"make_shapes: image_size={image_size} must be >= 16")
     if max_instances < 1:
         raise ValueError(f"make_shapes: max_instances={max_instances} < 1")
-    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    files.makedirs(os.path.join(out_dir, "annotations"))
     paths = {}
     for split, count in zip(SPLITS, (num_train, num_val)):
         image_dir = os.path.join(out_dir, split)
-        os.makedirs(image_dir, exist_ok=True)
+        files.makedirs(image_dir)
         images, annotations = [], []
         for index in range(int(count)):
             image_id = _FIRST_IMAGE_ID[split] + index
@@ -105,8 +107,8 @@ def make_shapes(out_dir, num_train=500, num_val=100, image_size=(128, 128),
                                else int(rng.integers(1, max_instances + 1))),
                 with_crowd=index % _CROWD_EVERY == _CROWD_AT)
             file_name = f"{image_id:012d}.jpg"
-            Image.fromarray(pixels).save(
-                os.path.join(image_dir, file_name), quality=_JPEG_QUALITY)
+            with files.open_file(os.path.join(image_dir, file_name), "wb") as f:
+                Image.fromarray(pixels).save(f, format="JPEG", quality=_JPEG_QUALITY)
             images.append({"id": image_id, "file_name": file_name,
                            "height": height, "width": width})
             for inst in instances:
@@ -122,7 +124,7 @@ def make_shapes(out_dir, num_train=500, num_val=100, image_size=(128, 128),
             "categories": [dict(c) for c in CATEGORIES],
         }
         path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
-        with open(path, "w") as f:
+        with files.open_file(path, "w") as f:
             json.dump(dataset, f)
         paths[split] = path
     return paths
