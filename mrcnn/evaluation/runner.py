@@ -175,8 +175,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         compiled inference there, and a later call with the same model_fn,
         canvas, sizes, precision, XLA, test-time augmentation and devices
         restores the next checkpoint's weights into them instead of
-        building, tracing and compiling again. The caller must not change
-        the model's configuration (gin) in between.
+        building, tracing and compiling again (with the same gin
+        configuration too: a changed binding builds anew).
 
     Returns:
       dict: {'step', 'evaluator': 'coco' or 'lvis', 'bbox': {AP, AP50, ...
@@ -202,9 +202,10 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                                host_threads=host_threads, reuse=reuse)
         return metrics
 
+    # gin's text stands for what model_fn's own bindings build.
     key = (model_fn, tuple(dataset_fn.canvas_size), max(dataset_fn.min_sizes), precision,
            bool(xla), None if tta is None else (tuple(tta.min_sizes), tta.flip),
-           None if devices is None else tuple(devices))
+           None if devices is None else tuple(devices), gin.config_str())
     if reuse is not None and reuse.get("key") == key:
         model, strategy, infer = reuse["model"], reuse["strategy"], reuse["infer"]
         with strategy.scope() if strategy else contextlib.nullcontext():

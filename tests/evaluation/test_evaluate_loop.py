@@ -8,6 +8,7 @@ import threading
 import types
 from unittest import mock
 
+import gin
 import keras
 import numpy as np
 import pytest
@@ -216,6 +217,13 @@ def test_a_kept_model_gets_the_next_checkpoints_weights(tmp_path):
     assert True in calls and False in calls   # a new model: built, then traced
     np.testing.assert_allclose(second, fresh, rtol=1e-6)
     assert not np.allclose(first, second)
+    # A changed gin configuration may build another model: not reused.
+    gin.parse_config("evaluate.num_pictures = 0")
+    try:
+        run(2, reuse)
+    finally:
+        gin.clear_config()
+    assert reuse["model"] is not kept
 
 
 @pytest.mark.parametrize("xla", [False, True])
