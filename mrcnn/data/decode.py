@@ -19,8 +19,6 @@ Flipping the image flips every box-frame mask along `v` exactly, because the
 sample points are symmetric in the box.
 """
 
-import io
-
 import numpy as np
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_util
@@ -60,8 +58,7 @@ def open_rgb(path, exif_orientation=True):
       one of `DECODE_ERRORS`, PIL's, for a missing, unreadable or truncated
         file.
     """
-    source = path if files.is_local(path) else io.BytesIO(files.read_bytes(path))
-    with Image.open(source) as image:
+    with Image.open(files.for_reader(path)) as image:
         image.load()   # decodes everything: a truncated file raises here
         orientation = int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
         if exif_orientation and orientation != 1:

@@ -1,4 +1,4 @@
-"""Paths on any filesystem TensorFlow knows: local, `gs://`, `s3://`, `ram://`.
+"""Paths on any filesystem TensorFlow knows: local, `gs://`, `s3://`, `file://`.
 
 Datasets, weights, run directories, results and pictures may live on object
 stores, as they do for TPU and cloud GPU jobs (the TF Model Garden reads and
@@ -6,12 +6,13 @@ writes everything through `tf.io.gfile`). Checkpoints, summaries and
 SavedModels reach them through TensorFlow itself; the Python-side reads and
 writes go through here. A local path (no `scheme://`) keeps Python's own
 file objects, so local runs read images exactly as before; any other path
-goes through `tf.io.gfile` (`s3://` and `hdfs://` need their TensorFlow I/O
-plugin installed, `gs://` is built in, `ram://` is in-process memory, which
-the tests use).
+goes through `tf.io.gfile` (`gs://` is built in, `s3://` and `hdfs://` need
+TensorFlow I/O's plugin; the tests use `file://` URLs, local files that only
+`tf.io.gfile` opens).
 """
 
 import errno
+import io
 import json
 import os
 
@@ -54,6 +55,13 @@ def _read(path, mode):
 def read_bytes(path):
     """The whole file as bytes; OSError (FileNotFoundError) naming it on failure."""
     return _read(path, "rb")
+
+
+def for_reader(path):
+    """`path` itself if local, else the file's bytes in an `io.BytesIO`: what
+    to give libraries that open only local paths but read file objects too
+    (PIL, h5py, NumPy)."""
+    return path if is_local(path) else io.BytesIO(read_bytes(path))
 
 
 def read_json(path):

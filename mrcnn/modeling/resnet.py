@@ -484,18 +484,12 @@ def _keras_snake(name):
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _local_or_bytes(path):
-    """`path` itself if local, else the remote file's bytes as a file object
-    (h5py and NumPy open local paths only)."""
-    return path if files.is_local(path) else io.BytesIO(files.read_bytes(path))
-
-
 def _read_keras_resnet50(path):
     """{'conv2_block1_1_conv/kernel': array, ...} from either h5 layout."""
     import h5py  # Keras' own dependency for .h5 files.
 
     arrays = {}
-    with h5py.File(_local_or_bytes(path), "r") as f:
+    with h5py.File(files.for_reader(path), "r") as f:
         if "layer_names" in f.attrs or (
                 "model_weights" in f and "layer_names" in f["model_weights"].attrs):
             # Legacy Keras 2 layout: <layer>/<layer>/<var>:0.
@@ -598,7 +592,7 @@ def load_tensorpack_resnet_weights(resnet, path):
       missing or mis-shaped, or when a backbone array of the file is unused.
     """
     _check_loadable(resnet)
-    with np.load(_local_or_bytes(path)) as npz:
+    with np.load(files.for_reader(path)) as npz:
         arrays = {k[:-2] if k.endswith(":0") else k: npz[k] for k in npz.files}
     used = set()
     suffix = {"kernel": "W", "gamma": "bn/gamma", "beta": "bn/beta",
