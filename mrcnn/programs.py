@@ -28,12 +28,18 @@ def use_xla_cache(directory=None):
     that compiled it. Set through `TF_XLA_FLAGS` (replacing a cache directory
     named there), which TensorFlow reads once, when its runtime starts (the
     process's first TF op; importing it is not yet too late), and which
-    child processes inherit. Returns the directory, or None.
+    child processes inherit. Returns the directory, or None; ValueError
+    for a URL (`gs://...`): the cache is a local directory.
     """
     if directory is None and flags.FLAGS.is_parsed():
         directory = _XLA_CACHE_DIR.value
     if not directory:
         return None
+    if "://" in directory:
+        # Its entries are executables for this machine's devices, read back
+        # at each compile: it belongs on the machine, not in a bucket.
+        raise ValueError(f"--xla_cache_dir={directory}: give a local directory "
+                         f"(the cache is specific to the machine that compiles)")
     directory = os.path.abspath(os.path.expanduser(directory))
     os.makedirs(directory, exist_ok=True)
     kept = [option for option in os.environ.get("TF_XLA_FLAGS", "").split()

@@ -626,3 +626,13 @@ def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     assert report["peak_memory_bytes"] > 0
     assert report["gflops_per_image"] > 0
     assert report["ema_decay"] == (0.99 if what == "train" else None)
+
+
+def test_xla_cache_dir_is_local(monkeypatch, tmp_path):
+    from mrcnn import programs
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_persistent_cache_directory=/old --other")
+    with pytest.raises(ValueError, match="gs://bucket/cache: give a local directory"):
+        programs.use_xla_cache("gs://bucket/cache")
+    assert programs.use_xla_cache(str(tmp_path / "c")) == str(tmp_path / "c")
+    assert os.environ["TF_XLA_FLAGS"] == (
+        f"--other --tf_xla_persistent_cache_directory={tmp_path / 'c'}")
