@@ -11,6 +11,7 @@ the rerun loses nothing (one machine; see `train`).
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import signal
@@ -424,7 +425,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
           total_steps=None, precision="float32", xla=True,
           checkpoint_every=1000, keep_checkpoints=5, log_every=20,
           stop_after=None, strategy=None, eval_fn=None, eval_every=None,
-          ema_decay=None, ema_warmup=True):
+          best_metric=None, best_mode="max", ema_decay=None, ema_warmup=True):
     """Trains a model, resuming from `model_dir` if it holds a checkpoint.
 
     Args:
@@ -467,6 +468,14 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         workers at their next step).
       eval_every: optional int, steps between those evaluations (each also
         writes a checkpoint); None: the last step only.
+      best_metric: optional 'group/name' of `eval_fn`'s metrics, e.g.
+        'segm/AP' or 'bbox/AP50' (Detectron2's `BestCheckpointer`, the Model
+        Garden's `best_checkpoint_eval_metric`): the checkpoint of the best
+        evaluation so far is copied to `model_dir/best/` (a checkpoint
+        directory `bin/eval`, `bin/predict` and `bin/export` take as
+        `--checkpoint`), with `best.json` naming its step and value; kept
+        across resumes, never pruned by `keep_checkpoints`.
+      best_mode: 'max' (default) or 'min': which value of `best_metric` is best.
       ema_decay: optional float in (0, 1), e.g. 0.9998: keep an exponential
         moving average of the weights (`ema.WeightAverage`), updated after
         every step and checkpointed under `ema/`; evaluation, prediction and
@@ -485,13 +494,15 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       dict with the final `step`, the last logged `losses`, the trained
       `model`, `average`: the model holding the weight average (None
       without `ema_decay`), `stopped_by`: the name of the signal that stopped the run
-      early, else None, and `metrics`: `eval_fn`'s last result (None
-      without one).
+      early, else None, `metrics`: `eval_fn`'s last result (None
+      without one), and `best`: `best.json`'s content with `best_metric`
+      (else None).
 
     Raises:
       NonFiniteLossError: a loss became NaN or Inf; the last checkpoint
         written before it is kept.
     """
+    _check_best(best_metric, best_mode, eval_fn)
     set_precision(precision)
     strategy = strategy or make_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -569,7 +580,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if start >= total_steps:
         logging.info("Nothing to do: step %d >= total_steps %d", start, total_steps)
         return {"step": start, "losses": {}, "model": model, "stopped_by": None,
-                "metrics": None, "average": average and average.average}
+                "metrics": None, "average": average and average.average,
+                "best": _read_best(model_dir) if best_metric else None}
     if eval_every is not None and int(eval_every) < 1:
         raise ValueError(f"train.eval_every={eval_every} must be >= 1 (or None)")
     if _is_chief(strategy):
@@ -680,6 +692,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             if evaluated and _is_chief(strategy):
                 metrics = _evaluate(eval_fn, model_dir, manager.latest_checkpoint,
                                     precision, eval_reuse)
+                if best_metric:
+                    _keep_best(model_dir, manager.latest_checkpoint, current, metrics,
+                               best_metric, best_mode)
                 # The evaluation's time stays out of the next window's img/s.
                 window_start, window_images = time.perf_counter(), 0
             if stopped_by:
@@ -700,7 +715,76 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     logging.info("Trained steps %d-%d in %.1f s", start + 1, end,
                  time.perf_counter() - run_start)
     return {"step": end, "losses": last_losses, "model": model, "stopped_by": stopped_by,
-            "metrics": metrics, "average": average and average.average}
+            "metrics": metrics, "average": average and average.average,
+            "best": _read_best(model_dir) if best_metric else None}
+
+
+BEST_DIR = "best"
+
+
+def _check_best(metric, mode, eval_fn):
+    """ValueError for a `best_metric` that no evaluation could give."""
+    if metric is None:
+        return
+    if mode not in ("max", "min"):
+        raise ValueError(f"train.best_mode={mode!r} must be 'max' or 'min'")
+    if eval_fn is None:
+        raise ValueError(f"train.best_metric={metric!r} needs train.eval_fn "
+                         f"(e.g. @evaluate) to evaluate the checkpoints")
+    if not isinstance(metric, str) or metric.count("/") != 1 or "" in metric.split("/"):
+        raise ValueError(f"train.best_metric={metric!r} must be 'group/name' of the "
+                         f"evaluation's metrics, e.g. 'segm/AP' or 'bbox/AP'")
+
+
+def _read_best(model_dir):
+    """`model_dir/best/best.json` as a dict, or None before any."""
+    path = os.path.join(model_dir, BEST_DIR, "best.json")
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def _keep_best(model_dir, checkpoint, step, metrics, metric, mode):
+    """Copies `checkpoint` to `model_dir/best/` if `metrics` beat the best
+    kept so far (by `metric`, 'group/name', and `mode`); returns whether.
+
+    The copy is written before `best.json` names it, and the previous best's
+    files are removed after, so an interruption leaves one whole best.
+    """
+    group, name = metric.split("/")
+    scores = (metrics or {}).get(group)
+    value = scores.get(name) if isinstance(scores, dict) else None
+    if value is None:
+        available = sorted(f"{g}/{n}" for g, v in (metrics or {}).items()
+                           if isinstance(v, dict) for n in v)
+        raise ValueError(f"train.best_metric={metric!r} is not among the evaluation's "
+                         f"metrics {available}; checkpoint {checkpoint} is kept")
+    value = float(value)
+    best = _read_best(model_dir)
+    if best is not None and best["metric"] == metric and not (
+            value > best["value"] if mode == "max" else value < best["value"]):
+        return False
+    best_dir = os.path.join(model_dir, BEST_DIR)
+    tf.io.gfile.makedirs(best_dir)
+    prefix = os.path.basename(checkpoint)
+    old = set(tf.io.gfile.glob(os.path.join(best_dir, "ckpt-*")))
+    for source in tf.io.gfile.glob(checkpoint + ".*"):
+        target = os.path.join(best_dir, os.path.basename(source))
+        tf.io.gfile.copy(source, target, overwrite=True)
+        old.discard(target)
+    # The state file `tf.train.latest_checkpoint(best_dir)` reads.
+    with tf.io.gfile.GFile(os.path.join(best_dir, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "{prefix}"\n'
+                f'all_model_checkpoint_paths: "{prefix}"\n')
+    with tf.io.gfile.GFile(os.path.join(best_dir, "best.json"), "w") as f:
+        json.dump({"metric": metric, "mode": mode, "value": value, "step": int(step),
+                   "checkpoint": os.path.join(best_dir, prefix)}, f, indent=2)
+    for path in old:
+        tf.io.gfile.remove(path)
+    logging.info("Best %s so far: %.4f at step %d, kept in %s", metric, value, step,
+                 best_dir)
+    return True
 
 
 def has_weight_average(checkpoint):

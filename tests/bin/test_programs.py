@@ -427,14 +427,15 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
                        "CocoInput.with_masks = False"]
     model_dir = tmp_path / "run"
     xla_cache = tmp_path / "xla_cache"
-    # Four switches, one process: bfloat16; the masks run's weights (every
+    # Five switches, one process: bfloat16; the masks run's weights (every
     # variable a box-only model has); --xla_cache_dir; an evaluation of the
-    # last checkpoint (train.eval_fn). XLA through the same gin (train.xla)
+    # last checkpoint (train.eval_fn), kept as the best (train.best_metric). XLA through the same gin (train.xla)
     # is left to the trainer's tests, which train with it in every
     # precision: its CPU compile would double this run.
     proc = _run("train", f"--model_dir={model_dir}", f"--xla_cache_dir={xla_cache}",
                 bindings=bindings + [
                     "train.total_steps = 4", "train.eval_fn = @evaluate",
+                    "train.best_metric = 'bbox/AP'",
                     "train.precision = 'bfloat16'", "train.init_fn = @init_from_checkpoint",
                     f"init_from_checkpoint.path = '{run['model_dir']}'"])
     assert "precision bfloat16, graph (XLA off)" in proc.stderr, proc.stderr[-2000:]
@@ -446,6 +447,8 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     assert "Evaluated" in proc.stderr and "bbox" in proc.stdout, proc.stderr[-2000:]
     metrics = json.loads((model_dir / "eval" / "metrics-4.json").read_text())
     assert "bbox" in metrics and "segm" not in metrics and metrics["num_images"] == 6
+    best = json.loads((model_dir / "best" / "best.json").read_text())
+    assert best["step"] == 4 and best["value"] == metrics["bbox"]["AP"], best
     out = tmp_path / "pictures"
     _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=2",
          str(data / "val2017"), bindings=bindings + ["predict.score_threshold = 0.0"])
@@ -453,8 +456,9 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     assert images and all(d and "segmentation" not in d
                           for d in (e["detections"][0] for e in images))
     export_dir = tmp_path / "saved_model"
-    _run("export", f"--model_dir={model_dir}", f"--export_dir={export_dir}",
-         bindings=bindings)
+    proc = _run("export", f"--model_dir={model_dir}", f"--export_dir={export_dir}",
+                f"--checkpoint={model_dir}/best", bindings=bindings)
+    assert f"{model_dir}/best/ckpt-4" in proc.stdout + proc.stderr
     # The signatures' outputs, read from the file (loading a SavedModel in a
     # fresh process is the export round trip's test).
     from tensorflow.core.protobuf import saved_model_pb2

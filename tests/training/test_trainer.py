@@ -199,6 +199,50 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
             self._train(os.path.join(self.get_temp_dir(), "bad"), {}, eval_fn=eval_fn,
                         eval_every=0)
 
+    def test_the_best_evaluations_checkpoint_is_kept_across_resumes(self):
+        d = os.path.join(self.get_temp_dir(), "best")
+        ap = {2: 0.3, 4: 0.5, 6: 0.4, 8: 0.45, 10: 0.6, 12: 0.1}
+        weights = {}
+
+        def eval_fn(model_dir, checkpoint):
+            step = int(checkpoint.rsplit("-", 1)[1])
+            weights[step] = _weights(holder["model"])
+            return {"bbox": {"AP": 0.0}, "segm": {"AP": ap[step]}}
+
+        holder = {}
+        # keep_checkpoints=1: the best outlives the run's own pruning.
+        out = self._train(d, holder, eval_fn=eval_fn, eval_every=2, stop_after=8,
+                          keep_checkpoints=1, best_metric="segm/AP")
+        self.assertEqual(out["best"]["step"], 4)
+        self.assertAllClose(out["best"]["value"], 0.5)
+        self.assertEqual(tf.train.latest_checkpoint(os.path.join(d, "best")),
+                         os.path.join(d, "best", "ckpt-4"))
+        self.assertFalse(tf.io.gfile.exists(os.path.join(d, "ckpt-4.index")))
+        # Resumed: 0.45 at step 8 was no better; 0.6 at step 10 is, 0.1 is not.
+        out = self._train(d, holder, eval_fn=eval_fn, eval_every=2,
+                          keep_checkpoints=1, best_metric="segm/AP")
+        self.assertEqual(out["best"]["step"], 10)
+        best_dir = os.path.join(d, "best")
+        self.assertEqual(sorted(tf.io.gfile.listdir(best_dir)), [
+            "best.json", "checkpoint", "ckpt-10.data-00000-of-00001", "ckpt-10.index"])
+        restored = ToyDetector()
+        restored(next(iter(_dataset_fn()(tf.distribute.InputContext()))))
+        tf.train.Checkpoint(model=restored).restore(
+            tf.train.latest_checkpoint(best_dir)).expect_partial()
+        for a, b in zip(weights[10], _weights(restored)):
+            self.assertAllEqual(a, b)
+        # 'min' keeps the lowest; a metric the evaluation lacks is named.
+        out = self._train(os.path.join(self.get_temp_dir(), "low"), {}, eval_fn=eval_fn,
+                          eval_every=4, best_metric="segm/AP", best_mode="min")
+        self.assertEqual(out["best"]["step"], 12)
+        with self.assertRaisesRegex(ValueError, r"'segm/AR'.*\['bbox/AP', 'segm/AP'\]"):
+            self._train(os.path.join(self.get_temp_dir(), "wrong"), {}, eval_fn=eval_fn,
+                        eval_every=4, best_metric="segm/AR")
+        with self.assertRaisesRegex(ValueError, "needs train.eval_fn"):
+            self._train(d, {}, best_metric="segm/AP")
+        with self.assertRaisesRegex(ValueError, "'group/name'"):
+            self._train(d, {}, eval_fn=eval_fn, best_metric="AP")
+
     def test_resumed_run_reads_on_with_the_checkpointed_seed(self):
         d = os.path.join(self.get_temp_dir(), "cut")
         calls = []
