@@ -137,7 +137,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
              num_pictures=4, watch=False, watch_timeout=3600, tta=None,
              evaluator="auto", results_file=None, devices=None, host_threads=None,
-             reuse=None):
+             reuse=None, best_metric=None, best_mode="max"):
     """Evaluates checkpoints of `model_dir` on a COCO-format split.
 
     Args:
@@ -152,6 +152,10 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       num_pictures: int, annotated pictures logged to TensorBoard.
       watch: bool, evaluate every new checkpoint until none comes for
         `watch_timeout` seconds.
+      best_metric, best_mode: with `watch`, keep the best evaluation's
+        checkpoint in `model_dir/best/` as `train.best_metric` does (the
+        Model Garden's continuous evaluation exports its best); set it
+        here or in `train`, not both.
       tta: optional `mrcnn.modeling.tta.TestTimeAugmentation` (Detectron2's
         TEST.AUG): each batch runs at its sizes (relative to the dataset's
         `min_size`) and flipped, merged; files and TensorBoard tags of the
@@ -193,6 +197,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if results_file is not None:
         return evaluate_results(results_file, dataset_fn, evaluator)
     if watch:
+        if best_metric is not None:
+            trainer.check_best_metric(best_metric, best_mode, owner="evaluate")
         metrics, reuse = None, {} if reuse is None else reuse
         for path in tf.train.checkpoints_iterator(model_dir, timeout=watch_timeout):
             metrics = evaluate(model_dir, model_fn=model_fn, dataset_fn=dataset_fn,
@@ -200,6 +206,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                                max_batches=max_batches, num_pictures=num_pictures,
                                tta=tta, evaluator=evaluator, devices=devices,
                                host_threads=host_threads, reuse=reuse)
+            if best_metric is not None:
+                trainer.keep_best(model_dir, metrics["checkpoint"], metrics["step"],
+                                  metrics, best_metric, best_mode)
         return metrics
 
     # gin's text stands for what model_fn's own bindings build.

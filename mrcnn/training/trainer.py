@@ -581,7 +581,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         logging.info("Nothing to do: step %d >= total_steps %d", start, total_steps)
         return {"step": start, "losses": {}, "model": model, "stopped_by": None,
                 "metrics": None, "average": average and average.average,
-                "best": _read_best(model_dir) if best_metric else None}
+                "best": read_best(model_dir) if best_metric else None}
     if eval_every is not None and int(eval_every) < 1:
         raise ValueError(f"train.eval_every={eval_every} must be >= 1 (or None)")
     if _is_chief(strategy):
@@ -693,8 +693,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                 metrics = _evaluate(eval_fn, model_dir, manager.latest_checkpoint,
                                     precision, eval_reuse)
                 if best_metric:
-                    _keep_best(model_dir, manager.latest_checkpoint, current, metrics,
-                               best_metric, best_mode)
+                    keep_best(model_dir, manager.latest_checkpoint, current, metrics,
+                              best_metric, best_mode)
                 # The evaluation's time stays out of the next window's img/s.
                 window_start, window_images = time.perf_counter(), 0
             if stopped_by:
@@ -716,27 +716,32 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                  time.perf_counter() - run_start)
     return {"step": end, "losses": last_losses, "model": model, "stopped_by": stopped_by,
             "metrics": metrics, "average": average and average.average,
-            "best": _read_best(model_dir) if best_metric else None}
+            "best": read_best(model_dir) if best_metric else None}
 
 
 BEST_DIR = "best"
 
 
-def _check_best(metric, mode, eval_fn):
-    """ValueError for a `best_metric` that no evaluation could give."""
-    if metric is None:
-        return
+def check_best_metric(metric, mode, owner="train"):
+    """ValueError for a `best_metric` / `best_mode` pair no evaluation could
+    serve (`owner` names the gin configurable in the message)."""
     if mode not in ("max", "min"):
-        raise ValueError(f"train.best_mode={mode!r} must be 'max' or 'min'")
-    if eval_fn is None:
-        raise ValueError(f"train.best_metric={metric!r} needs train.eval_fn "
-                         f"(e.g. @evaluate) to evaluate the checkpoints")
+        raise ValueError(f"{owner}.best_mode={mode!r} must be 'max' or 'min'")
     if not isinstance(metric, str) or metric.count("/") != 1 or "" in metric.split("/"):
-        raise ValueError(f"train.best_metric={metric!r} must be 'group/name' of the "
+        raise ValueError(f"{owner}.best_metric={metric!r} must be 'group/name' of the "
                          f"evaluation's metrics, e.g. 'segm/AP' or 'bbox/AP'")
 
 
-def _read_best(model_dir):
+def _check_best(metric, mode, eval_fn):
+    if metric is None:
+        return
+    if eval_fn is None:
+        raise ValueError(f"train.best_metric={metric!r} needs train.eval_fn "
+                         f"(e.g. @evaluate) to evaluate the checkpoints")
+    check_best_metric(metric, mode)
+
+
+def read_best(model_dir):
     """`model_dir/best/best.json` as a dict, or None before any."""
     path = os.path.join(model_dir, BEST_DIR, "best.json")
     if not tf.io.gfile.exists(path):
@@ -745,7 +750,7 @@ def _read_best(model_dir):
         return json.load(f)
 
 
-def _keep_best(model_dir, checkpoint, step, metrics, metric, mode):
+def keep_best(model_dir, checkpoint, step, metrics, metric, mode="max"):
     """Copies `checkpoint` to `model_dir/best/` if `metrics` beat the best
     kept so far (by `metric`, 'group/name', and `mode`); returns whether.
 
@@ -758,18 +763,24 @@ def _keep_best(model_dir, checkpoint, step, metrics, metric, mode):
     if value is None:
         available = sorted(f"{g}/{n}" for g, v in (metrics or {}).items()
                            if isinstance(v, dict) for n in v)
-        raise ValueError(f"train.best_metric={metric!r} is not among the evaluation's "
+        raise ValueError(f"best_metric={metric!r} is not among the evaluation's "
                          f"metrics {available}; checkpoint {checkpoint} is kept")
     value = float(value)
-    best = _read_best(model_dir)
+    best = read_best(model_dir)
     if best is not None and best["metric"] == metric and not (
             value > best["value"] if mode == "max" else value < best["value"]):
+        return False
+    sources = tf.io.gfile.glob(checkpoint + ".*")
+    if checkpoint + ".index" not in sources:
+        # bin/eval --watch lags the run: keep_checkpoints may have pruned it.
+        logging.warning("%s (%s %.4f, the best so far) is gone before it could be kept "
+                        "as the best; raise train.keep_checkpoints", checkpoint, metric, value)
         return False
     best_dir = os.path.join(model_dir, BEST_DIR)
     tf.io.gfile.makedirs(best_dir)
     prefix = os.path.basename(checkpoint)
     old = set(tf.io.gfile.glob(os.path.join(best_dir, "ckpt-*")))
-    for source in tf.io.gfile.glob(checkpoint + ".*"):
+    for source in sources:
         target = os.path.join(best_dir, os.path.basename(source))
         tf.io.gfile.copy(source, target, overwrite=True)
         old.discard(target)

@@ -133,7 +133,8 @@ def evaluated(run):
     newest; one process serves both (bin/eval without --watch: the landscape
     and portrait test)."""
     return _run("eval", f"--model_dir={run['model_dir']}", "--watch",
-                bindings=run["bindings"] + ["evaluate.watch_timeout = 1"])
+                bindings=run["bindings"] + ["evaluate.watch_timeout = 1",
+                                            "evaluate.best_metric = 'segm/AP'"])
 
 
 def test_eval_writes_coco_results_and_tables(run, evaluated):
@@ -604,6 +605,12 @@ def test_eval_watch_evaluates_the_newest_checkpoint_then_stops(run, evaluated):
     assert evaluated.stderr.count("Evaluating ") == 1, evaluated.stderr[-2000:]
     assert f"ckpt-{STEPS} (step {STEPS})" in evaluated.stderr
     assert not (run["model_dir"] / "eval" / "metrics-20.json").exists()
+    # evaluate.best_metric: the one evaluation is the best so far.
+    metrics = json.loads((run["model_dir"] / "eval" / f"metrics-{STEPS}.json").read_text())
+    best = json.loads((run["model_dir"] / "best" / "best.json").read_text())
+    assert (best["step"], best["metric"]) == (STEPS, "segm/AP")
+    assert best["value"] == metrics["segm"]["AP"]
+    assert (run["model_dir"] / "best" / f"ckpt-{STEPS}.index").exists()
 
 
 @pytest.mark.parametrize("what,mode", [("train", "--eager"), ("infer", "--noxla")])

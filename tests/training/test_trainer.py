@@ -240,6 +240,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
                         eval_every=4, best_metric="segm/AR")
         with self.assertRaisesRegex(ValueError, "needs train.eval_fn"):
             self._train(d, {}, best_metric="segm/AP")
+        # A checkpoint pruned before bin/eval --watch could keep it: nothing kept.
+        self.assertFalse(trainer.keep_best(d, os.path.join(d, "ckpt-3"), 3,
+                                           {"segm": {"AP": 0.9}}, "segm/AP"))
+        self.assertEqual(trainer.read_best(d)["step"], 10)
         with self.assertRaisesRegex(ValueError, "'group/name'"):
             self._train(d, {}, eval_fn=eval_fn, best_metric="AP")
 
