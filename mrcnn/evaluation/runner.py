@@ -468,10 +468,20 @@ def _inference_fn(model, tta, base_min_size, xla=False):
 
 
 def image_files(inputs):
-    """Image files of `inputs` (files and folders); FileNotFoundError if none."""
+    """Image files of `inputs`: files, folders (their images, sorted) and
+    glob patterns (`gs://bucket/photos/*.jpg`, expanded here where no shell
+    reaches); on any filesystem of `mrcnn.data.files`. FileNotFoundError for
+    an input that names nothing, or if no image is found."""
     paths = []
     for item in inputs:
-        if tf.io.gfile.isdir(item):
+        if any(c in item for c in "*?["):
+            matched = sorted(p for p in tf.io.gfile.glob(item)   # hidden: as a shell
+                             if p.lower().endswith(IMAGE_SUFFIXES)
+                             and not os.path.basename(p).startswith("."))
+            if not matched:
+                raise FileNotFoundError(f"{item}: no image file matches")
+            paths += matched
+        elif tf.io.gfile.isdir(item):
             paths += sorted(os.path.join(item, name)
                             for name in tf.io.gfile.listdir(item)
                             if name.lower().endswith(IMAGE_SUFFIXES)

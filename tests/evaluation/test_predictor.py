@@ -261,3 +261,20 @@ def test_predict_from_and_to_an_object_store(fixture_run, tmp_path):
         np.testing.assert_allclose([d["score"] for d in got], want["scores"], atol=1e-4)
         with tf.io.gfile.GFile(f"{root}/out/{entry['picture']}", "rb") as f:
             assert Image.open(f).size == images[os.path.basename(entry["file"])].shape[1::-1]
+
+
+def test_image_files_of_folders_files_and_patterns(tmp_path):
+    for name in ("b.png", "a.JPG", "c.txt", ".hidden.jpg", "d.jpeg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "e.jpg").write_bytes(b"x")
+    here = str(tmp_path)
+    assert runner.image_files([here]) == [f"{here}/a.JPG", f"{here}/b.png", f"{here}/d.jpeg"]
+    # Patterns are expanded here (a URL's, where no shell reaches), images only.
+    url = "file://" + here
+    assert runner.image_files([f"{url}/*.*p*g", f"{url}/sub/e.jpg"]) == [
+        f"{url}/b.png", f"{url}/d.jpeg", f"{url}/sub/e.jpg"]
+    with pytest.raises(FileNotFoundError, match=r"\*\.gif: no image file matches"):
+        runner.image_files([f"{here}/*.gif"])
+    with pytest.raises(FileNotFoundError, match="missing.jpg: no such image file"):
+        runner.image_files([f"{here}/missing.jpg"])
