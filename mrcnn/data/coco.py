@@ -34,6 +34,7 @@ What counts as bad, and what happens to it (`on_bad`):
 import collections
 import dataclasses
 import functools
+import gc
 import math
 import os
 from typing import List, Optional, Tuple
@@ -111,7 +112,8 @@ class ImageRecord:
       height, width: int, the size the json gives.
       boxes: float32 [n, 4] (y1, x1, y2, x2), clipped to the image.
       classes: int32 [n], contiguous 1..C.
-      segmentations: list of n COCO segmentations (polygon lists or RLE dicts).
+      segmentations: list of n COCO segmentations: polygons as a list of
+        float64 [2k] arrays (x0, y0, x1, y1, ...), or the json's RLE dict.
       is_crowd: bool [n]; the pipeline drops crowd annotations.
       annotation_ids: int64 [n], for messages.
     """
@@ -168,6 +170,19 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
     """
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad={on_bad!r} must be one of {ON_BAD}")
+    # Reading COCO train2017 makes tens of millions of objects and no
+    # garbage cycles: Python's cycle collector, run again and again as they
+    # grow, took a third of the time (27 -> 18 s).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_split(annotation_file, image_dir, on_bad, check_files, with_masks)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks):
     try:
         dataset = files.read_json(annotation_file)
     except (*files.READ_ERRORS, ValueError) as e:
@@ -231,10 +246,10 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
                     f"unknown image id {image_id}")
             continue
         image = images.get(image_id)
-        where = (f"annotation id {ann_id} (image id {image_id}, "
-                 f"{os.path.join(image_dir, image['file_name']) if image else '?'})")
         reason = _check_annotation(ann, image, category_map, with_masks)
         if reason:
+            where = (f"annotation id {ann_id} (image id {image_id}, "
+                     f"{os.path.join(image_dir, image['file_name']) if image else '?'})")
             problem("bad_annotations", f"{where}: {reason}")
             if image_id is not None:
                 if on_bad == "skip_image":
@@ -279,8 +294,7 @@ def _check_annotation(ann, image, category_map, with_masks=True):
     if ann["category_id"] not in category_map._index:
         return f"unknown category id {ann['category_id']}"
     bbox = ann["bbox"]
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not _finite_numbers(bbox):
         return f"bbox {bbox!r} is not 4 finite numbers (x, y, w, h)"
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -297,6 +311,20 @@ def _check_annotation(ann, image, category_map, with_masks=True):
     return _check_segmentation(ann.get("segmentation"), height, width)
 
 
+def _finite_numbers(values):
+    """Whether a json list holds only finite numbers.
+
+    `sum` adds in C (COCO train2017 has 21M polygon coordinates: testing
+    each in Python cost seconds); it raises TypeError for a string, None or
+    list among them, and a NaN or infinity makes the sum non-finite (so do
+    numbers whose sum overflows, beyond 1e307: no image is that large).
+    """
+    try:
+        return math.isfinite(sum(values))
+    except (TypeError, OverflowError):
+        return False
+
+
 def _check_segmentation(segm, height, width):
     if segm is None:
         return "no segmentation"
@@ -305,8 +333,7 @@ def _check_segmentation(segm, height, width):
             return "empty segmentation"
         for poly in segm:
             if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
-                    or not all(isinstance(v, (int, float)) and math.isfinite(v)
-                               for v in poly)):
+                    or not _finite_numbers(poly)):
                 return ("malformed polygon: needs an even number >= 6 of "
                         f"finite coordinates, got {str(poly)[:80]}")
         return None
@@ -326,10 +353,10 @@ def _check_segmentation(segm, height, width):
 
 def _record(image, anns, image_dir, category_map, counts):
     height, width = int(image["height"]), int(image["width"])
-    boxes = np.zeros((len(anns), 4), np.float32)
-    for i, ann in enumerate(anns):
-        x, y, w, h = ann["bbox"]
-        boxes[i] = (max(y, 0.0), max(x, 0.0), min(y + h, height), min(x + w, width))
+    xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+    x, y, w, h = xywh.T
+    boxes = np.stack([np.maximum(y, 0.0), np.maximum(x, 0.0), np.minimum(y + h, height),
+                      np.minimum(x + w, width)], 1).astype(np.float32)
     is_crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
     counts["crowd_annotations"] += int(is_crowd.sum())
     return ImageRecord(
@@ -338,9 +365,23 @@ def _record(image, anns, image_dir, category_map, counts):
         height=height, width=width, boxes=boxes,
         classes=np.array([category_map.to_contiguous(a["category_id"]) for a in anns],
                          np.int32),
-        segmentations=[a.get("segmentation") for a in anns],
+        segmentations=[_compact(a.get("segmentation")) for a in anns],
         is_crowd=is_crowd,
         annotation_ids=np.array([int(a.get("id", -1)) for a in anns], np.int64))
+
+
+def _compact(segmentation):
+    """Polygons as float64 arrays, RLE as it is.
+
+    COCO train2017's 21M coordinates as Python floats held 1 GB more of the
+    process's memory, and Python's cycle collector visits each of them: a
+    full collection of the split took 4.5 s instead of 0.45 (at load, and
+    now and then in training, holding the lock the input pipeline's
+    decoders need).
+    """
+    if isinstance(segmentation, list):
+        return [np.asarray(polygon, np.float64) for polygon in segmentation]
+    return segmentation
 
 
 def split_paths(data_dir, split, annotation_file: Optional[str] = None,

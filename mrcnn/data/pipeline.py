@@ -140,23 +140,43 @@ def repeat_factors(records, threshold):
     `max(1, sqrt(threshold / f_c))` over its classes c (crowd annotations
     count), `f_c` the fraction of the records with class c; 1 without
     annotations."""
-    presence = [set(np.asarray(r.classes).tolist()) for r in records]
-    counts = class_image_counts(records, max((max(p) for p in presence if p), default=0))
-    per_class = {c: max(1.0, float(np.sqrt(threshold / (counts[c - 1] / len(records)))))
-                 for c in range(1, len(counts) + 1) if counts[c - 1]}
-    return np.array([max((per_class[c] for c in classes), default=1.0)
-                     for classes in presence], np.float64)
+    owner, classes = _distinct_classes(records)
+    counts = np.bincount(classes, minlength=1)[1:]   # [max class]
+    per_class = np.ones(len(counts) + 1)   # [1 + max class]; index 0 unused
+    seen = counts > 0
+    per_class[1:][seen] = np.maximum(
+        1.0, np.sqrt(threshold / (counts[seen] / len(records))))
+    factors = np.ones(len(records))
+    np.maximum.at(factors, owner, per_class[classes])
+    return factors
 
 
 def class_image_counts(records, num_classes):
     """int64 [C]: how many of the records hold class c = 1..C at index c - 1
     (crowd annotations count): LVIS's `image_count`, the federated loss's
     draw weights (`RoiHeads.fed_loss_classes`) and the repeat factors."""
-    counts = np.zeros(num_classes, np.int64)
-    for r in records:
-        classes = np.unique(np.asarray(r.classes, np.int64))
-        np.add.at(counts, classes[(classes >= 1) & (classes <= num_classes)] - 1, 1)
-    return counts
+    _, classes = _distinct_classes(records)
+    classes = classes[(classes >= 1) & (classes <= num_classes)]
+    return np.bincount(classes - 1, minlength=num_classes).astype(np.int64)
+
+
+def _distinct_classes(records):
+    """(record index, class) int64 [T] each: every class a record holds, once.
+
+    Whole-split NumPy: on COCO train2017's 118k records a Python set per
+    record took 6.5 s (the cycle collector scanning the split's objects as
+    the sets piled up); this takes a fraction of a second.
+    """
+    lengths = [len(r.classes) for r in records]
+    if not sum(lengths):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    classes = np.concatenate([np.asarray(r.classes, np.int64).reshape(-1)
+                              for r in records])
+    owner = np.repeat(np.arange(len(records), dtype=np.int64), lengths)
+    # One key per (record, class): classes are >= 0 and below `span`.
+    span = int(classes.max()) + 1
+    keys = np.unique(owner * span + classes)
+    return keys // span, keys % span
 
 
 def _repeat_factor_epochs(indices, factors, seed):

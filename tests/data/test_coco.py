@@ -1,6 +1,7 @@
 """COCO json loading: category mapping, crowd, and every kind of bad input
 giving an error naming file and ids, or a counted skip."""
 
+import gc
 import json
 import os
 import tempfile
@@ -52,6 +53,16 @@ _BAD_ANNOTATIONS = (
      None, "bad_annotations", ("annotation id 103", "malformed polygon")),
     ("odd_polygon", _set_annotation(103, segmentation=[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]),
      None, "bad_annotations", ("annotation id 103", "malformed polygon")),
+    ("polygon_not_numbers", _set_annotation(103, segmentation=[[1.0, 2.0, "3", 4.0, 5.0, 6.0]]),
+     None, "bad_annotations", ("annotation id 103", "malformed polygon")),
+    ("polygon_nan", _set_annotation(103, segmentation=[[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]]),
+     None, "bad_annotations", ("annotation id 103", "malformed polygon")),
+    ("polygon_huge_int", _set_annotation(103, segmentation=[[1, 2, 10**400, 4, 5, 6]]),
+     None, "bad_annotations", ("annotation id 103", "malformed polygon")),
+    ("polygon_nested", _set_annotation(103, segmentation=[[1.0, 2.0, [3.0], 4.0, 5.0, 6.0]]),
+     None, "bad_annotations", ("annotation id 103", "malformed polygon")),
+    ("box_infinite", _set_annotation(103, bbox=[1.0, float("inf"), 2.0, 2.0]), None,
+     "bad_annotations", ("annotation id 103", "not 4 finite numbers")),
     ("rle_wrong_size", _set_annotation(103, segmentation={"size": [3, 3], "counts": "abc"}),
      None, "bad_annotations", ("annotation id 103", "RLE size")),
     ("no_segmentation", _set_annotation(103, segmentation=None), None,
@@ -121,6 +132,22 @@ class LoadSplitTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(split.records[2].is_crowd, [True])
         self.assertEqual(split.counts["crowd_annotations"], 1)
         self.assertEmpty(split.problems)
+        # Polygons come back as float64 arrays of the json's numbers.
+        polygon = r11.segmentations[0][0]
+        self.assertEqual(polygon.dtype, np.float64)
+        self.assertAllEqual(polygon, [4, 6, 14, 6, 14, 14, 4, 14])
+        self.assertFalse(gc.is_tracked(polygon))
+
+    def test_the_cycle_collector_is_left_as_it_was(self):
+        path, image_dir = self._write()
+        coco.load_split(path, image_dir)
+        self.assertTrue(gc.isenabled())
+        gc.disable()
+        try:
+            coco.load_split(path, image_dir)
+            self.assertFalse(gc.isenabled())
+        finally:
+            gc.enable()
 
     def test_box_slightly_outside_is_clipped(self):
         path, image_dir = self._write(_set_annotation(103, bbox=[-0.5, 0.0, 40.9, 32.5]))
