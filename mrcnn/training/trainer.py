@@ -472,9 +472,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         'segm/AP' or 'bbox/AP50' (Detectron2's `BestCheckpointer`, the Model
         Garden's `best_checkpoint_eval_metric`): the checkpoint of the best
         evaluation so far is copied to `model_dir/best/` (a checkpoint
-        directory `bin/eval`, `bin/predict` and `bin/export` take as
-        `--checkpoint`), with `best.json` naming its step and value; kept
-        across resumes, never pruned by `keep_checkpoints`.
+        directory: `--checkpoint` of `bin/eval` and `bin/export`,
+        `predict.checkpoint` in gin), with `best.json` naming its step and
+        value; kept across resumes, never pruned by `keep_checkpoints`.
       best_mode: 'max' (default) or 'min': which value of `best_metric` is best.
       ema_decay: optional float in (0, 1), e.g. 0.9998: keep an exponential
         moving average of the weights (`ema.WeightAverage`), updated after
@@ -754,8 +754,9 @@ def keep_best(model_dir, checkpoint, step, metrics, metric, mode="max"):
     """Copies `checkpoint` to `model_dir/best/` if `metrics` beat the best
     kept so far (by `metric`, 'group/name', and `mode`); returns whether.
 
-    The copy is written before `best.json` names it, and the previous best's
-    files are removed after, so an interruption leaves one whole best.
+    The new files are copied before the directory's state file and
+    `best.json` name them, and the previous best's are removed last, so an
+    interruption leaves a whole checkpoint where the state file points.
     """
     group, name = metric.split("/")
     scores = (metrics or {}).get(group)
