@@ -472,9 +472,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         'segm/AP' or 'bbox/AP50' (Detectron2's `BestCheckpointer`, the Model
         Garden's `best_checkpoint_eval_metric`): the checkpoint of the best
         evaluation so far is copied to `model_dir/best/` (a checkpoint
-        directory: `--checkpoint` of `bin/eval` and `bin/export`,
-        `predict.checkpoint` in gin), with `best.json` naming its step and
-        value; kept across resumes, never pruned by `keep_checkpoints`.
+        directory: `--checkpoint` of `bin/eval`, `bin/predict` and
+        `bin/export`), with `best.json` naming its step and value; kept
+        across resumes, never pruned by `keep_checkpoints`.
       best_mode: 'max' (default) or 'min': which value of `best_metric` is best.
       ema_decay: optional float in (0, 1), e.g. 0.9998: keep an exponential
         moving average of the weights (`ema.WeightAverage`), updated after

@@ -452,8 +452,11 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     assert best["step"] == 4 and best["value"] == metrics["bbox"]["AP"], best
     out = tmp_path / "pictures"
     _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=2",
-         str(data / "val2017"), bindings=bindings + ["predict.score_threshold = 0.0"])
-    images = json.loads((out / "detections.json").read_text())["images"]
+         f"--checkpoint={model_dir}/best", str(data / "val2017"),
+         bindings=bindings + ["predict.score_threshold = 0.0"])
+    report = json.loads((out / "detections.json").read_text())
+    assert report["checkpoint"] == f"{model_dir}/best/ckpt-4", report["checkpoint"]
+    images = report["images"]
     assert images and all(d and "segmentation" not in d
                           for d in (e["detections"][0] for e in images))
     export_dir = tmp_path / "saved_model"
