@@ -75,6 +75,33 @@ def _checkpoint_path(checkpoint):
     return path
 
 
+# How often --watch looks for the run's end marker while no checkpoint comes.
+_WATCH_POLL_S = 10
+
+
+def _new_checkpoints(model_dir, timeout, last_metrics):
+    """Each new checkpoint of `model_dir` as it appears, until the one of the
+    run's last step has been evaluated (`last_metrics()` is the latest
+    evaluation's report, or None) or none comes for `timeout` seconds."""
+    def done():
+        last = last_metrics()
+        end = trainer.finished_step(model_dir)
+        return last is not None and end is not None and last["step"] >= end
+
+    idle = {"since": time.monotonic()}
+
+    def stop_waiting():
+        return done() or time.monotonic() - idle["since"] >= timeout
+
+    for path in tf.train.checkpoints_iterator(
+            model_dir, timeout=min(timeout, _WATCH_POLL_S), timeout_fn=stop_waiting):
+        yield path
+        if done():
+            logging.info("Evaluated the run's last checkpoint: done watching")
+            return
+        idle["since"] = time.monotonic()
+
+
 def restore_weights(model, checkpoint, average_weights=True):
     """Restores a checkpoint's weights into a built model (`restore_model`'s).
 
@@ -150,8 +177,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       max_batches: optional int, evaluate only this many batches (a subset;
         the metrics cover only the images seen).
       num_pictures: int, annotated pictures logged to TensorBoard.
-      watch: bool, evaluate every new checkpoint until none comes for
-        `watch_timeout` seconds.
+      watch: bool, evaluate every new checkpoint until the run's last one
+        has been evaluated (`train` marks a run that reached its end), or
+        until none comes for `watch_timeout` seconds.
       best_metric, best_mode: with `watch`, keep the best evaluation's
         checkpoint in `model_dir/best/` as `train.best_metric` does (the
         Model Garden's continuous evaluation exports its best); set it
@@ -200,7 +228,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         if best_metric is not None:
             trainer.check_best_metric(best_metric, best_mode, owner="evaluate")
         metrics, reuse = None, {} if reuse is None else reuse
-        for path in tf.train.checkpoints_iterator(model_dir, timeout=watch_timeout):
+        for path in _new_checkpoints(model_dir, watch_timeout, lambda: metrics):
             metrics = evaluate(model_dir, model_fn=model_fn, dataset_fn=dataset_fn,
                                checkpoint=path, precision=precision, xla=xla,
                                max_batches=max_batches, num_pictures=num_pictures,

@@ -587,6 +587,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if _is_chief(strategy):
         with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.config_str())
+        # A run taken further (a larger total_steps) is not done any more.
+        if tf.io.gfile.exists(os.path.join(model_dir, DONE_FILE)):
+            tf.io.gfile.remove(os.path.join(model_dir, DONE_FILE))
 
     # The input position is the step: each input pipeline has read
     # step * global_batch / pipelines images of its stream.
@@ -712,6 +715,10 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         del iterator
     if not _is_chief(strategy):
         tf.io.gfile.rmtree(_checkpoint_dir(model_dir, strategy))
+    elif end == total_steps:
+        # `bin/eval --watch` beside the run stops once it has evaluated this step.
+        with tf.io.gfile.GFile(os.path.join(model_dir, DONE_FILE), "w") as f:
+            json.dump({"step": end, "checkpoint": manager.latest_checkpoint}, f)
     logging.info("Trained steps %d-%d in %.1f s", start + 1, end,
                  time.perf_counter() - run_start)
     return {"step": end, "losses": last_losses, "model": model, "stopped_by": stopped_by,
@@ -720,6 +727,17 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
 
 
 BEST_DIR = "best"
+# Written by the chief when a run reaches its total_steps: {"step", "checkpoint"}.
+DONE_FILE = "done.json"
+
+
+def finished_step(model_dir):
+    """The last step of a run that has reached its end (`done.json`), else None."""
+    path = os.path.join(model_dir, DONE_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return int(json.load(f)["step"])
 
 
 def check_best_metric(metric, mode, owner="train"):

@@ -603,9 +603,10 @@ def test_bad_input_gives_one_clear_error(run, tmp_path, program, args, bindings,
 
 
 def test_eval_watch_evaluates_the_newest_checkpoint_then_stops(run, evaluated):
-    # The fixture keeps ckpt-20 and ckpt-40; --watch starts at the newest and
-    # stops when none comes within the timeout.
+    # The fixture keeps ckpt-20 and ckpt-40; --watch starts at the newest,
+    # the run's last (done.json), and stops there.
     assert evaluated.stderr.count("Evaluating ") == 1, evaluated.stderr[-2000:]
+    assert "Evaluated the run's last checkpoint: done watching" in evaluated.stderr
     assert f"ckpt-{STEPS} (step {STEPS})" in evaluated.stderr
     assert not (run["model_dir"] / "eval" / "metrics-20.json").exists()
     # evaluate.best_metric: the one evaluation is the best so far.

@@ -312,3 +312,27 @@ def test_devices_spread_batches_and_give_one_devices_results(tmp_path, xla):
         assert ours["category_id"] == theirs["category_id"]
     for name in ("bbox", "segm"):
         assert reports[0][name] == pytest.approx(reports[1][name], abs=1e-6)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_watch_ends_with_the_runs_last_checkpoint(tmp_path, monkeypatch, finished):
+    """--watch stops once the checkpoint of the step in done.json (written by
+    train at a run's end) is evaluated; without it, after the idle timeout."""
+    from mrcnn.training import trainer
+    monkeypatch.setattr(runner, "_WATCH_POLL_S", 0.05)
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(step=step), str(tmp_path), 3)
+    for k in (1, 2):
+        step.assign(k)
+        manager.save(checkpoint_number=k)
+    if finished:
+        (tmp_path / trainer.DONE_FILE).write_text(json.dumps({"step": 2}))
+    evaluated = []
+    with mock.patch.object(runner.logging, "info") as info:
+        for path in runner._new_checkpoints(str(tmp_path), 0.5,
+                                            lambda: evaluated and evaluated[-1]):
+            evaluated.append({"step": int(path.rsplit("-", 1)[1])})
+    # The iterator starts at the newest checkpoint.
+    assert evaluated == [{"step": 2}]
+    said = [call.args[0] for call in info.call_args_list]
+    assert ("Evaluated the run's last checkpoint: done watching" in said) == finished

@@ -139,6 +139,8 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         first, again = {}, {}
         out = self._train(os.path.join(d, "run"), first, stop_after=8)
         self.assertEqual(out["step"], 8)
+        done = os.path.join(d, "run", trainer.DONE_FILE)
+        self.assertFalse(os.path.exists(done))   # not at its end yet
         saved = _weights(first["model"])
         # A rerun of the same command picks up at step 8 with the same weights.
         out = self._train(os.path.join(d, "run"), again, stop_after=0)
@@ -147,6 +149,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
             self.assertAllEqual(a, b)
         out = self._train(os.path.join(d, "run"), again)
         self.assertEqual(out["step"], 12)
+        self.assertEqual(trainer.finished_step(os.path.join(d, "run")), 12)
+        # Taken further, the run is not done until its new end.
+        self._train(os.path.join(d, "run"), again, total_steps=16, stop_after=2)
+        self.assertFalse(os.path.exists(done))
         self.assertTrue(os.path.exists(os.path.join(d, "run", "operative_config.gin")))
         self.assertTrue(tf.io.gfile.glob(os.path.join(d, "run", "train", "events.*")))
 
