@@ -163,9 +163,10 @@ def class_image_counts(records, num_classes):
 def _distinct_classes(records):
     """(record index, class) int64 [T] each: every class a record holds, once.
 
-    Whole-split NumPy: on COCO train2017's 118k records a Python set per
-    record took 6.5 s (the cycle collector scanning the split's objects as
-    the sets piled up); this takes a fraction of a second.
+    Whole-split NumPy: on a COCO train2017-sized split (118k records) a
+    Python set per record made the repeat factors take 1.7-8 s, most of it
+    the cycle collector scanning the split's objects as the sets piled up;
+    this takes 0.7 s.
     """
     lengths = [len(r.classes) for r in records]
     if not sum(lengths):
