@@ -450,6 +450,8 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     assert "bbox" in metrics and "segm" not in metrics and metrics["num_images"] == 6
     best = json.loads((model_dir / "best" / "best.json").read_text())
     assert best["step"] == 4 and best["value"] == metrics["bbox"]["AP"], best
+    assert f"best bbox/AP {best['value']:.4f} at step 4: --checkpoint={model_dir}/best" \
+        in proc.stdout, proc.stdout
     out = tmp_path / "pictures"
     _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=2",
          f"--checkpoint={model_dir}/best", str(data / "val2017"),
