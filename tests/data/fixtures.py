@@ -1,10 +1,13 @@
-"""A tiny hand-written COCO dataset for reader tests (not a test module)."""
+"""A tiny hand-written COCO dataset for reader tests, and URLs standing in
+for object stores (not a test module)."""
 
 import copy
 import json
 import os
+import uuid
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 from pycocotools import mask as mask_util
 
@@ -95,3 +98,22 @@ def transpose_odd_images(data, split="train2017"):
             ann["segmentation"] = {"size": list(out["size"]),
                                    "counts": out["counts"].decode()}
     path.write_text(json.dumps(dataset))
+
+
+def remote_dir(local_dir):
+    """A fresh `file://` URL under `local_dir`, standing in for gs:// and s3://:
+    TensorFlow's filesystems read it as they read an object store, while
+    Python's `open`, PIL, h5py and pycocotools cannot, so a read or write
+    that bypasses tf.io.gfile fails. (`ram://`, TensorFlow's in-memory
+    filesystem, calls every prefix of a file name a directory, which
+    TensorFlow's own checkpoint utilities then misread.)"""
+    return "file://" + os.path.join(os.path.abspath(str(local_dir)), uuid.uuid4().hex)
+
+
+def copy_tree(src, dst):
+    """Copies local directory `src` to `dst` (any filesystem), file by file."""
+    for parent, _, names in tf.io.gfile.walk(src):
+        target = parent.replace(src, dst, 1)
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            tf.io.gfile.copy(os.path.join(parent, name), f"{target}/{name}")

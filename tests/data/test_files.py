@@ -1,13 +1,7 @@
 """mrcnn.data.files: local paths keep Python's files, others go through
-tf.io.gfile. The tests stand `file://` URLs in for gs:// and s3://: TensorFlow's
-filesystems read them as they read an object store, while Python's `open`,
-PIL, h5py and pycocotools cannot, so a read or write that bypasses
-tf.io.gfile fails. (`ram://`, TensorFlow's in-memory filesystem, calls every
-prefix of a file name a directory, which TensorFlow's own checkpoint
-utilities then misread.)"""
+tf.io.gfile (`fixtures.remote_dir`'s file:// URLs stand in for gs://)."""
 
 import os
-import uuid
 from unittest import mock
 
 import numpy as np
@@ -17,20 +11,7 @@ from PIL import Image
 
 from mrcnn.data import DataError, coco, decode, files
 from tests.data import fixtures
-
-
-def remote_dir(local_dir):
-    """A fresh `file://` URL under `local_dir` (see the module docstring)."""
-    return "file://" + os.path.join(os.path.abspath(str(local_dir)), uuid.uuid4().hex)
-
-
-def copy_tree(src, dst):
-    """Copies local directory `src` to `dst` (any filesystem), file by file."""
-    for parent, _, names in tf.io.gfile.walk(src):
-        target = parent.replace(src, dst, 1)
-        tf.io.gfile.makedirs(target)
-        for name in names:
-            tf.io.gfile.copy(os.path.join(parent, name), f"{target}/{name}")
+from tests.data.fixtures import copy_tree, remote_dir
 
 
 @pytest.mark.parametrize("remote", [False, True])

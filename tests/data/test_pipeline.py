@@ -165,7 +165,7 @@ class ShapesRoundTripTest(tf.test.TestCase, parameterized.TestCase):
     def test_a_dataset_on_an_object_store_gives_the_same_batches(self):
         # A file:// URL stands in for gs://: json, file checks and images
         # go through tf.io.gfile there.
-        from tests.data.test_files import copy_tree, remote_dir
+        from tests.data.fixtures import copy_tree, remote_dir
         remote = remote_dir(self.tmp.name)
         copy_tree(self.root, remote)
         batches = _numpy_batches(_builder(remote, split="val2017", training=False)())

@@ -384,7 +384,7 @@ class CocoEvaluatorTest(_GtTestCase):
 
     def test_annotations_and_results_on_an_object_store(self):
         # A file:// URL stands in for gs://: pycocotools opens local files only.
-        from tests.data.test_files import remote_dir
+        from tests.data.fixtures import remote_dir
         root = remote_dir(self._dir.name)
         tf.io.gfile.makedirs(root)
         tf.io.gfile.copy(self.gt_path, f"{root}/instances.json")

@@ -104,7 +104,7 @@ def test_many_categories_go_to_the_metrics_file_only(tmp_path, capsys, monkeypat
 def test_reports_go_to_a_run_directory_on_an_object_store(tmp_path):
     # A file:// URL stands in for gs://: the metrics file and TensorBoard
     # events are written through tf.io.gfile.
-    from tests.data.test_files import remote_dir
+    from tests.data.fixtures import remote_dir
     run = remote_dir(tmp_path)
     _, report = _evaluate(run)
     with tf.io.gfile.GFile(f"{run}/eval/metrics-3.json") as f:

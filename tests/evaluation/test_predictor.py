@@ -236,7 +236,7 @@ def test_predict_from_and_to_an_object_store(fixture_run, tmp_path):
     file:// URL (standing in for gs://): the same detections as the local
     run's Predictor, a PNG and detections.json written there. (Landscape
     images only: each canvas costs the new Predictor a trace.)"""
-    from tests.data.test_files import copy_tree, remote_dir
+    from tests.data.fixtures import copy_tree, remote_dir
     run_dir, _, every = fixture_run
     root = remote_dir(tmp_path)
     copy_tree(str(run_dir), f"{root}/run")

@@ -159,7 +159,7 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
     def test_a_run_directory_on_an_object_store_resumes(self):
         # A file:// URL stands in for gs://: checkpoints, the operative
         # config and summaries go through TensorFlow's filesystems.
-        from tests.data.test_files import remote_dir
+        from tests.data.fixtures import remote_dir
         run, first, again = remote_dir(self.get_temp_dir()), {}, {}
         self.assertEqual(self._train(run, first, stop_after=8)["step"], 8)
         out = self._train(run, again, stop_after=0)
