@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mrcnn.data import files
 from mrcnn.training import ema as ema_lib
 from mrcnn.training import optimization
 
@@ -734,10 +735,7 @@ DONE_FILE = "done.json"
 def finished_step(model_dir):
     """The last step of a run that has reached its end (`done.json`), else None."""
     path = os.path.join(model_dir, DONE_FILE)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return int(json.load(f)["step"])
+    return int(files.read_json(path)["step"]) if tf.io.gfile.exists(path) else None
 
 
 def check_best_metric(metric, mode, owner="train"):
@@ -762,10 +760,7 @@ def _check_best(metric, mode, eval_fn):
 def read_best(model_dir):
     """`model_dir/best/best.json` as a dict, or None before any."""
     path = os.path.join(model_dir, BEST_DIR, "best.json")
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return files.read_json(path) if tf.io.gfile.exists(path) else None
 
 
 def keep_best(model_dir, checkpoint, step, metrics, metric, mode="max"):
