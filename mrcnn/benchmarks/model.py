@@ -160,7 +160,9 @@ def bench_model(what, *, batch=8, image_size=(800, 1216), precision="bfloat16",
       ms_per_image (infer), peak_memory_bytes, parameters and
       trainable_parameters, device, mode ('eager', 'graph' or 'xla'),
       canvas, ema_decay (gin's train.ema_decay: the step then updates a
-      weight average, as `bin/train`'s; None without), and the arguments;
+      weight average, as `bin/train`'s; None without), accumulate_steps
+      (gin's train.accumulate_steps: a step is then that many batches, one
+      update, and images_per_s counts them all; 1 without), and the arguments;
       with `profile_dir`, `profile` (see `mrcnn.benchmarks.profile.summarize`);
       with `flops`, `gflops_per_image`.
     """
@@ -188,7 +190,7 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     if what == "infer":
         data = {k: data[k] for k in ("images", "image_info")}
     dist = strategy.experimental_distribute_values_from_function(lambda ctx: data)
-    ema_decay = None
+    ema_decay, accumulate = None, 1
     # The variables come from one eager call on a small batch: eagerly at
     # full size (op by op, each new conv shape autotuned on a GPU) it costs
     # far more than the compiled step, and the result does not depend on it.
@@ -198,8 +200,11 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     with strategy.scope():
         strategy.run(lambda b: model(b, training=what == "train"), args=(small,))
         if what == "train":
+            # As `trainer.train` with train.accumulate_steps: a step is that
+            # many batches per replica and one update.
+            accumulate = _gin_train_arg("accumulate_steps") or 1
             optimizer, _, weight_decay = optimization.build_optimizer(
-                batch * replicas, 1000, 10000, precision=precision)
+                batch * replicas * accumulate, 1000, 10000, precision=precision)
             optimizer.build(model.trainable_variables)
             step, average = None, None
             ema_decay = _gin_train_arg("ema_decay")
@@ -215,13 +220,14 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
                     model, averaged, strategy, decay=ema_decay, xla=xla,
                     warmup=True if warmup_ema is None else warmup_ema)
             fn = trainer.make_train_step(model, optimizer, strategy, xla, step=step,
-                                         weight_decay=weight_decay, average=average)
+                                         weight_decay=weight_decay, average=average,
+                                         accumulate=accumulate)
         else:
             infer = tf.function(lambda b: model(b, training=False), jit_compile=xla)
             fn = tf.function(lambda b: strategy.run(infer, args=(b,)))
 
     def call():
-        out = fn(dist)
+        out = fn(dist if accumulate == 1 else [dist] * accumulate)
         # Fetching one scalar waits for the step without copying outputs.
         first = tf.nest.flatten(strategy.experimental_local_results(out))[0]
         float(tf.reduce_sum(tf.cast(first, tf.float32)))
@@ -244,7 +250,7 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
         "image_size": list(image_size), "canvas": list(canvas),
         "precision": precision, "xla": xla,
         "num_gt": num_gt, "steps": steps, "compile_s": round(compile_s, 2),
-        "ema_decay": ema_decay,
+        "ema_decay": ema_decay, "accumulate_steps": accumulate,
         "mode": mode, "median_s": round(median, 4), "p25_s": round(float(q25), 4),
         "p75_s": round(float(q75), 4), "peak_memory_bytes": int(_peak_memory()),
         "parameters": int(sum(np.prod(w.shape) for w in model.weights)),
@@ -260,7 +266,7 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
         report["profile_dir"] = profile_dir
     if flops:
         report["gflops_per_image"] = round(_step_float_ops(model, data, what) / batch / 1e9, 3)
-    images = batch * replicas
+    images = batch * replicas * accumulate
     if what == "train":
         report["images_per_s"] = round(images / median, 2)
     else:

@@ -254,7 +254,7 @@ def _step_kind(xla, replicas):
 
 
 def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0,
-                    average=None):
+                    average=None, accumulate=1):
     """The training step `train` runs (and `bin/bench --what=train` times).
 
     With `xla` and one replica, the forward and backward pass and the
@@ -275,14 +275,21 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
         joins the losses as 'weight_decay').
       average: optional `ema.WeightAverage`, updated after each step (which
         needs `step`).
+      accumulate: int >= 1, batches per replica whose gradients one update
+        averages (`_accumulating_step`).
 
     Returns:
-      A tf.function (distributed batch) -> {loss name: mean over replicas,
-      'total': their sum}.
+      With `accumulate` 1, a tf.function (distributed batch) -> {loss name:
+      mean over replicas, 'total': their sum}; else a function (sequence of
+      `accumulate` distributed batches) -> those losses averaged over the
+      batches.
     """
     replicas = strategy.num_replicas_in_sync
     if average is not None and step is None:
         raise ValueError("make_train_step: a weight average needs the step variable")
+    if int(accumulate) != accumulate or accumulate < 1:
+        raise ValueError(f"make_train_step: accumulate={accumulate!r} must be an int >= 1")
+    accumulate = int(accumulate)
     if xla and replicas > 1:
         synchronized = [layer.name for layer in model._flatten_layers()
                         if getattr(layer, "synchronized", False)]
@@ -302,8 +309,9 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
                 losses["weight_decay"] = optimization.l2_penalty(
                     model.trainable_variables, weight_decay)
             total = tf.add_n(list(losses.values()))
-            # Replica gradients are summed: divide so the step uses the mean.
-            scaled = total / replicas
+            # Replica gradients are summed, and so are accumulated ones:
+            # divide so the update uses their mean.
+            scaled = total / (replicas * accumulate)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 scaled = optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, model.trainable_variables)
@@ -312,6 +320,9 @@ def make_train_step(model, optimizer, strategy, xla, step=None, weight_decay=0.0
 
     if xla and replicas > 1:
         _fuse_updates(optimizer)
+    if accumulate > 1:
+        return _accumulating_step(forward_backward, optimizer, model, strategy, xla,
+                                  step, average, accumulate)
     if xla and replicas == 1:
         def whole_step(batch):
             losses, grads = forward_backward(batch)
@@ -399,10 +410,21 @@ def _split_step(forward_backward, optimizer, model, replicas, xla):
     # (merge_call) is refused inside one.
     compiled = (tf.function(forward_backward, jit_compile=True, autograph=False) if xla
                 else forward_backward)
-    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    apply = _replica_update(optimizer, model, replicas)
 
     def replica_step(batch):
         losses, grads = compiled(batch)
+        apply(grads)
+        return losses
+
+    return replica_step
+
+
+def _replica_update(optimizer, model, replicas):
+    """(replica's gradients) -> None: the optimizer update, in replica context."""
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def apply(grads):
         if loss_scaled and replicas > 1:
             # Keras checks finiteness per replica before the gradient sum and
             # follows the first replica; make all replicas skip together, or
@@ -415,9 +437,97 @@ def _split_step(forward_backward, optimizer, model, replicas, xla):
             grads = [tf.where(finite, g, tf.fill(tf.shape(g), tf.constant(np.nan, g.dtype)))
                      for g in grads]
         optimizer.apply(grads, model.trainable_variables)
-        return losses
 
-    return replica_step
+    return apply
+
+
+def _accumulating_step(forward_backward, optimizer, model, strategy, xla, step, average,
+                       accumulate):
+    """A step whose one update averages the gradients of `accumulate` batches
+    per replica: the global batch of a recipe (16 images for the 1x) on fewer
+    devices, with the recipe's learning rate and schedule, step for step.
+
+    Each replica adds its gradients (of the loss divided by replicas x
+    `accumulate`, see `make_train_step`) into variables of its own, one
+    forward and backward pass per batch (one XLA program with `xla`, the
+    additions included on one replica), then one update: the replicas' sums are all-reduced
+    once per step, the optimizer applies them (loss scaling unscales and
+    checks the sum: an overflow in any of the batches skips the update) and
+    the sums are zeroed. The batch norms' statistics, where they train,
+    follow each batch, as on a device that holds only that batch.
+
+    Returns:
+      (sequence of `accumulate` distributed batches) -> {loss name: mean over
+      replicas and batches}.
+    """
+    replicas = strategy.num_replicas_in_sync
+    variables = model.trainable_variables
+    # Per replica, uncheckpointed: a checkpoint is written between steps,
+    # when every sum is zero.
+    with strategy.scope():
+        sums = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                            synchronization=tf.VariableSynchronization.ON_READ,
+                            aggregation=tf.VariableAggregation.SUM,
+                            name="gradient_sum")
+                for v in variables]
+
+    def adding(gradients_of):
+        def add(batch):
+            losses, grads = gradients_of(batch)
+            for total, grad in zip(sums, grads):
+                if grad is not None:
+                    total.assign_add(tf.convert_to_tensor(grad))
+            return losses
+        return add
+
+    if xla and replicas == 1:
+        replica_add = tf.function(adding(forward_backward), jit_compile=True,
+                                  autograph=False)
+    elif xla:
+        # Adding into the sums inside each replica's XLA program failed here
+        # (TF 2.21: "Trying to access resource .../replica_1 ... from device
+        # CPU:0"): the additions run after it.
+        replica_add = adding(tf.function(forward_backward, jit_compile=True,
+                                         autograph=False))
+    else:
+        # No nested function, as in `_split_step`.
+        replica_add = adding(forward_backward)
+    apply = _replica_update(optimizer, model, replicas)
+
+    def update():
+        apply([total.read_value() for total in sums])
+        for total in sums:
+            total.assign(tf.zeros_like(total))
+
+    # One replica: the update with the zeroing is one XLA program, as the
+    # whole step is without accumulation. Several: the all-reduce cannot sit
+    # inside one; `_fuse_updates` compiles each device's update instead.
+    replica_update = (tf.function(update, jit_compile=True, autograph=False)
+                      if xla and replicas == 1 else update)
+
+    @tf.function(autograph=False)
+    def add_batch(batch):
+        losses = strategy.run(replica_add, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                for k, v in losses.items()}
+
+    @tf.function(autograph=False)
+    def update_step():
+        strategy.run(replica_update)
+        if step is not None:
+            step.assign_add(1)
+        if average is not None:
+            average.update(step)
+
+    def train_step(batches):
+        if len(batches) != accumulate:
+            raise ValueError(f"train_step: {len(batches)} batches, expected {accumulate}")
+        losses = [add_batch(batch) for batch in batches]
+        update_step()
+        return {k: tf.add_n([part[k] for part in losses]) / accumulate for k in losses[0]}
+
+    train_step.add_batch, train_step.update_step = add_batch, update_step
+    return train_step
 
 
 @gin.configurable(denylist=["model_dir"])
@@ -426,7 +536,8 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
           total_steps=None, precision="float32", xla=True,
           checkpoint_every=1000, keep_checkpoints=5, log_every=20,
           stop_after=None, strategy=None, eval_fn=None, eval_every=None,
-          best_metric=None, best_mode="max", ema_decay=None, ema_warmup=True):
+          best_metric=None, best_mode="max", ema_decay=None, ema_warmup=True,
+          accumulate_steps=1):
     """Trains a model, resuming from `model_dir` if it holds a checkpoint.
 
     Args:
@@ -483,6 +594,13 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         export then use it (`restore_model.average_weights`). None: off.
       ema_warmup: bool, the average's decay is min(ema_decay, (1 + step) /
         (10 + step)) (Model Garden's `dynamic_decay`).
+      accumulate_steps: int >= 1, batches per replica in one step: each
+        update averages their gradients, so a step trains on `replicas x
+        batch_size x accumulate_steps` images, and the learning rate, epochs,
+        `total_steps` and every `*_every` count those steps. The 1x recipe's
+        16 images per step on one GPU: `train/CocoInput.batch_size = 4`,
+        `train.accumulate_steps = 4`. (Batch norms that train see each
+        batch alone; the recipes' frozen ones and GroupNorm are unaffected.)
 
     A SIGTERM or SIGINT (Ctrl-C) during the loop ends it after the step in
     flight, which is checkpointed (after the NaN checks); rerunning resumes
@@ -514,13 +632,17 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if per_replica_batch is None:
         raise ValueError("dataset_fn must batch with drop_remainder=True "
                          "(static shapes), got an unknown batch size")
-    global_batch = per_replica_batch * replicas
+    if int(accumulate_steps) != accumulate_steps or accumulate_steps < 1:
+        raise ValueError(f"train.accumulate_steps={accumulate_steps!r} must be an int >= 1")
+    accumulate_steps = int(accumulate_steps)
+    # Images per step (one update each): the learning rate scales with it.
+    step_images = per_replica_batch * replicas * accumulate_steps
     if num_train_images is None:
         if not hasattr(dataset_fn, "records"):
             raise ValueError("train.num_train_images is needed: dataset_fn has no "
                              "`records` to count")
         num_train_images = len(dataset_fn.records)
-    steps_per_epoch = max(math.ceil(num_train_images / global_batch), 1)
+    steps_per_epoch = max(math.ceil(num_train_images / step_images), 1)
     if total_steps is None:
         total_steps = int(round(epochs * steps_per_epoch))
     tf.io.gfile.makedirs(model_dir)
@@ -530,7 +652,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     check_num_classes(model, dataset_fn)
     with strategy.scope():
         optimizer, schedule, weight_decay = optimization.build_optimizer(
-            global_batch, steps_per_epoch, total_steps, precision=precision)
+            step_images, steps_per_epoch, total_steps, precision=precision)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         # Drawn once per run and checkpointed, so that the data order survives
         # restarts; under MultiWorkerMirroredStrategy the chief's initial
@@ -593,12 +715,12 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             tf.io.gfile.remove(os.path.join(model_dir, DONE_FILE))
 
     # The input position is the step: each input pipeline has read
-    # step * global_batch / pipelines images of its stream.
+    # step * step_images / pipelines images of its stream.
     if _resumable(dataset_fn):
         seed = int(data_seed.numpy())
 
         def positioned_fn(ctx):
-            return dataset_fn(ctx, start=start * global_batch // ctx.num_input_pipelines,
+            return dataset_fn(ctx, start=start * step_images // ctx.num_input_pipelines,
                               seed=seed)
     else:
         if start:
@@ -608,7 +730,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     iterator = _input_iterator(strategy, positioned_fn)
 
     train_step = make_train_step(model, optimizer, strategy, xla, step, weight_decay,
-                                 average=average)
+                                 average=average, accumulate=accumulate_steps)
 
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) \
         if _is_chief(strategy) else tf.summary.create_noop_writer()
@@ -616,8 +738,9 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     last_losses = {}
     window_start, window_images = time.perf_counter(), 0
     run_start = time.perf_counter()
-    logging.info("Training steps %d-%d of %d: %d replica(s) x %d images, precision "
+    logging.info("Training steps %d-%d of %d: %d replica(s) x %d images%s, precision "
                  "%s, %s", start + 1, end, total_steps, replicas, per_replica_batch,
+                 f" x {accumulate_steps} batches accumulated" if accumulate_steps > 1 else "",
                  precision, _step_kind(xla, replicas))
 
     def check_finite(current, losses):
@@ -643,16 +766,16 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         signatures = set()
         eval_reuse = {}   # the evaluation's model and compiled inference
         for current in range(start + 1, end + 1):
-            batch = next(iterator)
-            signature = _input_signature(strategy, batch)
-            if signature not in signatures:   # this call traces the step
-                signatures.add(signature)
+            batches = [next(iterator) for _ in range(accumulate_steps)]
+            new = {_input_signature(strategy, batch) for batch in batches} - signatures
+            if new:   # this call traces the step
+                signatures |= new
                 _align_function_names()
-            losses = train_step(batch)
+            losses = train_step(batches if accumulate_steps > 1 else batches[0])
             if pending is not None:
                 check_finite(*pending)
             pending = (current, losses)
-            window_images += global_batch
+            window_images += step_images
             first = current == start + 1
             logged = current % log_every == 0 or current == end
             if first or logged or current % checkpoint_every == 0:
@@ -669,7 +792,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                 ips = window_images / max(now - window_start, 1e-9)
                 last_losses = {k: float(v) for k, v in losses.items()}
                 lr = float(schedule(current))
-                eta = (total_steps - current) * global_batch / max(ips, 1e-9)
+                eta = (total_steps - current) * step_images / max(ips, 1e-9)
                 loss_text = "  ".join(f"{k} {v:.4f}" for k, v in last_losses.items())
                 logging.info("step %d/%d  %s  lr %.5f  %.1f img/s  ETA %s", current,
                              total_steps, loss_text, lr, ips, _format_eta(eta))
@@ -678,7 +801,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                         tf.summary.scalar(f"loss/{k}", v)
                     tf.summary.scalar("learning_rate", lr)
                     tf.summary.scalar("images_per_second", ips)
-                    tf.summary.scalar("step_time_s", global_batch / max(ips, 1e-9))
+                    tf.summary.scalar("step_time_s", step_images / max(ips, 1e-9))
                 writer.flush()
                 window_start, window_images = time.perf_counter(), 0
             if stop_requests:

@@ -428,18 +428,21 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
                        "CocoInput.with_masks = False"]
     model_dir = tmp_path / "run"
     xla_cache = tmp_path / "xla_cache"
-    # Five switches, one process: bfloat16; the masks run's weights (every
+    # Six switches, one process: bfloat16; the masks run's weights (every
     # variable a box-only model has); --xla_cache_dir; an evaluation of the
-    # last checkpoint (train.eval_fn), kept as the best (train.best_metric). XLA through the same gin (train.xla)
+    # last checkpoint (train.eval_fn), kept as the best (train.best_metric);
+    # two batches per update (train.accumulate_steps). XLA through the same gin (train.xla)
     # is left to the trainer's tests, which train with it in every
     # precision: its CPU compile would double this run.
     proc = _run("train", f"--model_dir={model_dir}", f"--xla_cache_dir={xla_cache}",
                 bindings=bindings + [
                     "train.total_steps = 4", "train.eval_fn = @evaluate",
+                    "train.accumulate_steps = 2",
                     "train.best_metric = 'bbox/AP'",
                     "train.precision = 'bfloat16'", "train.init_fn = @init_from_checkpoint",
                     f"init_from_checkpoint.path = '{run['model_dir']}'"])
-    assert "precision bfloat16, graph (XLA off)" in proc.stderr, proc.stderr[-2000:]
+    assert "1 replica(s) x 2 images x 2 batches accumulated, precision bfloat16, graph " \
+        "(XLA off)" in proc.stderr, proc.stderr[-2000:]
     assert f"of backbone, fpn, rpn_head, roi_heads from {run['model_dir']}/ckpt-{STEPS}" \
         in proc.stderr, proc.stderr[-2000:]
     assert "Kept" not in proc.stderr   # every variable loaded
@@ -627,8 +630,9 @@ def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     # 60 x 64 images, as 800 x 1216 ones, pad to a multiple of 64 (P6).
     proc = _run("bench", f"--what={what}", mode, "--image_size=60,64", "--batch=2",
                 "--runs=1", "--warmup=0", "--dtype=float32", f"--json={out}", "--flops", *profile,
-                # A training step with a weight average (bin/train's step then).
-                bindings=TINY + ["train.ema_decay = 0.99"])
+                # A training step with a weight average and two batches per
+                # update (bin/train's step then).
+                bindings=TINY + ["train.ema_decay = 0.99", "train.accumulate_steps = 2"])
     report = json.loads(out.read_text())
     if profile:
         scopes = [name for name, _, _ in report["profile"]["by_scope"]]
@@ -643,6 +647,7 @@ def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     assert report["peak_memory_bytes"] > 0
     assert report["gflops_per_image"] > 0
     assert report["ema_decay"] == (0.99 if what == "train" else None)
+    assert report["accumulate_steps"] == (2 if what == "train" else 1)
 
 
 def test_xla_cache_dir_is_local(monkeypatch, tmp_path):

@@ -555,6 +555,113 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
             self.assertLen(set(traced[k:k + replicas]), 1)
 
 
+class AccumulationTest(tf.test.TestCase, parameterized.TestCase):
+    """`train.accumulate_steps`: k batches per update train as one k times larger."""
+
+    def _train(self, model_dir, holder, **kw):
+        def model_fn():
+            keras.utils.set_random_seed(7)
+            holder["model"] = ToyDetector()
+            return holder["model"]
+        args = dict(model_fn=model_fn, num_train_images=32, total_steps=4, xla=False,
+                    checkpoint_every=2, log_every=2,
+                    strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+        args.update(kw)
+        return trainer.train(model_dir, **args)
+
+    def _same_training(self, strategy, global_batch, xla, precision="float32", tol=1e-5):
+        # ToyDetector's losses are batch means and GroupNorm is per image, so
+        # two batches of b images averaged are one batch of 2b: the same
+        # images in the same order (the toy stream is not shuffled), the
+        # same learning rate (it scales with the images of a step).
+        d, runs, outs = self.get_temp_dir(), {}, {}
+        try:
+            for accumulate in (1, 2):
+                holder = {}
+                batch = global_batch * 2 // accumulate
+                with self.assertLogs("absl", level="INFO") as logs:
+                    outs[accumulate] = self._train(
+                        os.path.join(d, f"{xla}{precision}{accumulate}"), holder, xla=xla,
+                        strategy=strategy, precision=precision, accumulate_steps=accumulate,
+                        dataset_fn=_dataset_fn(global_batch=batch), ema_decay=0.5)
+                runs[accumulate] = _weights(holder["model"])
+                runs[accumulate, "ema"] = _weights(outs[accumulate]["average"])
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        self.assertIn("x 2 batches accumulated", "\n".join(logs.output))
+        self.assertEqual(outs[2]["step"], 4)
+        keras.utils.set_random_seed(7)
+        start = ToyDetector()
+        start({"images": tf.zeros([1, 8, 8, 3]), "target": tf.zeros([1, 2])})
+        moved = max(float(np.abs(w - w0).max()) for w, w0 in zip(runs[2], _weights(start)))
+        self.assertGreater(moved, 1e-3)
+        # The weight average too: it moves once per step, not per batch.
+        for whole, accumulated in zip(runs[1] + runs[1, "ema"], runs[2] + runs[2, "ema"]):
+            self.assertAllClose(accumulated, whole, rtol=tol, atol=tol)
+        for name in ("a", "b", "total"):
+            self.assertAllClose(outs[2]["losses"][name], outs[1]["losses"][name], rtol=tol)
+
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_one_replica_trains_as_the_larger_batch(self, xla):
+        self._same_training(tf.distribute.OneDeviceStrategy("/cpu:0"), 2, xla)
+
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_two_replicas_train_as_the_larger_batch(self, xla):
+        devices = _logical_cpus(2)
+        if len(devices) < 2:
+            self.skipTest("logical CPUs could not be configured in this process")
+        self._same_training(_two_cpu_mirrored(devices), 4, xla)
+
+    def test_loss_scaled_float16_trains_as_the_larger_batch(self):
+        self._same_training(tf.distribute.OneDeviceStrategy("/cpu:0"), 2, True,
+                            precision="float16", tol=1e-2)
+
+    @parameterized.named_parameters(("graph", False), ("xla", True))
+    def test_an_overflow_in_one_batch_skips_the_update(self, xla):
+        def overflowing(ctx):
+            # Batch 1 is the second batch of step 1.
+            return _dataset_fn(global_batch=2)(ctx).enumerate().map(lambda i, b: {
+                "images": b["images"],
+                "target": tf.where(i == 1, 1e6, b["target"])})
+
+        d, holder = self.get_temp_dir(), {}
+        self._train(os.path.join(d, f"start{xla}"), holder, total_steps=1, stop_after=0,
+                    accumulate_steps=2, dataset_fn=overflowing)
+        start = _weights(holder["model"])
+        try:
+            self._train(os.path.join(d, f"overflow{xla}"), holder, total_steps=1, xla=xla,
+                        precision="float16", accumulate_steps=2, dataset_fn=overflowing)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        for w, w0 in zip(_weights(holder["model"]), start):
+            self.assertAllEqual(w, w0)
+
+    def test_resumed_run_reads_on_where_its_steps_stopped(self):
+        # Each step reads 2 batches: a resume at step 2 starts at image 8.
+        # (A fixed shuffle seed: each fresh run draws its own.)
+        calls, d = [], self.get_temp_dir()
+        first, again = {}, {}
+        self._train(os.path.join(d, "run"), first, stop_after=2, accumulate_steps=2,
+                    dataset_fn=_seeded_dataset_fn(calls, global_batch=2, fixed_seed=3))
+        self.assertEqual(calls[-1][0], 0)
+        whole = {}
+        self._train(os.path.join(d, "whole"), whole, accumulate_steps=2,
+                    dataset_fn=_seeded_dataset_fn([], global_batch=2, fixed_seed=3))
+        self._train(os.path.join(d, "run"), again, accumulate_steps=2,
+                    dataset_fn=_seeded_dataset_fn(calls, global_batch=2, fixed_seed=3))
+        self.assertEqual(calls[-1][0], 8)
+        for a, b in zip(_weights(again["model"]), _weights(whole["model"])):
+            self.assertAllClose(a, b, rtol=1e-6, atol=1e-6)
+
+    def test_bad_counts(self):
+        with self.assertRaisesRegex(ValueError, r"accumulate_steps=0 must be an int >= 1"):
+            self._train(os.path.join(self.get_temp_dir(), "bad"), {}, accumulate_steps=0,
+                        dataset_fn=_dataset_fn())
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+        with self.assertRaisesRegex(ValueError, r"accumulate=1.5 must be an int >= 1"):
+            trainer.make_train_step(ToyDetector(), None, strategy, False, accumulate=1.5)
+
+
 class ScheduleTest(tf.test.TestCase):
 
     def test_warmup_and_steps(self):
