@@ -182,6 +182,63 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
             gc.enable()
 
 
+def load_splits(sources, on_bad="skip_image", check_files=True, with_masks=True):
+    """Reads several COCO instances jsons as one split: training on their union.
+
+    Args:
+      sources: sequence of (annotation_file, image_dir), as `load_split`
+        takes them.
+      on_bad, check_files, with_masks: as `load_split`'s, for every file.
+
+    Returns:
+      CocoSplit: each file's records in turn (image ids may repeat across
+      files: each record keeps its own `path`), the first file's category
+      map, counts summed, and problems prefixed with their file when there
+      are several.
+
+    Raises:
+      DataError: a file's categories differ from the first file's (ids or
+        names: their contiguous class ids would mean different things), or
+        any error of `load_split`.
+    """
+    sources = list(sources)
+    if not sources:
+        raise ValueError("load_splits: no (annotation_file, image_dir) given")
+    if len(sources) == 1:
+        return load_split(*sources[0], on_bad=on_bad, check_files=check_files,
+                          with_masks=with_masks)
+    records, counts, problems, first = [], collections.Counter(), [], None
+    for annotation_file, image_dir in sources:
+        loaded = load_split(annotation_file, image_dir, on_bad=on_bad,
+                            check_files=check_files, with_masks=with_masks)
+        if first is None:
+            first = (annotation_file, loaded.category_map)
+        elif loaded.category_map != first[1]:
+            raise DataError(_category_difference(first[0], first[1], annotation_file,
+                                                 loaded.category_map))
+        records += loaded.records
+        counts.update(loaded.counts)
+        problems += [f"{os.fspath(annotation_file)}: {p}" for p in loaded.problems]
+    return CocoSplit(records, first[1], counts, problems)
+
+
+def _category_difference(first_file, first, other_file, other):
+    """The message for two files whose categories differ: the first difference."""
+    first_names = dict(zip(first.coco_ids, first.names))
+    other_names = dict(zip(other.coco_ids, other.names))
+    only_first = sorted(set(first_names) - set(other_names))
+    only_other = sorted(set(other_names) - set(first_names))
+    if only_first or only_other:
+        detail = (f"category ids {only_first[:10]} only in {first_file}, "
+                  f"{only_other[:10]} only in {other_file}")
+    else:
+        cat = next(c for c in first.coco_ids if first_names[c] != other_names[c])
+        detail = (f"category id {cat} is {first_names[cat]!r} in {first_file} and "
+                  f"{other_names[cat]!r} in {other_file}")
+    return (f"{other_file}: its categories differ from those of {first_file} "
+            f"({detail}); splits trained together must define the same categories")
+
+
 def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks):
     try:
         dataset = files.read_json(annotation_file)

@@ -26,6 +26,7 @@ pixels were resized by; it differs from `scale` by under half a pixel over
 the image), then flipped as `x -> resized_width - x` with the image.
 """
 
+import os
 import threading
 
 import gin
@@ -205,9 +206,29 @@ def _repeat_factor_epochs(indices, factors, seed):
     return tf.data.Dataset.range(1 << 62).flat_map(epoch)
 
 
+def _sources(data_dir, split, annotation_file, image_dir):
+    """[(annotation_file, image_dir)] of `CocoInput`'s arguments: `split`,
+    `annotation_file` and `image_dir` are each one value or a sequence, and
+    the sequences' lengths must agree; a single value serves every source."""
+    values = {"split": split, "annotation_file": annotation_file, "image_dir": image_dir}
+    lengths = {name: len(v) for name, v in values.items()
+               if isinstance(v, (list, tuple))}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"CocoInput: {', '.join(f'{k} has {n}' for k, n in lengths.items())} "
+                         f"entries; sequences must have one per split")
+    count = next(iter(lengths.values()), 1)
+    if count == 0:
+        raise ValueError("CocoInput: no split given (an empty sequence)")
+    columns = [v if isinstance(v, (list, tuple)) else [v] * count for v in values.values()]
+    if data_dir is None and any(a is None or d is None for _, a, d in zip(*columns)):
+        raise ValueError("CocoInput: give data_dir, or annotation_file and image_dir")
+    return [coco.split_paths(data_dir, s, a, d) for s, a, d in zip(*columns)]
+
+
 @gin.configurable
 class CocoInput:
-    """Builds the training or evaluation dataset of one COCO-format split.
+    """Builds the training or evaluation dataset of one COCO-format split
+    (training: of several, concatenated).
 
     Call it, optionally with a `tf.distribute.InputContext`, to get a
     `tf.data.Dataset` of batches (see the module docstring), so that it can be
@@ -255,7 +276,10 @@ class CocoInput:
     Args:
       data_dir: str, the root of a COCO 2017-layout dataset.
       split: str, e.g. "train2017": reads `annotations/instances_<split>.json`
-        and the images in `<split>/`.
+        and the images in `<split>/`. Training may concatenate several, a
+        tuple (Detectron2's `DATASETS.TRAIN`, e.g. ('train2017', 'extra')):
+        their images are one stream, their files must define the same
+        categories (ids and names), and `train.epochs` counts all of them.
       training: bool, the mode (see above).
       batch_size: int, images per replica (per GPU): every input pipeline
         batches this many, and the global batch is `batch_size` times the
@@ -306,7 +330,9 @@ class CocoInput:
       seed: int or None; with a seed, training order, scales and flips are
         reproducible. None leaves the choice to the caller's `seed` (the
         trainer passes one kept in its checkpoint), else draws at random.
-      annotation_file, image_dir: str or None, override the layout paths.
+      annotation_file, image_dir: str or None, override the layout paths;
+        in training, tuples of the same length for several splits (each
+        json's `file_name`s relative to its own image_dir).
       check_files: bool, check at load that every image file exists.
       group_by_orientation: bool, batch landscape and portrait images apart,
         each on its own tight canvas (see above). Several input pipelines
@@ -342,9 +368,6 @@ class CocoInput:
         if repeat_threshold is not None and not 0 < float(repeat_threshold) <= 1:
             raise ValueError(f"CocoInput: repeat_threshold={repeat_threshold} must be "
                              f"in (0, 1]")
-        if data_dir is None and (annotation_file is None or image_dir is None):
-            raise ValueError("CocoInput: give data_dir, or annotation_file and "
-                             "image_dir")
         self.training = bool(training)
         self.batch_size = int(batch_size)
         self.min_sizes = min_sizes
@@ -362,14 +385,21 @@ class CocoInput:
         self.skip_bad = bool(skip_bad)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.annotation_file, self.image_dir = coco.split_paths(
-            data_dir, split, annotation_file, image_dir)
+        sources = _sources(data_dir, split, annotation_file, image_dir)
+        if len(sources) > 1 and not training:
+            raise ValueError(f"CocoInput: evaluation reads one annotation file, got "
+                             f"{len(sources)}: {', '.join(a for a, _ in sources)}")
+        # Each source's paths; `annotation_file` and `image_dir` are the
+        # first's (a single split's, as before), for messages and evaluation.
+        self.annotation_files = tuple(a for a, _ in sources)
+        self.image_dirs = tuple(d for _, d in sources)
+        self.annotation_file, self.image_dir = sources[0]
+        self._described = " + ".join(os.fspath(a) for a in self.annotation_files)
 
         on_bad = ("raise" if not skip_bad
                   else "skip_image" if training else "skip_annotation")
-        loaded = coco.load_split(self.annotation_file, self.image_dir,
-                                 on_bad=on_bad, check_files=check_files,
-                                 with_masks=self.with_masks)
+        loaded = coco.load_splits(sources, on_bad=on_bad, check_files=check_files,
+                                  with_masks=self.with_masks)
         self.category_map = loaded.category_map
         self.counts = loaded.counts
         self.problems = loaded.problems
@@ -386,7 +416,7 @@ class CocoInput:
         if self.repeat_factors is not None:
             logging.info("%s: repeat factors at threshold %g: %d images above 1 (up to "
                          "%.2f); an epoch of the stream holds about %d images",
-                         self.annotation_file, self.repeat_threshold,
+                         self._described, self.repeat_threshold,
                          int((self.repeat_factors > 1).sum()),
                          float(self.repeat_factors.max(initial=1.0)),
                          int(round(self.repeat_factors.sum())))
@@ -402,13 +432,13 @@ class CocoInput:
         if self.problems:
             logging.warning(
                 "%s: skipped %d images and %d annotations (%s); first "
-                "problems:\n  %s", self.annotation_file,
+                "problems:\n  %s", self._described,
                 self.counts["skipped_images"],
                 self.counts["skipped_annotations"]
                 + self.counts["orphan_annotations"],
                 ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())),
                 "\n  ".join(self.problems[:10]))
-        logging.info("%s: %d images, %d classes (%s); canvases %s", self.annotation_file,
+        logging.info("%s: %d images, %d classes (%s); canvases %s", self._described,
                      len(self.records), self.category_map.num_classes,
                      "training" if training else "evaluation",
                      ", ".join(f"{name} {h}x{w} ({int((self._group == g).sum())} images)"
@@ -455,7 +485,7 @@ class CocoInput:
         """
         shard = self._shard(input_context)
         if not len(shard):
-            raise ValueError(f"{self.annotation_file}: no images to read in this "
+            raise ValueError(f"{self._described}: no images to read in this "
                              f"input pipeline ({len(self.records)} in total)")
         if start and not self.training:
             raise ValueError("CocoInput: start is for the training stream; "
@@ -536,7 +566,7 @@ class CocoInput:
         for g in range(len(self.canvases)):
             if not (groups == g).any():
                 raise ValueError(
-                    f"{self.annotation_file}: input pipeline "
+                    f"{self._described}: input pipeline "
                     f"{input_context.input_pipeline_id} of {pipelines} has no "
                     f"{self._group_names[g]} image; use fewer pipelines or "
                     f"group_by_orientation=False")
@@ -635,7 +665,7 @@ class CocoInput:
                     self.counts["dropped_instances"] += dropped
             return image, boxes, classes, masks, np.int64(i)
         raise coco.DataError(
-            f"{self.annotation_file}: no image decodes among the {len(members)} "
+            f"{self._described}: no image decodes among the {len(members)} "
             f"that can replace image id {self.records[index].image_id}; last: {error}")
 
     def _example(self, index, random_bits):

@@ -546,6 +546,107 @@ class BadInputPipelineTest(tf.test.TestCase):
             list(builder())
 
 
+def _shifted(dataset, by):
+    """`dataset` with image and annotation ids moved by `by` (other colours)."""
+    for image in dataset["images"]:
+        image["id"] += by
+        image["file_name"] = f"{image['id']:06d}.jpg"
+    for ann in dataset["annotations"]:
+        ann["id"] += by
+        ann["image_id"] += by
+    return dataset
+
+
+class SeveralSplitsTest(tf.test.TestCase):
+    """Training on several COCO jsons at once (Detectron2's DATASETS.TRAIN
+    tuple): fixtures' images 11-13 in train2017, 111-113 in 'extra'."""
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.root = tmp.name
+        self.first = fixtures.write_dataset(self.root)
+        self.second = fixtures.write_dataset(
+            self.root, _shifted(fixtures.base_dataset(), 100), split="extra")
+
+    def _build(self, **kwargs):
+        args = dict(batch_size=1, min_size=32, max_size=40, canvas_size=(64, 64),
+                    max_instances=4, mask_size=8, seed=0)
+        args.update(kwargs)
+        return CocoInput(**args)
+
+    def _epoch_ids(self, builder):
+        # Two epochs of the stream: every image comes, from both files.
+        return {int(b["image_id"][0]) for b in builder().take(2 * len(builder.records))}
+
+    def test_splits_of_one_layout_are_one_stream(self):
+        builder = self._build(data_dir=self.root, split=("train2017", "extra"))
+        self.assertLen(builder.records, 6)
+        self.assertEqual(builder.annotation_files, (self.first[0], self.second[0]))
+        self.assertEqual(builder.image_dirs, (self.first[1], self.second[1]))
+        self.assertEqual(builder.annotation_file, self.first[0])
+        self.assertEqual(self._epoch_ids(builder), {11, 12, 13, 111, 112, 113})
+        # Each image with its own pixels: the fixtures' colour of its id.
+        for b in builder().take(6):
+            image_id = int(b["image_id"][0])
+            self.assertEqual(int(b["images"][0, 0, 0, 0]), image_id * 37 % 256)
+        single = self._build(data_dir=self.root, split="train2017")
+        self.assertEqual(builder.category_map, single.category_map)
+        self.assertEqual(single.annotation_files, (self.first[0],))
+
+    def test_files_of_other_roots_and_a_gin_tuple(self):
+        other = os.path.join(self.root, "other")
+        second = fixtures.write_dataset(other, _shifted(fixtures.base_dataset(), 200))
+        builder = self._build(annotation_file=(self.first[0], second[0]),
+                              image_dir=[self.first[1], second[1]])
+        self.assertEqual(self._epoch_ids(builder), {11, 12, 13, 211, 212, 213})
+        with gin.unlock_config():
+            gin.parse_config([f"CocoInput.data_dir = '{self.root}'",
+                              "CocoInput.split = ('extra', 'train2017')"])
+        try:
+            self.assertEqual(self._build().annotation_files,
+                             (self.second[0], self.first[0]))
+        finally:
+            gin.clear_config()
+
+    def test_categories_must_agree(self):
+        renamed = fixtures.base_dataset()
+        renamed["categories"][0]["name"] = "kitten"
+        fixtures.write_dataset(self.root, _shifted(renamed, 100), split="extra")
+        with self.assertRaisesRegex(
+                DataError, r"instances_extra.json: its categories differ from those of "
+                r".*instances_train2017.json \(category id 5 is 'cat' in .* and 'kitten'"):
+            self._build(data_dir=self.root, split=("train2017", "extra"))
+        more = fixtures.base_dataset()
+        more["categories"].append({"id": 9, "name": "bird"})
+        fixtures.write_dataset(self.root, _shifted(more, 100), split="extra")
+        with self.assertRaisesRegex(DataError, r"category ids \[\] only in .*"
+                                    r"train2017.json, \[9\] only in .*extra.json"):
+            self._build(data_dir=self.root, split=("train2017", "extra"))
+
+    def test_problems_name_their_file(self):
+        bad = _shifted(fixtures.base_dataset(), 100)
+        bad["annotations"][0]["bbox"] = [1.0, 1.0, -4.0, 2.0]
+        fixtures.write_dataset(self.root, bad, split="extra")
+        builder = self._build(data_dir=self.root, split=("train2017", "extra"))
+        self.assertTrue(builder.problems)
+        self.assertTrue(all(p.startswith(self.second[0] + ": ") for p in builder.problems),
+                        builder.problems)
+        self.assertLen(builder.records, 6 - builder.counts["skipped_images"])
+
+    def test_evaluation_and_length_errors(self):
+        with self.assertRaisesRegex(ValueError, "evaluation reads one annotation file, got 2"):
+            self._build(data_dir=self.root, split=("train2017", "extra"), training=False)
+        with self.assertRaisesRegex(ValueError, "split has 2, annotation_file has 3 entries"):
+            self._build(data_dir=self.root, split=("train2017", "extra"),
+                        annotation_file=[self.first[0]] * 3)
+        with self.assertRaisesRegex(ValueError, "no split given"):
+            self._build(data_dir=self.root, split=())
+        with self.assertRaisesRegex(ValueError, "give data_dir, or annotation_file and"):
+            self._build(annotation_file=(self.first[0], self.second[0]))
+
+
 class OrientationGroupingTest(tf.test.TestCase):
     """group_by_orientation on `fixtures.write_orientations`' dataset."""
 
