@@ -295,7 +295,11 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
     file_classes = score_w[0].shape[0] - 1
     names = [f"{p}.{n}" for _, p in stages
              for n in ("bbox_pred.weight", "bbox_pred.bias", "cls_score.bias")]
-    if mask_head is not None:
+    # A class-agnostic mask predictor holds no class: it loads whatever the
+    # class count, from a file whose predictor is class-agnostic too.
+    agnostic_masks = (mask_head is not None and mask_head.class_agnostic
+                      and take("roi_heads.mask_head.predictor.weight").shape[0] == 1)
+    if mask_head is not None and not agnostic_masks:
         names += ["roi_heads.mask_head.predictor.weight",
                   "roi_heads.mask_head.predictor.bias"]
     if file_classes != classes:
@@ -309,10 +313,12 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
             take(n)
         layers = [layer for head, _ in stages
                   for layer in (head.class_logits, head.box_deltas)] + (
-            [mask_head.predictor] if mask_head is not None else [])
+            [mask_head.predictor] if mask_head is not None and not agnostic_masks else [])
         skipped = [v.path for layer in layers for v in layer.weights]
         logging.warning("Detectron2 weights %s: %d classes, the model %d: its class "
                         "layers are not loaded (%s)", path, file_classes, classes, skipped)
+        if agnostic_masks:
+            _load_mask_predictor(mask_head, take, plan, classes)
         return skipped
     # Background last in theirs, first in ours.
     score_order = np.concatenate([[classes], np.arange(classes)])
@@ -333,15 +339,23 @@ def _load_class_layers(model, take, plan, path, allow_class_mismatch):
                 f"{'class-agnostic ' if columns == 1 else ''}box head {order.size}")
         plan.add(box_head.box_deltas.kernel, w[order].T, f"{name}.weight")
         plan.add(box_head.box_deltas.bias, b[order], f"{name}.bias")
-    if mask_head is None:
-        return []
+    if mask_head is not None:
+        _load_mask_predictor(mask_head, take, plan, classes)
+    return []
+
+
+def _load_mask_predictor(mask_head, take, plan, classes):
     name = "roi_heads.mask_head.predictor"
     w, b = take(f"{name}.weight"), take(f"{name}.bias")   # [C or 1, F, 1, 1]
-    if w.shape[0] == 1:   # CLS_AGNOSTIC_MASK
+    if w.shape[0] == 1 and not mask_head.class_agnostic:   # CLS_AGNOSTIC_MASK
         w, b = np.tile(w, (classes, 1, 1, 1)), np.tile(b, classes)
+    if w.shape[0] != mask_head.num_masks:
+        raise ValueError(
+            f"Detectron2 weights: {name} has {w.shape[0]} outputs, the model's "
+            f"{'class-agnostic ' if mask_head.class_agnostic else ''}mask head "
+            f"{mask_head.num_masks} (MaskHead.class_agnostic)")
     plan.add(mask_head.predictor.kernel, _conv(w), f"{name}.weight")
     plan.add(mask_head.predictor.bias, b, f"{name}.bias")
-    return []
 
 
 @gin.configurable(denylist=["weights", "model_dir"])

@@ -214,7 +214,8 @@ class BoxHead(keras.layers.Layer):
 class MaskHead(keras.layers.Layer):
     """`num_convs` x conv3x3 (+ norm) + relu, 2x2/2 deconv + relu, 1x1 conv
     to C masks (Detectron2 `MaskRCNNConvUpsampleHead`), of which each roi
-    needs one: the 1x1 conv is computed for that class only.
+    needs one: the 1x1 conv is computed for that class only. Class-agnostic,
+    one mask for every class.
 
     Args (keyword-only, R50-FPN defaults):
       num_classes: int, C (80).
@@ -223,6 +224,10 @@ class MaskHead(keras.layers.Layer):
       norm: None (default), 'gn', 'bn' or 'sync_bn' after each 3x3 conv (no
         bias then; the deconv keeps its bias and no norm, as Detectron2's);
         batch norms count the `valid` rois (`BoxHead`).
+      class_agnostic: bool, one mask channel whatever the class
+        (Detectron2's `ROI_MASK_HEAD.CLS_AGNOSTIC_MASK`, MMDetection's
+        `class_agnostic`): the predictor has 1 output, not C, and `classes`
+        is not needed. False (default): the recipes' per-class masks.
 
     Call:
       pooled: [B, N, 14, 14, F] RoIAligned features (N = D at inference;
@@ -237,11 +242,15 @@ class MaskHead(keras.layers.Layer):
       float32 [B, N, 28, 28] mask logits of the given class.
     """
 
-    def __init__(self, *, num_classes=80, channels=256, num_convs=4, norm=None, **kwargs):
+    def __init__(self, *, num_classes=80, channels=256, num_convs=4, norm=None,
+                 class_agnostic=False, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.channels = channels
         self.num_convs = num_convs
+        self.class_agnostic = bool(class_agnostic)
+        # Predictor outputs: one per class, or one for all.
+        self.num_masks = 1 if self.class_agnostic else num_classes
         self.norm = norm_lib.check(norm, "MaskHead", _HEAD_NORMS)
         self.convs, self.conv_norms = _conv_norm_layers(self, num_convs, channels, self.norm)
         self.deconv = keras.layers.Conv2DTranspose(
@@ -249,7 +258,7 @@ class MaskHead(keras.layers.Layer):
             kernel_initializer=_msra_fill(), name="deconv")
         # Detectron2 mask predictor: normal(std=0.001).
         self.predictor = keras.layers.Conv2D(
-            num_classes, 1, name="predictor",
+            self.num_masks, 1, name="predictor",
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.001))
 
     def build(self, pooled_shape, classes_shape=None):
@@ -272,9 +281,11 @@ class MaskHead(keras.layers.Layer):
         # product per pixel. All C masks then a gather is C times the work
         # and a [B, Kp, S, S, C] tensor: 1.1 GB per image for LVIS's 300
         # detections x 1203 classes.
-        index = tf.clip_by_value(tf.reshape(classes, [-1]), 0, self.num_classes - 1)
-        pick = tf.one_hot(index, self.num_classes, dtype=x.dtype)  # [B * Kp, C]
-        kernel = tf.cast(tf.reshape(self.predictor.kernel, [self.channels, self.num_classes]),
+        if self.class_agnostic:
+            classes = tf.zeros_like(classes)
+        index = tf.clip_by_value(tf.reshape(classes, [-1]), 0, self.num_masks - 1)
+        pick = tf.one_hot(index, self.num_masks, dtype=x.dtype)  # [B * Kp, C]
+        kernel = tf.cast(tf.reshape(self.predictor.kernel, [self.channels, self.num_masks]),
                          x.dtype)  # [channels, C]
         weights = tf.matmul(pick, kernel, transpose_b=True)  # [B * Kp, channels]
         bias = tf.linalg.matvec(pick, tf.cast(self.predictor.bias, x.dtype))  # [B * Kp]
@@ -284,7 +295,8 @@ class MaskHead(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
-                "channels": self.channels, "num_convs": self.num_convs, "norm": self.norm}
+                "channels": self.channels, "num_convs": self.num_convs, "norm": self.norm,
+                "class_agnostic": self.class_agnostic}
 
 
 @configurable_layer

@@ -15,15 +15,16 @@ from mrcnn.modeling.rpn import RpnHead
 
 def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
                 mask_convs=2, masks=True, cascade_stages=0, norm=None, heads_kwargs=None,
-                **rpn_kwargs):
+                class_agnostic_masks=False, **rpn_kwargs):
     """A MaskRCNN with small heads (no mask head unless `masks`; a cascade of
     class-agnostic box heads with `cascade_stages`). `norm` ('gn', 'bn',
     'sync_bn'): that norm in the backbone, FPN and heads and a 2conv1fc box
     head, as Detectron2's GN models and LSJ baselines. `heads_kwargs`: more
-    `RoiHeads` arguments."""
+    `RoiHeads` arguments; `class_agnostic_masks`: `MaskHead.class_agnostic`."""
     box_kwargs = dict(num_conv=2, num_fc=1, conv_dim=channels, norm=norm) if norm else {}
     mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels,
-                          num_convs=mask_convs, norm=norm) if masks else None)
+                          num_convs=mask_convs, norm=norm,
+                          class_agnostic=class_agnostic_masks) if masks else None)
     if cascade_stages:
         roi_heads = CascadeRoiHeads(
             box_heads=[BoxHead(num_classes=num_classes, fc_dim=fc_dim, class_agnostic=True)
@@ -132,8 +133,9 @@ def random_state(model, seed=0, num_classes=None):
         cin = mask.channels
     put("roi_heads.mask_head.deconv.weight", cin, mask.channels, 2, 2)
     put("roi_heads.mask_head.deconv.bias", mask.channels, scale=0.1)
-    put("roi_heads.mask_head.predictor.weight", c, mask.channels, 1, 1)
-    put("roi_heads.mask_head.predictor.bias", c, scale=0.1)
+    masks = 1 if mask.class_agnostic else c   # CLS_AGNOSTIC_MASK: one
+    put("roi_heads.mask_head.predictor.weight", masks, mask.channels, 1, 1)
+    put("roi_heads.mask_head.predictor.bias", masks, scale=0.1)
     return out
 
 

@@ -367,6 +367,27 @@ class LoaderTest(tf.test.TestCase):
         self.assertAllClose(predictor[0, 0], np.tile(arrays[f"{mask}.weight"][:, :, 0, 0].T,
                                                      (1, C)))
 
+    def test_class_agnostic_mask_head(self):
+        # Detectron2's CLS_AGNOSTIC_MASK into MaskHead.class_agnostic: as is,
+        # and kept even when the classes differ (it holds none).
+        model = fixtures.small_model(num_classes=C, class_agnostic_masks=True)
+        mask = "roi_heads.mask_head.predictor"
+        for classes in (C, C + 2):
+            arrays = fixtures.random_state(model, seed=classes, num_classes=classes)
+            self.assertEqual(arrays[f"{mask}.weight"].shape[0], 1)
+            skipped = d2.load_detectron2_weights(model, path=self._write(arrays),
+                                                 allow_class_mismatch=classes != C)
+            self.assertLen(skipped, 0 if classes == C else 4)   # box scores and deltas
+            predictor = model.roi_heads.mask_head.predictor
+            self.assertAllClose(predictor.kernel.numpy()[0, 0],
+                                arrays[f"{mask}.weight"][:, :, 0, 0].T)
+            self.assertAllClose(predictor.bias, arrays[f"{mask}.bias"])
+        # A class-specific file's C masks do not fit one.
+        arrays = fixtures.random_state(fixtures.small_model(num_classes=C))
+        with self.assertRaisesRegex(ValueError, r"predictor has 3 outputs, the model's "
+                                    r"class-agnostic mask head 1"):
+            d2.load_detectron2_weights(model, path=self._write(arrays))
+
     def test_cascade_stages(self):
         model = fixtures.small_model(num_classes=C, cascade_stages=3)
         arrays = fixtures.random_state(model, seed=4)

@@ -202,12 +202,34 @@ class RoiHeadLayersTest(tf.test.TestCase, parameterized.TestCase):
                 self.assertAllClose(out[b, k], full[b, k, :, :, classes[b, k]],
                                     atol=atol)
 
+    def test_class_agnostic_mask_head_ignores_the_class(self):
+        head = MaskHead(num_classes=3, channels=8, class_agnostic=True)
+        pooled = tf.random.stateless_normal([_B, 4, 14, 14, 8], seed=[0, 1])
+        head(pooled, tf.zeros([_B, 4], tf.int32))
+        self.assertEqual((head.num_masks, head.predictor.kernel.shape), (1, (1, 1, 8, 1)))
+        head.predictor.kernel.assign(tf.random.stateless_normal([1, 1, 8, 1], seed=[2, 3]))
+        head.predictor.bias.assign([0.5])
+        out = head(pooled, tf.constant([[0, 1, 2, 0], [2, 2, 1, 0]]))
+        self.assertAllClose(out, head(pooled, tf.zeros([_B, 4], tf.int32)))
+        x = tf.reshape(pooled, [-1, 14, 14, 8])
+        for conv in head.convs:
+            x = conv(x)
+        full = tf.reshape(head.predictor(head.deconv(x)), [_B, 4, 28, 28])
+        self.assertGreater(float(tf.math.reduce_std(full)), 1e-3)
+        self.assertAllClose(out, full, atol=1e-5)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(head(pooled, tf.constant([[0, 1, 2, 0], [2, 2, 1, 0]])))
+        grads = tape.gradient(loss, head.trainable_variables)
+        self.assertTrue(all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0
+                            for g in grads))
+
     def test_config_round_trip(self):
         for layer in (BoxHead(num_classes=7, fc_dim=64, num_fc=1),
                       BoxHead(num_classes=7, fc_dim=64, num_fc=1, num_conv=2, conv_dim=32,
                               norm="gn"),
                       MaskHead(num_classes=7, channels=32, num_convs=2),
-                      MaskHead(num_classes=7, channels=32, num_convs=2, norm="gn")):
+                      MaskHead(num_classes=7, channels=32, num_convs=2, norm="gn"),
+                      MaskHead(num_classes=7, channels=32, class_agnostic=True)):
             clone = type(layer).from_config(layer.get_config())
             self.assertEqual(clone.get_config(), layer.get_config())
 
