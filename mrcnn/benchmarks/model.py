@@ -194,7 +194,7 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     # The variables come from one eager call on a small batch: eagerly at
     # full size (op by op, each new conv shape autotuned on a GPU) it costs
     # far more than the compiled step, and the result does not depend on it.
-    small = synthetic_batch(1, (2 * divisor, 2 * divisor), 2, num_classes)
+    small = synthetic_batch(1, trainer.build_canvas(model, canvas), 2, num_classes)
     small = {k: small[k] for k in data}
     small = strategy.experimental_distribute_values_from_function(lambda ctx: small)
     with strategy.scope():

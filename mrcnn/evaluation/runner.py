@@ -62,7 +62,8 @@ def restore_model(model_fn, checkpoint, canvas_size, precision="float32",
     path = _checkpoint_path(checkpoint)
     with trainer.precision_scope(precision):
         model = model_fn()
-        model(_zero_inference_batch(canvas_size), training=False)
+        model(_zero_inference_batch(trainer.build_canvas(model, canvas_size)),
+              training=False)
     step, path = restore_weights(model, path, average_weights)
     return model, step, path
 

@@ -138,13 +138,22 @@ def _weights_finite(model):
     return True
 
 
-def _zeros_like_spec(spec, canvas_size=None):
+def build_canvas(model, canvas_size):
+    """(H, W) to build `model`'s variables on for batches on `canvas_size`:
+    `model.build_canvas(canvas_size)` where it has one (`MaskRCNN`: a small
+    canvas, whose eager call costs a fraction of a full-size one), else
+    `canvas_size`."""
+    build = getattr(model, "build_canvas", None)
+    return tuple(build(canvas_size)) if callable(build) else tuple(canvas_size)
+
+
+def _zeros_like_spec(spec, canvas_size=None, model=None):
     """A zero batch of `spec`, to build the variables on.
 
     A dataset whose batches come on several canvases (CocoInput with
     `group_by_orientation`) leaves the image height and width unknown in its
     spec; they are then taken from `canvas_size` (any canvas builds the same
-    variables).
+    variables). With `model`, the images are on `build_canvas(model, ...)`.
     """
     def zeros(s):
         shape = s.shape.as_list()
@@ -154,7 +163,13 @@ def _zeros_like_spec(spec, canvas_size=None):
                                  f"and no canvas_size to build the model on")
             shape = [shape[0], *canvas_size, shape[3]]
         return tf.zeros(shape, s.dtype)
-    return tf.nest.map_structure(zeros, spec)
+    batch = tf.nest.map_structure(zeros, spec)
+    images = batch.get("images") if isinstance(batch, dict) else None
+    if model is not None and images is not None and images.shape.rank == 4:
+        batch_size, height, width, channels = images.shape
+        batch["images"] = tf.zeros(
+            [batch_size, *build_canvas(model, (height, width)), channels], images.dtype)
+    return batch
 
 
 def _format_eta(seconds):
@@ -664,12 +679,13 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     # that the restore below fills every one of them.
     with strategy.scope():
         canvas = getattr(dataset_fn, "canvas_size", None)
-        strategy.run(lambda: model(_zeros_like_spec(spec, canvas), training=True))
+        strategy.run(lambda: model(_zeros_like_spec(spec, canvas, model), training=True))
         optimizer.build(model.trainable_variables)
         average = None
         if ema_decay is not None:
             averaged = model_fn()   # built as the model, on the same zero batch
-            strategy.run(lambda: averaged(_zeros_like_spec(spec, canvas), training=True))
+            strategy.run(lambda: averaged(_zeros_like_spec(spec, canvas, averaged),
+                                          training=True))
             average = ema_lib.WeightAverage(model, averaged, strategy, decay=ema_decay,
                                             warmup=ema_warmup, xla=xla)
 

@@ -249,6 +249,33 @@ class MaskRCNNTest(tf.test.TestCase):
             for a, b in zip(source.weights, target.weights):
                 self.assertAllEqual(a.numpy(), b.numpy(), msg=f"{norm}: {b.path}")
 
+    def test_built_on_a_small_canvas_runs_on_any(self):
+        # `build_canvas`: the variables do not depend on the canvas, so a
+        # model built on 128 x 128 detects on 256 x 192 as one built there.
+        self.assertEqual(self.model.build_canvas(), (128, 128))
+        self.assertEqual(self.model.build_canvas((64, 832)), (64, 128))
+        from mrcnn.evaluation.runner import _zero_inference_batch
+        from mrcnn.training import trainer
+        small, big = build_mask_rcnn(**_SMALL), build_mask_rcnn(**_SMALL)
+        small(_zero_inference_batch(trainer.build_canvas(small, (256, 192))))
+        big(_zero_inference_batch((256, 192)))
+        small.set_weights(big.get_weights())
+        rng = np.random.default_rng(2)
+        batch = {"images": tf.constant(rng.integers(0, 255, (1, 256, 192, 3)), tf.uint8),
+                 "image_info": tf.constant([[250.0, 180.0, 250.0, 180.0, 1.0]])}
+        ours, theirs = small(batch), big(batch)
+        for key in theirs:
+            self.assertAllEqual(ours[key], theirs[key], msg=key)
+        # The trainer's zero batch: only the images shrink.
+        spec = {k: tf.TensorSpec(v.shape, v.dtype) for k, v in self.batch.items()}
+        spec["images"] = tf.TensorSpec([2, 256, 320, 3], tf.uint8)
+        zeros = trainer._zeros_like_spec(spec, model=small)
+        self.assertEqual(zeros["images"].shape, (2, 128, 128, 3))
+        for key in spec:
+            if key != "images":
+                self.assertEqual(zeros[key].shape, spec[key].shape)
+        self.assertEqual(trainer._zeros_like_spec(spec)["images"].shape, (2, 256, 320, 3))
+
     def test_level_mismatch(self):
         with self.assertRaisesRegex(ValueError, 'levels'):
             MaskRCNN(backbone=ResNet(depth=18), fpn=FPN(max_level=5),
