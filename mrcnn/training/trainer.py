@@ -259,9 +259,13 @@ def _input_signature(strategy, batch):
     return tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(local))
 
 
-def _step_kind(xla, replicas):
+def _step_kind(xla, replicas, accumulate=1):
     if not xla:
         return "graph (XLA off)"
+    if accumulate > 1:
+        return ("XLA: forward and backward per batch, its gradients summed" +
+                (" in the same program" if replicas == 1 else "") +
+                ", then the update")
     if replicas == 1:
         return "XLA: the whole step, update included"
     return ("XLA: forward and backward per replica, then the gradient sum, "
@@ -757,7 +761,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     logging.info("Training steps %d-%d of %d: %d replica(s) x %d images%s, precision "
                  "%s, %s", start + 1, end, total_steps, replicas, per_replica_batch,
                  f" x {accumulate_steps} batches accumulated" if accumulate_steps > 1 else "",
-                 precision, _step_kind(xla, replicas))
+                 precision, _step_kind(xla, replicas, accumulate_steps))
 
     def check_finite(current, losses):
         if not np.isfinite(float(losses["total"])):

@@ -589,6 +589,8 @@ class AccumulationTest(tf.test.TestCase, parameterized.TestCase):
         finally:
             keras.mixed_precision.set_global_policy("float32")
         self.assertIn("x 2 batches accumulated", "\n".join(logs.output))
+        if xla:
+            self.assertIn("XLA: forward and backward per batch", "\n".join(logs.output))
         self.assertEqual(outs[2]["step"], 4)
         keras.utils.set_random_seed(7)
         start = ToyDetector()
