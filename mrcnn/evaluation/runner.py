@@ -253,8 +253,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         with strategy.scope() if strategy else contextlib.nullcontext():
             model, step, path = restore_model(model_fn, checkpoint or model_dir,
                                               dataset_fn.canvas_size, precision)
-        infer = _replicated(_inference_fn(model, tta, max(dataset_fn.min_sizes), xla),
-                            strategy)
+        infer = trainer.with_aligned_names(_replicated(
+            _inference_fn(model, tta, max(dataset_fn.min_sizes), xla), strategy))
         if reuse is not None:
             reuse.clear()
             reuse.update(key=key, model=model, strategy=strategy, infer=infer)
@@ -584,7 +584,8 @@ class Predictor:
         if dataset_fn is not None:
             trainer.check_num_classes(self.model, dataset_fn)
         _raise_score_threshold(self.model, score_threshold)
-        self._infer = _inference_fn(self.model, tta, min_size, xla)
+        self._infer = trainer.with_aligned_names(
+            _inference_fn(self.model, tta, min_size, xla))
         self.canvases_used = {}
 
     @classmethod

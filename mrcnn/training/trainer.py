@@ -237,11 +237,12 @@ def _input_iterator(strategy, dataset_fn):
 # after a preemption compiled everything again and added a second set of
 # entries (measured: 0 of 6 island programs loaded, then 6 of 6 on the
 # next resume). Moving the counter to a round value just before each trace
-# gives the same names wherever the run came from.
+# gives the same names wherever the run came from; evaluation and
+# prediction do the same (`with_aligned_names`).
 _NAME_BLOCK = 1 << 20
 
 
-def _align_function_names():
+def align_function_names():
     """Moves TF's function-name counter to the next multiple of 2**20 (at
     most 0.2 s of Python calls), so that the functions traced next get the
     same names in a fresh and in a resumed process."""
@@ -251,6 +252,26 @@ def _align_function_names():
         return
     for _ in range(-(tf_ops.uid() + 1) % _NAME_BLOCK):
         tf_ops.uid()
+
+
+def with_aligned_names(fn):
+    """`fn`, a traced function, whose calls with new input shapes or dtypes
+    first `align_function_names`: what it compiles then has the same names
+    in every process that runs it (evaluation, prediction), so a persistent
+    XLA cache finds the programs an earlier process compiled. Each call
+    costs a look at its arguments' shapes."""
+    seen = set()
+
+    def call(*args):
+        signature = tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args)
+                          if hasattr(t, "shape"))
+        if signature not in seen:
+            seen.add(signature)
+            align_function_names()
+        return fn(*args)
+
+    call.__wrapped__ = fn   # the traced function itself
+    return call
 
 
 def _input_signature(strategy, batch):
@@ -790,7 +811,7 @@ def train(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
             new = {_input_signature(strategy, batch) for batch in batches} - signatures
             if new:   # this call traces the step
                 signatures |= new
-                _align_function_names()
+                align_function_names()
             losses = train_step(batches if accumulate_steps > 1 else batches[0])
             if pending is not None:
                 check_finite(*pending)

@@ -149,7 +149,8 @@ def test_xla_gives_the_graphs_detections(fixture_run):
         str(run_dir), model_fn=model_fn, score_threshold=0.0, xla=True, **SIZES)]
     graph, xla = (p(image) for p in predictors)
     batch = runner._zero_inference_batch((64, 128))
-    assert [p._infer.get_concrete_function(batch).function_def.attr["_XlaMustCompile"].b
+    assert [p._infer.__wrapped__.get_concrete_function(batch)
+            .function_def.attr["_XlaMustCompile"].b
             for p in predictors] == [False, True]
     # The fixture's three best scores are 1e-3 apart; XLA rounds differently.
     np.testing.assert_array_equal(xla["classes"][:3], graph["classes"][:3])

@@ -437,6 +437,24 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(np.isfinite(float(losses["total"])))
         self.assertEqual(step.experimental_get_tracing_count(), 1)
 
+    def test_traced_functions_get_aligned_names_once_per_signature(self):
+        # bin/eval and bin/predict trace through `with_aligned_names`: each new
+        # input signature first moves the name counter to a round value, so
+        # their XLA programs have the same names (the persistent cache's key)
+        # whatever ran before them in the process.
+        fn = tf.function(lambda batch: {"y": batch["x"] * 2.0}, autograph=False)
+        wrapped = trainer.with_aligned_names(fn)
+        with mock.patch.object(trainer, "align_function_names",
+                               side_effect=trainer.align_function_names) as align:
+            for shape in ([2], [2], [3], [2]):
+                wrapped({"x": tf.ones(shape)})
+        self.assertEqual(align.call_count, 2)   # [2] and [3], once each
+        for shape in ([2], [3]):
+            name = fn.get_concrete_function(
+                {"x": tf.TensorSpec(shape, tf.float32)}).name.decode()
+            # Traced just after an alignment: just above a multiple of 2**20.
+            self.assertLess(int(name.rsplit("_", 1)[1]) % (1 << 20), 100, name)
+
     def _two_cpus_and_start(self):
         """The two-CPU MirroredStrategy and the trainable weights a seed-5 run starts from."""
         devices = _logical_cpus(2)
