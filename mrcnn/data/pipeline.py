@@ -388,7 +388,7 @@ class CocoInput:
         sources = _sources(data_dir, split, annotation_file, image_dir)
         if len(sources) > 1 and not training:
             raise ValueError(f"CocoInput: evaluation reads one annotation file, got "
-                             f"{len(sources)}: {', '.join(a for a, _ in sources)}")
+                             f"{len(sources)}: {', '.join(os.fspath(a) for a, _ in sources)}")
         # Each source's paths; `annotation_file` and `image_dir` are the
         # first's (a single split's, as before), for messages and evaluation.
         self.annotation_files = tuple(a for a, _ in sources)

@@ -214,8 +214,8 @@ class BoxHead(keras.layers.Layer):
 class MaskHead(keras.layers.Layer):
     """`num_convs` x conv3x3 (+ norm) + relu, 2x2/2 deconv + relu, 1x1 conv
     to C masks (Detectron2 `MaskRCNNConvUpsampleHead`), of which each roi
-    needs one: the 1x1 conv is computed for that class only. Class-agnostic,
-    one mask for every class.
+    needs one: the 1x1 conv is computed for that class only. With
+    `class_agnostic`, one mask serves every class.
 
     Args (keyword-only, R50-FPN defaults):
       num_classes: int, C (80).

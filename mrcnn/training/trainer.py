@@ -490,10 +490,10 @@ def _accumulating_step(forward_backward, optimizer, model, strategy, xla, step, 
     Each replica adds its gradients (of the loss divided by replicas x
     `accumulate`, see `make_train_step`) into variables of its own, one
     forward and backward pass per batch (one XLA program with `xla`, the
-    additions included on one replica), then one update: the replicas' sums are all-reduced
-    once per step, the optimizer applies them (loss scaling unscales and
-    checks the sum: an overflow in any of the batches skips the update) and
-    the sums are zeroed. The batch norms' statistics, where they train,
+    additions included on one replica), then one update: the replicas'
+    sums are all-reduced once per step, the optimizer applies them (loss
+    scaling unscales and checks the sum: an overflow in any of the batches
+    skips the update) and the sums are zeroed. The batch norms' statistics, where they train,
     follow each batch, as on a device that holds only that batch.
 
     Returns:
@@ -566,7 +566,6 @@ def _accumulating_step(forward_backward, optimizer, model, strategy, xla, step, 
         update_step()
         return {k: tf.add_n([part[k] for part in losses]) / accumulate for k in losses[0]}
 
-    train_step.add_batch, train_step.update_step = add_batch, update_step
     return train_step
 
 
