@@ -27,7 +27,10 @@ test: $(STAMP)
 # bin/eval --tta program tests; the whole model evaluated on two CPUs; the
 # mask head's XLA switch_case of RoiHeads.mask_buckets > 1, ~1 min; the
 # federated-loss, Detectron2-import and visualize_data programs and the GPU
-# matrix's process-per-case mode, ~1.5 min; exit 5 = none collected).
+# matrix's process-per-case mode, ~1.5 min; the GPU matrix's real and served
+# cases and bin/bench's training case (run before a GPU session), the FLOP
+# count of the model, the bfloat16 Predictor and export, the GroupNorm and
+# box-only model checks, ~1.5 min; exit 5 = none collected).
 test-slow: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 

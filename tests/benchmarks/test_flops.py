@@ -2,6 +2,7 @@
 whose count is known by hand, and on the model: backward costs more than
 forward, and a larger image costs more."""
 
+import pytest
 import tensorflow as tf
 
 from mrcnn.benchmarks.model import _step_float_ops, float_ops
@@ -23,6 +24,7 @@ def test_conv_and_matmul_count_two_per_multiply_add():
     assert tf.config.functions_run_eagerly() is False
 
 
+@pytest.mark.slow   # 17 s: a benchmark's counter, on the whole model
 def test_model_counts():
     model = build_mask_rcnn(**_SMALL)
     batch = synthetic_batch()

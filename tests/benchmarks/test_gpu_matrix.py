@@ -75,8 +75,11 @@ def test_table_has_ratios_both_ways():
     assert rows[4].startswith("| infer | 1 | bfloat16 | 20.0 ms/img | 30.0 ms/img | 1.50 |")
 
 
-# A process per case (`--isolate`) is slow (13 s): the served process runs in CI.
-@pytest.mark.parametrize("isolate", [False, pytest.param(True, marks=pytest.mark.slow)])
+# 30 s served, 13 s more with a process per case (`--isolate`): the fake
+# servers above check the protocol in CI; run `make test-slow` before a GPU
+# session's matrix.
+@pytest.mark.slow
+@pytest.mark.parametrize("isolate", [False, True])
 def test_real_cases_of_ours(tmp_path, capsys, isolate):
     # Served: one process measures both cases (the second says so); with
     # --isolate each case has a process of its own.
@@ -158,6 +161,7 @@ def test_peer_command_matches_our_static_detections_and_passes_peer_args():
     flags = gpu_matrix.case_flags("ours", ("train", 8, "bfloat16"), args, "z.json")
     assert ours == gpu_matrix.base_command("ours", args) + flags
     assert "--image_size=800,1216" not in flags and "--json=z.json" in flags
+@pytest.mark.slow   # 16 s; run `make test-slow` before a GPU session's matrix
 def test_bench_serve_names_a_bad_request_and_goes_on(tmp_path):
     args = argparse.Namespace(image_size="64,64", runs=1, xla=False, gin_bindings=TINY,
                               gin_file=[os.path.join(ROOT, "gin", "shapes_demo.gin")])

@@ -622,7 +622,9 @@ def test_eval_watch_evaluates_the_newest_checkpoint_then_stops(run, evaluated):
     assert (run["model_dir"] / "best" / f"ckpt-{STEPS}.index").exists()
 
 
-@pytest.mark.parametrize("what,mode", [("train", "--eager"), ("infer", "--noxla")])
+# The training case (25 s, eager) is a benchmark's: `make test-slow`.
+@pytest.mark.parametrize("what,mode", [
+    pytest.param("train", "--eager", marks=pytest.mark.slow), ("infer", "--noxla")])
 def test_bench_model_reports_speed_memory_and_parameters(tmp_path, what, mode):
     out = tmp_path / "bench.json"
     profile = ([f"--profile_dir={tmp_path / 'trace'}", "--profile_steps=2"]

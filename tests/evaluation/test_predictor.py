@@ -177,6 +177,7 @@ def test_test_time_augmentation_is_wired(fixture_run):
     np.testing.assert_allclose(out["scores"], det["detection_scores"][0, :n], atol=1e-6)
 
 
+@pytest.mark.slow   # 38 s; bfloat16 trains in CI (test_mask_rcnn, test_programs)
 def test_bfloat16_predictor_and_export(fixture_run, tmp_path):
     """The model computes in the precision asked for; the caller's global
     policy, the outputs' dtypes and (within bf16 rounding) the detections

@@ -7,6 +7,7 @@ from unittest import mock
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl.testing import parameterized
 from keras.src import backend as keras_backend
@@ -175,6 +176,9 @@ class MaskRCNNTest(tf.test.TestCase):
                          (_B, 10, _CANVAS, _CANVAS))
         self.assertEqual(out['detection_masks_canvas'].dtype, tf.bool)
 
+    # 20 s; box-only models train, evaluate, predict and export in CI:
+    # tests/bin/test_programs.py and tests/evaluation/test_predictor.py.
+    @pytest.mark.slow
     def test_box_only_model(self):
         """mask_head=None (Faster R-CNN): no mask loss, batch needs no gt_masks,
         no detection masks; the box part shares the full model's weights."""
@@ -321,8 +325,15 @@ class NormalizedModelTest(tf.test.TestCase, parameterized.TestCase):
     two RPN convs (its LSJ baselines, gin/r50_fpn_lsj_100ep.gin): every
     variable trains, and the detections are the same eager and under XLA."""
 
-    @parameterized.parameters(('gn', 1), ('sync_bn', 2))
-    def test_gradients_and_xla_inference(self, norm, rpn_convs):
+    def test_sync_bn_with_two_rpn_convs(self):
+        self._check_gradients_and_xla_inference('sync_bn', 2)
+
+    # 28 s; GroupNorm's heads also in tests/modeling/test_heads.py (CI).
+    @pytest.mark.slow
+    def test_group_norm(self):
+        self._check_gradients_and_xla_inference('gn', 1)
+
+    def _check_gradients_and_xla_inference(self, norm, rpn_convs):
         keras.utils.set_random_seed(0)
         model = build_mask_rcnn(**{**_SMALL, 'norm': norm, 'fpn_norm': norm,
                                    'head_norm': norm, 'box_num_conv': 2,
