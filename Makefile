@@ -23,7 +23,7 @@ test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q tests
 
 # Tests marked @pytest.mark.slow (the multi-worker runs: graph mode ~1 min,
-# XLA ~4 min, SyncBN ~1 min; the cascade overfit; the LVIS recipe and
+# XLA ~4 min, SyncBN ~1 min, gradient accumulation ~1 min; the cascade overfit; the LVIS recipe and
 # bin/eval --tta program tests; the whole model evaluated on two CPUs; the
 # mask head's XLA switch_case of RoiHeads.mask_buckets > 1, ~1 min; the
 # federated-loss, Detectron2-import and visualize_data programs and the GPU

@@ -48,9 +48,15 @@ _SYNC_BN = ["FPN.norm = 'sync_bn'", "RpnHead.num_convs = 2", "BoxHead.num_conv =
             "MaskHead.norm = 'sync_bn'"]
 
 
+# Two batches per update (train.accumulate_steps): each replica's own sums,
+# all-reduced across the workers once a step (slow).
+_ACCUMULATE = ["train.accumulate_steps = 2"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("xla,extra", [(False, []), (True, []),
-                                       pytest.param(False, _SYNC_BN, id="sync_bn")])
+                                       pytest.param(False, _SYNC_BN, id="sync_bn"),
+                                       pytest.param(False, _ACCUMULATE, id="accumulate")])
 def test_two_workers_hold_identical_weights(tmp_path, xla, extra):
     data = tmp_path / "shapes"
     subprocess.run([sys.executable, os.path.join(ROOT, "bin", "make_shapes"),
@@ -62,7 +68,7 @@ def test_two_workers_hold_identical_weights(tmp_path, xla, extra):
     fixtures.transpose_odd_images(data)
     bindings = ";".join(["MIN_SIZE = 64", "MAX_SIZE = 128", "CANVAS = (128, 128)",
                          f"train.xla = {xla}", *extra])
-    traces = 2
+    traces = "n/a" if extra == _ACCUMULATE else 2
     ports = ",".join(str(p) for p in _free_ports(2))
     model_dir = tmp_path / "run"
     procs = [subprocess.Popen(
