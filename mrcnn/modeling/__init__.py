@@ -17,10 +17,12 @@ from mrcnn.modeling.resnet import (FrozenBatchNorm, ResNet, SourceInput,
                                    load_detectron2_resnet_weights,
                                    load_keras_resnet50_weights,
                                    load_tensorpack_resnet_weights)
-from mrcnn.modeling.roi_heads import BoxHead, CascadeRoiHeads, MaskHead, RoiHeads
+from mrcnn.modeling.roi_heads import (BoxHead, CascadeRoiHeads, KeypointHead, MaskHead,
+                                      RoiHeads)
 from mrcnn.modeling.rpn import RpnHead
 
 __all__ = ["compile_ops", "FPN", "MaskRCNN", "build_mask_rcnn", "FrozenBatchNorm", "ResNet",
            "SourceInput", "load_detectron2_resnet_weights", "load_detectron2_weights",
            "load_keras_resnet50_weights", "load_tensorpack_resnet_weights",
-           "BoxHead", "CascadeRoiHeads", "MaskHead", "RoiHeads", "RpnHead"]
+           "BoxHead", "CascadeRoiHeads", "KeypointHead", "MaskHead", "RoiHeads",
+           "RpnHead"]

@@ -201,3 +201,27 @@ def mask_loss(mask_logits, mask_targets, positive):
     pixels = float(logits.shape[2] * logits.shape[3])
     total = tf.reduce_sum(tf.reduce_sum(ce, axis=[2, 3]) * weight)
     return total / tf.maximum(tf.reduce_sum(weight) * pixels, 1.0)
+
+
+def keypoint_loss(heatmap_logits, target_indices, valid):
+    """Softmax cross-entropy over each keypoint's heatmap cells, mean over the
+    labelled keypoints (Detectron2's `keypoint_rcnn_loss` with
+    `NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS`, its default).
+
+    Args:
+      heatmap_logits: float [B, N, K, S, S], one map per roi and keypoint.
+      target_indices: int32 [B, N, K], the target cell `row * S + col`
+        (`ops.keypoints.keypoint_targets`).
+      valid: bool [B, N, K], the keypoints that carry a target.
+
+    Returns:
+      float32 scalar: the summed cross-entropy over `valid` keypoints divided
+      by their count (0 when there is none).
+    """
+    logits = _f32(heatmap_logits)
+    cells = logits.shape[-2] * logits.shape[-1]
+    flat = tf.reshape(logits, tf.concat([tf.shape(target_indices), [cells]], 0))
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.clip_by_value(target_indices, 0, cells - 1), logits=flat)  # [B, N, K]
+    weight = _f32(valid)
+    return tf.reduce_sum(ce * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)

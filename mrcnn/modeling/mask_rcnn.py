@@ -18,6 +18,8 @@ The batch (the data pipeline's output, see `mrcnn.data`):
   gt_valid: bool [B, M].
   gt_masks: uint8 [B, M, S_m, S_m], each mask cropped to its gt box (only
     with a mask head).
+  gt_keypoints: float32 [B, M, K, 3] (y, x, v) in resized-image pixels, v
+    COCO's visibility (only with a keypoint head, Keypoint R-CNN).
 
 Mixed precision: the layers follow the global `keras.mixed_precision`
 policy (`mixed_float16`, `mixed_bfloat16`); every head casts its outputs to
@@ -37,7 +39,7 @@ from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from mrcnn.modeling.roi_heads import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, BoxHead,
-                                      CascadeRoiHeads, MaskHead, RoiHeads)
+                                      CascadeRoiHeads, KeypointHead, MaskHead, RoiHeads)
 from mrcnn.modeling.rpn import RpnHead
 
 
@@ -59,7 +61,7 @@ class MaskRCNN(keras.Model):
     rpn_box, rcnn_class, rcnn_box, mask} of float32 scalars (a cascade has
     rcnn_class_stage1, rcnn_box_stage1, ... instead; the trainer sums
     them; no `mask` and no `gt_masks` needed without a mask head: Faster
-    R-CNN); `call(batch, training=False)` returns the detections dict of
+    R-CNN; `keypoint` from `gt_keypoints` with a keypoint head); `call(batch, training=False)` returns the detections dict of
     `RoiHeads.detect`. Both run under `tf.function(jit_compile=True)` for
     static batch shapes; build the model with one eager call first so that
     variables are not created inside a compiled function.
@@ -94,6 +96,16 @@ class MaskRCNN(keras.Model):
     def has_masks(self):
         """False for a box-only model (`RoiHeads.mask_head = None`, Faster R-CNN)."""
         return self.roi_heads.mask_head is not None
+
+    @property
+    def has_keypoints(self):
+        """True with a keypoint head (`RoiHeads.keypoint_head`, Keypoint R-CNN)."""
+        return self.roi_heads.keypoint_head is not None
+
+    @property
+    def num_keypoints(self):
+        """K, keypoints per instance (0 without a keypoint head)."""
+        return self.roi_heads.keypoint_head.num_keypoints if self.has_keypoints else 0
 
     @property
     def num_classes(self):
@@ -193,6 +205,13 @@ class MaskRCNN(keras.Model):
             **self.roi_heads.box_losses(features, rois, gt_boxes, gt_classes,
                                         gt_valid, image_info),
         }
+        if self.has_keypoints:
+            if "gt_keypoints" not in batch:
+                raise ValueError(
+                    "MaskRCNN: the batch has no gt_keypoints; a keypoint head trains on "
+                    "CocoInput.with_keypoints = True")
+            losses["keypoint"] = self.roi_heads.keypoint_loss(features, rois,
+                                                              batch["gt_keypoints"])
         if not self.has_masks:
             return losses
         if "gt_masks" not in batch:
@@ -221,7 +240,8 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                     rpn_num_samples=256, max_detections=100, masks=True,
                     cascade_stages=0, fpn_norm=None, head_norm=None, box_num_conv=0,
                     rpn_num_convs=1, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
-                    class_loss="softmax", fed_loss_classes=None):
+                    class_loss="softmax", fed_loss_classes=None, keypoints=0,
+                    keypoint_channels=512, keypoint_convs=8):
     """Builds `MaskRCNN` from primitives, without gin (tests, small configs).
 
     Defaults are the R50-FPN 1x recipe for COCO (80 foreground classes,
@@ -235,7 +255,9 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
     `box_num_conv` > 0 gives the box head that many convs of `fpn_channels`
     and one FC (Detectron2's "4conv1fc" at 4) instead of two FCs;
     `rpn_num_convs` is `RpnHead.num_convs`; `class_loss` and
-    `fed_loss_classes` are `RoiHeads`' (sigmoid, federated loss).
+    `fed_loss_classes` are `RoiHeads`' (sigmoid, federated loss);
+    `keypoints` > 0 adds a `KeypointHead` of that many keypoints,
+    `keypoint_convs` convs of `keypoint_channels` (Keypoint R-CNN).
     """
     # Parts in model order: the order they are made in draws the initial weights.
     backbone = ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at)
@@ -251,15 +273,19 @@ def build_mask_rcnn(*, num_classes=80, depth=50, width=64, norm="frozen_bn",
                  for _ in range(max(cascade_stages, 1))]
     mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels, norm=head_norm)
                  if masks else None)
+    keypoint_head = (KeypointHead(num_keypoints=keypoints, channels=keypoint_channels,
+                                  num_convs=keypoint_convs) if keypoints else None)
     if cascade_stages:
         roi_heads = CascadeRoiHeads(
             box_heads=box_heads, stage_ious=CASCADE_IOUS[:cascade_stages],
             stage_box_weights=CASCADE_BOX_WEIGHTS[:cascade_stages],
             mask_head=mask_head, num_samples=num_samples, max_detections=max_detections,
-            class_loss=class_loss, fed_loss_classes=fed_loss_classes)
+            class_loss=class_loss, fed_loss_classes=fed_loss_classes,
+            keypoint_head=keypoint_head)
     else:
         roi_heads = RoiHeads(box_head=box_heads[0], mask_head=mask_head,
                              num_samples=num_samples, max_detections=max_detections,
-                             class_loss=class_loss, fed_loss_classes=fed_loss_classes)
+                             class_loss=class_loss, fed_loss_classes=fed_loss_classes,
+                             keypoint_head=keypoint_head)
     return MaskRCNN(backbone=backbone, fpn=fpn, rpn_head=rpn_head, roi_heads=roi_heads,
                     pixel_mean=pixel_mean, pixel_std=pixel_std)

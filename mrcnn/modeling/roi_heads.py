@@ -27,6 +27,7 @@ from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_laye
 from mrcnn.modeling._xla import compiled, in_xla_context
 
 from mrcnn.ops import boxes as box_ops
+from mrcnn.ops import keypoints as keypoint_ops
 from mrcnn.ops import masks as mask_ops
 from mrcnn.ops import nms as nms_ops
 from mrcnn.ops import roi_align as roi_ops
@@ -301,6 +302,68 @@ class MaskHead(keras.layers.Layer):
 
 @configurable_layer
 @keras.saving.register_keras_serializable(package="mrcnn")
+class KeypointHead(keras.layers.Layer):
+    """`num_convs` x conv3x3 + relu, a 4x4/2 deconv to K heatmaps, bilinear
+    2x: Detectron2's `KRCNNConvDeconvUpsampleHead` (Keypoint R-CNN), class
+    agnostic (every detection gets K keypoints).
+
+    Args (keyword-only, Detectron2's keypoint_rcnn_R_50_FPN defaults):
+      num_keypoints: int, K (17 for COCO persons).
+      channels: int, width of the convs (512).
+      num_convs: int, 3x3 convs before the deconv (8).
+
+    Weights are He normal over fan-out, biases 0, the deconv's too
+    (Detectron2's `kaiming_normal_(mode="fan_out")`). The deconv is
+    PyTorch's `ConvTranspose2d(kernel 4, stride 2, padding 1)`: the full
+    transposed convolution (2h + 2 cells) less one cell on each side.
+
+    Call:
+      pooled: [B, N, h, w, F] RoIAligned features (14 x 14).
+      training: unused (no norms), for the callers' uniformity.
+
+    Returns:
+      float32 [B, N, K, 4h, 4w] heatmap logits (56 x 56).
+    """
+
+    def __init__(self, *, num_keypoints=17, channels=512, num_convs=8, **kwargs):
+        super().__init__(**kwargs)
+        self.num_keypoints = int(num_keypoints)
+        self.channels = int(channels)
+        self.num_convs = int(num_convs)
+        if self.num_keypoints < 1:
+            raise ValueError(f"KeypointHead: num_keypoints={num_keypoints} must be >= 1")
+        self.convs, self.conv_norms = _conv_norm_layers(self, self.num_convs, self.channels,
+                                                        None, name="conv_fcn")
+        self.deconv = keras.layers.Conv2DTranspose(
+            self.num_keypoints, 4, strides=2, padding="valid",
+            kernel_initializer=_msra_fill(), name="score_lowres")
+
+    def build(self, pooled_shape):
+        """Creates the variables for `pooled` of `pooled_shape` [B, N, h, w, F]."""
+        height, width = pooled_shape[2:4]
+        channels = _build_convs(self.convs, self.conv_norms, pooled_shape[2:], self.channels)
+        self.deconv.build((None, height, width, channels))
+
+    def call(self, pooled, training=None):
+        del training
+        batch, rois, height, width, channels = pooled.shape
+        if rois is None:   # a count known when run (outside XLA)
+            rois = tf.shape(pooled)[1]
+        x = tf.reshape(pooled, [batch * rois, height, width, channels])
+        x = _run_convs(self.convs, self.conv_norms, x)
+        x = self.deconv(x)[:, 1:-1, 1:-1]  # [B * N, 2h, 2w, K]
+        x = tf.image.resize(tf.cast(x, tf.float32), [4 * height, 4 * width],
+                            method="bilinear")
+        x = tf.transpose(x, [0, 3, 1, 2])  # [B * N, K, 4h, 4w]
+        return tf.reshape(x, [batch, rois, self.num_keypoints, 4 * height, 4 * width])
+
+    def get_config(self):
+        return {**super().get_config(), "num_keypoints": self.num_keypoints,
+                "channels": self.channels, "num_convs": self.num_convs}
+
+
+@configurable_layer
+@keras.saving.register_keras_serializable(package="mrcnn")
 class RoiHeads(BuiltByParts, keras.layers.Layer):
     """The second stage around a built `BoxHead` and `MaskHead`.
 
@@ -313,6 +376,13 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
       mask_head: a built `MaskHead`, or None for a box-only second stage
         (Faster R-CNN, Detectron2's `MASK_ON = False`): no mask loss, and
         the detections hold no masks.
+      keypoint_head: None (default), or a built `KeypointHead` (Keypoint
+        R-CNN, Detectron2's `KEYPOINT_ON`): a `keypoint` loss on the
+        positives with a labelled keypoint inside, and `detection_keypoints`.
+      keypoint_pool_size: int, the keypoint head's RoIAlign output (14;
+        its heatmaps are 4x that side, 56).
+      keypoint_loss_weight: float, the keypoint loss's factor (1.0,
+        Detectron2's `ROI_KEYPOINT_HEAD.LOSS_WEIGHT`).
       num_samples: int, K rois sampled per image in training (512).
       positive_fraction: float, largest positive share (0.25);
         `sample_proposals` puts all positives in the first
@@ -369,7 +439,8 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
                  max_level=5, mask_size=28, score_threshold=0.05,
                  nms_iou=0.5, max_detections=100, box_loss_beta=0.0,
                  mask_buckets=1, paste_masks=False, class_loss="softmax",
-                 fed_loss_classes=None, fed_loss_power=0.5, **kwargs):
+                 fed_loss_classes=None, fed_loss_power=0.5, keypoint_head=None,
+                 keypoint_pool_size=14, keypoint_loss_weight=1.0, **kwargs):
         super().__init__(**kwargs)
         if class_loss not in ("softmax", "sigmoid"):
             raise ValueError(f"RoiHeads: class_loss={class_loss!r} must be 'softmax' or "
@@ -392,6 +463,9 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
         self._convert_input_args = False
         self.box_head = box_head
         self.mask_head = mask_head
+        self.keypoint_head = keypoint_head
+        self.keypoint_pool_size = int(keypoint_pool_size)
+        self.keypoint_loss_weight = float(keypoint_loss_weight)
         self.num_classes = box_head.num_classes
         self.num_samples = num_samples
         self.positive_fraction = positive_fraction
@@ -472,6 +546,23 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
         step = batch * min(_MASK_SLOT_STEP, slots)
         return tf.minimum(-(-tf.maximum(total, 1) // step) * step, batch * slots)
 
+    def _gather_leading(self, used, capacity):
+        """The flat indices, positives first, of the first Kp slots' rois that
+        a head trains on when they are gathered into one list.
+
+        Args:
+          used: bool [B, Kp], the rois the head trains on.
+          capacity: int or int32 scalar, T.
+
+        Returns:
+          (order int32 [T] into the flattened [B * Kp] slots, the used ones
+          first, each image's in slot order; image int32 [T], each one's
+          image; used bool [T]).
+        """
+        flat = tf.reshape(used, [-1])
+        order = tf.argsort(tf.cast(~flat, tf.int32), stable=True)[:capacity]
+        return order, order // used.shape[1], tf.gather(flat, order)
+
     def _capacity_index(self, positive):
         """int32 scalar: which of `mask_capacities` is the smallest that holds
         the positives of `positive` bool [B, Kp] (the `tf.switch_case` branch)."""
@@ -521,12 +612,9 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
         """`mask_loss` with the head on `capacity` (int, or int32 scalar)
         gathered rois, positives first."""
         kp = self.num_mask_rois
-        classes = tf.reshape(rois.classes[:, :kp], [-1])  # [B * Kp]
-        # Stable: positives first, each image's in slot order.
-        order = tf.argsort(tf.cast(classes <= 0, tf.int32), stable=True)[:capacity]  # [T]
-        image = order // kp  # [T]
-        classes = tf.gather(classes, order)  # [T]
-        positive = classes > 0
+        order, image, positive = self._gather_leading(rois.classes[:, :kp] > 0,
+                                                      capacity)  # [T] each
+        classes = tf.gather(tf.reshape(rois.classes[:, :kp], [-1]), order)  # [T]
         boxes = tf.gather(tf.reshape(rois.rois[:, :kp], [-1, 4]), order)  # [T, 4]
         matched = tf.gather(tf.reshape(rois.matched_index[:, :kp], [-1]), order)  # [T]
         num_gt = tf.shape(gt_masks)[1]
@@ -539,6 +627,87 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
         flat_boxes = tf.reshape(gt_boxes, [1, -1, 4])  # [1, B * M, 4]
         targets = self.mask_targets(flat_masks, boxes[None], matched[None], flat_boxes)
         return loss_lib.mask_loss(logits, targets, positive[None])
+
+    @property
+    def heatmap_size(self):
+        """The keypoint heatmaps' side, 4 x `keypoint_pool_size` (56)."""
+        return 4 * self.keypoint_pool_size
+
+    def keypoint_loss(self, features, rois, gt_keypoints):
+        """The keypoint loss, float32 scalar (`keypoint_loss_weight` x
+        `losses.keypoint_loss`), on the positives of `sample`'s `rois` that
+        hold a labelled keypoint of their gt instance (Detectron2's
+        `select_proposals_with_visible_keypoints`); targets from
+        `gt_keypoints` float32 [B, M, K, 3] (y, x, v) in resized-image pixels.
+
+        The head runs on those rois as `mask_loss` runs the mask head: gathered
+        into one list outside XLA, on all B x Kp slots under XLA (or the
+        `mask_buckets` capacities). Rois without a target weigh 0, so the
+        loss is the same either way.
+        """
+        kp = self.num_mask_rois
+        boxes = rois.rois[:, :kp]
+        positive = rois.classes[:, :kp] > 0
+        targets = keypoint_ops.keypoint_targets(
+            boxes, gt_keypoints, tf.where(positive, rois.matched_index[:, :kp], -1),
+            heatmap_size=self.heatmap_size)  # [B, Kp, K] each
+        used = tf.reduce_any(targets.valid, axis=-1)  # [B, Kp]
+
+        def slots():
+            logits = self.keypoint_outputs(features, boxes)
+            return loss_lib.keypoint_loss(logits, targets.indices, targets.valid)
+
+        def gathered(capacity):
+            order, image, _ = self._gather_leading(used, capacity)
+            k = self.keypoint_head.num_keypoints
+            logits = self.keypoint_outputs(features, tf.gather(tf.reshape(boxes, [-1, 4]),
+                                                               order)[None],
+                                           batch_index=image[None])  # [1, T, K, S, S]
+            return loss_lib.keypoint_loss(
+                logits, tf.gather(tf.reshape(targets.indices, [-1, k]), order)[None],
+                tf.gather(tf.reshape(targets.valid, [-1, k]), order)[None])
+
+        if not in_xla_context():
+            loss = gathered(self.mask_capacity(used))
+        else:
+            capacities = self.mask_capacities(used.shape[0])
+            if len(capacities) == 1:
+                loss = slots()
+            else:
+                loss = tf.switch_case(self._capacity_index(used),
+                                      [(lambda t=t: gathered(t)) for t in capacities])
+        return self.keypoint_loss_weight * loss
+
+    def keypoint_outputs(self, features, rois, batch_index=None):
+        """Heatmap logits float32 [N, T, K, S, S] (S = `heatmap_size`) for
+        `rois` float32 [N, T, 4]; N = B, or any N with `batch_index`
+        (`mask_outputs`)."""
+        pooled = self._pool(features, rois, self.keypoint_pool_size, batch_index=batch_index)
+        return self.keypoint_head(pooled)
+
+    def detect_keypoints(self, features, boxes, classes, image_info):
+        """float32 [B, D, K, 3] (y, x, score) keypoints of the detections, in
+        original image pixels (`ops.keypoints.heatmaps_to_keypoints`, then
+        divided by the resize scale); padded slots 0.
+
+        Args:
+          features: {l: [B, H_l, W_l, F]}.
+          boxes: float32 [B, D, 4] in resized-image pixels.
+          classes: int32 [B, D]; 0 marks a padded slot.
+          image_info: float32 [B, 5].
+        """
+        batch, slots = classes.shape
+        n = _leading_slots(classes > 0)
+        used = boxes[:, :n]
+        points = keypoint_ops.heatmaps_to_keypoints(self.keypoint_outputs(features, used),
+                                                    used)  # [B, n, K, 3]
+        scale = image_info[:, 4][:, None, None, None]
+        points = tf.concat([points[..., :2] / scale, points[..., 2:]], axis=-1)
+        points = tf.where((classes[:, :n] > 0)[..., None, None], points, 0.0)
+        if isinstance(n, int):
+            return points
+        points = tf.pad(points, [[0, 0], [0, slots - n], [0, 0], [0, 0]])
+        return tf.ensure_shape(points, [batch, slots, self.keypoint_head.num_keypoints, 3])
 
     def sample(self, proposals, proposal_valid, gt_boxes, gt_classes,
                gt_valid):
@@ -623,7 +792,9 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
           [B, D, S, S] probabilities (not without a mask head),
           num_detections int32 [B]; padded slots: boxes, scores and masks
           0, classes 0. With `paste_masks`, also detection_masks_canvas bool
-          [B, D, H, W].
+          [B, D, H, W]. With a keypoint head, also detection_keypoints float32
+          [B, D, K, 3] (y, x, score) in original image pixels
+          (`detect_keypoints`).
         """
         image_info = tf.cast(image_info, tf.float32)
         boxes, scores, classes, num_valid = self.detect_boxes(
@@ -638,6 +809,9 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
             "detection_classes": classes,
             "num_detections": num_valid,
         }
+        if self.keypoint_head is not None:
+            detections["detection_keypoints"] = self.detect_keypoints(
+                features, boxes, classes, image_info)
         if self.mask_head is None:
             return detections
         # 4.
@@ -737,6 +911,10 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
             "class_loss": self.class_loss,
             "fed_loss_classes": self.fed_loss_classes,
             "fed_loss_power": self.fed_loss_power,
+            "keypoint_head": (None if self.keypoint_head is None
+                              else keras.saving.serialize_keras_object(self.keypoint_head)),
+            "keypoint_pool_size": self.keypoint_pool_size,
+            "keypoint_loss_weight": self.keypoint_loss_weight,
         }
 
     @classmethod
@@ -744,10 +922,15 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
         config = dict(config)
         config["box_head"] = keras.saving.deserialize_keras_object(
             config["box_head"])
-        if config.get("mask_head") is not None:
-            config["mask_head"] = keras.saving.deserialize_keras_object(
-                config["mask_head"])
-        return cls(**config)
+        return cls(**_deserialized_heads(config))
+
+
+def _deserialized_heads(config):
+    """`config` with its optional mask and keypoint heads deserialized."""
+    for key in ("mask_head", "keypoint_head"):
+        if config.get(key) is not None:
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+    return config
 
 
 # Detectron2's CASCADE_ROI_HEADS.IOUS and BBOX_REG_WEIGHTS.
@@ -877,7 +1060,4 @@ class CascadeRoiHeads(RoiHeads):
         config = dict(config)
         config["box_heads"] = [keras.saving.deserialize_keras_object(h)
                                for h in config["box_heads"]]
-        if config.get("mask_head") is not None:
-            config["mask_head"] = keras.saving.deserialize_keras_object(
-                config["mask_head"])
-        return cls(**config)
+        return cls(**_deserialized_heads(config))

@@ -52,6 +52,13 @@ def synthetic_batch():
                       + ((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 <= 1)
             images[b][inside] = colours[classes[b, m]]
             masks[b, m] = crop
+    # Each ellipse's extreme points, (y, x, v): top, left, bottom, right.
+    keypoints = np.zeros((_B, _M, 4, 3), np.float32)
+    for b in range(_B):
+        for m in range(3):
+            y1, x1, y2, x2 = boxes[b, m]
+            cy, cx = (y1 + y2) / 2, (x1 + x2) / 2
+            keypoints[b, m] = [[y1, cx, 2], [cy, x1, 2], [y2, cx, 2], [cy, x2, 1]]
     pixels = np.clip(np.round(images * IMAGENET_STD + np.array(IMAGENET_MEAN)), 0, 255)
     return dict(
         images=tf.constant(pixels.astype(np.uint8)),
@@ -59,7 +66,8 @@ def synthetic_batch():
                                tf.float32),
         image_id=tf.constant([1, 2], tf.int64),
         gt_boxes=tf.constant(boxes), gt_classes=tf.constant(classes),
-        gt_valid=tf.constant(classes > 0), gt_masks=tf.constant(masks))
+        gt_valid=tf.constant(classes > 0), gt_masks=tf.constant(masks),
+        gt_keypoints=tf.constant(keypoints))
 
 
 class MaskRCNNTest(tf.test.TestCase):
