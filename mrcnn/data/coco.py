@@ -6,7 +6,17 @@ per-image records the input pipeline decodes. Checks are cheap and happen at
 load time, so a bad box or segmentation is reported with its file and ids
 before any training step, never as a TensorFlow stack trace.
 
-Shape letters: `n` annotations of one image.
+Shape letters: `n` annotations of one image, `K` keypoints per instance.
+
+Keypoints (`with_keypoints`, COCO person keypoints): every category with a
+non-empty `keypoints` list of names must list the same names (K of them);
+categories without one are allowed, and their instances have no labelled
+point. An annotation's `keypoints` is the flat `[x1, y1, v1, ...]` of K
+points, x, y pixel indices, v 0 = not labelled, 1 = labelled but not
+visible, 2 = visible; an annotation without it has no labelled point.
+Records hold them as continuous coordinates, `+ 0.5` (pixel i's centre is
+at i + 0.5, as Detectron2 reads them), so that they resize and flip with the
+boxes.
 
 What counts as bad, and what happens to it (`on_bad`):
   - file not JSON, or missing a top-level key (`images`, `annotations`,
@@ -20,7 +30,11 @@ What counts as bad, and what happens to it (`on_bad`):
     `category_id`; bbox not 4 finite numbers, width or height <= 0, more than
     `BOX_TOLERANCE_PX` outside the image, or empty once clipped to it;
     segmentation missing, empty or malformed (polygon with an odd count or
-    fewer than 3 points, RLE of the wrong size): a bad annotation.
+    fewer than 3 points, RLE of the wrong size); with keypoints, `keypoints`
+    of a non-crowd annotation of a category with keypoints not 3K finite
+    numbers with every v in {0, 1, 2}: a bad annotation.
+  - with keypoints, no category with a keypoint list, or two categories with
+    different lists: always a `DataError`.
   - annotation whose `image_id` is not in `images`: an orphan annotation.
   `on_bad="raise"` raises a `DataError` naming the json, the image file and
   the ids on the first problem. `"skip_image"` (training) drops every image
@@ -116,6 +130,11 @@ class ImageRecord:
         float64 [2k] arrays (x0, y0, x1, y1, ...), or the json's RLE dict.
       is_crowd: bool [n]; the pipeline drops crowd annotations.
       annotation_ids: int64 [n], for messages.
+      keypoints: float32 [n, K, 3] (x, y, v), continuous original image
+        pixels (the json's pixel indices + 0.5), v in {0, 1, 2}; x = y = 0
+        where v = 0, and every v = 0 for crowd annotations, annotations
+        without `keypoints` and those of categories without keypoints. None
+        unless loaded `with_keypoints`.
     """
     image_id: int
     path: str
@@ -126,6 +145,7 @@ class ImageRecord:
     segmentations: list
     is_crowd: np.ndarray
     annotation_ids: np.ndarray
+    keypoints: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass
@@ -139,15 +159,54 @@ class CocoSplit:
         `bad_annotations`, `orphan_annotations`, `skipped_images`,
         `skipped_annotations`, `crowd_annotations`.
       problems: list of str, one message per problem (file and ids named).
+      keypoint_names: tuple of K str, the categories' keypoint names; empty
+        unless loaded `with_keypoints`.
     """
     records: List[ImageRecord]
     category_map: CategoryMap
     counts: collections.Counter
     problems: List[str]
+    keypoint_names: Tuple[str, ...] = ()
+
+    @property
+    def keypoint_flip_map(self):
+        """tuple of K int, `keypoint_flip_map(self.keypoint_names)`."""
+        return keypoint_flip_map(self.keypoint_names)
+
+
+def keypoint_flip_map(names):
+    """The permutation of keypoints a horizontal flip applies.
+
+    After a flip, keypoint i takes the values of keypoint `flip_map[i]`: a
+    name containing "left" swaps with the name that has "right" in its
+    place, and a name containing "right" with its "left" name, when that
+    name is there (COCO: left_eye <-> right_eye; shapes: left <-> right);
+    every other name maps to itself. Only mutual pairs swap, so the result
+    is always a permutation (a name such as "left_of_right" stays put).
+
+    Args:
+      names: sequence of K str.
+
+    Returns:
+      tuple of K int.
+    """
+    names = [str(n) for n in names]
+    index = {name: i for i, name in enumerate(names)}
+
+    def partner(name):
+        if "left" in name:
+            return index.get(name.replace("left", "right"))
+        if "right" in name:
+            return index.get(name.replace("right", "left"))
+        return None
+
+    pairs = [partner(n) for n in names]
+    return tuple(j if j is not None and pairs[j] == i else i
+                 for i, j in enumerate(pairs))
 
 
 def load_split(annotation_file, image_dir, on_bad="skip_image",
-               check_files=True, with_masks=True):
+               check_files=True, with_masks=True, with_keypoints=False):
     """Reads and validates one COCO instances json (see the module docstring).
 
     Args:
@@ -160,13 +219,16 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
         listing per directory).
       with_masks: bool; False reads box-only annotations: `segmentation` is
         neither needed nor checked (records hold None for it).
+      with_keypoints: bool, read and check `keypoints` (module docstring):
+        records hold them, the split their names.
 
     Returns:
       CocoSplit.
 
     Raises:
-      DataError: unreadable or non-COCO json, duplicate ids, or any problem
-        when `on_bad="raise"`.
+      DataError: unreadable or non-COCO json, duplicate ids, with keypoints
+        no or disagreeing keypoint lists among the categories, or any
+        problem when `on_bad="raise"`.
     """
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad={on_bad!r} must be one of {ON_BAD}")
@@ -176,50 +238,60 @@ def load_split(annotation_file, image_dir, on_bad="skip_image",
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _load_split(annotation_file, image_dir, on_bad, check_files, with_masks)
+        return _load_split(annotation_file, image_dir, on_bad, check_files, with_masks,
+                           with_keypoints)
     finally:
         if collecting:
             gc.enable()
 
 
-def load_splits(sources, on_bad="skip_image", check_files=True, with_masks=True):
+def load_splits(sources, on_bad="skip_image", check_files=True, with_masks=True,
+                with_keypoints=False):
     """Reads several COCO instances jsons as one split: training on their union.
 
     Args:
       sources: sequence of (annotation_file, image_dir), as `load_split`
         takes them.
-      on_bad, check_files, with_masks: as `load_split`'s, for every file.
+      on_bad, check_files, with_masks, with_keypoints: as `load_split`'s,
+        for every file.
 
     Returns:
       CocoSplit: each file's records in turn (image ids may repeat across
       files: each record keeps its own `path`), the first file's category
-      map, counts summed, and problems prefixed with their file when there
-      are several.
+      map and keypoint names, counts summed, and problems prefixed with
+      their file when there are several.
 
     Raises:
       DataError: a file's categories differ from the first file's (ids or
         names: their contiguous class ids would mean different things), or
-        any error of `load_split`.
+        its keypoint names do (keypoint k would be another point), or any
+        error of `load_split`.
     """
     sources = list(sources)
     if not sources:
         raise ValueError("load_splits: no (annotation_file, image_dir) given")
     if len(sources) == 1:
         return load_split(*sources[0], on_bad=on_bad, check_files=check_files,
-                          with_masks=with_masks)
+                          with_masks=with_masks, with_keypoints=with_keypoints)
     records, counts, problems, first = [], collections.Counter(), [], None
     for annotation_file, image_dir in sources:
         loaded = load_split(annotation_file, image_dir, on_bad=on_bad,
-                            check_files=check_files, with_masks=with_masks)
+                            check_files=check_files, with_masks=with_masks,
+                            with_keypoints=with_keypoints)
         if first is None:
-            first = (annotation_file, loaded.category_map)
+            first = (annotation_file, loaded.category_map, loaded.keypoint_names)
         elif loaded.category_map != first[1]:
             raise DataError(_category_difference(first[0], first[1], annotation_file,
                                                  loaded.category_map))
+        elif loaded.keypoint_names != first[2]:
+            raise DataError(
+                f"{annotation_file}: its keypoint names {list(loaded.keypoint_names)} "
+                f"differ from those of {first[0]} {list(first[2])}; splits trained "
+                f"together must name the same keypoints in the same order")
         records += loaded.records
         counts.update(loaded.counts)
         problems += [f"{os.fspath(annotation_file)}: {p}" for p in loaded.problems]
-    return CocoSplit(records, first[1], counts, problems)
+    return CocoSplit(records, first[1], counts, problems, first[2])
 
 
 def _category_difference(first_file, first, other_file, other):
@@ -239,7 +311,8 @@ def _category_difference(first_file, first, other_file, other):
             f"({detail}); splits trained together must define the same categories")
 
 
-def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks):
+def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks,
+                with_keypoints=False):
     try:
         dataset = files.read_json(annotation_file)
     except (*files.READ_ERRORS, ValueError) as e:
@@ -267,6 +340,9 @@ def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks):
     category_map = CategoryMap.from_categories(categories)
     if len(set(category_map.coco_ids)) != category_map.num_classes:
         raise DataError(f"{annotation_file}: duplicate category ids")
+    keypoint_names, keypoint_categories = (
+        _keypoint_names(annotation_file, categories) if with_keypoints else ((), frozenset()))
+    keypoints = (len(keypoint_names), keypoint_categories)
 
     # Images.
     checker = files.FileChecker()
@@ -303,7 +379,7 @@ def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks):
                     f"unknown image id {image_id}")
             continue
         image = images.get(image_id)
-        reason = _check_annotation(ann, image, category_map, with_masks)
+        reason = _check_annotation(ann, image, category_map, with_masks, keypoints)
         if reason:
             where = (f"annotation id {ann_id} (image id {image_id}, "
                      f"{os.path.join(image_dir, image['file_name']) if image else '?'})")
@@ -323,8 +399,38 @@ def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks):
             counts["skipped_images"] += 1
             continue
         records.append(_record(images[image_id], kept[image_id], image_dir,
-                               category_map, counts))
-    return CocoSplit(records, category_map, counts, problems)
+                               category_map, counts, keypoints if with_keypoints else None))
+    return CocoSplit(records, category_map, counts, problems, keypoint_names)
+
+
+def _keypoint_names(annotation_file, categories):
+    """(tuple of K str, frozenset of the int ids of the categories with them).
+
+    Every category with a non-empty `keypoints` list must give the same one.
+    """
+    names, first, ids = None, None, set()
+    for c in categories:
+        listed = c.get("keypoints")
+        if listed is None or (isinstance(listed, list) and not listed):
+            continue
+        described = f"category id {c['id']} ({c['name']!r})"
+        if (not isinstance(listed, list) or not all(isinstance(n, str) for n in listed)
+                or len(set(listed)) != len(listed)):
+            raise DataError(f"{annotation_file}: {described} has keypoints "
+                            f"{str(listed)[:200]}, not a list of distinct names")
+        if names is None:
+            names, first = tuple(listed), described
+        elif tuple(listed) != names:
+            raise DataError(
+                f"{annotation_file}: {described} has keypoints {listed} but {first} "
+                f"has {list(names)}; every category with keypoints must name the same "
+                f"keypoints in the same order")
+        ids.add(int(c["id"]))
+    if names is None:
+        raise DataError(f"{annotation_file}: no category has a 'keypoints' list of "
+                        f"names; a keypoint dataset (COCO person_keypoints_*.json) "
+                        f"is needed for keypoints")
+    return names, frozenset(ids)
 
 
 def _with_file_name(image):
@@ -341,8 +447,12 @@ def _get(obj, key):
     return obj.get(key) if isinstance(obj, dict) else None
 
 
-def _check_annotation(ann, image, category_map, with_masks=True):
-    """Why an annotation is bad (str), or None when it is fine."""
+def _check_annotation(ann, image, category_map, with_masks=True, keypoints=(0, ())):
+    """Why an annotation is bad (str), or None when it is fine.
+
+    `keypoints`: (K, the ids of the categories with keypoints); K = 0 checks
+    no keypoints.
+    """
     if not isinstance(ann, dict):
         return "not an object"
     missing = [k for k in _ANNOTATION_KEYS if k not in ann]
@@ -363,9 +473,30 @@ def _check_annotation(ann, image, category_map, with_masks=True):
                 f"image by more than {tol} px")
     if min(x + w, width) - max(x, 0) <= 0 or min(y + h, height) - max(y, 0) <= 0:
         return f"bbox {bbox} is empty once clipped to the {width}x{height} image"
-    if not with_masks:
-        return None
-    return _check_segmentation(ann.get("segmentation"), height, width)
+    if with_masks:
+        reason = _check_segmentation(ann.get("segmentation"), height, width)
+        if reason:
+            return reason
+    if _reads_keypoints(ann, keypoints):
+        return _check_keypoints(ann["keypoints"], keypoints[0])
+    return None
+
+
+def _reads_keypoints(ann, keypoints):
+    """Whether an annotation's keypoints are read (else all v = 0)."""
+    num, categories = keypoints
+    return (num > 0 and ann.get("keypoints") is not None and not ann.get("iscrowd", 0)
+            and ann["category_id"] in categories)
+
+
+def _check_keypoints(values, num):
+    if not isinstance(values, list) or len(values) != 3 * num or not _finite_numbers(values):
+        return (f"keypoints {str(values)[:80]} are not {3 * num} finite numbers "
+                f"(x, y, v for each of the {num} keypoints)")
+    bad = [v for v in values[2::3] if v not in (0, 1, 2)]
+    if bad:
+        return f"keypoint visibility {bad[0]!r} is not 0, 1 or 2"
+    return None
 
 
 def _finite_numbers(values):
@@ -408,7 +539,7 @@ def _check_segmentation(segm, height, width):
     return f"segmentation of type {type(segm).__name__} is neither polygons nor RLE"
 
 
-def _record(image, anns, image_dir, category_map, counts):
+def _record(image, anns, image_dir, category_map, counts, keypoints=None):
     height, width = int(image["height"]), int(image["width"])
     xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
     x, y, w, h = xywh.T
@@ -424,7 +555,20 @@ def _record(image, anns, image_dir, category_map, counts):
                          np.int32),
         segmentations=[_compact(a.get("segmentation")) for a in anns],
         is_crowd=is_crowd,
-        annotation_ids=np.array([int(a.get("id", -1)) for a in anns], np.int64))
+        annotation_ids=np.array([int(a.get("id", -1)) for a in anns], np.int64),
+        keypoints=None if keypoints is None else _record_keypoints(anns, keypoints))
+
+
+def _record_keypoints(anns, keypoints):
+    """float32 [n, K, 3] (x, y, v) of checked annotations (`ImageRecord`)."""
+    num = keypoints[0]
+    out = np.zeros((len(anns), num, 3), np.float64)
+    for i, a in enumerate(anns):
+        if _reads_keypoints(a, keypoints):
+            out[i] = np.asarray(a["keypoints"], np.float64).reshape(num, 3)
+    out[..., :2] += 0.5   # pixel indices -> continuous, the pixel's centre
+    out[out[..., 2] == 0] = 0.0
+    return out.astype(np.float32)
 
 
 def _compact(segmentation):

@@ -153,6 +153,14 @@ def _bilinear(image, ys, xs):
     return top * (1 - wy) + bottom * wy
 
 
+def kept_instances(record, max_instances, keep_crowd=False):
+    """int64 [n]: the annotations of `record` that become gt slots, in
+    order: the non-crowd ones (all with `keep_crowd`), the first
+    `max_instances` of them (`decode_example`'s, and the keypoints'
+    in mrcnn/data/pipeline.py)."""
+    return np.flatnonzero(~record.is_crowd | keep_crowd)[:max_instances]
+
+
 def decode_example(record, mask_size, max_instances, keep_crowd=False,
                    exif_orientation=True):
     """Image, boxes, classes and box-frame masks of one record.
@@ -174,9 +182,8 @@ def decode_example(record, mask_size, max_instances, keep_crowd=False,
     """
     image = read_image(record.path, record.image_id, record.height, record.width,
                        exif_orientation)
-    keep = np.flatnonzero(~record.is_crowd | keep_crowd)
-    num_dropped = max(len(keep) - max_instances, 0)
-    keep = keep[:max_instances]
+    keep = kept_instances(record, max_instances, keep_crowd)
+    num_dropped = int((~record.is_crowd | keep_crowd).sum()) - len(keep)
     masks = np.zeros((len(keep), mask_size, mask_size), np.uint8)
     for i, k in enumerate(keep if mask_size else ()):
         masks[i] = box_frame_mask(record.segmentations[k], record.boxes[k],

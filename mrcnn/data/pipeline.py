@@ -1,7 +1,7 @@
 """The input pipeline: a COCO split -> fixed-shape tf.data batches.
 
 Shape letters: `B` images per batch (per replica), `H, W` the static canvas,
-`M` gt slots per image, `S` the mask size.
+`M` gt slots per image, `S` the mask size, `K` keypoints per instance.
 
 A batch is a dict:
   images: uint8 [B, H, W, 3] RGB pixels, the resized image (bilinear,
@@ -20,10 +20,18 @@ A batch is a dict:
     own `gt_boxes` row and resampled to S x S (see mrcnn/data/decode.py);
     padded slots 0. Training only (evaluation scores against the annotation
     file), and not with `with_masks=False` (box-only data).
+  gt_keypoints: float32 [B, M, K, 3] (y, x, v), pixels of the resized image
+    (continuous: pixel i spans [i, i + 1)), v 1 = labelled but not visible,
+    2 = visible, 0 = not labelled, with y = x = 0; padded slots 0. Training
+    with `with_keypoints` only.
 
 Boxes are scaled per axis by `resized / original` (the factor the image
 pixels were resized by; it differs from `scale` by under half a pixel over
 the image), then flipped as `x -> resized_width - x` with the image.
+Keypoints (the json's pixel indices + 0.5, mrcnn/data/coco.py) are scaled
+and flipped alike, and on a flip permuted by `CocoInput.keypoint_flip_map`
+(the left eye of the flipped image is the old right eye); a point that ends
+outside the image (outside a large-scale jitter crop) is no longer labelled.
 """
 
 import os
@@ -85,6 +93,14 @@ def recrop_masks(masks, boxes, new_boxes):
                                 tf.range(tf.shape(masks)[0])[None], (s, s),
                                 crop_boxes=boxes[None])[0]
     return tf.cast(cut, tf.uint8)
+
+
+def _labelled_inside(keypoints, size):
+    """Keypoints [n, K, 3] (y, x, v) with v = 0 where the point lies outside
+    [0, size[0]) x [0, size[1]), and y = x = v = 0 wherever v = 0."""
+    y, x, v = keypoints[..., 0], keypoints[..., 1], keypoints[..., 2]
+    labelled = (v > 0) & (y >= 0) & (y < size[0]) & (x >= 0) & (x < size[1])
+    return tf.where(labelled[..., None], keypoints, tf.zeros_like(keypoints))
 
 
 def pad_to_canvas(image, canvas_size):
@@ -300,13 +316,25 @@ class CocoInput:
         the 28 x 28 mask head output so targets can be resampled from it.
       with_masks: bool; False for box-only data (Faster R-CNN): annotations
         need no `segmentation`, and batches have no `gt_masks`.
+      with_keypoints: bool, Keypoint R-CNN (Detectron2's `KEYPOINT_ON`; a
+        COCO `person_keypoints_*.json`): the json's keypoints are read and
+        checked (mrcnn/data/coco.py), and training batches hold
+        `gt_keypoints` (module docstring). `keypoint_names`,
+        `num_keypoints` and `keypoint_flip_map` describe them, in
+        evaluation too (whose batches hold none: it scores against the
+        annotation file).
+      min_keypoints: int, with keypoints in training: images with fewer
+        labelled points (v > 0, all annotations) are left out and counted
+        as `few_keypoints_images` (Detectron2's `MIN_KEYPOINTS_PER_IMAGE`,
+        default 1 as there); 0 keeps every image.
       scale_jitter: optional (low, high), training only: large-scale jitter
         (Ghiasi et al. 2021; Detectron2's `ResizeScale` + `FixedSizeCrop`
         of its LSJ baselines, `(0.1, 2.0)` there): each image is resized by
         `s * min(H / h, W / w)` for the canvas (H, W) and `s` drawn
         uniformly from the range, then cropped at a random place to the
         canvas where larger; boxes are clipped to the crop, instances left
-        empty are dropped, masks are cut to their clipped boxes. It
+        empty are dropped, masks are cut to their clipped boxes, keypoints
+        outside the crop are no longer labelled (v = 0). It
         replaces the `min_size` / `max_size` resize in training (evaluation
         keeps it) and excludes `group_by_orientation`.
       repeat_threshold: optional float t, training only: Detectron2's
@@ -346,7 +374,7 @@ class CocoInput:
                  shuffle_buffer=None, seed=None, annotation_file=None,
                  image_dir=None, check_files=True, group_by_orientation=False,
                  with_masks=True, scale_jitter=None, repeat_threshold=None,
-                 exif_orientation=True):
+                 exif_orientation=True, with_keypoints=False, min_keypoints=1):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
         canvas_size = tuple(int(s) for s in canvas_size)
         if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
@@ -365,6 +393,8 @@ class CocoInput:
             if group_by_orientation:
                 raise ValueError("CocoInput: scale_jitter crops every image to the "
                                  "canvas; group_by_orientation must be False")
+        if int(min_keypoints) < 0:
+            raise ValueError(f"CocoInput: min_keypoints={min_keypoints} must be >= 0")
         if repeat_threshold is not None and not 0 < float(repeat_threshold) <= 1:
             raise ValueError(f"CocoInput: repeat_threshold={repeat_threshold} must be "
                              f"in (0, 1]")
@@ -378,6 +408,8 @@ class CocoInput:
         self.max_instances = int(max_instances)
         self.mask_size = int(mask_size)
         self.with_masks = bool(with_masks)
+        self.with_keypoints = bool(with_keypoints)
+        self.min_keypoints = int(min_keypoints)
         self.exif_orientation = bool(exif_orientation)
         # Training only: evaluation keeps the min_size / max_size resize.
         self.scale_jitter = scale_jitter if training else None
@@ -399,14 +431,25 @@ class CocoInput:
         on_bad = ("raise" if not skip_bad
                   else "skip_image" if training else "skip_annotation")
         loaded = coco.load_splits(sources, on_bad=on_bad, check_files=check_files,
-                                  with_masks=self.with_masks)
+                                  with_masks=self.with_masks,
+                                  with_keypoints=self.with_keypoints)
         self.category_map = loaded.category_map
+        self.keypoint_names = loaded.keypoint_names
         self.counts = loaded.counts
         self.problems = loaded.problems
         records = loaded.records
         if training and filter_empty:
             kept = [r for r in records if not r.is_crowd.all()]
             self.counts["empty_images"] += len(records) - len(kept)
+            records = kept
+        if training and self.with_keypoints and self.min_keypoints > 0:
+            kept = [r for r in records
+                    if int((r.keypoints[..., 2] > 0).sum()) >= self.min_keypoints]
+            self.counts["few_keypoints_images"] += len(records) - len(kept)
+            if len(kept) < len(records):
+                logging.info("%s: left out %d training images with fewer than %d "
+                             "labelled keypoints (min_keypoints)", self._described,
+                             len(records) - len(kept), self.min_keypoints)
             records = kept
         self.records = records
         self.repeat_threshold = (float(repeat_threshold)
@@ -449,6 +492,17 @@ class CocoInput:
     def num_classes(self):
         """C, foreground classes (contiguous ids 1..C)."""
         return self.category_map.num_classes
+
+    @property
+    def num_keypoints(self):
+        """K, keypoints per instance (0 without `with_keypoints`)."""
+        return len(self.keypoint_names)
+
+    @property
+    def keypoint_flip_map(self):
+        """tuple of K int: after a horizontal flip keypoint i is the old
+        keypoint `flip_map[i]` (`mrcnn.data.coco.keypoint_flip_map`)."""
+        return coco.keypoint_flip_map(self.keypoint_names)
 
     @property
     def class_image_counts(self):
@@ -630,7 +684,9 @@ class CocoInput:
 
         In training with `skip_bad`, a record that does not decode is replaced
         by the next one of its group (in record order, cyclically) that does.
-        Returns the decoded arrays and the index of the record they are of.
+        Returns the decoded arrays (keypoints float32 [n, K, 3] (x, y, v),
+        original pixels, K = 0 when batches hold none) and the index of the
+        record they are of.
         """
         index = int(index)
         members = self._members[self._group[index]]
@@ -663,26 +719,38 @@ class CocoInput:
             if dropped:
                 with self._lock:
                     self.counts["dropped_instances"] += dropped
-            return image, boxes, classes, masks, np.int64(i)
+            return image, boxes, classes, masks, self._keypoints(record), np.int64(i)
         raise coco.DataError(
             f"{self._described}: no image decodes among the {len(members)} "
             f"that can replace image id {self.records[index].image_id}; last: {error}")
 
+    def _keypoints(self, record):
+        """float32 [n, K, 3] (x, y, v) of the instances `decode_example` keeps
+        (`decode.kept_instances`); [n, 0, 3] when batches hold no keypoints."""
+        keep = decode.kept_instances(record, self.max_instances)
+        if not self._batch_has_keypoints:
+            return np.zeros((len(keep), 0, 3), np.float32)
+        return record.keypoints[keep].astype(np.float32)
+
     def _example(self, index, random_bits):
         """One image: decode (host), resize, flip, pad."""
-        s = self._decoded_mask_size
-        image, boxes, classes, masks, index = tf.numpy_function(
-            self._load, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64],
+        s, k = self._decoded_mask_size, self._batch_num_keypoints
+        image, boxes, classes, masks, keypoints, index = tf.numpy_function(
+            self._load, [index],
+            [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.float32, tf.int64],
             stateful=False)
         image.set_shape([None, None, 3])
         boxes.set_shape([None, 4])
         classes.set_shape([None])
         masks.set_shape([None, s, s])
+        keypoints.set_shape([None, k, 3])
         index.set_shape([])
         image_ids = tf.constant([r.image_id for r in self.records], tf.int64)
+        # (x, y, v) -> (y, x, v), the order of the boxes' coordinates.
+        keypoints = tf.gather(keypoints, [1, 0, 2], axis=2)
 
         if self.scale_jitter is not None:
-            return self._jittered_example(image, boxes, classes, masks, index,
+            return self._jittered_example(image, boxes, classes, masks, keypoints, index,
                                           random_bits, image_ids)
         # 1. Size: shorter side to min_size (drawn in training), longer <= max.
         if self.training:
@@ -693,11 +761,13 @@ class CocoInput:
         image, size, resized, scale = resize_image(image, min_size, self.max_size)
         factor = tf.cast(resized / size, tf.float32)
         boxes = boxes * tf.tile(factor, [2])[None, :]   # [n, 4]
+        keypoints = keypoints * tf.concat([factor, [1.0]], 0)   # [n, K, 3]
 
-        # 2. Flip (training): image, boxes and box-frame masks together.
+        # 2. Flip (training): image, boxes, box-frame masks and keypoints together.
         if self.training:
-            image, boxes, masks = self._random_flip(image, boxes, masks, random_bits,
-                                                    resized[1])
+            image, boxes, masks, keypoints = self._random_flip(
+                image, boxes, masks, keypoints, random_bits, resized[1])
+        keypoints = _labelled_inside(keypoints, tf.cast(resized, tf.float32))
 
         # 3. Pad bottom/right to the record's canvas.
         if len(self.canvases) == 1:
@@ -710,11 +780,11 @@ class CocoInput:
 
         # 4. Pad gt to M slots.
         return self._pack(image, tf.concat([size, resized, [scale]], 0),
-                          tf.gather(image_ids, index), boxes, classes, masks)
+                          tf.gather(image_ids, index), boxes, classes, masks, keypoints)
 
-    def _pack(self, image, info, image_id, boxes, classes, masks):
+    def _pack(self, image, info, image_id, boxes, classes, masks, keypoints):
         """The example dict, its gt padded to M slots, static shapes."""
-        m, s = self.max_instances, self._decoded_mask_size
+        m, s, k = self.max_instances, self._decoded_mask_size, self._batch_num_keypoints
         pad = m - tf.shape(classes)[0]
         example = {
             "images": image,
@@ -730,12 +800,17 @@ class CocoInput:
         if self._batch_has_masks:
             example["gt_masks"] = tf.pad(masks, [[0, pad], [0, 0], [0, 0]])
             example["gt_masks"].set_shape([m, s, s])
+        if self._batch_has_keypoints:
+            example["gt_keypoints"] = tf.pad(keypoints, [[0, pad], [0, 0], [0, 0]])
+            example["gt_keypoints"].set_shape([m, k, 3])
         return example
 
-    def _random_flip(self, image, boxes, masks, random_bits, width):
-        """Flips image, boxes and box-frame masks together, with `flip_probability`."""
+    def _random_flip(self, image, boxes, masks, keypoints, random_bits, width):
+        """Flips image, boxes, box-frame masks and keypoints [n, K, 3] (y, x, v)
+        together, with `flip_probability`; keypoints are permuted by the
+        flip map too."""
         if self.flip_probability <= 0:
-            return image, boxes, masks
+            return image, boxes, masks, keypoints
         draw = tf.cast(random_bits % (1 << _FLIP_BITS), tf.float32) / (1 << _FLIP_BITS)
         flip = draw < self.flip_probability
         rw = tf.cast(width, tf.float32)
@@ -746,10 +821,17 @@ class CocoInput:
                               boxes[:, 2], rw - boxes[:, 1]], axis=1),
             lambda: boxes)
         masks = tf.cond(flip, lambda: tf.reverse(masks, [2]), lambda: masks)
-        return image, boxes, masks
+        flip_map = tf.constant(self.keypoint_flip_map if self._batch_has_keypoints
+                               else (), tf.int32)
+        keypoints = tf.cond(
+            flip,
+            lambda: tf.gather(tf.stack([keypoints[..., 0], rw - keypoints[..., 1],
+                                        keypoints[..., 2]], axis=-1), flip_map, axis=1),
+            lambda: keypoints)
+        return image, boxes, masks, keypoints
 
-    def _jittered_example(self, image, boxes, classes, masks, index, random_bits,
-                          image_ids):
+    def _jittered_example(self, image, boxes, classes, masks, keypoints, index,
+                          random_bits, image_ids):
         """`_example` with large-scale jitter: resize by a drawn scale, flip, crop."""
         target = tf.constant(self.canvas_size, tf.float64)
         # Three uniform draws from the element's random bits: scale, crop y, x.
@@ -761,9 +843,11 @@ class CocoInput:
         resized = tf.maximum(tf.round(size * scale), 1.0)
         image = tf.saturate_cast(tf.round(tf.image.resize(
             image, tf.cast(resized, tf.int32), method="bilinear")), tf.uint8)
-        boxes = boxes * tf.tile(tf.cast(resized / size, tf.float32), [2])[None, :]
-        image, boxes, masks = self._random_flip(image, boxes, masks, random_bits,
-                                                resized[1])
+        factor = tf.cast(resized / size, tf.float32)
+        boxes = boxes * tf.tile(factor, [2])[None, :]
+        keypoints = keypoints * tf.concat([factor, [1.0]], 0)
+        image, boxes, masks, keypoints = self._random_flip(
+            image, boxes, masks, keypoints, random_bits, resized[1])
         # Crop: a random window of the canvas size where the image is larger.
         offset = tf.floor(u[1:] * (tf.maximum(resized - target, 0.0) + 1.0))  # [2]
         visible = tf.minimum(resized - offset, target)  # [2]
@@ -776,9 +860,13 @@ class CocoInput:
         if self.with_masks:
             masks = recrop_masks(tf.gather(masks, keep), tf.gather(boxes - shift, keep),
                                  tf.gather(clipped, keep))
+        keypoints = _labelled_inside(
+            keypoints - tf.concat([tf.cast(offset, tf.float32), [0.0]], 0),
+            tf.cast(visible, tf.float32))
         return self._pack(pad_to_canvas(image, self.canvas_size),
                           tf.concat([size, visible, [scale]], 0), tf.gather(image_ids, index),
-                          tf.gather(clipped, keep), tf.gather(classes, keep), masks)
+                          tf.gather(clipped, keep), tf.gather(classes, keep), masks,
+                          tf.gather(keypoints, keep))
 
     @property
     def _batch_has_masks(self):
@@ -790,6 +878,15 @@ class CocoInput:
     @property
     def _decoded_mask_size(self):
         return self.mask_size if self._batch_has_masks else 0
+
+    @property
+    def _batch_has_keypoints(self):
+        # Evaluation scores keypoints against the annotation file too.
+        return self.with_keypoints and self.training
+
+    @property
+    def _batch_num_keypoints(self):
+        return self.num_keypoints if self._batch_has_keypoints else 0
 
     def _padding(self, canvas):
         """The all-zero example with image_id -1 that fills a last eval batch."""

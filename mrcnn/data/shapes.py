@@ -26,6 +26,22 @@ check, or leaves an earlier instance less than 35 % visible, is re-drawn).
 `bbox` (x, y, w, h) and `area` come from `pycocotools.mask.toBbox` / `area` of
 that same mask.
 
+Keypoints (for Keypoint R-CNN, as COCO person keypoints): every category
+lists `KEYPOINT_NAMES` = ("top", "left", "bottom", "right") with a
+`skeleton` joining them in a ring, and every instance's points are the
+extreme vertices of its whole (unclipped) polygon: smallest y, smallest x,
+largest y, largest x, in continuous image coordinates. They are written in
+COCO's pixel-index convention, `x - 0.5, y - 0.5` rounded to 0.01 (a reader
+adding 0.5, as Detectron2 and mrcnn/data/coco.py do, gets the point back),
+with v = 2 when the instance's visible mask covers the pixel holding the
+written point or one of its 8 neighbours (a corner's own pixel is often
+outside the raster, whose pixels count by their centres), 1 when the point
+is in the image but none of those is in that mask (occluded), and 0 with
+x = y = 0 outside the image;
+`num_keypoints` counts v > 0. Crowd regions have all zeros. Keypoints take
+no random draw: images and every other field are those of a dataset without
+them.
+
 Fixed, documented variety (so that even a 10-image split has every case):
 image index `i` of a split has no instance when `i % 20 == 7`, and one
 `iscrowd=1` region (a cluster of small shapes of one category, encoded as
@@ -54,6 +70,10 @@ CATEGORIES = (
     {"id": 7, "name": "triangle", "supercategory": "shape"},
 )
 _VERTICES = {"circle": 48, "square": 4, "triangle": 3}
+# Every category's keypoints, COCO style (the skeleton's ids are 1-based):
+# the flip map swaps left and right (`mrcnn.data.coco.keypoint_flip_map`).
+KEYPOINT_NAMES = ("top", "left", "bottom", "right")
+KEYPOINT_SKELETON = ((1, 2), (2, 3), (3, 4), (4, 1))
 # A 48-gon departs from its circle by r * (1 - cos(pi / 48)) = 0.002 r: under
 # a third of a pixel for r = 150 px.
 
@@ -121,7 +141,9 @@ def make_shapes(out_dir, num_train=500, num_val=100, image_size=(128, 128),
             "licenses": [],
             "images": images,
             "annotations": annotations,
-            "categories": [dict(c) for c in CATEGORIES],
+            "categories": [dict(c, keypoints=list(KEYPOINT_NAMES),
+                                skeleton=[list(e) for e in KEYPOINT_SKELETON])
+                           for c in CATEGORIES],
         }
         path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
         with files.open_file(path, "w") as f:
@@ -164,14 +186,39 @@ def _rasterise(polygons, height, width):
 
 
 def _shape_mask(rng, kind, cy, cx, radius, height, width):
-    """(flat polygon rounded to 0.01 px or None, its uint8 [H, W] raster)."""
-    poly = _clip_polygon(_shape_polygon(kind, cy, cx, radius,
-                                        rng.uniform(0, 2 * np.pi)),
-                         height, width)
+    """(flat polygon rounded to 0.01 px or None, its uint8 [H, W] raster or
+    None, the whole polygon float64 [V, 2] (x, y) before clipping)."""
+    whole = _shape_polygon(kind, cy, cx, radius, rng.uniform(0, 2 * np.pi))
+    poly = _clip_polygon(whole, height, width)
     if len(poly) < 3:
-        return None, None
+        return None, None, whole
     flat = [round(float(v), 2) for v in poly.reshape(-1)]
-    return flat, _rasterise([flat], height, width)
+    return flat, _rasterise([flat], height, width), whole
+
+
+def _keypoints(vertices, visible):
+    """COCO `keypoints` (flat x, y, v for `KEYPOINT_NAMES`) and `num_keypoints`
+    of a polygon's extreme vertices (module docstring).
+
+    Args:
+      vertices: float64 [V, 2] (x, y), the whole polygon, continuous pixels.
+      visible: uint8 [H, W], the instance's visible mask.
+    """
+    height, width = visible.shape
+    extremes = (vertices[np.argmin(vertices[:, 1])], vertices[np.argmin(vertices[:, 0])],
+                vertices[np.argmax(vertices[:, 1])], vertices[np.argmax(vertices[:, 0])])
+    flat = []
+    for x, y in extremes:
+        # Visibility of the point as written: a reader's x + 0.5 lands in
+        # the same pixel as this one.
+        x, y = round(float(x) - 0.5, 2), round(float(y) - 0.5, 2)
+        i, j = int(np.floor(y + 0.5)), int(np.floor(x + 0.5))
+        if not (0 <= i < height and 0 <= j < width):
+            flat += [0, 0, 0]
+        else:
+            near = visible[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
+            flat += [x, y, 2 if near.any() else 1]
+    return flat, sum(v > 0 for v in flat[2::3])
 
 
 def _trace_outline(mask):
@@ -276,7 +323,7 @@ def _draw_scene(rng, height, width, num_instances, with_crowd):
         cy, cx = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width
         full = np.zeros((height, width), np.uint8)
         for _ in range(int(rng.integers(5, 9))):
-            _, raster = _shape_mask(
+            _, raster, _ = _shape_mask(
                 rng, CATEGORIES[kind]["name"],
                 cy + rng.normal(0, 0.08 * short), cx + rng.normal(0, 0.08 * short),
                 rng.uniform(0.03, 0.06) * short + 1.0, height, width)
@@ -293,7 +340,7 @@ def _draw_scene(rng, height, width, num_instances, with_crowd):
         for _ in range(_PLACEMENT_TRIES):
             kind = rng.integers(len(CATEGORIES))
             radius = rng.uniform(_MIN_RADIUS, _MAX_RADIUS) * short
-            flat, full = _shape_mask(rng, CATEGORIES[kind]["name"],
+            flat, full, whole = _shape_mask(rng, CATEGORIES[kind]["name"],
                                      rng.uniform(0, height), rng.uniform(0, width),
                                      radius, height, width)
             if full is None or not _big_enough(full):
@@ -306,7 +353,7 @@ def _draw_scene(rng, height, width, num_instances, with_crowd):
             labels = trial
             outlines.update(new_outlines)
             layers.append(dict(category_id=CATEGORIES[kind]["id"], full=full,
-                               polygons=[flat], crowd=False,
+                               polygons=[flat], crowd=False, vertices=whole,
                                colour=_pick_colour(rng, base)))
             break
     # 4. Paint: each pixel takes the colour (plus a little noise) of its layer.
@@ -322,15 +369,19 @@ def _draw_scene(rng, height, width, num_instances, with_crowd):
         if layer["crowd"]:
             segmentation = _encode(visible)
             rle = segmentation
+            keypoints, num_keypoints = [0] * 3 * len(KEYPOINT_NAMES), 0
         else:
             segmentation = outlines.get(k, layer["polygons"])
             rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+            keypoints, num_keypoints = _keypoints(layer["vertices"], visible)
         annotations.append({
             "category_id": layer["category_id"],
             "segmentation": segmentation,
             "area": float(mask_util.area(rle)),
             "bbox": [float(v) for v in mask_util.toBbox(rle)],
             "iscrowd": int(layer["crowd"]),
+            "keypoints": keypoints,
+            "num_keypoints": num_keypoints,
         })
     return pixels, annotations
 

@@ -15,6 +15,9 @@ tensors:
 - `detection_classes`: int32 [B, D] in 1..C; padded slots -1 or 0.
 - `detection_masks`: float32 [B, D, oh, ow] mask probabilities inside each
   box; padded slots 0.
+- `detection_keypoints` (Keypoint R-CNN): float32 [B, D, K, 3] (y, x,
+  score) in original-image pixels, continuous (pixel i's centre at i + 0.5);
+  padded slots 0.
 - `num_detections`: int32 [B]; slots `>= num_detections[b]` are padding.
 
 and the batch carries `image_id`: int64 [B] (-1 for a padded image slot) and
@@ -51,6 +54,15 @@ ENGINES = ("mrcnn", "pycocotools")
 # Mask probability at or above which a pasted pixel belongs to the instance
 # (Mask R-CNN §3, "binarized at a threshold of 0.5").
 DEFAULT_MASK_THRESHOLD = 0.5
+
+# COCOeval's names of its 10 keypoint numbers (stats[0..9], 20 detections
+# per image), and the per-keypoint OKS sigmas of COCO's 17 person keypoints
+# (pycocotools' `Params.kpt_oks_sigmas`).
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl",
+                       "AR", "AR50", "AR75", "ARm", "ARl")
+COCO_PERSON_OKS_SIGMAS = tuple(np.array(
+    [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87,
+     .89, .89]) / 10.0)
 
 
 def _to_numpy(x):
@@ -224,16 +236,16 @@ def _encode_rles(masks, axes, height, width, threshold):
 
 def detections_to_coco(detections, image_ids, image_info, class_to_category,
                        mask_threshold=DEFAULT_MASK_THRESHOLD,
-                       include_masks=True):
+                       include_masks=True, include_keypoints=False):
     """COCO results entries for one batch of model output, as dicts:
     `list(detections_to_table(...))` (arguments and entries there)."""
     return list(detections_to_table(detections, image_ids, image_info, class_to_category,
-                                    mask_threshold, include_masks))
+                                    mask_threshold, include_masks, include_keypoints))
 
 
 def detections_to_table(detections, image_ids, image_info, class_to_category,
                         mask_threshold=DEFAULT_MASK_THRESHOLD,
-                        include_masks=True):
+                        include_masks=True, include_keypoints=False):
     """COCO results entries for one batch of model output, as a `ResultsTable`.
 
     Padded image slots (`image_id < 0`), padded detection slots
@@ -256,6 +268,8 @@ def detections_to_table(detections, image_ids, image_info, class_to_category,
       mask_threshold: Python float; a pasted pixel is in the mask where the
         resampled probability is `>= mask_threshold`.
       include_masks: whether to paste masks and add `segmentation`.
+      include_keypoints: whether to add `keypoints` from
+        `detection_keypoints` [B, D, K, 3].
 
     Returns:
       a `ResultsTable` of the kept slots, image by image in slot order:
@@ -263,16 +277,22 @@ def detections_to_table(detections, image_ids, image_info, class_to_category,
       `include_masks`, each mask's compressed RLE at its image's size.
       Its entries are dicts `{image_id: int, category_id: int, bbox: [x,
       y, w, h] (floats), score: float}` plus, with `include_masks`,
-      `segmentation: {size: [H, W], counts: str}` (COCO RLE).
+      `segmentation: {size: [H, W], counts: str}` (COCO RLE); with
+      `include_keypoints`, `keypoints: [x, y, score] * K`, x and y as COCO
+      annotations hold them, pixel indices (the continuous coordinate less
+      0.5, as Detectron2 writes them).
 
     Raises:
       ValueError: a valid detection has a class missing from
-        `class_to_category`, or `include_masks` is set and
-        `detection_masks` is missing.
+        `class_to_category`, or `include_masks` (`include_keypoints`) is set
+        and `detection_masks` (`detection_keypoints`) is missing.
     """
     if include_masks and "detection_masks" not in detections:
         raise ValueError(
             "include_masks=True but detections has no 'detection_masks'")
+    if include_keypoints and "detection_keypoints" not in detections:
+        raise ValueError(
+            "include_keypoints=True but detections has no 'detection_keypoints'")
     boxes = _to_numpy(detections["detection_boxes"]).astype(np.float32)
     scores = _to_numpy(detections["detection_scores"]).astype(np.float32)
     classes = _to_numpy(detections["detection_classes"]).astype(np.int64)
@@ -309,7 +329,12 @@ def detections_to_table(detections, image_ids, image_info, class_to_category,
         offsets = np.cumsum([0] + [keep.size for keep in keeps.values()])
 
     columns = {"image_id": [], "category_id": [], "bbox": [], "score": [],
-               "mask_size": [], "mask_counts": []}
+               "mask_size": [], "mask_counts": [], "keypoints": []}
+    if include_keypoints:
+        points = _to_numpy(detections["detection_keypoints"]).astype(np.float64)
+        # (y, x, score) -> COCO's (x, y, score) in pixel indices.
+        points = np.stack([points[..., 1] - 0.5, points[..., 0] - 0.5, points[..., 2]],
+                          axis=-1)  # [B, D, K, 3]
     for i, (b, keep) in enumerate(keeps.items()):
         image_boxes = boxes[b, keep].astype(np.float64)  # [K, 4]
         y1, x1, y2, x2 = image_boxes.T
@@ -318,6 +343,8 @@ def detections_to_table(detections, image_ids, image_info, class_to_category,
             np.array([class_to_category[int(c)] for c in classes[b, keep]], np.int64))
         columns["bbox"].append(np.stack([x1, y1, x2 - x1, y2 - y1], axis=-1))
         columns["score"].append(scores[b, keep])
+        if include_keypoints:
+            columns["keypoints"].append(points[b, keep].reshape(keep.size, -1))
         if include_masks:
             axes = tuple(tuple(a[offsets[i]:offsets[i + 1]] for a in axis)
                          for axis in batch_axes)
@@ -325,12 +352,15 @@ def detections_to_table(detections, image_ids, image_info, class_to_category,
             columns["mask_counts"] += [
                 rle["counts"] for rle in _encode_rles(
                     masks[b, keep], axes, *sizes[b], mask_threshold)]
+    num_keypoints = (_to_numpy(detections["detection_keypoints"]).shape[2]
+                     if include_keypoints else 0)
     if not keeps:
-        return ResultsTable.empty(masks=include_masks)
+        return ResultsTable.empty(masks=include_masks, keypoints=num_keypoints)
     return ResultsTable(
         *(np.concatenate(columns[k]) for k in ("image_id", "category_id", "bbox", "score")),
         np.concatenate(columns["mask_size"]) if include_masks else None,
-        columns["mask_counts"] if include_masks else None)
+        columns["mask_counts"] if include_masks else None,
+        np.concatenate(columns["keypoints"]) if include_keypoints else None)
 
 
 def load_coco(path):
@@ -389,7 +419,8 @@ class CocoEvaluator:
 
     def __init__(self, annotations, class_to_category,
                  mask_threshold=DEFAULT_MASK_THRESHOLD, include_masks=True,
-                 verbose=False, engine="mrcnn"):
+                 verbose=False, engine="mrcnn", include_keypoints=False,
+                 keypoint_oks_sigmas=None):
         """Args:
           annotations: path to a COCO instances json, or a loaded `COCO`.
           class_to_category: dict[int, int], contiguous class 1..C -> COCO
@@ -400,6 +431,12 @@ class CocoEvaluator:
           engine: 'mrcnn' (`cocoeval.coco_evaluate`: COCOeval's numbers,
             within 1e-12 in the tests, ~10x faster) or 'pycocotools'
             (COCOeval itself, the reference).
+          include_keypoints: whether `update` keeps `detection_keypoints`
+            (needed for 'keypoints', which pycocotools' COCOeval scores by
+            OKS on the categories that name keypoints, whatever `engine`).
+          keypoint_oks_sigmas: K floats, each keypoint's OKS sigma
+            (Detectron2's `TEST.KEYPOINT_OKS_SIGMAS`); None: COCO's person
+            sigmas, which need K = 17.
 
         Raises:
           ValueError: a category id of `class_to_category` is not in the
@@ -422,6 +459,9 @@ class CocoEvaluator:
         self._known_image_ids = set(self._coco_gt.getImgIds())
         self._mask_threshold = mask_threshold
         self._include_masks = include_masks
+        self._include_keypoints = bool(include_keypoints)
+        self._keypoint_oks_sigmas = (None if keypoint_oks_sigmas is None
+                                     else tuple(float(v) for v in keypoint_oks_sigmas))
         self._verbose = verbose
         self.reset()
 
@@ -558,7 +598,8 @@ class CocoEvaluator:
         return detections_to_table(
             detections, image_ids, batch["image_info"],
             self._class_to_category, mask_threshold=self._mask_threshold,
-            include_masks=self._include_masks), seen
+            include_masks=self._include_masks,
+            include_keypoints=self._include_keypoints), seen
 
     def add(self, converted):
         """Adds the output of `convert` (not thread-safe: one thread adds)."""
@@ -571,21 +612,25 @@ class CocoEvaluator:
         """COCO AP and AR of the seen images for each IoU type (`engine`).
 
         Args:
-          iou_types: subset of ('bbox', 'segm').
+          iou_types: subset of ('bbox', 'segm', 'keypoints').
 
         Returns:
-          {iou_type: {name: float}} with the 12 names of `STAT_NAMES`. A
-          metric with no ground truth in its range is -1 (pycocotools'
-          convention); with no detections at all, APs and ARs are 0.
+          {iou_type: {name: float}} with the 12 names of `STAT_NAMES`
+          ('keypoints': the 10 of `KEYPOINT_STAT_NAMES`). A metric with no
+          ground truth in its range is -1 (pycocotools' convention); with
+          no detections at all, APs and ARs are 0.
 
         Raises:
           ValueError: no image seen yet, an unknown IoU type, or 'segm'
-            asked of an evaluator built with `include_masks=False`.
+            asked of an evaluator built with `include_masks=False`
+            ('keypoints': results without keypoints).
         """
         iou_types = self._check_evaluate(iou_types)
         metrics, self.per_category = {}, {}
         for iou_type in iou_types:
-            if self.engine == "mrcnn":
+            if iou_type == "keypoints":
+                metrics[iou_type], precision, category_ids = self._keypoint_metrics()
+            elif self.engine == "mrcnn":
                 metrics[iou_type], precision = cocoeval.coco_evaluate(
                     self._coco_gt, self._table(iou_type), iou_type, self._image_ids)
                 category_ids = sorted(self._coco_gt.getCatIds())
@@ -615,14 +660,56 @@ class CocoEvaluator:
         metrics = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)}
         return metrics, coco_eval.eval["precision"], coco_eval.params.catIds
 
+    def _keypoint_metrics(self):
+        """(metrics, precision [T, R, K, A, M], category ids) of COCOeval's
+        keypoint evaluation on the categories that name keypoints."""
+        table = self._table("keypoints")
+        categories = [c for c in self._coco_gt.loadCats(self._coco_gt.getCatIds())
+                      if c.get("keypoints")]
+        if not categories:
+            raise ValueError("'keypoints': no category of the annotation file names "
+                             "keypoints")
+        num_keypoints = len(categories[0]["keypoints"])
+        sigmas = self._keypoint_oks_sigmas
+        if sigmas is None and num_keypoints == len(COCO_PERSON_OKS_SIGMAS):
+            sigmas = COCO_PERSON_OKS_SIGMAS
+        if sigmas is None or len(sigmas) != num_keypoints:
+            raise ValueError(
+                f"'keypoints': the annotation file's categories name {num_keypoints} "
+                f"keypoints; set their OKS sigmas (evaluate.keypoint_oks_sigmas, "
+                f"{num_keypoints} floats{'' if sigmas is None else f', not {len(sigmas)}'})")
+        if len(table) and table.keypoints.shape[1] != 3 * num_keypoints:
+            raise ValueError(f"'keypoints': results hold {table.keypoints.shape[1] // 3} "
+                             f"keypoints, the annotation file {num_keypoints}")
+        category_ids = sorted(c["id"] for c in categories)
+        for ann in self._coco_gt.loadAnns(self._coco_gt.getAnnIds(catIds=category_ids)):
+            # COCOeval reads both of every gt of a scored category; an
+            # annotation without them (a crowd region, say) has no keypoint.
+            ann.setdefault("keypoints", [0] * (3 * num_keypoints))
+            ann.setdefault("num_keypoints", int(np.count_nonzero(
+                np.asarray(ann["keypoints"])[2::3])))
+        results = list(table.entries(masks=False))
+        with self._quiet(self._verbose):
+            coco_dt = (self._coco_gt.loadRes(results) if results
+                       else _empty_results(self._coco_gt))
+            coco_eval = COCOeval(self._coco_gt, coco_dt, iouType="keypoints")
+            coco_eval.params.kpt_oks_sigmas = np.asarray(sigmas, np.float64)
+            coco_eval.params.imgIds = sorted(self._image_ids)
+            coco_eval.params.catIds = category_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        metrics = {name: float(v) for name, v in zip(KEYPOINT_STAT_NAMES, coco_eval.stats)}
+        return metrics, coco_eval.eval["precision"], category_ids
+
     def _check_evaluate(self, iou_types):
         """`iou_types` as a tuple, once checked against this evaluator."""
         iou_types = tuple(iou_types)
         for iou_type in iou_types:
-            if iou_type not in IOU_TYPES:
+            if iou_type not in IOU_TYPES + ("keypoints",):
                 raise ValueError(
                     f"iou_types holds {iou_type!r}; expected a subset of "
-                    f"{IOU_TYPES}")
+                    f"{IOU_TYPES + ('keypoints',)}")
         if "segm" in iou_types and not self._include_masks:
             raise ValueError("iou_types has 'segm' but include_masks=False")
         if not self._image_ids:
@@ -664,7 +751,10 @@ class CocoEvaluator:
         if iou_type == "segm" and self._without_segmentation is not None:
             raise ValueError(f"results entry #{self._without_segmentation} has no "
                              f"segmentation: 'segm' needs one in every entry")
-        return ResultsTable.concat(self._parts)
+        table = ResultsTable.concat(self._parts)
+        if iou_type == "keypoints" and self._parts and not table.has_keypoints:
+            raise ValueError("'keypoints' needs keypoints in every results entry")
+        return table
 
 
 def format_metrics(metrics, digits=3):

@@ -218,7 +218,7 @@ def build_evaluator(annotations, class_to_category, kind="auto", **kwargs):
         'pycocotools': COCO metrics from pycocotools' COCOeval itself (the
         reference of 'coco', ~10x slower).
       **kwargs: passed to the evaluator (`include_masks`, `mask_threshold`,
-        `verbose`).
+        `verbose`; COCO's `include_keypoints`, `keypoint_oks_sigmas`).
 
     Returns:
       a `CocoEvaluator` or `LvisEvaluator`.
@@ -232,5 +232,10 @@ def build_evaluator(annotations, class_to_category, kind="auto", **kwargs):
         annotations = coco_eval.load_coco(annotations)
     if kind == "auto":
         kind = "lvis" if is_federated(annotations) else "coco"
+    if kind == "lvis" and kwargs.get("include_keypoints"):
+        raise ValueError("the LVIS evaluator scores no keypoints (LVIS has none)")
+    if kind == "lvis":
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k not in ("include_keypoints", "keypoint_oks_sigmas")}
     cls = LvisEvaluator if kind == "lvis" else coco_eval.CocoEvaluator
     return cls(annotations, class_to_category, **kwargs)

@@ -37,11 +37,15 @@ class ResultsTable:
       mask_size: int64 [N, 2] (height, width) of each compressed RLE, or
         None when the entries have no masks.
       mask_counts: list of N `bytes`, each RLE's compressed counts, or None.
+      keypoints: float64 [N, 3K] COCO keypoints (x, y, score per keypoint,
+        x and y pixel indices as COCO's annotations hold them), or None.
     """
 
-    __slots__ = ("image_id", "category_id", "bbox", "score", "mask_size", "mask_counts")
+    __slots__ = ("image_id", "category_id", "bbox", "score", "mask_size", "mask_counts",
+                 "keypoints")
 
-    def __init__(self, image_id, category_id, bbox, score, mask_size=None, mask_counts=None):
+    def __init__(self, image_id, category_id, bbox, score, mask_size=None, mask_counts=None,
+                 keypoints=None):
         self.image_id = np.asarray(image_id, np.int64).reshape(-1)
         self.category_id = np.asarray(category_id, np.int64).reshape(-1)
         self.bbox = np.asarray(bbox, np.float64).reshape(-1, 4)
@@ -53,9 +57,15 @@ class ResultsTable:
             mask_size = np.asarray(mask_size, np.int64).reshape(-1, 2)
             mask_counts = list(mask_counts)
         self.mask_size, self.mask_counts = mask_size, mask_counts
+        if keypoints is not None:
+            keypoints = np.asarray(keypoints, np.float64)
+            keypoints = keypoints.reshape(len(keypoints), -1)
+        self.keypoints = keypoints
         sizes = {len(self.category_id), len(self.bbox), len(self.score)}
         if mask_size is not None:
             sizes |= {len(mask_size), len(mask_counts)}
+        if keypoints is not None:
+            sizes.add(len(keypoints))
         if sizes != {n}:
             raise ValueError(f"ResultsTable: columns of different lengths ({n}, {sorted(sizes)})")
 
@@ -64,28 +74,38 @@ class ResultsTable:
         """Whether the entries carry masks (`mask_size`, `mask_counts`)."""
         return self.mask_counts is not None
 
+    @property
+    def has_keypoints(self):
+        """Whether the entries carry keypoints."""
+        return self.keypoints is not None
+
     def __len__(self):
         return self.image_id.size
 
     @classmethod
-    def empty(cls, masks=False):
-        """A table of no entries (`masks`: with the mask columns)."""
+    def empty(cls, masks=False, keypoints=0):
+        """A table of no entries (`masks`: with the mask columns;
+        `keypoints` K > 0: with a keypoints column of 3K)."""
         return cls(np.zeros(0), np.zeros(0), np.zeros((0, 4)), np.zeros(0),
-                   np.zeros((0, 2)) if masks else None, [] if masks else None)
+                   np.zeros((0, 2)) if masks else None, [] if masks else None,
+                   np.zeros((0, 3 * keypoints)) if keypoints else None)
 
     @classmethod
     def concat(cls, tables):
-        """One table of `tables`' entries in order; masks where all have them."""
+        """One table of `tables`' entries in order; masks (keypoints) where
+        all have them."""
         tables = list(tables)
         if not tables:
             return cls.empty()
         masks = all(t.has_masks for t in tables)
+        keypoints = all(t.has_keypoints for t in tables)
         return cls(np.concatenate([t.image_id for t in tables]),
                    np.concatenate([t.category_id for t in tables]),
                    np.concatenate([t.bbox for t in tables]),
                    np.concatenate([t.score for t in tables]),
                    np.concatenate([t.mask_size for t in tables]) if masks else None,
-                   [c for t in tables for c in t.mask_counts] if masks else None)
+                   [c for t in tables for c in t.mask_counts] if masks else None,
+                   np.concatenate([t.keypoints for t in tables]) if keypoints else None)
 
     @classmethod
     def from_entries(cls, entries, to_rle=None, first_index=0):
@@ -93,7 +113,9 @@ class ResultsTable:
 
         Args:
           entries: sequence of dicts with `image_id`, `category_id`,
-            `score`, and `bbox` [x, y, w, h] (NaN where absent).
+            `score`, and `bbox` [x, y, w, h] (NaN where absent); their
+            `keypoints` become the keypoints column when every entry has
+            them, all of one length.
           to_rle: None (no masks), or a function entry -> compressed RLE
             dict `{size, counts}` (`COCO.annToRLE`, which turns polygons and
             uncompressed RLEs into one at the image's size).
@@ -122,9 +144,17 @@ class ResultsTable:
                         f"({type(e).__name__}: {e})") from None
                 sizes.append(size)
                 counts.append(_bytes(rle["counts"]))
+        keypoints = None
+        if entries and all("keypoints" in e for e in entries):
+            lengths = {len(e["keypoints"]) for e in entries}
+            if len(lengths) != 1 or lengths.pop() % 3:
+                raise ValueError(f"results entries #{first_index}..: keypoints lists of "
+                                 f"lengths {sorted({len(e['keypoints']) for e in entries})}, "
+                                 f"not one multiple of 3")
+            keypoints = [e["keypoints"] for e in entries]
         return cls([e["image_id"] for e in entries], [e["category_id"] for e in entries],
                    [list(e["bbox"]) if "bbox" in e else nan for e in entries],
-                   [e["score"] for e in entries], sizes, counts)
+                   [e["score"] for e in entries], sizes, counts, keypoints)
 
     def take(self, index):
         """The entries at `index` (int array [M] or bool [N]), in its order."""
@@ -134,7 +164,8 @@ class ResultsTable:
             self.image_id[index], self.category_id[index], self.bbox[index],
             self.score[index],
             self.mask_size[index] if self.has_masks else None,
-            [self.mask_counts[i] for i in index] if self.has_masks else None)
+            [self.mask_counts[i] for i in index] if self.has_masks else None,
+            self.keypoints[index] if self.has_keypoints else None)
 
     def rles(self, index):
         """pycocotools RLE dicts `{size, counts: bytes}` of the entries at
@@ -147,12 +178,13 @@ class ResultsTable:
         return [{"size": size, "counts": c}
                 for size, c in zip(self.mask_size[index].tolist(), counts)]
 
-    def entries(self, boxes=True, masks=True):
+    def entries(self, boxes=True, masks=True, keypoints=True):
         """The entries as COCO results dicts, one at a time (JSON-safe):
-        `{image_id, category_id, bbox, score}` (`boxes`) and
+        `{image_id, category_id, bbox, score}` (`boxes`),
         `segmentation: {size, counts: str}` (`masks`, where the table has
-        them)."""
+        them) and `keypoints: [x, y, score] * K` (`keypoints`, likewise)."""
         masks = masks and self.has_masks
+        keypoints = self.keypoints.tolist() if keypoints and self.has_keypoints else None
         image_ids = self.image_id.tolist()
         category_ids = self.category_id.tolist()
         scores = self.score.tolist()
@@ -166,6 +198,8 @@ class ResultsTable:
             if masks:
                 entry["segmentation"] = {"size": sizes[i],
                                          "counts": self.mask_counts[i].decode("ascii")}
+            if keypoints is not None:
+                entry["keypoints"] = keypoints[i]
             yield entry
 
     def __iter__(self):

@@ -165,7 +165,7 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
              checkpoint=None, precision="float32", xla=False, max_batches=None,
              num_pictures=4, watch=False, watch_timeout=3600, tta=None,
              evaluator="auto", results_file=None, devices=None, host_threads=None,
-             reuse=None, best_metric=None, best_mode="max"):
+             reuse=None, best_metric=None, best_mode="max", keypoint_oks_sigmas=None):
     """Evaluates checkpoints of `model_dir` on a COCO-format split.
 
     Args:
@@ -196,6 +196,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         metrics from pycocotools' COCOeval itself, ~10x slower.
       results_file: optional COCO results json: score it instead of a model
         (`evaluate_results`; `model_dir` is then not read).
+      keypoint_oks_sigmas: K floats, the OKS sigmas of a keypoint model's
+        keypoints (Detectron2's `TEST.KEYPOINT_OKS_SIGMAS`); None: COCO's
+        person sigmas (K = 17).
       devices: where the model runs, one batch per device at a time
         (a MirroredStrategy's replicas; the dataset's batch size is per
         device, as in training): None for every GPU of this machine where
@@ -216,7 +219,9 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
       (the evaluator's names)}, 'segm': {...}, 'per_category':
       {'bbox': {category name: AP}, 'segm': {...}}} of the last evaluation
       (-1 for a category without ground truth in the images seen); no
-      'segm' for a box-only model or dataset (`CocoInput.with_masks`).
+      'segm' for a box-only model or dataset (`CocoInput.with_masks`);
+      'keypoints' (COCOeval's OKS AP, `coco.KEYPOINT_STAT_NAMES`) for a
+      keypoint model.
       It is also written to `model_dir/eval/metrics-<step>.json` and
       TensorBoard; the per-category APs are printed and logged only up to
       `PER_CATEGORY_LIMIT` categories.
@@ -224,7 +229,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     if dataset_fn.training:
         raise ValueError("evaluate.dataset_fn must be a CocoInput with training=False")
     if results_file is not None:
-        return evaluate_results(results_file, dataset_fn, evaluator)
+        return evaluate_results(results_file, dataset_fn, evaluator,
+                                keypoint_oks_sigmas=keypoint_oks_sigmas)
     if watch:
         if best_metric is not None:
             trainer.check_best_metric(best_metric, best_mode, owner="evaluate")
@@ -234,7 +240,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
                                checkpoint=path, precision=precision, xla=xla,
                                max_batches=max_batches, num_pictures=num_pictures,
                                tta=tta, evaluator=evaluator, devices=devices,
-                               host_threads=host_threads, reuse=reuse)
+                               host_threads=host_threads, reuse=reuse,
+                               keypoint_oks_sigmas=keypoint_oks_sigmas)
             if best_metric is not None:
                 trainer.keep_best(model_dir, metrics["checkpoint"], metrics["step"],
                                   metrics, best_metric, best_mode)
@@ -263,8 +270,14 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     class_to_category, class_names = _class_maps(dataset_fn.category_map)
     # Masks are scored when the model makes them and the annotations have them.
     with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
+    with_keypoints = getattr(model, "has_keypoints", False)
+    if with_keypoints and tta is not None:
+        raise ValueError("evaluate: test-time augmentation of keypoints is not "
+                         "supported (Detectron2 has none either)")
     evaluator = lvis_eval.build_evaluator(dataset_fn.annotation_file, class_to_category,
-                                          kind=evaluator, include_masks=with_masks)
+                                          kind=evaluator, include_masks=with_masks,
+                                          include_keypoints=with_keypoints,
+                                          keypoint_oks_sigmas=keypoint_oks_sigmas)
     suffix = "" if tta is None else "-tta"
     pictures, num_images, start = [], 0, time.perf_counter()
 
@@ -312,7 +325,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
         if pending is not None:
             pending.result()
     seconds = time.perf_counter() - start
-    metrics = evaluator.evaluate(("bbox", "segm") if with_masks else ("bbox",))
+    metrics = evaluator.evaluate(("bbox",) + ("segm",) * with_masks
+                                 + ("keypoints",) * with_keypoints)
     print(f"step {step}: {num_images} images in {seconds:.1f} s "
           f"({num_images / max(seconds, 1e-9):.1f} img/s)")
     print(coco_eval.format_metrics(metrics))
@@ -352,7 +366,8 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     return report
 
 
-def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None):
+def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None,
+                     keypoint_oks_sigmas=None):
     """Scores a COCO results json (another run's or another library's) on
     the annotations of `dataset_fn`, every image of the file counting
     (`bin/eval --results`, through `evaluate(results_file=...)`).
@@ -361,8 +376,10 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
       results_file: str, a JSON list of COCO results entries.
       dataset_fn: a `CocoInput`; only its `annotation_file` is read.
       evaluator: 'auto', 'coco', 'lvis' or 'pycocotools', as `evaluate`'s.
-      iou_types: subset of ('bbox', 'segm'); None: 'segm' too when every
-        entry has a `segmentation`.
+      iou_types: subset of ('bbox', 'segm', 'keypoints'); None: 'segm'
+        ('keypoints') too when every entry has a `segmentation`
+        (`keypoints`).
+      keypoint_oks_sigmas: as `evaluate`'s.
 
     Returns:
       dict: {'results_file', 'evaluator', 'bbox': {...}, 'segm': {...},
@@ -371,14 +388,17 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
     """
     annotations = dataset_fn.annotation_file
     scorer = lvis_eval.build_evaluator(annotations, {}, kind=evaluator,
-                                       include_masks=iou_types is None or "segm" in iou_types)
+                                       include_masks=iou_types is None or "segm" in iou_types,
+                                       keypoint_oks_sigmas=keypoint_oks_sigmas)
     # Read and added in parts: an LVIS results file of 6M entries as one
     # list of dicts would take about 6 GB before the first is scored.
-    num_results, with_masks, part = 0, True, []
+    num_results, with_masks, with_keypoints, part = 0, True, True, []
     with tf.io.gfile.GFile(results_file, "rb") as f:   # UTF-8 decoded in iter_json_list
         try:
             for entry in results_lib.iter_json_list(f):
                 with_masks = with_masks and isinstance(entry, dict) and "segmentation" in entry
+                with_keypoints = (with_keypoints and isinstance(entry, dict)
+                                  and "keypoints" in entry)
                 part.append(entry)
                 if len(part) == _RESULTS_PART:
                     scorer.add_results(part)
@@ -388,7 +408,9 @@ def evaluate_results(results_file, dataset_fn, evaluator="auto", iou_types=None)
         except ValueError as e:
             raise ValueError(f"{results_file}: {e}") from None
     with_masks = with_masks and num_results > 0
-    iou_types = tuple(iou_types or (("bbox", "segm") if with_masks else ("bbox",)))
+    with_keypoints = with_keypoints and num_results > 0 and scorer.kind == "coco"
+    iou_types = tuple(iou_types or (("bbox",) + ("segm",) * with_masks
+                                    + ("keypoints",) * with_keypoints))
     try:
         metrics = scorer.evaluate(iou_types)
     except ValueError as e:
