@@ -208,3 +208,18 @@ def test_a_gin_file_behind_a_url_includes_the_recipes(tmp_path):
         assert gin.query_parameter("%TRAIN_MIN_SIZE") == (640, 672, 704, 736, 768, 800)
     finally:
         gin.clear_config()
+
+
+def test_keypoint_rcnn_r50_fpn_1x(parsed):
+    model = parsed("keypoint_rcnn_r50_fpn_1x.gin")
+    assert model.has_keypoints and not model.has_masks and model.num_classes == 1
+    head = model.roi_heads.keypoint_head
+    assert (head.num_keypoints, head.channels, head.num_convs) == (17, 512, 8)
+    assert model.roi_heads.heatmap_size == 56 and model.roi_heads.box_loss_beta == 0.5
+    assert gin.query_parameter("CocoInput.annotation_prefix") == "person_keypoints"
+
+
+def test_shapes_keypoint_demo(parsed):
+    model = parsed("shapes_keypoint_demo.gin")
+    assert model.num_keypoints == 4 and not model.has_masks and model.num_classes == 3
+    assert gin.query_parameter("evaluate.keypoint_oks_sigmas") == (0.05,) * 4

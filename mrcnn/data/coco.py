@@ -586,8 +586,10 @@ def _compact(segmentation):
 
 
 def split_paths(data_dir, split, annotation_file: Optional[str] = None,
-                image_dir: Optional[str] = None):
-    """(annotation_file, image_dir) of a split in the COCO 2017 layout."""
+                image_dir: Optional[str] = None, prefix: str = "instances"):
+    """(annotation_file, image_dir) of a split in the COCO 2017 layout:
+    `data_dir/annotations/{prefix}_{split}.json` ('person_keypoints' for
+    COCO's keypoint files) and `data_dir/{split}`, unless given."""
     return (annotation_file or os.path.join(data_dir, "annotations",
-                                            f"instances_{split}.json"),
+                                            f"{prefix}_{split}.json"),
             image_dir or os.path.join(data_dir, split))

@@ -222,7 +222,7 @@ def _repeat_factor_epochs(indices, factors, seed):
     return tf.data.Dataset.range(1 << 62).flat_map(epoch)
 
 
-def _sources(data_dir, split, annotation_file, image_dir):
+def _sources(data_dir, split, annotation_file, image_dir, prefix="instances"):
     """[(annotation_file, image_dir)] of `CocoInput`'s arguments: `split`,
     `annotation_file` and `image_dir` are each one value or a sequence, and
     the sequences' lengths must agree; a single value serves every source."""
@@ -238,7 +238,7 @@ def _sources(data_dir, split, annotation_file, image_dir):
     columns = [v if isinstance(v, (list, tuple)) else [v] * count for v in values.values()]
     if data_dir is None and any(a is None or d is None for _, a, d in zip(*columns)):
         raise ValueError("CocoInput: give data_dir, or annotation_file and image_dir")
-    return [coco.split_paths(data_dir, s, a, d) for s, a, d in zip(*columns)]
+    return [coco.split_paths(data_dir, s, a, d, prefix) for s, a, d in zip(*columns)]
 
 
 @gin.configurable
@@ -323,6 +323,9 @@ class CocoInput:
         `num_keypoints` and `keypoint_flip_map` describe them, in
         evaluation too (whose batches hold none: it scores against the
         annotation file).
+      annotation_prefix: str, the json's name in the COCO layout,
+        `data_dir/annotations/{annotation_prefix}_{split}.json`: 'instances'
+        (default), 'person_keypoints' for COCO's keypoint files.
       min_keypoints: int, with keypoints in training: images with fewer
         labelled points (v > 0, all annotations) are left out and counted
         as `few_keypoints_images` (Detectron2's `MIN_KEYPOINTS_PER_IMAGE`,
@@ -374,7 +377,8 @@ class CocoInput:
                  shuffle_buffer=None, seed=None, annotation_file=None,
                  image_dir=None, check_files=True, group_by_orientation=False,
                  with_masks=True, scale_jitter=None, repeat_threshold=None,
-                 exif_orientation=True, with_keypoints=False, min_keypoints=1):
+                 exif_orientation=True, with_keypoints=False, min_keypoints=1,
+                 annotation_prefix="instances"):
         min_sizes = tuple(int(s) for s in np.atleast_1d(min_size))
         canvas_size = tuple(int(s) for s in canvas_size)
         if len(canvas_size) != 2 or any(s % size_divisor for s in canvas_size):
@@ -417,7 +421,7 @@ class CocoInput:
         self.skip_bad = bool(skip_bad)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        sources = _sources(data_dir, split, annotation_file, image_dir)
+        sources = _sources(data_dir, split, annotation_file, image_dir, annotation_prefix)
         if len(sources) > 1 and not training:
             raise ValueError(f"CocoInput: evaluation reads one annotation file, got "
                              f"{len(sources)}: {', '.join(os.fspath(a) for a, _ in sources)}")

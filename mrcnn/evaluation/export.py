@@ -18,7 +18,8 @@ x2) in each input image's pixels, `detection_scores float32 [B, D]`,
 gives them), `detection_category_ids int32 [B, D]` (COCO ids when known, else
 the classes), `detection_masks float32 [B, D, 28, 28]` (mask probabilities
 inside each box; paste with `mrcnn.ops.masks.paste_masks`; not from a box-only
-model) and
+model), `detection_keypoints float32 [B, D, K, 3]` ((y, x, score) in each input
+image's pixels; only from a keypoint model) and
 `num_detections int32 [B]`.
 
 `serve_encoded` decodes JPEGs with libjpeg's accurate integer DCT, as PIL
@@ -142,6 +143,8 @@ def export_saved_model(model_dir, export_dir, *, model_fn=gin.REQUIRED,
                   "num_detections": tf.cast(out["num_detections"], tf.int32)}
         if "detection_masks" in out:   # not from a box-only model
             result["detection_masks"] = tf.cast(out["detection_masks"], tf.float32)
+        if "detection_keypoints" in out:   # Keypoint R-CNN
+            result["detection_keypoints"] = tf.cast(out["detection_keypoints"], tf.float32)
         return result
 
     # One function per canvas, called by both signatures: the SavedModel

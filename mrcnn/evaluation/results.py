@@ -59,7 +59,9 @@ class ResultsTable:
         self.mask_size, self.mask_counts = mask_size, mask_counts
         if keypoints is not None:
             keypoints = np.asarray(keypoints, np.float64)
-            keypoints = keypoints.reshape(len(keypoints), -1)
+            if keypoints.ndim != 2:   # [N, K, 3], or [] for none
+                width = int(np.prod(keypoints.shape[1:])) if keypoints.ndim > 2 else 0
+                keypoints = keypoints.reshape(len(keypoints), width)
         self.keypoints = keypoints
         sizes = {len(self.category_id), len(self.bbox), len(self.score)}
         if mask_size is not None:

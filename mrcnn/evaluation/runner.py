@@ -599,6 +599,8 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.category_names = (dataset_fn.category_map.names if dataset_fn is not None
                                else None)
+        # The keypoints' names (CocoInput.with_keypoints), for reports.
+        self.keypoint_names = tuple(getattr(dataset_fn, "keypoint_names", ()) or ())
         self.canvases = pipeline.orientation_canvases(min_size, max_size,
                                                       self.canvas_size, size_divisor)
         self.model, self.step, self.checkpoint_path = restore_model(
@@ -635,6 +637,9 @@ class Predictor:
           `scores` float32 [K], `classes` int32 [K] (1..C), `names` list of
           K str, and from a model with a mask head `masks` bool [K, H, W]
           and `rles` (the same masks as K COCO RLE dicts); None without.
+          From a keypoint model, `keypoints` float32 [K, P, 3] (y, x,
+          score) in the image's pixels (continuous: pixel i spans [i, i +
+          1)); None without.
         """
         return self.batch([image])[0]
 
@@ -689,10 +694,12 @@ class Predictor:
             masks = (np.transpose(mask_util.decode(rles), (2, 0, 1)).astype(bool) if rles
                      else np.zeros((0,) + tuple(size), bool))
         classes = det["detection_classes"][keep].astype(np.int32)
+        keypoints = (det["detection_keypoints"][keep].astype(np.float32)
+                     if "detection_keypoints" in det else None)
         return {"boxes": boxes.astype(np.float32),
                 "scores": det["detection_scores"][keep].astype(np.float32),
                 "classes": classes, "names": [self.name(int(c)) for c in classes],
-                "masks": masks, "rles": rles}
+                "masks": masks, "rles": rles, "keypoints": keypoints}
 
 
 @gin.configurable(denylist=["model_dir", "inputs", "out_dir"])
@@ -703,7 +710,9 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, exif_orientati
     detections.json holds, per image, its picture's file name and each
     detection's box (y1, x1, y2, x2 in the image's pixels), class, name,
     score and mask (`segmentation`, COCO RLE at the image's size:
-    `pycocotools.mask.decode` gives [H, W]; not from a box-only model).
+    `pycocotools.mask.decode` gives [H, W]; not from a box-only model), and
+    from a keypoint model `keypoints_yxs`, [y, x, score] per keypoint in the
+    image's pixels, in the order of the top-level `keypoint_names`.
     Files that cannot be decoded are skipped with a warning and listed
     under `unreadable`; ValueError when none can be.
 
@@ -747,6 +756,8 @@ def predict(model_dir, inputs, out_dir, *, model_fn=gin.REQUIRED, exif_orientati
                          + "; ".join(f"{u['file']}: {u['error']}" for u in unreadable))
     report = {"checkpoint": predictor.checkpoint_path, "step": predictor.step,
               "images": written}
+    if getattr(predictor.model, "has_keypoints", False):
+        report["keypoint_names"] = list(predictor.keypoint_names or ())
     if unreadable:
         report["unreadable"] = unreadable
     with files.open_file(os.path.join(out_dir, "detections.json"), "w") as f:
@@ -764,7 +775,8 @@ def _write_prediction(file, image, out, predictor, out_dir, pictures):
     names = dict(zip(out["classes"].tolist(), out["names"]))
     picture = visualize.draw_detections(image, out["boxes"], out["classes"],
                                         out["scores"], out["masks"], names,
-                                        score_threshold=predictor.score_threshold)
+                                        score_threshold=predictor.score_threshold,
+                                        keypoints=out.get("keypoints"))
     picture_name = _unique_png_name(file, pictures)
     visualize.save_png(os.path.join(out_dir, picture_name), picture)
     entries = [{"box_yxyx": [round(float(v), 2) for v in b], "class": int(c),
@@ -773,6 +785,10 @@ def _write_prediction(file, image, out, predictor, out_dir, pictures):
                                      out["scores"])]
     for entry, rle in zip(entries, out["rles"] or ()):
         entry["segmentation"] = rle
+    if out.get("keypoints") is not None:
+        for entry, points in zip(entries, out["keypoints"]):
+            entry["keypoints_yxs"] = [[round(float(v), 2) for v in p[:2]]
+                                      + [round(float(p[2]), 4)] for p in points]
     return {"file": file, "picture": picture_name, "detections": entries}
 
 
@@ -811,8 +827,12 @@ def visualize_data(out_dir, *, dataset_fn=gin.REQUIRED, num_images=16):
                 frames = tf.cast(batch["gt_masks"][b][valid], tf.float32)[None]
                 masks = mask_ops.paste_masks(frames, tf.constant(boxes)[None],
                                              (rh, rw)).numpy()[0]
+            keypoints = None
+            if "gt_keypoints" in batch:   # (y, x, v): labelled points drawn
+                keypoints = batch["gt_keypoints"][b].numpy()[valid]
             picture = visualize.draw_detections(batch["images"][b, :rh, :rw].numpy(),
-                                                boxes, classes, None, masks, names)
+                                                boxes, classes, None, masks, names,
+                                                keypoints=keypoints, keypoint_threshold=0.0)
             path = os.path.join(out_dir, f"{len(paths)}_{image_id}.png")
             visualize.save_png(path, picture)
             paths.append(path)

@@ -16,8 +16,13 @@ from mrcnn.data import files
 DEFAULT_MASK_ALPHA = 0.5
 # Detections below this score are not drawn (a common demo threshold).
 DEFAULT_SCORE_THRESHOLD = 0.5
+# Keypoints scoring below this are not drawn (Detectron2's Visualizer
+# threshold, on the same spatial-softmax score).
+DEFAULT_KEYPOINT_THRESHOLD = 0.05
 # Box outline width in pixels.
 _LINE_WIDTH = 2
+# Keypoint dot radius in pixels.
+_KEYPOINT_RADIUS = 2
 # Hue step of the palette: the golden-ratio conjugate spreads consecutive
 # hues as far apart as possible for any number of instances.
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
@@ -36,7 +41,8 @@ def instance_color(index):
 
 def draw_detections(image, boxes, classes, scores, masks, class_names,
                     score_threshold=DEFAULT_SCORE_THRESHOLD,
-                    mask_alpha=DEFAULT_MASK_ALPHA):
+                    mask_alpha=DEFAULT_MASK_ALPHA, keypoints=None,
+                    keypoint_threshold=DEFAULT_KEYPOINT_THRESHOLD):
     """Draws one image's detections; returns a new image.
 
     Detection `k` is drawn when `classes[k] > 0` (padded slots hold -1 or 0)
@@ -57,6 +63,11 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
         it is labelled by its number.
       score_threshold: Python float, the lowest score drawn.
       mask_alpha: Python float in [0, 1], mask colour weight.
+      keypoints: float [K, P, 3] (y, x, score) in the image's pixels, or
+        None: each drawn instance's points scoring above
+        `keypoint_threshold` become dots of its colour, outlined in black
+        (for ground truth pass v and a threshold of 0: labelled points).
+      keypoint_threshold: Python float.
 
     Returns:
       uint8 [H, W, 3], a copy of `image` with the detections drawn.
@@ -99,6 +110,13 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
         # PIL's rectangle includes its far corner: [x1, x2) ends at x2 - 1.
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)],
                        outline=color, width=_LINE_WIDTH)
+    if keypoints is not None:
+        keypoints = np.asarray(keypoints, np.float32).reshape(boxes.shape[0], -1, 3)
+        r = _KEYPOINT_RADIUS
+        for k, color in zip(drawn, colors):
+            for y, x, score in keypoints[k]:
+                if score > keypoint_threshold:
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=color, outline=(0, 0, 0))
     font = ImageFont.load_default()
     for k, color in zip(drawn, colors):
         y1, x1 = float(boxes[k, 0]), float(boxes[k, 1])

@@ -105,7 +105,9 @@ def heatmaps_to_keypoints(heatmaps, boxes):
     heatmaps = tf.cast(heatmaps, tf.float32)
     boxes = tf.cast(boxes, tf.float32)
     size_y, size_x = heatmaps.shape[-2], heatmaps.shape[-1]
-    flat = tf.reshape(heatmaps, [*heatmaps.shape[:3], size_y * size_x])  # [B, N, K, S*S]
+    # N may be known only when run (a graph's trimmed detection slots).
+    flat = tf.reshape(heatmaps, tf.concat([tf.shape(heatmaps)[:3], [size_y * size_x]],
+                                          0))  # [B, N, K, S*S]
     peak = tf.reduce_max(flat, axis=-1, keepdims=True)  # [B, N, K, 1]
     # The first index of the maximum, the same eagerly and under XLA (argmax
     # leaves ties unspecified).

@@ -184,6 +184,17 @@ def check_num_classes(model, dataset):
         raise ValueError(
             f"the model has {ours} classes but {getattr(dataset, 'annotation_file', 'the data')} "
             f"has {theirs}: set NUM_CLASSES = {theirs} in the gin config")
+    ours = getattr(model, "num_keypoints", 0)
+    if ours:
+        theirs = getattr(dataset, "num_keypoints", None)
+        if theirs is not None and theirs != ours:
+            where = getattr(dataset, "annotation_file", "the data")
+            raise ValueError(
+                f"the model's keypoint head has {ours} keypoints but {where} names "
+                f"{theirs or 'none'}" + (f": set NUM_KEYPOINTS = {theirs} in the gin config"
+                                         if theirs else
+                                         " (a keypoint model reads CocoInput.with_keypoints "
+                                         "= True)"))
 
 
 def _set_class_image_counts(model, dataset_fn):

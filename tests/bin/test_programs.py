@@ -36,8 +36,9 @@ TINY = [
 ]
 
 
-def _run(program, *args, bindings=(), check=True, env=None, **kw):
-    cmd = [sys.executable, os.path.join(BIN, program), "--gin_file=gin/shapes_demo.gin"]
+def _run(program, *args, bindings=(), check=True, env=None, gin_file="gin/shapes_demo.gin",
+         **kw):
+    cmd = [sys.executable, os.path.join(BIN, program), f"--gin_file={gin_file}"]
     cmd += [f"--gin_bindings={b}" for b in bindings] + list(args)
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=full_env, **kw)
@@ -412,9 +413,11 @@ def test_import_detectron2_then_predict(run, tmp_path):
     assert mismatch.returncode == 1 and "has 5 classes, the model 3" in mismatch.stderr
 
 
-def test_box_only_train_eval_predict_export(run, tmp_path):
-    """Faster R-CNN on box-only annotations: box AP only, no masks anywhere.
-    Its training run also takes the switches a user sets on bin/train."""
+def test_box_and_keypoint_train_eval_predict_export(run, tmp_path):
+    """Keypoint R-CNN (gin/shapes_keypoint_demo.gin: boxes and keypoints, no
+    mask head) on annotations without masks: box and keypoint AP, no masks
+    anywhere, keypoints in every program's output. Its training run also
+    takes the switches a user sets on bin/train."""
     data = tmp_path / "boxes"
     (data / "annotations").mkdir(parents=True)
     for split in ("train2017", "val2017"):
@@ -424,9 +427,10 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
         for ann in annotations["annotations"]:
             del ann["segmentation"]
         (data / "annotations" / f"instances_{split}.json").write_text(json.dumps(annotations))
-    bindings = TINY + [f"DATA_DIR = '{data}'", "RoiHeads.mask_head = None",
-                       "CocoInput.with_masks = False"]
+    bindings = TINY + [f"DATA_DIR = '{data}'", "KeypointHead.channels = 16",
+                       "KeypointHead.num_convs = 1"]
     model_dir = tmp_path / "run"
+    programs = {"gin_file": "gin/shapes_keypoint_demo.gin"}
     xla_cache = tmp_path / "xla_cache"
     # Six switches, one process: bfloat16; the masks run's weights (every
     # variable a box-only model has); --xla_cache_dir; an evaluation of the
@@ -435,7 +439,7 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     # is left to the trainer's tests, which train with it in every
     # precision: its CPU compile would double this run.
     proc = _run("train", f"--model_dir={model_dir}", f"--xla_cache_dir={xla_cache}",
-                bindings=bindings + [
+                **programs, bindings=bindings + [
                     "train.total_steps = 4", "train.eval_fn = @evaluate",
                     "train.accumulate_steps = 2",
                     "train.best_metric = 'bbox/AP'",
@@ -445,28 +449,40 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
         "(XLA off)" in proc.stderr, proc.stderr[-2000:]
     assert f"of backbone, fpn, rpn_head, roi_heads from {run['model_dir']}/ckpt-{STEPS}" \
         in proc.stderr, proc.stderr[-2000:]
-    assert "Kept" not in proc.stderr   # every variable loaded
+    # Every variable loaded but the keypoint head's, which the masks run has not.
+    kept = re.search(r"Kept \d+ variables fresh, the checkpoint does not hold them:\n"
+                     r"((?:  .*\n)+)", proc.stderr)
+    assert kept and all("keypoint_head" in line for line in kept.group(1).splitlines()), \
+        proc.stderr[-2000:]
+    assert "their shapes differ" not in proc.stderr
+    assert " keypoint " in proc.stderr   # the loss is logged
     # The step's RoI islands were compiled by XLA and kept there.
     assert list(xla_cache.glob("xla_compile_cache_*")), proc.stderr[-2000:]
     assert "Evaluated" in proc.stderr and "bbox" in proc.stdout, proc.stderr[-2000:]
     metrics = json.loads((model_dir / "eval" / "metrics-4.json").read_text())
     assert "bbox" in metrics and "segm" not in metrics and metrics["num_images"] == 6
+    assert set(metrics["keypoints"]) == {"AP", "AP50", "AP75", "APm", "APl", "AR", "AR50",
+                                         "AR75", "ARm", "ARl"}, metrics
+    results = json.loads((model_dir / "eval" / "results-4.json").read_text())
+    assert results and all(len(r["keypoints"]) == 12 and "segmentation" not in r
+                           for r in results)
     best = json.loads((model_dir / "best" / "best.json").read_text())
     assert best["step"] == 4 and best["value"] == metrics["bbox"]["AP"], best
     assert f"best bbox/AP {best['value']:.4f} at step 4: --checkpoint={model_dir}/best" \
         in proc.stdout, proc.stdout
     out = tmp_path / "pictures"
     _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=2",
-         f"--checkpoint={model_dir}/best", str(data / "val2017"),
+         f"--checkpoint={model_dir}/best", str(data / "val2017"), **programs,
          bindings=bindings + ["predict.score_threshold = 0.0"])
     report = json.loads((out / "detections.json").read_text())
     assert report["checkpoint"] == f"{model_dir}/best/ckpt-4", report["checkpoint"]
+    assert report["keypoint_names"] == ["top", "left", "bottom", "right"]
     images = report["images"]
-    assert images and all(d and "segmentation" not in d
+    assert images and all(d and "segmentation" not in d and len(d["keypoints_yxs"]) == 4
                           for d in (e["detections"][0] for e in images))
     export_dir = tmp_path / "saved_model"
     proc = _run("export", f"--model_dir={model_dir}", f"--export_dir={export_dir}",
-                f"--checkpoint={model_dir}/best", bindings=bindings)
+                f"--checkpoint={model_dir}/best", bindings=bindings, **programs)
     assert f"{model_dir}/best/ckpt-4" in proc.stdout + proc.stderr
     # The signatures' outputs, read from the file (loading a SavedModel in a
     # fresh process is the export round trip's test).
@@ -477,6 +493,7 @@ def test_box_only_train_eval_predict_export(run, tmp_path):
     for name in ("serve_images", "serve_encoded"):
         outputs = set(signatures[name].outputs)
         assert "detection_boxes" in outputs and "detection_masks" not in outputs, outputs
+        assert "detection_keypoints" in outputs, outputs
 
 
 @pytest.mark.slow   # 16 s; the batches it draws are the pipeline's, tested in CI

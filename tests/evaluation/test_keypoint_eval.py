@@ -96,6 +96,14 @@ class KeypointEvaluationTest(tf.test.TestCase):
                             [self.gt[1]["keypoints"][0] - 2, self.gt[1]["keypoints"][1] + 1])
         again = ResultsTable.from_entries(entries)
         self.assertAllEqual(again.keypoints, table.keypoints)
+        # A batch without detections, then one with.
+        none = _detections(self.gt, [(0, 0)] * 2)
+        none["num_detections"] = np.array([0, 0], np.int32)
+        empty = coco_eval.detections_to_table(none, _BATCH["image_id"], _BATCH["image_info"],
+                                              {1: 1}, include_masks=False,
+                                              include_keypoints=True)
+        self.assertEqual(empty.keypoints.shape, (0, 12))
+        self.assertAllEqual(ResultsTable.concat([empty, table]).keypoints, table.keypoints)
         with self.assertRaisesRegex(ValueError, "no 'detection_keypoints'"):
             coco_eval.detections_to_table(
                 {k: v for k, v in _detections(self.gt, [(0, 0)] * 2).items()

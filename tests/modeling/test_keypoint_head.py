@@ -129,6 +129,8 @@ class KeypointModelTest(tf.test.TestCase):
         xla = tf.function(heads.keypoint_loss, jit_compile=True)(
             features, rois, b["gt_keypoints"])
         self.assertAllClose(eager, xla, rtol=1e-5)
+        graph = tf.function(heads.keypoint_loss)(features, rois, b["gt_keypoints"])
+        self.assertAllClose(eager, graph, rtol=1e-5)
         bucketed = RoiHeads(box_head=heads.box_head, mask_head=None,
                             keypoint_head=heads.keypoint_head,
                             num_samples=heads.num_samples, mask_buckets=3)
@@ -139,9 +141,13 @@ class KeypointModelTest(tf.test.TestCase):
         unlabelled = tf.zeros_like(b["gt_keypoints"])
         self.assertEqual(float(heads.keypoint_loss(features, rois, unlabelled)), 0.0)
 
-    def test_detections_eager_and_xla(self):
+    def test_detections_eager_graph_and_xla(self):
         eager = self.model.detect(self.batch)
         xla = tf.function(self.model.detect, jit_compile=True)(self.batch)
+        # A graph runs the head on the leading slots only, a count known when run.
+        graph = tf.function(self.model.detect)(self.batch)
+        self.assertAllClose(eager["detection_keypoints"], graph["detection_keypoints"],
+                            atol=1e-4)
         for out in (eager, xla):
             points = out["detection_keypoints"].numpy()
             self.assertEqual(points.shape, (_B, 100, _K, 3))
