@@ -5,6 +5,6 @@ batch dimension, works on static shapes with padding plus validity masks, and
 computes box geometry in float32 whatever the feature dtype.
 """
 
-from mrcnn.ops import anchors, boxes, masks, nms, roi_align, targets
+from mrcnn.ops import anchors, boxes, keypoints, masks, nms, roi_align, targets
 
-__all__ = ["anchors", "boxes", "masks", "nms", "roi_align", "targets"]
+__all__ = ["anchors", "boxes", "keypoints", "masks", "nms", "roi_align", "targets"]
