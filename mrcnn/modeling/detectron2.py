@@ -240,6 +240,29 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
         plan.add(mask_head.deconv.bias, take("roi_heads.mask_head.deconv.bias"),
                  "roi_heads.mask_head.deconv.bias")
 
+    keypoint_head = model.roi_heads.keypoint_head   # KEYPOINT_ON
+    name = "roi_heads.keypoint_head"
+    if keypoint_head is None:
+        left = [k for k in arrays if k.startswith(f"{name}.")]
+        used.update(left)
+        if left:
+            logging.info("Detectron2 weights %s: the model has no keypoint head; the "
+                         "file's %d keypoint head arrays are left", path, len(left))
+    else:
+        # KRCNNConvDeconvUpsampleHead: conv_fcn1.. then score_lowres, a
+        # ConvTranspose2d [in, K, 4, 4] whose padding the head reproduces.
+        for i, conv in enumerate(keypoint_head.convs):
+            conv_norm(conv, None, f"{name}.conv_fcn{i + 1}")
+        w = take(f"{name}.score_lowres.weight")
+        if w.shape[1] != keypoint_head.num_keypoints:
+            raise ValueError(
+                f"Detectron2 weights: {path} predicts {w.shape[1]} keypoints, the model's "
+                f"keypoint head {keypoint_head.num_keypoints} (KeypointHead.num_keypoints)")
+        plan.add(keypoint_head.deconv.kernel, np.transpose(w, (2, 3, 1, 0)),
+                 f"{name}.score_lowres.weight")
+        plan.add(keypoint_head.deconv.bias, take(f"{name}.score_lowres.bias"),
+                 f"{name}.score_lowres.bias")
+
     skipped = _load_class_layers(model, take, plan, path, allow_class_mismatch)
 
     unused = sorted(k for k in arrays if k not in used and not _NOT_WEIGHTS.search(k))

@@ -9,18 +9,22 @@ from mrcnn.modeling import resnet as resnet_lib
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.mask_rcnn import MaskRCNN
 from mrcnn.modeling.roi_heads import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, BoxHead,
-                                      CascadeRoiHeads, MaskHead, RoiHeads)
+                                      CascadeRoiHeads, KeypointHead, MaskHead, RoiHeads)
 from mrcnn.modeling.rpn import RpnHead
 
 
 def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=16,
                 mask_convs=2, masks=True, cascade_stages=0, norm=None, heads_kwargs=None,
-                class_agnostic_masks=False, **rpn_kwargs):
+                class_agnostic_masks=False, keypoints=0, **rpn_kwargs):
     """A MaskRCNN with small heads (no mask head unless `masks`; a cascade of
     class-agnostic box heads with `cascade_stages`). `norm` ('gn', 'bn',
     'sync_bn'): that norm in the backbone, FPN and heads and a 2conv1fc box
     head, as Detectron2's GN models and LSJ baselines. `heads_kwargs`: more
-    `RoiHeads` arguments; `class_agnostic_masks`: `MaskHead.class_agnostic`."""
+    `RoiHeads` arguments; `class_agnostic_masks`: `MaskHead.class_agnostic`;
+    `keypoints` K > 0: a `KeypointHead` of K keypoints (2 convs of 16)."""
+    if keypoints:
+        heads_kwargs = dict(heads_kwargs or {}, keypoint_head=KeypointHead(
+            num_keypoints=keypoints, channels=16, num_convs=2))
     box_kwargs = dict(num_conv=2, num_fc=1, conv_dim=channels, norm=norm) if norm else {}
     mask_head = (MaskHead(num_classes=num_classes, channels=mask_channels,
                           num_convs=mask_convs, norm=norm,
@@ -124,6 +128,14 @@ def random_state(model, seed=0, num_classes=None):
         put(f"roi_heads.box_predictor{suffix}.cls_score.bias", c + 1, scale=0.1)
         put(f"roi_heads.box_predictor{suffix}.bbox_pred.weight", deltas, width)
         put(f"roi_heads.box_predictor{suffix}.bbox_pred.bias", deltas, scale=0.1)
+    keypoint = model.roi_heads.keypoint_head
+    if keypoint is not None:
+        cin = f
+        for i in range(keypoint.num_convs):
+            conv(f"roi_heads.keypoint_head.conv_fcn{i + 1}", keypoint.channels, cin, 3, None)
+            cin = keypoint.channels
+        put("roi_heads.keypoint_head.score_lowres.weight", cin, keypoint.num_keypoints, 4, 4)
+        put("roi_heads.keypoint_head.score_lowres.bias", keypoint.num_keypoints, scale=0.1)
     mask = model.roi_heads.mask_head
     if mask is None:
         return out

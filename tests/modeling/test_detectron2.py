@@ -422,8 +422,8 @@ class LoaderTest(tf.test.TestCase):
     def test_unknown_or_missing_arrays_raise(self):
         model = fixtures.small_model(num_classes=C)
         arrays = fixtures.random_state(model)
-        extra = dict(arrays, **{"roi_heads.keypoint_head.conv_fcn1.weight": np.zeros(3)})
-        with self.assertRaisesRegex(ValueError, r"no place .*, 1: .*keypoint_head"):
+        extra = dict(arrays, **{"roi_heads.semantic_head.conv1.weight": np.zeros(3)})
+        with self.assertRaisesRegex(ValueError, r"no place .*, 1: .*semantic_head"):
             d2.load_detectron2_weights(model, path=self._write(extra))
         missing = {k: v for k, v in arrays.items() if "mask_fcn2" not in k}
         with self.assertRaisesRegex(ValueError, r"no array 'roi_heads.mask_head.mask_fcn2"):
@@ -468,6 +468,42 @@ class LoaderTest(tf.test.TestCase):
             self.assertNotIn("detection_masks", ours)
             for key in ours:
                 self.assertAllClose(ours[key], full[key], atol=1e-5, msg=key)
+
+    def test_keypoint_head(self):
+        """Detectron2's keypoint_rcnn files: `conv_fcn*` and `score_lowres`
+        (ConvTranspose2d [in, K, 4, 4]) against NumPy references of PyTorch's
+        conv and transposed conv with those arrays; a model without a keypoint
+        head leaves them, one with another K refuses them."""
+        from tests.modeling.test_keypoint_head import (conv_transpose_reference,
+                                                       upsample2_reference)
+        model = fixtures.small_model(num_classes=1, masks=False, keypoints=17)
+        arrays = fixtures.random_state(model, seed=6)
+        self.assertEqual(d2.load_detectron2_weights(model, path=self._write(arrays)), [])
+        head = model.roi_heads.keypoint_head
+        pooled = np.random.default_rng(7).normal(size=(2, 6, 6, model.fpn.channels))
+        got = head(tf.constant(pooled[None], tf.float32)).numpy()[0]   # [2, 17, 24, 24]
+        name = "roi_heads.keypoint_head"
+        for n in range(2):
+            x = pooled[n]
+            for i in (1, 2):
+                w, b = arrays[f"{name}.conv_fcn{i}.weight"], arrays[f"{name}.conv_fcn{i}.bias"]
+                padded = np.pad(x, [(1, 1), (1, 1), (0, 0)])
+                x = _relu(sum(np.einsum("hwc,oc->hwo", padded[a:a + 6, c:c + 6], w[:, :, a, c])
+                              for a in range(3) for c in range(3)) + b)
+            w = arrays[f"{name}.score_lowres.weight"].transpose(2, 3, 1, 0)   # [kh, kw, K, in]
+            x = conv_transpose_reference(x, w, 2, 1) + arrays[f"{name}.score_lowres.bias"]
+            want = upsample2_reference(x).transpose(2, 0, 1)
+            self.assertLess(_rel(got[n], want), 1e-5)
+        plain = fixtures.small_model(num_classes=1, masks=False)
+        self.assertEqual(d2.load_detectron2_weights(plain, path=self._write(arrays)), [])
+        with self.assertRaisesRegex(ValueError, r"predicts 17 keypoints, the model's "
+                                    r"keypoint head 4"):
+            d2.load_detectron2_weights(
+                fixtures.small_model(num_classes=1, masks=False, keypoints=4),
+                path=self._write(arrays))
+        with self.assertRaisesRegex(ValueError, r"no array 'roi_heads.keypoint_head"):
+            d2.load_detectron2_weights(model, path=self._write(
+                {k: v for k, v in arrays.items() if "keypoint" not in k}))
 
     def test_aspect_ratios_must_match(self):
         model = fixtures.small_model(num_classes=C)
