@@ -271,9 +271,6 @@ def evaluate(model_dir, *, model_fn=gin.REQUIRED, dataset_fn=gin.REQUIRED,
     # Masks are scored when the model makes them and the annotations have them.
     with_masks = getattr(model, "has_masks", True) and dataset_fn.with_masks
     with_keypoints = getattr(model, "has_keypoints", False)
-    if with_keypoints and tta is not None:
-        raise ValueError("evaluate: test-time augmentation of keypoints is not "
-                         "supported (Detectron2 has none either)")
     evaluator = lvis_eval.build_evaluator(dataset_fn.annotation_file, class_to_category,
                                           kind=evaluator, include_masks=with_masks,
                                           include_keypoints=with_keypoints,
@@ -511,6 +508,10 @@ def _inference_fn(model, tta, base_min_size, xla=False):
     if tta is None:
         return tf.function(lambda b: model(b, training=False), jit_compile=xla,
                            autograph=False)
+    if getattr(model, "has_keypoints", False):
+        # Its merged detections would come without keypoints.
+        raise ValueError("test-time augmentation of a keypoint model is not supported "
+                         "(Detectron2 has none either)")
     logging.info("Test-time augmentation: %d runs per batch (sizes %s for %d%s)",
                  tta.num_augmentations, ", ".join(map(str, tta.min_sizes)),
                  base_min_size, ", and flipped" if tta.flip else "")

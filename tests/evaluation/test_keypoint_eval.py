@@ -5,6 +5,7 @@ that OKS's formula gives."""
 import json
 import math
 import os
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -147,3 +148,25 @@ class KeypointEvaluationTest(tf.test.TestCase):
             again.add_results(json.load(f))
         self.assertAllClose(again.evaluate(("keypoints",))["keypoints"],
                             metrics["keypoints"])
+
+
+class ProgramsTest(tf.test.TestCase):
+
+    def test_test_time_augmentation_refuses_a_keypoint_model(self):
+        # Its merged detections would silently lose the keypoints.
+        from mrcnn.evaluation import runner
+        model = types.SimpleNamespace(has_keypoints=True)
+        with self.assertRaisesRegex(ValueError, "test-time augmentation of a keypoint model"):
+            runner._inference_fn(model, object(), 800)
+
+    def test_trainer_checks_the_keypoint_count(self):
+        from mrcnn.training import trainer
+        model = types.SimpleNamespace(num_classes=3, num_keypoints=4)
+        trainer.check_num_classes(model, types.SimpleNamespace(num_classes=3, num_keypoints=4))
+        with self.assertRaisesRegex(ValueError, "4 keypoints but d.json names 17: set "
+                                    "NUM_KEYPOINTS = 17"):
+            trainer.check_num_classes(model, types.SimpleNamespace(
+                num_classes=3, num_keypoints=17, annotation_file="d.json"))
+        with self.assertRaisesRegex(ValueError, "names none .*with_keypoints = True"):
+            trainer.check_num_classes(model, types.SimpleNamespace(
+                num_classes=3, num_keypoints=0, annotation_file="d.json"))

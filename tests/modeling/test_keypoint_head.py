@@ -133,7 +133,7 @@ class KeypointModelTest(tf.test.TestCase):
         self.assertAllClose(eager, graph, rtol=1e-5)
         bucketed = RoiHeads(box_head=heads.box_head, mask_head=None,
                             keypoint_head=heads.keypoint_head,
-                            num_samples=heads.num_samples, mask_buckets=3)
+                            num_samples=heads.num_samples, mask_buckets=2)
         got = tf.function(bucketed.keypoint_loss, jit_compile=True)(
             features, rois, b["gt_keypoints"])
         self.assertAllClose(eager, got, rtol=1e-5)
@@ -141,29 +141,45 @@ class KeypointModelTest(tf.test.TestCase):
         unlabelled = tf.zeros_like(b["gt_keypoints"])
         self.assertEqual(float(heads.keypoint_loss(features, rois, unlabelled)), 0.0)
 
-    def test_detections_eager_graph_and_xla(self):
-        eager = self.model.detect(self.batch)
-        xla = tf.function(self.model.detect, jit_compile=True)(self.batch)
-        # A graph runs the head on the leading slots only, a count known when run.
-        graph = tf.function(self.model.detect)(self.batch)
-        self.assertAllClose(eager["detection_keypoints"], graph["detection_keypoints"],
-                            atol=1e-4)
-        for out in (eager, xla):
-            points = out["detection_keypoints"].numpy()
-            self.assertEqual(points.shape, (_B, 100, _K, 3))
-            n = out["num_detections"].numpy()
-            boxes = out["detection_boxes"].numpy()
-            for i in range(_B):
-                self.assertTrue((points[i, n[i]:] == 0).all())
-                live = points[i, :n[i]]
-                # Each keypoint lies in its box (image pixels), scores in (0, 1].
-                lo, hi = boxes[i, :n[i], None, :2], boxes[i, :n[i], None, 2:]
-                self.assertTrue(((live[..., :2] >= lo - 1e-3)
-                                 & (live[..., :2] <= hi + 1e-3)).all())
-                self.assertTrue(((live[..., 2] > 0) & (live[..., 2] <= 1)).all())
-        self.assertGreater(int(eager["num_detections"][0]), 0)
-        self.assertAllClose(eager["detection_keypoints"], xla["detection_keypoints"],
-                            atol=1e-3)
+    def test_detections(self):
+        out = self.model.detect(self.batch)
+        points = out["detection_keypoints"].numpy()
+        self.assertEqual(points.shape, (_B, 100, _K, 3))
+        n = out["num_detections"].numpy()
+        boxes = out["detection_boxes"].numpy()
+        self.assertGreater(n[0], 0)
+        for i in range(_B):
+            self.assertTrue((points[i, n[i]:] == 0).all())
+            live = points[i, :n[i]]
+            # Each keypoint lies in its box (image pixels), scores in (0, 1].
+            lo, hi = boxes[i, :n[i], None, :2], boxes[i, :n[i], None, 2:]
+            self.assertTrue(((live[..., :2] >= lo - 1e-3) & (live[..., :2] <= hi + 1e-3)).all())
+            self.assertTrue(((live[..., 2] > 0) & (live[..., 2] <= 1)).all())
+
+    def test_detect_keypoints_eager_graph_and_xla(self):
+        """The head on the detections (a graph trims them to the leading
+        slots, a count known when run; XLA runs all), scaled to the original
+        image."""
+        heads = self.model.roi_heads
+        features, _, _ = self.model.proposals(self.batch)
+        boxes = tf.constant(np.tile([[[8, 10, 60, 50], [30, 70, 100, 122], [0, 0, 0, 0]]],
+                                    (_B, 7, 1))[:, :20], tf.float32)   # [B, 20, 4]
+        classes = tf.constant(np.tile([[1, 2, 0]], (_B, 7))[:, :20], tf.int32)
+        classes = tf.concat([classes[:, :5], tf.zeros([_B, 15], tf.int32)], axis=1)
+        info = tf.constant([[64, 64, 128, 128, 2.0]] * _B, tf.float32)
+        eager = heads.detect_keypoints(features, boxes, classes, info)
+        graph = tf.function(heads.detect_keypoints)(features, boxes, classes, info)
+        xla = tf.function(heads.detect_keypoints, jit_compile=True)(
+            features, boxes, classes, info)
+        for out in (graph, xla):
+            self.assertAllClose(eager, out, atol=1e-4)
+        points = eager.numpy()
+        self.assertTrue((points[classes.numpy() == 0] == 0).all())
+        # In the original image's pixels: the resized boxes halved.
+        live = points[0, :5][classes.numpy()[0, :5] > 0]
+        lo = boxes.numpy()[0, :5][classes.numpy()[0, :5] > 0, None, :2] / 2
+        hi = boxes.numpy()[0, :5][classes.numpy()[0, :5] > 0, None, 2:] / 2
+        self.assertTrue(((live[..., :2] >= lo) & (live[..., :2] <= hi)).all())
 
     def test_config_round_trip(self):
         heads = self.model.roi_heads
