@@ -181,6 +181,17 @@ class KeypointModelTest(tf.test.TestCase):
         hi = boxes.numpy()[0, :5][classes.numpy()[0, :5] > 0, None, 2:] / 2
         self.assertTrue(((live[..., :2] >= lo) & (live[..., :2] <= hi)).all())
 
+    def test_with_a_mask_head_too(self):
+        """Masks and keypoints in one model (the Mask R-CNN paper's joint
+        model): both losses, both outputs."""
+        model = build_mask_rcnn(**_SMALL, keypoints=_K, keypoint_channels=8,
+                                keypoint_convs=1)
+        losses = model(self.batch, training=True)
+        self.assertIn("mask", losses)
+        self.assertIn("keypoint", losses)
+        out = model.detect(self.batch)
+        self.assertEqual(out["detection_masks"].shape[:2], out["detection_keypoints"].shape[:2])
+
     def test_config_round_trip(self):
         heads = self.model.roi_heads
         clone = RoiHeads.from_config(heads.get_config())

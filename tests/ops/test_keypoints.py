@@ -200,3 +200,18 @@ class HeatmapsToKeypointsTest(parameterized.TestCase):
         cell = (rois[0, :, 2:] - rois[0, :, :2]) / size  # [2, (h, w)]
         error = np.abs(decoded[0, :, :, :2] - keypoints[0, :, :, :2])
         self.assertTrue((error <= cell[:, None, :] * 0.5 + 1e-3).all(), error.max())
+
+    def test_quadratic_logits_decode_to_their_vertex(self):
+        """On logits quadratic in y and x (a Gaussian's log) the parabola
+        through the highest cell's neighbours peaks at the vertex: the
+        point comes back to float32 rounding, not to the cell."""
+        size = 56
+        rng = np.random.default_rng(11)
+        vertex = rng.uniform(3, size - 4, (6, 2))   # in cell-centre coordinates
+        yy, xx = np.mgrid[0:size, 0:size]
+        logits = np.stack([-((yy - cy) ** 2 / 3.0 + (xx - cx) ** 2 / 5.0) for cy, cx in vertex])
+        boxes = np.array([[[10, 20, 122, 76]] * 6], np.float32)   # cells 2 x 1 pixels
+        got = keypoint_ops.heatmaps_to_keypoints(logits[None, :, None].astype(np.float32),
+                                                 boxes).numpy()[0, :, 0, :2]
+        want = boxes[0, :, :2] + (vertex + 0.5) * np.array([2.0, 1.0])
+        np.testing.assert_allclose(got, want, atol=2e-3)
