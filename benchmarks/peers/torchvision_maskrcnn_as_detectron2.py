@@ -38,7 +38,13 @@ torchvision's models use (`pixel_mean` / `pixel_std`, RGB, 0-255 scale) for
   python benchmarks/peers/torchvision_maskrcnn_as_detectron2.py --out=/tmp/tv \
       --weights=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --classes=coco
 
-Both torchvision models convert: `maskrcnn_resnet50_fpn` (v1) and
+`keypointrcnn_resnet50_fpn` (`--arch=keypoint`) converts too: its keypoint
+head and predictor become Detectron2's `conv_fcn*` and `score_lowres`, and
+outputs.npz holds `keypoint_pooled` and `keypoint_logits` [K, 17, 56, 56]
+instead of the mask head's pair, and per image `keypoints_i` [N, 17, 2] (y,
+x: torchvision's decoding) and `keypoint_heatmaps_i` [N, 17, 56, 56], the
+keypoint head on its detections.
+Both torchvision Mask R-CNN models convert: `maskrcnn_resnet50_fpn` (v1) and
 `maskrcnn_resnet50_fpn_v2` (batch norms in the FPN and both heads, two RPN
 convs, a box head of four convs and one FC: Detectron2's names for the same
 layers, as its LSJ baselines'), told apart by their arrays; `--arch` picks the
@@ -70,7 +76,8 @@ from torchvision_resnet50_features import detectron2_name as resnet_name  # noqa
 # them unused); our classes 1..80 are the 80 used ids in ascending order.
 COCO_CATEGORY_IDS = [i for i in range(1, 91)
                      if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-ARCHS = {"v1": "maskrcnn_resnet50_fpn", "v2": "maskrcnn_resnet50_fpn_v2"}
+ARCHS = {"v1": "maskrcnn_resnet50_fpn", "v2": "maskrcnn_resnet50_fpn_v2",
+         "keypoint": "keypointrcnn_resnet50_fpn"}
 # A conv's or a norm's arrays (`num_batches_tracked` is dropped).
 _ARRAYS = "weight|bias|running_mean|running_var"
 
@@ -139,6 +146,17 @@ def detectron2_arrays(state, classes):
             norm = ".norm" if m.group(2) == "1" else ""
             out[f"roi_heads.mask_head.mask_fcn{index}{norm}.{m.group(3)}"] = v
             continue
+        # keypointrcnn_resnet50_fpn: KeypointRCNNHeads is a Sequential of
+        # conv / ReLU pairs (Detectron2's conv_fcn1..), its predictor's
+        # ConvTranspose2d is Detectron2's score_lowres.
+        m = re.match(r"roi_heads\.keypoint_head\.(\d+)\.(weight|bias)$", name)
+        if m:
+            out[f"roi_heads.keypoint_head.conv_fcn{int(m.group(1)) // 2 + 1}.{m.group(2)}"] = v
+            continue
+        m = re.match(r"roi_heads\.keypoint_predictor\.kps_score_lowres\.(weight|bias)$", name)
+        if m:
+            out[f"roi_heads.keypoint_head.score_lowres.{m.group(1)}"] = v
+            continue
         m = re.match(r"roi_heads\.mask_predictor\.(conv5_mask|mask_fcn_logits)\.(weight|bias)$",
                      name)
         if m:
@@ -169,14 +187,24 @@ def inference(net, x, features, detectron2=True):
         sizes = [tuple(x.shape[-2:])] * x.shape[0]
         proposals, _ = net.rpn(ImageList(x, sizes), features)
         detections, _ = net.roi_heads(features, proposals, sizes)
+        heatmaps = None
+        if net.roi_heads.keypoint_head is not None:   # the heatmaps of its detections
+            pooled = net.roi_heads.keypoint_roi_pool(features, [d["boxes"] for d in detections],
+                                                     sizes)
+            heatmaps = net.roi_heads.keypoint_predictor(net.roi_heads.keypoint_head(pooled))
+            heatmaps = heatmaps.split([len(d["boxes"]) for d in detections])
     finally:
         generator.cell_anchors, poolers.roi_align = rounded, original
     yxyx = lambda b: b[:, [1, 0, 3, 2]].numpy()   # noqa: E731
     out = {}
     for i, (p, d) in enumerate(zip(proposals, detections)):
         out.update({f"proposals_{i}": yxyx(p), f"boxes_{i}": yxyx(d["boxes"]),
-                    f"scores_{i}": d["scores"].numpy(), f"labels_{i}": d["labels"].numpy(),
-                    f"masks_{i}": d["masks"][:, 0].numpy()})
+                    f"scores_{i}": d["scores"].numpy(), f"labels_{i}": d["labels"].numpy()})
+        if "masks" in d:
+            out[f"masks_{i}"] = d["masks"][:, 0].numpy()
+        if "keypoints" in d:   # (x, y, 1) -> (y, x)
+            out[f"keypoints_{i}"] = d["keypoints"][..., [1, 0]].numpy()
+            out[f"keypoint_heatmaps_{i}"] = heatmaps[i].numpy()
     return out
 
 
@@ -213,9 +241,10 @@ def main():
     parser.add_argument("--num_classes", type=int, default=6, help="foreground classes")
     parser.add_argument("--rois", type=int, default=5)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="v1",
-                        help="the random network: maskrcnn_resnet50_fpn (v1) or "
+                        help="the random network: maskrcnn_resnet50_fpn (v1), "
                         "maskrcnn_resnet50_fpn_v2 (batch norms in the FPN and heads, two "
-                        "RPN convs, a box head of four convs and one FC)")
+                        "RPN convs, a box head of four convs and one FC) or "
+                        "keypointrcnn_resnet50_fpn (keypoint: 17 keypoints, no masks)")
     parser.add_argument("--weights", help="a trained torchvision Mask R-CNN state dict "
                         "(.pth) to convert, instead of the random network and outputs")
     parser.add_argument("--classes", default="all", help="with --weights: the labels "
@@ -236,6 +265,8 @@ def main():
         # Spread the scores, so that rankings do not hang on float rounding.
         net.rpn.head.cls_logits.weight.mul_(30.0)
         net.roi_heads.box_predictor.cls_score.weight.mul_(30.0)
+        if net.roi_heads.keypoint_predictor is not None:   # heatmaps with distinct peaks
+            net.roi_heads.keypoint_predictor.kps_score_lowres.weight.mul_(30.0)
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
@@ -250,12 +281,18 @@ def main():
         box_x = net.roi_heads.box_head(box_pooled)
         class_logits, box_deltas = net.roi_heads.box_predictor(box_x)
         mask_pooled = torch.randn(k, 256, 14, 14)
-        mask_logits = net.roi_heads.mask_predictor(net.roi_heads.mask_head(mask_pooled))
+        keypoints = args.arch == "keypoint"
+        head, predictor = ((net.roi_heads.keypoint_head, net.roi_heads.keypoint_predictor)
+                           if keypoints else
+                           (net.roi_heads.mask_head, net.roi_heads.mask_predictor))
+        mask_logits = predictor(head(mask_pooled))   # keypoints: [K, 17, 56, 56]
         results = inference(net, x, features)
         results.update({f"stock_{k}": v for k, v in
                         inference(net, x, features, detectron2=False).items()})
-        for pool in (net.roi_heads.box_roi_pool, net.roi_heads.mask_roi_pool):
-            pool.sampling_ratio = 0
+        for pool in (net.roi_heads.box_roi_pool, net.roi_heads.mask_roi_pool,
+                     net.roi_heads.keypoint_roi_pool):
+            if pool is not None:
+                pool.sampling_ratio = 0
         results.update({f"adaptive_{k}": v for k, v in
                         inference(net, x, features).items()})
     nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()   # noqa: E731
@@ -263,6 +300,9 @@ def main():
                "class_logits": class_logits.numpy(),
                "box_deltas": box_deltas.reshape(k, -1, 4).numpy(),
                "mask_pooled": nhwc(mask_pooled), "mask_logits": mask_logits.numpy()}
+    if keypoints:   # the same random features through the keypoint head
+        outputs["keypoint_pooled"] = outputs.pop("mask_pooled")
+        outputs["keypoint_logits"] = outputs.pop("mask_logits")
     outputs.update(results)
     for level, (p, o, d) in enumerate(zip(levels, objectness, deltas), start=2):
         outputs.update({f"p{level}": nhwc(p), f"objectness_{level}": nhwc(o),
