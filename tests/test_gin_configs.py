@@ -223,3 +223,10 @@ def test_shapes_keypoint_demo(parsed):
     model = parsed("shapes_keypoint_demo.gin")
     assert model.num_keypoints == 4 and not model.has_masks and model.num_classes == 3
     assert gin.query_parameter("evaluate.keypoint_oks_sigmas") == (0.05,) * 4
+
+
+def test_torchvision_keypoint_r50_fpn(parsed):
+    model = parsed("torchvision_keypoint_r50_fpn.gin")
+    assert model.num_keypoints == 17 and model.num_classes == 1 and not model.has_masks
+    assert not model.backbone.stride_in_1x1 and model.rpn_head.round_anchors
+    assert not model.roi_heads.aligned

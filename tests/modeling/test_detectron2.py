@@ -760,6 +760,40 @@ class TorchvisionKeypointParityTest(tf.test.TestCase):
             tf.constant(self.theirs["keypoint_pooled"][None]))[0]
         self.assertLess(_rel(ours, self.theirs["keypoint_logits"]), 1e-5)
 
+    def test_convert_trained_weights(self):
+        """--weights: a saved keypointrcnn_resnet50_fpn state dict (person =
+        label 1) converts and loads into gin/torchvision_keypoint_r50_fpn.gin's
+        model shape, every array placed."""
+        from mrcnn.modeling.fpn import FPN
+        from mrcnn.modeling.mask_rcnn import MaskRCNN
+        from mrcnn.modeling.roi_heads import BoxHead, KeypointHead, RoiHeads
+        from mrcnn.modeling.rpn import RpnHead
+        out = tempfile.mkdtemp()
+        pth = os.path.join(out, "tv.pth")
+        python = os.environ["MRCNN_TORCH_PYTHON"]
+        subprocess.run([python, "-c",
+                        "import sys, torch, torchvision; torch.manual_seed(2); "
+                        "net = torchvision.models.detection.keypointrcnn_resnet50_fpn("
+                        "weights=None, weights_backbone=None); "
+                        "torch.save(net.state_dict(), sys.argv[1]); "
+                        "import numpy as np; np.save(sys.argv[2], net.roi_heads."
+                        "keypoint_predictor.kps_score_lowres.weight.detach().numpy())",
+                        pth, os.path.join(out, "lowres.npy")],
+                       check=True, capture_output=True, timeout=600)
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "peers",
+                              "torchvision_maskrcnn_as_detectron2.py")
+        subprocess.run([python, script, f"--out={out}", f"--weights={pth}"],
+                       check=True, capture_output=True, timeout=600)
+        model = MaskRCNN(
+            backbone=resnet_lib.ResNet(depth=50, stride_in_1x1=False), fpn=FPN(),
+            rpn_head=RpnHead(anchor_offset=0.0, round_anchors=True),
+            roi_heads=RoiHeads(box_head=BoxHead(num_classes=1), mask_head=None,
+                               keypoint_head=KeypointHead(num_keypoints=17), aligned=False))
+        self.assertEqual(d2.load_detectron2_weights(
+            model, path=os.path.join(out, "model_final.pkl"), source_format="RGB"), [])
+        self.assertAllClose(model.roi_heads.keypoint_head.deconv.kernel,
+                            np.load(os.path.join(out, "lowres.npy")).transpose(2, 3, 1, 0))
+
     def test_inference_matches(self):
         from benchmarks import keypoint_decoding as decoding
         theirs, model = self.theirs, self.model
