@@ -161,12 +161,16 @@ class CocoSplit:
       problems: list of str, one message per problem (file and ids named).
       keypoint_names: tuple of K str, the categories' keypoint names; empty
         unless loaded `with_keypoints`.
+      keypoint_skeleton: tuple of (i, j) keypoint index pairs (0-based) that
+        pictures join: the first keypoint category's COCO `skeleton`
+        (1-based there); empty without one.
     """
     records: List[ImageRecord]
     category_map: CategoryMap
     counts: collections.Counter
     problems: List[str]
     keypoint_names: Tuple[str, ...] = ()
+    keypoint_skeleton: Tuple[Tuple[int, int], ...] = ()
 
     @property
     def keypoint_flip_map(self):
@@ -280,6 +284,7 @@ def load_splits(sources, on_bad="skip_image", check_files=True, with_masks=True,
                             with_keypoints=with_keypoints)
         if first is None:
             first = (annotation_file, loaded.category_map, loaded.keypoint_names)
+            skeleton = loaded.keypoint_skeleton
         elif loaded.category_map != first[1]:
             raise DataError(_category_difference(first[0], first[1], annotation_file,
                                                  loaded.category_map))
@@ -291,7 +296,7 @@ def load_splits(sources, on_bad="skip_image", check_files=True, with_masks=True,
         records += loaded.records
         counts.update(loaded.counts)
         problems += [f"{os.fspath(annotation_file)}: {p}" for p in loaded.problems]
-    return CocoSplit(records, first[1], counts, problems, first[2])
+    return CocoSplit(records, first[1], counts, problems, first[2], skeleton)
 
 
 def _category_difference(first_file, first, other_file, other):
@@ -342,6 +347,8 @@ def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks,
         raise DataError(f"{annotation_file}: duplicate category ids")
     keypoint_names, keypoint_categories = (
         _keypoint_names(annotation_file, categories) if with_keypoints else ((), frozenset()))
+    skeleton = (_keypoint_skeleton(annotation_file, categories, keypoint_categories,
+                                   len(keypoint_names)) if with_keypoints else ())
     keypoints = (len(keypoint_names), keypoint_categories)
 
     # Images.
@@ -400,7 +407,7 @@ def _load_split(annotation_file, image_dir, on_bad, check_files, with_masks,
             continue
         records.append(_record(images[image_id], kept[image_id], image_dir,
                                category_map, counts, keypoints if with_keypoints else None))
-    return CocoSplit(records, category_map, counts, problems, keypoint_names)
+    return CocoSplit(records, category_map, counts, problems, keypoint_names, skeleton)
 
 
 def _keypoint_names(annotation_file, categories):
@@ -431,6 +438,25 @@ def _keypoint_names(annotation_file, categories):
                         f"names; a keypoint dataset (COCO person_keypoints_*.json) "
                         f"is needed for keypoints")
     return names, frozenset(ids)
+
+
+def _keypoint_skeleton(annotation_file, categories, keypoint_categories, num_keypoints):
+    """The first keypoint category's `skeleton` as 0-based (i, j) pairs; ()
+    without one. A malformed one (not pairs of 1..K) is a DataError."""
+    for c in categories:
+        if int(c["id"]) not in keypoint_categories or "skeleton" not in c:
+            continue
+        edges = c["skeleton"]
+        ok = isinstance(edges, list) and all(
+            isinstance(e, list) and len(e) == 2
+            and all(isinstance(v, int) and 1 <= v <= num_keypoints for v in e)
+            for e in edges)
+        if not ok:
+            raise DataError(f"{annotation_file}: category id {c['id']} ({c['name']!r}) "
+                            f"has skeleton {str(edges)[:200]}, not a list of [i, j] "
+                            f"keypoint numbers 1..{num_keypoints}")
+        return tuple((a - 1, b - 1) for a, b in edges)
+    return ()
 
 
 def _with_file_name(image):

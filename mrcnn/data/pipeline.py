@@ -320,6 +320,7 @@ class CocoInput:
         COCO `person_keypoints_*.json`): the json's keypoints are read and
         checked (mrcnn/data/coco.py), and training batches hold
         `gt_keypoints` (module docstring). `keypoint_names`,
+        `keypoint_skeleton` (for pictures),
         `num_keypoints` and `keypoint_flip_map` describe them, in
         evaluation too (whose batches hold none: it scores against the
         annotation file).
@@ -439,6 +440,7 @@ class CocoInput:
                                   with_keypoints=self.with_keypoints)
         self.category_map = loaded.category_map
         self.keypoint_names = loaded.keypoint_names
+        self.keypoint_skeleton = loaded.keypoint_skeleton
         self.counts = loaded.counts
         self.problems = loaded.problems
         records = loaded.records

@@ -602,6 +602,7 @@ class Predictor:
                                else None)
         # The keypoints' names (CocoInput.with_keypoints), for reports.
         self.keypoint_names = tuple(getattr(dataset_fn, "keypoint_names", ()) or ())
+        self.keypoint_skeleton = tuple(getattr(dataset_fn, "keypoint_skeleton", ()) or ())
         self.canvases = pipeline.orientation_canvases(min_size, max_size,
                                                       self.canvas_size, size_divisor)
         self.model, self.step, self.checkpoint_path = restore_model(
@@ -777,7 +778,8 @@ def _write_prediction(file, image, out, predictor, out_dir, pictures):
     picture = visualize.draw_detections(image, out["boxes"], out["classes"],
                                         out["scores"], out["masks"], names,
                                         score_threshold=predictor.score_threshold,
-                                        keypoints=out.get("keypoints"))
+                                        keypoints=out.get("keypoints"),
+                                        skeleton=predictor.keypoint_skeleton)
     picture_name = _unique_png_name(file, pictures)
     visualize.save_png(os.path.join(out_dir, picture_name), picture)
     entries = [{"box_yxyx": [round(float(v), 2) for v in b], "class": int(c),
@@ -833,7 +835,9 @@ def visualize_data(out_dir, *, dataset_fn=gin.REQUIRED, num_images=16):
                 keypoints = batch["gt_keypoints"][b].numpy()[valid]
             picture = visualize.draw_detections(batch["images"][b, :rh, :rw].numpy(),
                                                 boxes, classes, None, masks, names,
-                                                keypoints=keypoints, keypoint_threshold=0.0)
+                                                keypoints=keypoints, keypoint_threshold=0.0,
+                                                skeleton=getattr(dataset_fn,
+                                                                 "keypoint_skeleton", ()))
             path = os.path.join(out_dir, f"{len(paths)}_{image_id}.png")
             visualize.save_png(path, picture)
             paths.append(path)

@@ -42,7 +42,7 @@ def instance_color(index):
 def draw_detections(image, boxes, classes, scores, masks, class_names,
                     score_threshold=DEFAULT_SCORE_THRESHOLD,
                     mask_alpha=DEFAULT_MASK_ALPHA, keypoints=None,
-                    keypoint_threshold=DEFAULT_KEYPOINT_THRESHOLD):
+                    keypoint_threshold=DEFAULT_KEYPOINT_THRESHOLD, skeleton=()):
     """Draws one image's detections; returns a new image.
 
     Detection `k` is drawn when `classes[k] > 0` (padded slots hold -1 or 0)
@@ -68,6 +68,9 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
         `keypoint_threshold` become dots of its colour, outlined in black
         (for ground truth pass v and a threshold of 0: labelled points).
       keypoint_threshold: Python float.
+      skeleton: (i, j) pairs of keypoint indices joined by a line of the
+        instance's colour where both points are drawn (the COCO
+        category's `skeleton`, 0-based: `CocoInput.keypoint_skeleton`).
 
     Returns:
       uint8 [H, W, 3], a copy of `image` with the detections drawn.
@@ -113,6 +116,12 @@ def draw_detections(image, boxes, classes, scores, masks, class_names,
     if keypoints is not None:
         keypoints = np.asarray(keypoints, np.float32).reshape(boxes.shape[0], -1, 3)
         r = _KEYPOINT_RADIUS
+        for k, color in zip(drawn, colors):
+            shown = keypoints[k, :, 2] > keypoint_threshold
+            for i, j in skeleton:
+                if shown[i] and shown[j]:
+                    draw.line([(keypoints[k, i, 1], keypoints[k, i, 0]),
+                               (keypoints[k, j, 1], keypoints[k, j, 0])], fill=color, width=1)
         for k, color in zip(drawn, colors):
             for y, x, score in keypoints[k]:
                 if score > keypoint_threshold:

@@ -97,6 +97,22 @@ class LoadKeypointsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(plain.keypoint_names, ())
         self.assertTrue(all(r.keypoints is None for r in plain.records))
 
+    def test_skeleton(self):
+        def with_skeleton(edges):
+            def mutate(d):
+                d["categories"][0]["skeleton"] = edges
+            return mutate
+        path, image_dir = self._write()
+        self.assertEqual(coco.load_split(path, image_dir, with_keypoints=True)
+                         .keypoint_skeleton, ())
+        path, image_dir = self._write(with_skeleton([[1, 2], [3, 1]]))
+        self.assertEqual(coco.load_split(path, image_dir, with_keypoints=True)
+                         .keypoint_skeleton, ((0, 1), (2, 0)))
+        path, image_dir = self._write(with_skeleton([[1, 4]]))
+        with self.assertRaisesRegex(coco.DataError, r"category id 5 .*skeleton \[\[1, 4\]\], "
+                                    r"not a list of \[i, j\] keypoint numbers 1..3"):
+            coco.load_split(path, image_dir, with_keypoints=True)
+
     def test_category_without_keypoints_reads_zeros(self):
         def mutate(d):
             del d["categories"][1]["keypoints"]   # dog (2): ann 102, 103
@@ -360,6 +376,7 @@ class ShapesKeypointsTest(tf.test.TestCase):
         split = coco.load_split(path, os.path.join(_data["root"], "train2017"),
                                 on_bad="raise", with_keypoints=True)
         self.assertEqual(split.keypoint_names, shapes.KEYPOINT_NAMES)
+        self.assertEqual(split.keypoint_skeleton, ((0, 1), (1, 2), (2, 3), (3, 0)))
         for r in split.records:
             anns = _data["anns"][r.image_id]
             want = np.array([a["keypoints"] for a in anns], np.float64).reshape(-1, 4, 3)

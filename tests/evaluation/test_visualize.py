@@ -123,3 +123,21 @@ class DrawDetectionsTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class KeypointDrawingTest(tf.test.TestCase):
+
+    def test_points_and_skeleton_of_drawn_detections(self):
+        image, boxes, classes, scores, _ = _scene()
+        keypoints = np.zeros((4, 3, 3), np.float32)
+        keypoints[0] = [[25, 15, 0.9], [45, 35, 0.9], [45, 15, 0.01]]   # third: too low
+        keypoints[2] = [[5, 65, 0.9]] * 3                               # box not drawn
+        out = visualize.draw_detections(image, boxes, classes, scores, None, _NAMES,
+                                        keypoints=keypoints, skeleton=((0, 1), (1, 2)))
+        plain = visualize.draw_detections(image, boxes, classes, scores, None, _NAMES)
+        changed = np.any(out != plain, axis=-1)
+        self.assertTrue(changed[25, 15] and changed[45, 35])   # the two dots
+        self.assertTrue(changed[35, 25])                       # the line between them
+        self.assertFalse(changed[45, 15])                      # a point under threshold
+        self.assertFalse(changed[42:48, 18:30].any())          # and its edge to point 1
+        self.assertFalse(changed[3:8, 62:68].any())            # an undrawn detection's
