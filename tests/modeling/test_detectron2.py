@@ -19,6 +19,9 @@ from tests.modeling import detectron2_fixtures as fixtures
 C = 3   # foreground classes
 # Detectron2's ANCHOR_GENERATOR.ASPECT_RATIOS, heights over widths
 D2_RATIOS = (0.5, 1.0, 2.0)
+# The peer script that writes torchvision's models in Detectron2's layout.
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                           "benchmarks", "peers", "torchvision_maskrcnn_as_detectron2.py")
 
 
 def _relu(x):
@@ -571,9 +574,7 @@ class TorchvisionParityTest(tf.test.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         out = tempfile.mkdtemp()
-        cls.script = script = os.path.join(os.path.dirname(__file__), "..", "..",
-                                           "benchmarks", "peers",
-                                           "torchvision_maskrcnn_as_detectron2.py")
+        cls.script = script = PEER_SCRIPT
         subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
                         "--num_classes=6", f"--arch={cls.ARCH}"],
                        check=True, capture_output=True, timeout=600)
@@ -738,8 +739,7 @@ class TorchvisionKeypointParityTest(tf.test.TestCase):
         from mrcnn.modeling.roi_heads import BoxHead, KeypointHead, RoiHeads
         from mrcnn.modeling.rpn import RpnHead
         out = tempfile.mkdtemp()
-        script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "peers",
-                              "torchvision_maskrcnn_as_detectron2.py")
+        script = PEER_SCRIPT
         subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
                         "--num_classes=1", "--arch=keypoint"],
                        check=True, capture_output=True, timeout=600)
@@ -780,8 +780,7 @@ class TorchvisionKeypointParityTest(tf.test.TestCase):
                         "keypoint_predictor.kps_score_lowres.weight.detach().numpy())",
                         pth, os.path.join(out, "lowres.npy")],
                        check=True, capture_output=True, timeout=600)
-        script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "peers",
-                              "torchvision_maskrcnn_as_detectron2.py")
+        script = PEER_SCRIPT
         subprocess.run([python, script, f"--out={out}", f"--weights={pth}"],
                        check=True, capture_output=True, timeout=600)
         model = MaskRCNN(
