@@ -24,6 +24,20 @@ PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..
                            "benchmarks", "peers", "torchvision_maskrcnn_as_detectron2.py")
 
 
+def _torchvision_into(model, *args):
+    """Runs PEER_SCRIPT (random network, `args`) with MRCNN_TORCH_PYTHON, loads
+    its Detectron2 file into `model` (torchvision's RGB ImageNet input) and
+    returns its outputs.npz as a dict."""
+    out = tempfile.mkdtemp()
+    subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], PEER_SCRIPT, f"--out={out}", *args],
+                   check=True, capture_output=True, timeout=600)
+    d2.load_detectron2_weights(
+        model, path=os.path.join(out, "model_final.pkl"), source_format="RGB",
+        source_pixel_mean=resnet_lib.IMAGENET_MEAN, source_pixel_std=resnet_lib.IMAGENET_STD)
+    with np.load(os.path.join(out, "outputs.npz")) as o:
+        return dict(o)
+
+
 def _relu(x):
     return np.maximum(x, 0.0)
 
@@ -573,18 +587,9 @@ class TorchvisionParityTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        out = tempfile.mkdtemp()
-        cls.script = script = PEER_SCRIPT
-        subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
-                        "--num_classes=6", f"--arch={cls.ARCH}"],
-                       check=True, capture_output=True, timeout=600)
+        cls.script = PEER_SCRIPT
         cls.model = cls._model(6)
-        d2.load_detectron2_weights(
-            cls.model, path=os.path.join(out, "model_final.pkl"), source_format="RGB",
-            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
-            source_pixel_std=resnet_lib.IMAGENET_STD)
-        with np.load(os.path.join(out, "outputs.npz")) as o:
-            cls.theirs = dict(o)
+        cls.theirs = _torchvision_into(cls.model, "--num_classes=6", f"--arch={cls.ARCH}")
 
     @classmethod
     def _model(cls, num_classes, stock=False):
@@ -738,22 +743,12 @@ class TorchvisionKeypointParityTest(tf.test.TestCase):
         from mrcnn.modeling.mask_rcnn import MaskRCNN
         from mrcnn.modeling.roi_heads import BoxHead, KeypointHead, RoiHeads
         from mrcnn.modeling.rpn import RpnHead
-        out = tempfile.mkdtemp()
-        script = PEER_SCRIPT
-        subprocess.run([os.environ["MRCNN_TORCH_PYTHON"], script, f"--out={out}",
-                        "--num_classes=1", "--arch=keypoint"],
-                       check=True, capture_output=True, timeout=600)
         cls.model = MaskRCNN(
             backbone=resnet_lib.ResNet(depth=50, stride_in_1x1=False), fpn=FPN(),
             rpn_head=RpnHead(anchor_offset=0.0),
             roi_heads=RoiHeads(box_head=BoxHead(num_classes=1), mask_head=None,
                                keypoint_head=KeypointHead(num_keypoints=17)))
-        d2.load_detectron2_weights(
-            cls.model, path=os.path.join(out, "model_final.pkl"), source_format="RGB",
-            source_pixel_mean=resnet_lib.IMAGENET_MEAN,
-            source_pixel_std=resnet_lib.IMAGENET_STD)
-        with np.load(os.path.join(out, "outputs.npz")) as o:
-            cls.theirs = dict(o)
+        cls.theirs = _torchvision_into(cls.model, "--num_classes=1", "--arch=keypoint")
 
     def test_keypoint_head_matches(self):
         ours = self.model.roi_heads.keypoint_head(
