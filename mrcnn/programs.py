@@ -56,6 +56,7 @@ def _register_configurables():
     import mrcnn.evaluation.runner  # noqa: F401
     import mrcnn.modeling.detectron2  # noqa: F401
     import mrcnn.modeling.mask_rcnn  # noqa: F401
+    import mrcnn.modeling.retinanet  # noqa: F401
     import mrcnn.modeling.tta  # noqa: F401
     import mrcnn.training.initialization  # noqa: F401
     import mrcnn.training.optimization  # noqa: F401

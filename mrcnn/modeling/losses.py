@@ -1,4 +1,5 @@
-"""Mask R-CNN losses, each a float32 scalar, normalised as Detectron2 does.
+"""Mask R-CNN and RetinaNet losses, each a float32 scalar, normalised as
+Detectron2 does.
 
 Shape letters: `B` batch, `N` anchors (all levels), `K` sampled rois per
 image, `C` foreground classes, `Kp` rois of the mask head per image (the
@@ -66,10 +67,69 @@ def rpn_box_loss(deltas, box_targets, labels, num_samples, beta=0.0):
     Returns:
       float32 scalar.
     """
+    return _positive_box_sum(deltas, box_targets, labels, beta) / float(
+        num_samples * deltas.shape[0])
+
+
+def _positive_box_sum(deltas, box_targets, labels, beta):
+    """Sum of smooth L1 of `deltas` [B, N, 4] against `box_targets` over the
+    anchors with label 1."""
     positive = _f32(tf.equal(labels, 1))[..., None]  # [B, N, 1]
     diff = _f32(deltas) - tf.where(positive > 0, _f32(box_targets), 0.0)
-    loss = smooth_l1(diff, beta) * positive
-    return tf.reduce_sum(loss) / float(num_samples * deltas.shape[0])
+    return tf.reduce_sum(smooth_l1(diff, beta) * positive)
+
+
+def focal_loss(class_logits, classes, normalizer, alpha=0.25, gamma=2.0):
+    """Sigmoid focal loss over every anchor that is not ignored (RetinaNet §3).
+
+    Per anchor and class, with `p` the sigmoid of the logit and `t` 1 for
+    the anchor's gt class, else 0: `-alpha_t (1 - p_t)^gamma log(p_t)`,
+    `p_t = p` and `alpha_t = alpha` where `t = 1`, `1 - p` and `1 - alpha`
+    where `t = 0` (Detectron2's `sigmoid_focal_loss_jit`, fvcore). Summed,
+    then divided by `normalizer`.
+
+    Args:
+      class_logits: float [B, N, C], one logit per foreground class (no
+        background column).
+      classes: int32 [B, N], 1..C positive, 0 background, -1 ignored
+        (`ops.targets.AnchorTargets.classes`).
+      normalizer: float32 scalar, e.g. the positive anchors of the batch
+        (at least 1).
+      alpha: Python float in [0, 1], the weight of the positive term (0.25);
+        < 0 for no weighting.
+      gamma: Python float >= 0, the focusing exponent (2; 0 is plain
+        cross-entropy).
+
+    Returns:
+      float32 scalar.
+    """
+    logits = _f32(class_logits)
+    targets = tf.one_hot(classes - 1, logits.shape[-1], dtype=tf.float32)  # [B, N, C]
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
+    p = tf.sigmoid(logits)
+    p_t = p * targets + (1.0 - p) * (1.0 - targets)
+    loss = ce * tf.pow(1.0 - p_t, gamma) if gamma else ce
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+    counted = _f32(classes >= 0)[..., None]  # [B, N, 1]
+    return tf.reduce_sum(loss * counted) / _f32(normalizer)
+
+
+def dense_box_loss(deltas, box_targets, labels, normalizer, beta=0.1):
+    """Smooth L1 of every positive anchor's deltas, divided by `normalizer`
+    (RetinaNet's box loss; Detectron2's `SMOOTH_L1_LOSS_BETA = 0.1`).
+
+    Args:
+      deltas: float [B, N, 4] predicted (dy, dx, dh, dw).
+      box_targets: float32 [B, N, 4], `encode_boxes(matched gt, anchor)`.
+      labels: int32 [B, N]; only label 1 counts.
+      normalizer: float32 scalar, as `focal_loss`'s.
+      beta: Python float, smooth-L1 beta (0: L1).
+
+    Returns:
+      float32 scalar.
+    """
+    return _positive_box_sum(deltas, box_targets, labels, beta) / _f32(normalizer)
 
 
 def rcnn_class_loss(class_logits, classes, valid):

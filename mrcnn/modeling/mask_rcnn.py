@@ -30,12 +30,12 @@ scaling.
 """
 
 import gin
-import keras
 import tensorflow as tf
 
 from mrcnn.modeling._config import configurable_layer
 
 from mrcnn.modeling import losses as loss_lib
+from mrcnn.modeling.detector import Detector
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from mrcnn.modeling.roi_heads import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, BoxHead,
@@ -44,7 +44,7 @@ from mrcnn.modeling.rpn import RpnHead
 
 
 @configurable_layer
-class MaskRCNN(keras.Model):
+class MaskRCNN(Detector):
     """Backbone -> FPN -> RPN -> proposals -> RoI heads, from built parts.
 
     Args (keyword-only):
@@ -52,10 +52,7 @@ class MaskRCNN(keras.Model):
       fpn: a built `FPN` ({2..5: C_l} -> {2..6: P_l}).
       rpn_head: a built `RpnHead`.
       roi_heads: a built `RoiHeads`.
-      pixel_mean, pixel_std: 3 floats each, the RGB input normalisation on
-        the [0, 255] scale (Detectron2's MODEL.PIXEL_MEAN / PIXEL_STD);
-        ImageNet's by default, which `load_backbone_weights` adapts the
-        pretrained stem to.
+      pixel_mean, pixel_std: the input normalisation (`Detector`).
 
     `call(batch, training=True)` returns the losses dict {rpn_objectness,
     rpn_box, rcnn_class, rcnn_box, mask} of float32 scalars (a cascade has
@@ -69,12 +66,7 @@ class MaskRCNN(keras.Model):
 
     def __init__(self, *, backbone, fpn, rpn_head, roi_heads,
                  pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, **kwargs):
-        super().__init__(**kwargs)
-        if len(pixel_mean) != 3 or len(pixel_std) != 3 or min(pixel_std) <= 0:
-            raise ValueError(f"MaskRCNN: pixel_mean={pixel_mean} and pixel_std="
-                             f"{pixel_std} need 3 RGB values each, std > 0")
-        self.pixel_mean = tuple(float(m) for m in pixel_mean)
-        self.pixel_std = tuple(float(v) for v in pixel_std)
+        super().__init__(pixel_mean=pixel_mean, pixel_std=pixel_std, **kwargs)
         if fpn.min_level != rpn_head.min_level or fpn.max_level != rpn_head.max_level:
             raise ValueError(
                 f"MaskRCNN: fpn levels {fpn.min_level}..{fpn.max_level} != "
@@ -85,8 +77,6 @@ class MaskRCNN(keras.Model):
                 f"MaskRCNN: roi_heads levels {roi_heads.min_level}.."
                 f"{roi_heads.max_level} outside fpn levels "
                 f"{fpn.min_level}..{fpn.max_level}")
-        # Keep gt boxes and image_info float32 under mixed precision.
-        self._convert_input_args = False
         self.backbone = backbone
         self.fpn = fpn
         self.rpn_head = rpn_head
@@ -112,51 +102,9 @@ class MaskRCNN(keras.Model):
         """C, foreground classes of the box head (contiguous ids 1..C)."""
         return self.roi_heads.box_head.num_classes
 
-    def build_canvas(self, canvas_size=None):
-        """(H, W) to build the variables on: `canvas_size` capped at two cells
-        of the coarsest level (128 x 128 with P6) per side. The variables do
-        not depend on the canvas, and an eager call of the R50 recipe at
-        832 x 1344 took 10.4 s on a 2-core CPU against 5.3 s at 128 x 128.
-
-        Args:
-          canvas_size: optional (H, W), the canvas the model will run on.
-        """
-        side = 2 * 2 ** self.fpn.max_level
-        if canvas_size is None:
-            return (side, side)
-        return tuple(min(int(c), side) for c in canvas_size)
-
-    def build(self, batch_shape):
-        # Parts build on their first call; nothing to create here.
-        self.built = True
-
-    def normalize_images(self, images, image_info):
-        """The backbone's input: normalised pixels, zero outside each image.
-
-        On the device rather than in the input pipeline, so that the host
-        pads, batches and copies uint8 (Detectron2 normalises on the GPU too).
-
-        Args:
-          images: uint8 or float [B, H, W, 3] RGB pixels in [0, 255].
-          image_info: float32 [B, 5]; columns 2, 3 the resized height, width.
-
-        Returns:
-          float32 [B, H, W, 3].
-        """
-        x = ((tf.cast(images, tf.float32) - tf.constant(self.pixel_mean, tf.float32))
-             / tf.constant(self.pixel_std, tf.float32))
-        h, w = images.shape[1], images.shape[2]
-        rows = tf.range(h, dtype=tf.float32)[None, :] < image_info[:, 2:3]   # [B, H]
-        cols = tf.range(w, dtype=tf.float32)[None, :] < image_info[:, 3:4]   # [B, W]
-        inside = rows[:, :, None, None] & cols[:, None, :, None]
-        return tf.where(inside, x, tf.zeros_like(x))
-
     def _first_stage(self, batch, training):
         images = batch["images"]
-        canvas = (images.shape[1], images.shape[2])
-        if canvas[0] % 2 ** self.fpn.max_level or canvas[1] % 2 ** self.fpn.max_level:
-            raise ValueError(f"MaskRCNN: canvas {canvas} must be a multiple of "
-                             f"2**max_level = {2 ** self.fpn.max_level}")
+        canvas = self.canvas(images)
         image_info = tf.cast(batch["image_info"], tf.float32)
         images = self.normalize_images(images, image_info)
         # training explicit: Keras drops an outer call's on a first, building call.
@@ -221,14 +169,6 @@ class MaskRCNN(keras.Model):
         losses["mask"] = self.roi_heads.mask_loss(features, rois, batch["gt_masks"],
                                                   gt_boxes)
         return losses
-
-    def compute_losses(self, batch):
-        """The losses dict of `call(batch, training=True)`: float32 scalars."""
-        return self(batch, training=True)
-
-    def detect(self, batch):
-        """The detections dict of `call(batch, training=False)`."""
-        return self(batch, training=False)
 
 
 @gin.configurable

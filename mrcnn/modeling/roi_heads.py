@@ -25,6 +25,7 @@ from mrcnn.modeling import losses as loss_lib
 from mrcnn.modeling import norms as norm_lib
 from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_layer
 from mrcnn.modeling._xla import compiled, in_xla_context
+from mrcnn.modeling.detector import to_original_pixels
 
 from mrcnn.ops import boxes as box_ops
 from mrcnn.ops import keypoints as keypoint_ops
@@ -800,9 +801,7 @@ class RoiHeads(BuiltByParts, keras.layers.Layer):
         boxes, scores, classes, num_valid = self.detect_boxes(
             features, proposals, proposal_valid, image_info)
         slot_valid = tf.range(self.max_detections)[None, :] < num_valid[:, None]
-        # 5.
-        scale = image_info[:, 4][:, None, None]
-        original = box_ops.clip_boxes(boxes / scale, image_info[:, 0:2])
+        original = to_original_pixels(boxes, image_info)  # 5.
         detections = {
             "detection_boxes": tf.where(slot_valid[..., None], original, 0.0),
             "detection_scores": scores,

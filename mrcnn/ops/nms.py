@@ -280,7 +280,7 @@ def _compact(candidate, width):
 
 
 def _nms_indices(boxes, scores, max_output_size, iou_threshold,
-                 score_threshold, valid, max_candidates=None):
+                 score_threshold, valid, max_candidates=None, groups=None):
     """Indices and counts of greedy NMS; see `batched_nms`.
 
     With `max_candidates` P < N, rows are first compacted to their first P
@@ -302,7 +302,7 @@ def _nms_indices(boxes, scores, max_output_size, iou_threshold,
 
     def full():
         return _greedy_nms(boxes, scores, candidate, max_output_size,
-                           iou_threshold)
+                           iou_threshold, groups=groups)
 
     if max_candidates is None or max_candidates >= num_boxes:
         return full()
@@ -312,7 +312,8 @@ def _nms_indices(boxes, scores, max_output_size, iou_threshold,
         kept, num_valid = _greedy_nms(
             tf.gather(boxes, index, batch_dims=1),  # [B, P, 4]
             tf.gather(scores, index, batch_dims=1),  # [B, P]
-            index_valid, max_output_size, iou_threshold)
+            index_valid, max_output_size, iou_threshold,
+            groups=None if groups is None else tf.gather(groups, index, batch_dims=1))
         indices = tf.gather(index, tf.maximum(kept, 0), batch_dims=1)
         return tf.where(kept >= 0, indices, -1), num_valid  # [B, K]
 
@@ -331,7 +332,7 @@ def _gather_padded(values, indices):
 
 @scoped
 def batched_nms(boxes, scores, max_output_size, iou_threshold=0.5,
-                score_threshold=float("-inf"), valid=None):
+                score_threshold=float("-inf"), valid=None, groups=None):
     """Greedy NMS of every image of a batch at once.
 
     Equal to `tf.image.non_max_suppression` run on each image (see the
@@ -350,6 +351,12 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold=0.5,
       score_threshold: Python float; only `score > score_threshold` are
         candidates. -inf (all boxes) by default, as `tf.image`.
       valid: optional bool [B, N]; False entries are never selected.
+      groups: optional int [B, N] (a keyword beyond the contract): boxes of
+        different groups never suppress each other, so one call is greedy
+        NMS run per image and group, merged in score order (Detectron2's and
+        torchvision's `batched_nms(boxes, scores, idxs)`; RetinaNet's
+        per-class NMS). Exact, with no coordinate offsets to lose float32
+        precision to.
 
     Returns:
       NmsResult:
@@ -362,9 +369,11 @@ def batched_nms(boxes, scores, max_output_size, iou_threshold=0.5,
     _check_args(iou_threshold, max_output_size=max_output_size)
     boxes = tf.convert_to_tensor(boxes)
     scores = tf.convert_to_tensor(scores)
+    if groups is not None:
+        groups = tf.cast(groups, tf.int32)
     indices, num_valid = _nms_indices(
         boxes, scores, max_output_size, float(iou_threshold),
-        float(score_threshold), valid)
+        float(score_threshold), valid, groups=groups)
     return NmsResult(indices, _gather_padded(boxes, indices),
                      _gather_padded(scores, indices), num_valid)
 

@@ -1,4 +1,5 @@
-"""Training targets: box-to-gt matching, balanced sampling, RPN and RoI targets.
+"""Training targets: box-to-gt matching, balanced sampling, RPN, RoI and
+dense-detector (RetinaNet) anchor targets.
 
 Shape letters: `B` batch, `N` boxes to label (anchors or candidate rois),
 `M` gt boxes (padded, with `gt_valid`), `P` proposals, `S` sampled rois per
@@ -55,6 +56,20 @@ Fields:
     anchor, weights)`; 0 where `labels != 1`.
   matched_index: int32 [B, N], the gt index `match_boxes` gives (also for
     unsampled anchors); -1 in images with no valid gt.
+"""
+
+AnchorTargets = collections.namedtuple(
+    "AnchorTargets", ["labels", "classes", "box_targets", "matched_index"])
+AnchorTargets.__doc__ = """Targets of a dense (one-stage) detector for every anchor.
+
+Fields:
+  labels: int32 [B, N]; 1 positive, 0 negative (background), -1 ignored.
+  classes: int32 [B, N], the matched gt class (1..C) where `labels == 1`,
+    0 where `labels == 0`, -1 where ignored.
+  box_targets: float32 [B, N, 4] (dy, dx, dh, dw), `encode_boxes(matched gt,
+    anchor, weights)` where `labels == 1`, 0 elsewhere.
+  matched_index: int32 [B, N], the gt index `match_boxes` gives; -1 in
+    images with no valid gt.
 """
 
 ProposalTargets = collections.namedtuple(
@@ -363,6 +378,49 @@ def rpn_targets(anchors, gt_boxes, gt_valid, positive_iou=0.7,
     return RpnTargets(labels=labels,
                       box_targets=tf.stop_gradient(box_targets),
                       matched_index=matched)
+
+
+@scoped
+def anchor_targets(anchors, gt_boxes, gt_classes, gt_valid, positive_iou=0.5,
+                   negative_iou=0.4, weights=(1.0, 1.0, 1.0, 1.0),
+                   allow_low_quality=True):
+    """Class, box and label targets of every anchor, none sampled away.
+
+    The targets of a one-stage detector (RetinaNet, Lin et al. 2017 §4:
+    IoU >= 0.5 foreground, < 0.4 background, in between ignored; Detectron2's
+    `RETINANET.IOU_THRESHOLDS = [0.4, 0.5]` with low-quality matches on).
+    Every anchor keeps its label: a focal loss weighs the easy negatives
+    down instead of sampling them out.
+
+    Args:
+      anchors: float [N, 4] (y1, x1, y2, x2), all levels concatenated in
+        ascending level order; or [B, N, 4].
+      gt_boxes: float [B, M, 4] (y1, x1, y2, x2); padded slots any value.
+      gt_classes: int [B, M], 1..C; padded slots any value.
+      gt_valid: bool [B, M], False in padded slots.
+      positive_iou, negative_iou: Python floats, `match_boxes` thresholds.
+      weights: (wy, wx, wh, ww) of `encode_boxes`; (1, 1, 1, 1) in RetinaNet.
+      allow_low_quality: Python bool, see `match_boxes`.
+
+    Returns:
+      AnchorTargets(labels int32 [B, N], classes int32 [B, N], box_targets
+      float32 [B, N, 4], matched_index int32 [B, N]); see `AnchorTargets`.
+    """
+    anchors = tf.cast(anchors, tf.float32)
+    gt_boxes, gt_valid, gt_classes = _pad_empty_gt(
+        tf.cast(gt_boxes, tf.float32), tf.cast(gt_valid, tf.bool),
+        tf.cast(gt_classes, tf.int32))
+    matched, labels = match_boxes(anchors, gt_boxes, gt_valid, positive_iou,
+                                  negative_iou, allow_low_quality)
+    positive = tf.equal(labels, 1)
+    matched_class = tf.gather(gt_classes, tf.maximum(matched, 0), batch_dims=1)
+    classes = tf.where(positive, matched_class, tf.where(tf.equal(labels, 0), 0, -1))
+    if anchors.shape.rank == 2:
+        anchors = anchors[None]  # [1, N, 4], broadcast against [B, N, 4]
+    box_targets = _encode_matched(gt_boxes, matched, anchors, positive, weights)
+    return AnchorTargets(labels=labels, classes=classes,
+                         box_targets=tf.stop_gradient(box_targets),
+                         matched_index=matched)
 
 
 @scoped

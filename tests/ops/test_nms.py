@@ -32,8 +32,9 @@ def _np_iou(a, b):
 
 
 def _np_nms(boxes, scores, k, iou_threshold, score_threshold=-np.inf,
-            valid=None):
-    """Greedy NMS of one image: list of kept indices in kept order."""
+            valid=None, groups=None):
+    """Greedy NMS of one image: list of kept indices in kept order; with
+    `groups`, a kept box suppresses only boxes of its own group."""
     boxes = np.asarray(boxes, np.float64)
     scores = np.asarray(scores, np.float64)
     threshold = np.float64(np.float32(score_threshold))
@@ -44,13 +45,14 @@ def _np_nms(boxes, scores, k, iou_threshold, score_threshold=-np.inf,
     for i in candidates:
         if len(keep) == k:
             break
-        if all(_np_iou(boxes[i], boxes[j]) <= iou_threshold for j in keep):
+        if all(_np_iou(boxes[i], boxes[j]) <= iou_threshold for j in keep
+               if groups is None or groups[i] == groups[j]):
             keep.append(i)
     return keep
 
 
 def _np_batched_nms(boxes, scores, k, iou_threshold,
-                    score_threshold=-np.inf, valid=None):
+                    score_threshold=-np.inf, valid=None, groups=None):
     """Reference NmsResult as numpy arrays (indices, boxes, scores, count)."""
     batch = boxes.shape[0]
     indices = np.full([batch, k], -1, np.int64)
@@ -59,7 +61,8 @@ def _np_batched_nms(boxes, scores, k, iou_threshold,
     num_valid = np.zeros([batch], np.int64)
     for b in range(batch):
         keep = _np_nms(boxes[b], scores[b], k, iou_threshold, score_threshold,
-                       None if valid is None else valid[b])
+                       None if valid is None else valid[b],
+                       None if groups is None else groups[b])
         num_valid[b] = len(keep)
         indices[b, :len(keep)] = keep
         out_boxes[b, :len(keep)] = boxes[b][keep]
@@ -130,9 +133,9 @@ class BatchedNmsTest(tf.test.TestCase, parameterized.TestCase):
 
     def _assert_matches_reference(self, result, boxes, scores, k,
                                   iou_threshold, score_threshold=-np.inf,
-                                  valid=None):
+                                  valid=None, groups=None):
         indices, ref_boxes, ref_scores, num_valid = _np_batched_nms(
-            boxes, scores, k, iou_threshold, score_threshold, valid)
+            boxes, scores, k, iou_threshold, score_threshold, valid, groups)
         self.assertAllEqual(result.num_valid, num_valid)
         self.assertAllEqual(result.indices, indices)
         # Gathered values are copied, not computed: exact equality.
@@ -175,6 +178,26 @@ class BatchedNmsTest(tf.test.TestCase, parameterized.TestCase):
                            iou_threshold, score_threshold)
         self._assert_matches_reference(result, boxes, scores, k,
                                        iou_threshold, score_threshold)
+
+    @parameterized.named_parameters(
+        ("k50", 50, -np.inf),
+        ("k400_threshold", 400, 0.3),
+    )
+    def test_groups_suppress_only_within_their_group(self, k, score_threshold):
+        # Clustered boxes in 4 groups (RetinaNet's per-class NMS), with ties.
+        rng = np.random.default_rng(7)
+        boxes = _random_boxes(rng, (2, 300), clustered=True)
+        scores = np.round(rng.uniform(size=(2, 300)), 2).astype(np.float32)
+        groups = rng.integers(0, 4, size=(2, 300)).astype(np.int32)
+        result = self._run(tf.constant(boxes), tf.constant(scores), k, 0.5,
+                           score_threshold, groups=tf.constant(groups))
+        self._assert_matches_reference(result, boxes, scores, k, 0.5,
+                                       score_threshold, groups=groups)
+        # Identical boxes of two groups both survive; of one group, one does.
+        same = tf.constant([[[0., 0., 10., 10.]] * 3])
+        kept = self._run(same, tf.constant([[0.9, 0.8, 0.7]]), 3, 0.5,
+                         groups=tf.constant([[0, 1, 0]]))
+        self.assertAllEqual(kept.indices, [[0, 1, -1]])
 
     def test_matches_tf_image_nms(self):
         rng = np.random.default_rng(2)

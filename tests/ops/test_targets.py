@@ -447,6 +447,74 @@ class RpnTargetsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(np.all(np.isfinite(half.box_targets.numpy())))
 
 
+class AnchorTargetsTest(tf.test.TestCase):
+    """RetinaNet's targets: every anchor labelled (IoU 0.5 / 0.4), none sampled."""
+
+    def _data(self):
+        anchors = anchor_ops.multilevel_anchors(
+            (64, 64), min_level=3, max_level=5, sizes=(16, 32, 64),
+            scales_per_octave=3)
+        anchors = tf.concat([anchors[l] for l in (3, 4, 5)], 0).numpy()
+        rng = np.random.default_rng(5)
+        gt = _random_boxes(rng, (3, 5), lo=10, hi=48)
+        gt[0, 0] = anchors[7] + [1, -1, 1, 2]  # a close match
+        gt[1, 1] = [70, 70, 90, 90]  # outside the image: low-quality only
+        gt[1, 2] = [20, 20, 20, 30]  # empty: never matched
+        valid = np.ones((3, 5), bool)
+        valid[0, 4] = False
+        valid[2] = False  # image without gt
+        classes = rng.integers(1, 5, size=(3, 5)).astype(np.int32)
+        return anchors, gt, classes, valid
+
+    def _check(self, out, anchors, gt, classes, valid, pos_iou, neg_iou, low_quality):
+        ref_idx, ref_lab = _ref_match(anchors, gt, valid, pos_iou, neg_iou, low_quality)
+        self.assertAllEqual(out.matched_index, ref_idx)
+        self.assertAllEqual(out.labels, ref_lab)
+        for b in range(len(gt)):
+            for i in range(len(anchors)):
+                label = ref_lab[b, i]
+                want = classes[b, ref_idx[b, i]] if label == 1 else label  # 0 or -1
+                self.assertEqual(out.classes[b, i], want, msg=(b, i))
+                if label == 1:
+                    ref = _ref_encode(gt[b, ref_idx[b, i]].astype(np.float64),
+                                      anchors[i].astype(np.float64), (1, 1, 1, 1))
+                    self.assertAllClose(out.box_targets[b, i], ref, atol=1e-5)
+                else:
+                    self.assertAllEqual(out.box_targets[b, i], np.zeros(4))
+
+    def test_against_reference_eager_and_xla(self):
+        anchors, gt, classes, valid = self._data()
+        out = targets.anchor_targets(anchors, gt, classes, valid)
+        self.assertIsInstance(out, targets.AnchorTargets)
+        self.assertEqual(out.classes.dtype, tf.int32)
+        self._check(out, anchors, gt, classes, valid, 0.5, 0.4, True)
+        labels = out.labels.numpy()
+        self.assertGreater(np.sum(labels == -1), 0)  # the 0.4-0.5 band is ignored
+        self.assertGreater(np.sum(labels[1] == 1), 0)
+        self.assertAllEqual(labels[2], np.zeros(len(anchors)))  # no gt: background
+        xla = _jit(targets.anchor_targets)(anchors, gt, classes, valid)
+        for name, a, b in zip(out._fields, out, xla):
+            self.assertAllClose(a, b, atol=1e-6, msg=name)
+
+    def test_other_thresholds_and_no_low_quality(self):
+        anchors, gt, classes, valid = self._data()
+        out = targets.anchor_targets(anchors, gt, classes, valid, positive_iou=0.6,
+                                     negative_iou=0.3, allow_low_quality=False)
+        self._check(out, anchors, gt, classes, valid, 0.6, 0.3, False)
+
+    def test_zero_gt_slots_and_fp16(self):
+        anchors, gt, classes, valid = self._data()
+        out = targets.anchor_targets(anchors, np.zeros((2, 0, 4), np.float32),
+                                     np.zeros((2, 0), np.int32), np.zeros((2, 0), bool))
+        self.assertAllEqual(out.labels, np.zeros((2, len(anchors))))
+        self.assertAllEqual(out.classes, np.zeros((2, len(anchors))))
+        self.assertAllEqual(out.matched_index, -np.ones((2, len(anchors))))
+        half = targets.anchor_targets(tf.constant(anchors, tf.float16),
+                                      tf.constant(gt, tf.float16), classes, valid)
+        self.assertEqual(half.box_targets.dtype, tf.float32)
+        self.assertTrue(np.all(np.isfinite(half.box_targets.numpy())))
+
+
 class SampleProposalsTest(tf.test.TestCase, parameterized.TestCase):
 
     def _data(self):
