@@ -434,7 +434,7 @@ def _raise_score_threshold(model, threshold):
     The model keeps `score > t` in float32; `t` is the float32 just under
     `threshold`'s.
     """
-    heads = getattr(model, "roi_heads", None)
+    heads = getattr(model, "roi_heads", model)   # RetinaNet holds its own
     current = getattr(heads, "score_threshold", None)
     if current is None or threshold <= current:
         return

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from mrcnn.modeling import losses as loss_lib
+from mrcnn.modeling import norms as norm_lib
 from mrcnn.modeling._config import BuiltByParts, checkpointed, configurable_layer
 from mrcnn.modeling._xla import compiled
 from mrcnn.modeling.detector import Detector, to_original_pixels
@@ -50,6 +51,10 @@ class RetinaNetHead(BuiltByParts, keras.layers.Layer):
       num_convs: int, convs per tower (4).
       num_anchors: int, A (9: 3 scales x 3 aspect ratios).
       prior_prob: float in (0, 1), the initial foreground probability (0.01).
+      norm: None (default) or 'gn': GroupNorm after each tower conv, before
+        its relu, shared by the levels (Detectron2 `RETINANET.NORM = "GN"`,
+        whose convs keep their biases). Batch norms are not offered: one
+        set of statistics would mix five levels' features.
 
     Call:
       features: {l: [B, H_l, W_l, F]} for the levels with anchors.
@@ -61,7 +66,7 @@ class RetinaNetHead(BuiltByParts, keras.layers.Layer):
     """
 
     def __init__(self, *, num_classes=80, channels=256, num_convs=4, num_anchors=9,
-                 prior_prob=0.01, **kwargs):
+                 prior_prob=0.01, norm=None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"RetinaNetHead: prior_prob={prior_prob} must be in (0, 1)")
@@ -73,16 +78,22 @@ class RetinaNetHead(BuiltByParts, keras.layers.Layer):
         self.num_convs = int(num_convs)
         self.num_anchors = int(num_anchors)
         self.prior_prob = float(prior_prob)
+        self.norm = norm_lib.check(norm, "RetinaNetHead", allowed=("gn",))
         init = keras.initializers.RandomNormal(stddev=0.01)
 
         def tower(prefix):
-            return checkpointed(self, [
-                keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
+            convs = checkpointed(self, [
+                keras.layers.Conv2D(self.channels, 3, padding="same",
+                                    activation=None if self.norm else "relu",
                                     kernel_initializer=init, name=f"{prefix}_conv{i + 1}")
                 for i in range(self.num_convs)])
+            norms = (checkpointed(self, [
+                norm_lib.make_norm(self.norm, f"{prefix}_conv{i + 1}_norm", self.channels)
+                for i in range(self.num_convs)]) if self.norm else [None] * self.num_convs)
+            return convs, norms
 
-        self.class_convs = tower("class")
-        self.box_convs = tower("box")
+        self.class_convs, self.class_norms = tower("class")
+        self.box_convs, self.box_norms = tower("box")
         self.class_logits = keras.layers.Conv2D(
             self.num_anchors * self.num_classes, 3, padding="same", kernel_initializer=init,
             bias_initializer=keras.initializers.Constant(
@@ -93,19 +104,20 @@ class RetinaNetHead(BuiltByParts, keras.layers.Layer):
             name="box_deltas")
 
     def call(self, features):
+        def run(convs, norms, x):
+            for conv, norm in zip(convs, norms):
+                x = conv(x) if norm is None else tf.nn.relu(norm(conv(x)))
+            return x
+
         class_logits, deltas = {}, {}
         for level, x in sorted(features.items()):
             batch, height, width, _ = x.shape
             cells = height * width * self.num_anchors
-            y = x
-            for conv in self.class_convs:
-                y = conv(y)
+            y = run(self.class_convs, self.class_norms, x)
             # Channel a * C + c is anchor a, class c: rows (i, j, a), columns c.
             class_logits[level] = tf.reshape(
                 tf.cast(self.class_logits(y), tf.float32), [batch, cells, self.num_classes])
-            y = x
-            for conv in self.box_convs:
-                y = conv(y)
+            y = run(self.box_convs, self.box_norms, x)
             deltas[level] = tf.reshape(tf.cast(self.box_deltas(y), tf.float32),
                                        [batch, cells, 4])
         return class_logits, deltas
@@ -113,7 +125,8 @@ class RetinaNetHead(BuiltByParts, keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
                 "channels": self.channels, "num_convs": self.num_convs,
-                "num_anchors": self.num_anchors, "prior_prob": self.prior_prob}
+                "num_anchors": self.num_anchors, "prior_prob": self.prior_prob,
+                "norm": self.norm}
 
 
 @configurable_layer
@@ -296,20 +309,22 @@ class RetinaNet(Detector):
 def build_retinanet(*, num_classes=80, depth=50, width=64, norm="frozen_bn", freeze_at=2,
                     fpn_channels=256, head_convs=4, anchor_sizes=(32, 64, 128, 256, 512),
                     topk_candidates=1000, max_detections=100, top_block_input="c5",
+                    head_norm=None,
                     pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
     """Builds `RetinaNet` from primitives, without gin (tests, small configs).
 
     Defaults are Detectron2's `retinanet_R_50_FPN_1x`: ResNet-50, FPN P3-P7
     with P6 and P7 by strided convs from C5, four-conv towers of 256.
     Smaller values (depth=18, fpn_channels=64, head_convs=2) give a model
-    that trains in seconds per step on a CPU.
+    that trains in seconds per step on a CPU; `head_norm` is
+    `RetinaNetHead.norm`.
     """
     # Parts in model order: the order they are made in draws the initial weights.
     backbone = ResNet(depth=depth, width=width, norm=norm, freeze_at=freeze_at)
     fpn = FPN(channels=fpn_channels, min_level=3, max_level=7, top_block="p6p7",
               top_block_input=top_block_input)
     head = RetinaNetHead(num_classes=num_classes, channels=fpn_channels,
-                         num_convs=head_convs)
+                         num_convs=head_convs, norm=head_norm)
     return RetinaNet(backbone=backbone, fpn=fpn, head=head, anchor_sizes=anchor_sizes,
                      topk_candidates=topk_candidates, max_detections=max_detections,
                      pixel_mean=pixel_mean, pixel_std=pixel_std)

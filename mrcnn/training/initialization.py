@@ -15,7 +15,8 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-MODULES = ("backbone", "fpn", "rpn_head", "roi_heads")
+# MaskRCNN's parts, then RetinaNet's head.
+MODULES = ("backbone", "fpn", "rpn_head", "roi_heads", "head")
 
 
 def find_checkpoint(path):
@@ -80,15 +81,17 @@ def _resolve(obj, path):
 
 
 @gin.configurable(denylist=["model"])
-def init_from_checkpoint(model, *, path=gin.REQUIRED, modules=MODULES,
+def init_from_checkpoint(model, *, path=gin.REQUIRED, modules=None,
                          root_name="model"):
     """Loads a trained run's weights into `model`, a fresh start's `train.init_fn`.
 
     Args:
-      model: the built keras.Model (MaskRCNN) to initialise.
+      model: the built keras.Model (MaskRCNN, RetinaNet) to initialise.
       path: str, a checkpoint (`DIR/ckpt-N`) or a run directory (its latest).
       modules: the model's top-level parts to load, of `MODULES`; e.g.
-        ('backbone', 'fpn') keeps fresh RPN and RoI heads.
+        ('backbone', 'fpn') keeps fresh RPN and RoI heads (or starts a
+        RetinaNet from a Mask R-CNN run); None (default): every part the
+        model has.
       root_name: the model's name in the checkpoint (`train` saves it as
         'model').
 
@@ -101,10 +104,12 @@ def init_from_checkpoint(model, *, path=gin.REQUIRED, modules=MODULES,
       ValueError: an unknown module, or not one variable of `modules` found
         in the checkpoint (another kind of file or model).
     """
-    unknown = set(modules) - set(MODULES)
+    present = [m for m in MODULES if hasattr(model, m)]
+    modules = present if modules is None else tuple(modules)
+    unknown = set(modules) - set(present)
     if unknown:
         raise ValueError(f"init_from_checkpoint: unknown modules {sorted(unknown)}; "
-                         f"choose from {MODULES}")
+                         f"this {type(model).__name__} has {tuple(present)}")
     path = _checkpoint_path(path)
     reader = tf.train.load_checkpoint(path)
     keys = _variable_keys(reader, root_name)

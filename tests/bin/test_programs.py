@@ -496,6 +496,50 @@ def test_box_and_keypoint_train_eval_predict_export(run, tmp_path):
         assert "detection_keypoints" in outputs, outputs
 
 
+def test_retinanet_train_eval_predict_export(run, tmp_path):
+    """RetinaNet (gin/shapes_retinanet_demo.gin) through the programs: its
+    training starts from the Mask R-CNN run's backbone and FPN and evaluates
+    its last checkpoint; box AP only, and no masks in any output."""
+    bindings = TINY + [f"DATA_DIR = '{run['data']}'", "CANVAS = (128, 128)",
+                       "RetinaNetHead.num_convs = 1", "RetinaNet.topk_candidates = 50",
+                       "RetinaNet.max_detections = 10"]
+    programs = {"gin_file": "gin/shapes_retinanet_demo.gin"}
+    model_dir = tmp_path / "run"
+    proc = _run("train", f"--model_dir={model_dir}", **programs, bindings=bindings + [
+        "train.total_steps = 2", "train.eval_fn = @evaluate",
+        "train.init_fn = @init_from_checkpoint", f"init_from_checkpoint.path = '{run['model_dir']}'",
+        "init_from_checkpoint.modules = ('backbone', 'fpn')"])
+    assert f"of backbone, fpn from {run['model_dir']}/ckpt-{STEPS}" in proc.stderr, \
+        proc.stderr[-2000:]
+    # P6 and P7 are RetinaNet's own; P2's lateral is Mask R-CNN's alone.
+    kept = re.search(r"Kept \d+ variables fresh, the checkpoint does not hold them:\n"
+                     r"((?:  .*\n)+)", proc.stderr)
+    assert kept and {line.strip().split("/")[2] for line in kept.group(1).splitlines()} == {
+        "p6", "p7"}, proc.stderr[-2000:]
+    assert " retinanet_class " in proc.stderr and " retinanet_box " in proc.stderr
+    metrics = json.loads((model_dir / "eval" / "metrics-2.json").read_text())
+    assert "bbox" in metrics and "segm" not in metrics and metrics["num_images"] == 6
+    out = tmp_path / "pictures"
+    _run("predict", f"--model_dir={model_dir}", f"--out_dir={out}", "--max_images=2",
+         str(run["data"] / "val2017"), **programs,
+         # Two steps leave every score near the 0.01 prior, under 0.05.
+         bindings=bindings + ["RetinaNet.score_threshold = 0.0",
+                              "predict.score_threshold = 0.0"])
+    images = json.loads((out / "detections.json").read_text())["images"]
+    assert len(images) == 2 and all(
+        e["detections"] and "segmentation" not in e["detections"][0] for e in images)
+    assert all((out / e["picture"]).exists() for e in images), images[0]
+    export_dir = tmp_path / "saved_model"
+    _run("export", f"--model_dir={model_dir}", f"--export_dir={export_dir}",
+         bindings=bindings, **programs)
+    from tensorflow.core.protobuf import saved_model_pb2
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((export_dir / "saved_model.pb").read_bytes())
+    outputs = set(saved.meta_graphs[0].signature_def["serve_images"].outputs)
+    assert {"detection_boxes", "detection_scores", "detection_classes",
+            "num_detections"} <= outputs and "detection_masks" not in outputs, outputs
+
+
 @pytest.mark.slow   # 16 s; the batches it draws are the pipeline's, tested in CI
 def test_visualize_data_draws_the_training_batches(run, tmp_path):
     plain, jittered = tmp_path / "plain", tmp_path / "jittered"

@@ -109,9 +109,24 @@ class RetinaNetHeadTest(tf.test.TestCase):
         raw = head.class_logits(x).numpy()  # [1, 2, 3, 6]
         self.assertAllClose(logits[3][0, (1 * 3 + 2) * 3 + 1], raw[0, 1, 2, 2:4])
 
+    def test_group_norm_towers(self):
+        head = RetinaNetHead(num_classes=2, channels=32, num_convs=2, norm="gn")
+        logits, deltas = head({3: tf.random.normal([2, 4, 4, 32])})
+        self.assertEqual(logits[3].shape, (2, 4 * 4 * 9, 2))
+        paths = [v.path for v in head.trainable_variables]
+        self.assertLen(paths, 2 * 2 * 4 + 2 * 2)  # conv kernel, bias, GN gamma, beta
+        self.assertIn("retina_net_head_", paths[0])
+        self.assertTrue(any("class_conv2_norm" in p for p in paths))
+        # relu(GN(conv)): each tower's output is non-negative, GN-normalised.
+        x = tf.random.normal([1, 4, 4, 32])
+        y = head.class_norms[0](head.class_convs[0](x))
+        self.assertAllClose(tf.reduce_mean(y), 0.0, atol=1e-4)
+
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "prior_prob"):
             RetinaNetHead(prior_prob=1.0)
+        with self.assertRaisesRegex(ValueError, "norm"):
+            RetinaNetHead(norm="bn")
 
 
 class FpnTopBlockTest(tf.test.TestCase):
