@@ -21,10 +21,12 @@ FEW_PROPOSALS = ["RpnHead.post_nms_topk_test = 50"]
 def parsed():
     def parse(path):
         programs.parse_gin_files([os.path.join(GIN, path)], FEW_PROPOSALS, finalize=False)
-        from mrcnn.modeling.mask_rcnn import MaskRCNN
-        model = MaskRCNN()
-        model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
-               "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])}, training=False)
+        # The model the recipe trains (MaskRCNN or RetinaNet), on its smallest canvas.
+        model = gin.query_parameter("train.model_fn").scoped_configurable_fn()
+        side = 2 ** model.fpn.max_level
+        model({"images": tf.zeros([1, side, side, 3], tf.uint8),
+               "image_info": tf.constant([[side, side, side, side, 1.0]], tf.float32)},
+              training=False)
         return model
     yield parse
     gin.clear_config()
@@ -230,3 +232,29 @@ def test_torchvision_keypoint_r50_fpn(parsed):
     assert model.num_keypoints == 17 and model.num_classes == 1 and not model.has_masks
     assert not model.backbone.stride_in_1x1 and model.rpn_head.round_anchors
     assert not model.roi_heads.aligned
+
+
+def test_retinanet_r50_fpn_1x(parsed):
+    model = parsed("retinanet_r50_fpn_1x.gin")
+    assert type(model).__name__ == "RetinaNet" and model.num_classes == 80
+    assert (model.fpn.min_level, model.fpn.max_level, model.fpn.top_block) == (3, 7, "p6p7")
+    assert model.head.num_anchors == 9 and model.head.num_convs == 4
+    assert model.backbone.depth == 50 and not model.has_masks
+    assert gin.query_parameter("build_optimizer.base_learning_rate") == 0.01
+    assert gin.query_parameter("%SIZE_DIVISOR") == 128
+    assert gin.query_parameter("%CANVAS") == (1408, 1408)
+    for program in ("evaluate", "predict", "export_saved_model"):
+        assert gin.query_parameter(f"{program}.model_fn").selector == "RetinaNet"
+
+
+def test_shapes_retinanet_demo(parsed):
+    model = parsed("shapes_retinanet_demo.gin")
+    assert model.num_classes == 3 and model.head.norm == "gn" and model.head.channels == 64
+    assert model.anchor_sizes == (16, 32, 64, 128, 256)
+
+
+def test_detectron2_retinanet_r50_fpn(parsed):
+    model = parsed("detectron2_retinanet_r50_fpn.gin")
+    assert model.anchor_offset == 0.0 and model.pixel_std == (1, 1, 1)
+    assert model.pixel_mean == (123.675, 116.28, 103.53) and model.backbone.stride_in_1x1
+    assert gin.query_parameter("import_detectron2.model_fn").selector == "RetinaNet"

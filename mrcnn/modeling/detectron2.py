@@ -1,4 +1,5 @@
-"""A trained Detectron2 Mask R-CNN (`model_final_*.pkl`) into `MaskRCNN`.
+"""A trained Detectron2 Mask R-CNN (`model_final_*.pkl`) into `MaskRCNN`, or a
+RetinaNet into `RetinaNet`.
 
 Detectron2's R50-FPN Mask R-CNN and ours are the same network (Detectron2
 `GeneralizedRCNN` with `build_resnet_fpn_backbone`, `StandardRPNHead`,
@@ -36,6 +37,12 @@ what differs is layout and convention, converted here array by array:
                 is exact, otherwise the difference is folded into the stem
                 (`adapt_stem_to_input`, exact away from the padded border).
 
+  retinanet     `backbone.top_block.p6/p7` are `FPN`'s 'p6p7' convs;
+                `head.cls_subnet.N` / `bbox_subnet.N` the towers (a conv
+                every 2 modules, or 3 with a norm); `head.cls_score` rows
+                `anchor * C + class` and `head.bbox_pred` rows `anchor * 4 +
+                coordinate` are reordered to our anchors and (dy, dx, dh, dw).
+
 `gin/detectron2_r50_fpn.gin` sets the model up this way. One difference is
 left: our RoIAlign samples 2 x 2 points per bin (`RoiHeads.sampling_ratio`),
 Detectron2's ROIAlignV2 `ceil(roi / bin)` (its `POOLER_SAMPLING_RATIO = 0`).
@@ -57,7 +64,7 @@ _D2_ASPECT_RATIOS = (0.5, 1.0, 2.0)   # ANCHOR_GENERATOR.ASPECT_RATIOS, h / w
 # data, which the trainer counts again (RoiHeads.class_image_counts).
 _NOT_WEIGHTS = re.compile(r"(^|\.)(num_batches_tracked|pixel_mean|pixel_std"
                           r"|fed_loss_cls_weights)$"
-                          r"|^proposal_generator\.anchor_generator\.")
+                          r"|^(proposal_generator\.)?anchor_generator\.")
 # Our norm variables (those a norm layer has) and Detectron2's names for them.
 _NORM_ARRAYS = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
                 ("moving_variance", "running_var"))
@@ -65,10 +72,16 @@ _NORM_ARRAYS = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_
 _XY_TO_YX = np.array([1, 0, 3, 2])
 
 
+def _is_retinanet(model):
+    return hasattr(model, "head")
+
+
 def _build(model):
-    if not model.roi_heads.box_head.class_logits.built:
-        model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
-               "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])},
+    last = (model.head if _is_retinanet(model) else model.roi_heads.box_head).class_logits
+    if not last.built:
+        height, width = model.build_canvas((64, 64))
+        model({"images": tf.zeros([1, height, width, 3], tf.uint8),
+               "image_info": tf.constant([[height, width, height, width, 1.0]], tf.float32)},
               training=False)
 
 
@@ -112,7 +125,8 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
                             source_aspect_ratios=_D2_ASPECT_RATIOS,
                             source_format="BGR", source_pixel_mean=None,
                             source_pixel_std=None):
-    """Loads a Detectron2 Mask R-CNN (or Faster R-CNN) R50-FPN weights file into `model`.
+    """Loads a Detectron2 R50-FPN Mask R-CNN (Faster, Cascade, Keypoint R-CNN) or
+    RetinaNet weights file into `model`.
 
     Every variable of the model is assigned, and every weight array of the
     file is used, or ValueError names the one that is not. As `train.init_fn`
@@ -127,6 +141,9 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
         `ResNet.stride_in_1x1 = True` for the model zoo's BN R50s.
         Without a mask head (`RoiHeads.mask_head = None`) it takes a Faster
         R-CNN file, or a Mask R-CNN file whose mask head it leaves (logged).
+        A `RetinaNet` (FPN 'p6p7' top block from C5, towers of the file's
+        depth and `RetinaNetHead.norm`) takes Detectron2's RetinaNet files
+        (gin/detectron2_retinanet_r50_fpn.gin).
       path: str, the `.pkl` (`{'model': {name: array}}`, Detectron2's
         `model_final_*.pkl`; see `load_detectron2_resnet_weights` for what
         is read and refused).
@@ -187,6 +204,53 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
         conv_norm(fpn.lateral[i], fpn.lateral_norms[i], f"backbone.fpn_lateral{level}")
         conv_norm(fpn.output_convs[i], fpn.output_norms[i], f"backbone.fpn_output{level}")
 
+    if _is_retinanet(model):
+        skipped = _load_retinanet(model, take, plan, path, allow_class_mismatch,
+                                  source_aspect_ratios)
+    else:
+        skipped = _load_rcnn_heads(model, arrays, used, take, plan, path,
+                                   allow_class_mismatch, source_aspect_ratios, conv_norm)
+
+    unused = sorted(k for k in arrays if k not in used and not _NOT_WEIGHTS.search(k))
+    if unused:
+        raise ValueError(
+            f"Detectron2 weights: arrays of {path} with no place in this "
+            f"{type(model).__name__} (another architecture?), {len(unused)}: {unused[:10]}")
+    # The ResNet loader checks its own arrays, then assigns.
+    resnet_lib._check_loadable(model.backbone, group_norm=True)
+    resnet_lib._load_detectron2_arrays(model.backbone, arrays, author, path)
+    plan.assign()
+
+    source_mean = (tuple(arrays["pixel_mean"].reshape(-1)) if source_pixel_mean is None
+                   and "pixel_mean" in arrays else source_pixel_mean)
+    source_std = (tuple(arrays["pixel_std"].reshape(-1)) if source_pixel_std is None
+                  and "pixel_std" in arrays else source_pixel_std)
+    default = resnet_lib._SOURCES["msra"]
+    source = resnet_lib.SourceInput(
+        source_format, tuple(float(v) for v in (source_mean or default.pixel_mean)),
+        tuple(float(v) for v in (source_std or default.pixel_std)))
+    rgb = (lambda v: tuple(v[::-1])) if source_format.upper() == "BGR" else tuple
+    if (not np.allclose(rgb(source.pixel_mean), model.pixel_mean)
+            or not np.allclose(rgb(source.pixel_std), model.pixel_std)):
+        logging.warning(
+            "Detectron2 weights %s: the network normalised its input by mean %s, std %s "
+            "(%s); this model by %s, %s (RGB). The difference is folded into the stem, "
+            "which is exact except near the padded border; set %s.pixel_mean = %s "
+            "and pixel_std = %s for the trained network.", path,
+            source.pixel_mean, source.pixel_std, source_format, model.pixel_mean,
+            model.pixel_std, type(model).__name__, rgb(source.pixel_mean),
+            rgb(source.pixel_std))
+    resnet_lib.adapt_stem_to_input(model.backbone, source, model.pixel_mean,
+                                   model.pixel_std)
+    logging.info("Loaded Detectron2 weights %s (%d arrays)%s", path, len(used),
+                 f"; kept as initialised: {skipped}" if skipped else "")
+    return skipped
+
+
+def _load_rcnn_heads(model, arrays, used, take, plan, path, allow_class_mismatch,
+                     source_aspect_ratios, conv_norm):
+    """A Mask R-CNN's RPN and RoI heads (box, mask, keypoint); the variables
+    left as initialised."""
     rpn = model.rpn_head
     name = "proposal_generator.rpn_head"
     order = _anchor_order(rpn.aspect_ratios, source_aspect_ratios)
@@ -263,41 +327,65 @@ def load_detectron2_weights(model, *, path=gin.REQUIRED, allow_class_mismatch=Fa
         plan.add(keypoint_head.deconv.bias, take(f"{name}.score_lowres.bias"),
                  f"{name}.score_lowres.bias")
 
-    skipped = _load_class_layers(model, take, plan, path, allow_class_mismatch)
+    return _load_class_layers(model, take, plan, path, allow_class_mismatch)
 
-    unused = sorted(k for k in arrays if k not in used and not _NOT_WEIGHTS.search(k))
-    if unused:
-        raise ValueError(
-            f"Detectron2 weights: arrays of {path} with no place in this "
-            f"Mask R-CNN R50-FPN (another architecture?), {len(unused)}: {unused[:10]}")
-    # The ResNet loader checks its own arrays, then assigns.
-    resnet_lib._check_loadable(model.backbone, group_norm=True)
-    resnet_lib._load_detectron2_arrays(model.backbone, arrays, author, path)
-    plan.assign()
 
-    source_mean = (tuple(arrays["pixel_mean"].reshape(-1)) if source_pixel_mean is None
-                   and "pixel_mean" in arrays else source_pixel_mean)
-    source_std = (tuple(arrays["pixel_std"].reshape(-1)) if source_pixel_std is None
-                  and "pixel_std" in arrays else source_pixel_std)
-    default = resnet_lib._SOURCES["msra"]
-    source = resnet_lib.SourceInput(
-        source_format, tuple(float(v) for v in (source_mean or default.pixel_mean)),
-        tuple(float(v) for v in (source_std or default.pixel_std)))
-    rgb = (lambda v: tuple(v[::-1])) if source_format.upper() == "BGR" else tuple
-    if (not np.allclose(rgb(source.pixel_mean), model.pixel_mean)
-            or not np.allclose(rgb(source.pixel_std), model.pixel_std)):
+def _load_retinanet(model, take, plan, path, allow_class_mismatch, source_aspect_ratios):
+    """RetinaNet's P6 / P7 convs and head (Detectron2 `LastLevelP6P7`,
+    `RetinaNetHead`); the variables left as initialised."""
+    fpn, head = model.fpn, model.head
+    for conv, level in zip(fpn.top_convs, range(fpn.backbone_max_level + 1, fpn.max_level + 1)):
+        theirs = f"backbone.top_block.p{level}"
+        plan.add(conv.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
+        plan.add(conv.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+    # Subnets are Sequential([conv, (norm,) relu] * n): conv k at k * step.
+    step = 3 if head.norm else 2
+    for tower, convs, norms in (("cls_subnet", head.class_convs, head.class_norms),
+                                ("bbox_subnet", head.box_convs, head.box_norms)):
+        for k, (conv, norm) in enumerate(zip(convs, norms)):
+            theirs = f"head.{tower}.{k * step}"
+            plan.add(conv.kernel, _conv(take(f"{theirs}.weight")), f"{theirs}.weight")
+            plan.add(conv.bias, take(f"{theirs}.bias"), f"{theirs}.bias")
+            if norm is not None:   # GroupNorm: gamma, beta
+                theirs = f"head.{tower}.{k * step + 1}"
+                plan.add(norm.gamma, take(f"{theirs}.weight"), f"{theirs}.weight")
+                plan.add(norm.beta, take(f"{theirs}.bias"), f"{theirs}.bias")
+    # Anchors: theirs sizes-major then aspect ratios (h / w), as ours
+    # (scales, then w / h): reorder within each scale.
+    ratios = _anchor_order(model.aspect_ratios, source_aspect_ratios)
+    anchors = (np.arange(model.scales_per_octave)[:, None] * len(ratios)
+               + ratios[None, :]).reshape(-1)   # ours -> theirs
+    classes = head.num_classes
+    w, b = take("head.bbox_pred.weight"), take("head.bbox_pred.bias")
+    if w.shape[0] != 4 * anchors.size:
+        raise ValueError(f"Detectron2 weights: head.bbox_pred has {w.shape[0]} outputs, "
+                         f"the model's head {4 * anchors.size} (4 per anchor)")
+    order = (anchors[:, None] * 4 + _XY_TO_YX[None, :]).reshape(-1)
+    plan.add(head.box_deltas.kernel, _conv(w[order]), "head.bbox_pred.weight")
+    plan.add(head.box_deltas.bias, b[order], "head.bbox_pred.bias")
+    w, b = take("head.cls_score.weight"), take("head.cls_score.bias")   # [A C, ...]
+    file_classes = w.shape[0] // anchors.size
+    if file_classes != classes:
+        if not allow_class_mismatch:
+            raise ValueError(
+                f"Detectron2 weights: {path} has {file_classes} classes, the model "
+                f"{classes} (RetinaNetHead.num_classes); set "
+                f"load_detectron2_weights.allow_class_mismatch = True to fine-tune on "
+                f"other classes from its other layers")
+        skipped = [v.path for v in head.class_logits.weights]
+        logging.warning("Detectron2 weights %s: %d classes, the model %d: its class "
+                        "layer is not loaded (%s)", path, file_classes, classes, skipped)
+        return skipped
+    order = (anchors[:, None] * classes + np.arange(classes)[None, :]).reshape(-1)
+    plan.add(head.class_logits.kernel, _conv(w[order]), "head.cls_score.weight")
+    plan.add(head.class_logits.bias, b[order], "head.cls_score.bias")
+    if model.anchor_offset != 0.0:
         logging.warning(
-            "Detectron2 weights %s: the network normalised its input by mean %s, std %s "
-            "(%s); this model by %s, %s (RGB). The difference is folded into the stem, "
-            "which is exact except near the padded border; set MaskRCNN.pixel_mean = %s "
-            "and MaskRCNN.pixel_std = %s for the trained network.", path,
-            source.pixel_mean, source.pixel_std, source_format, model.pixel_mean,
-            model.pixel_std, rgb(source.pixel_mean), rgb(source.pixel_std))
-    resnet_lib.adapt_stem_to_input(model.backbone, source, model.pixel_mean,
-                                   model.pixel_std)
-    logging.info("Loaded Detectron2 weights %s (%d arrays)%s", path, len(used),
-                 f"; kept as initialised: {skipped}" if skipped else "")
-    return skipped
+            "Detectron2 weights %s: its RetinaNet was trained with anchors at cell "
+            "corners (ANCHOR_GENERATOR.OFFSET = 0.0); this model's are at offset %s. Set "
+            "RetinaNet.anchor_offset = 0.0 for the trained network.", path,
+            model.anchor_offset)
+    return []
 
 
 def _box_stages(model):

@@ -1,4 +1,5 @@
-"""Random Detectron2 Mask R-CNN state dicts, in Detectron2's names and layouts."""
+"""Random Detectron2 Mask R-CNN and RetinaNet state dicts, in Detectron2's
+names and layouts."""
 
 import pickle
 
@@ -8,6 +9,7 @@ import tensorflow as tf
 from mrcnn.modeling import resnet as resnet_lib
 from mrcnn.modeling.fpn import FPN
 from mrcnn.modeling.mask_rcnn import MaskRCNN
+from mrcnn.modeling.retinanet import RetinaNet, RetinaNetHead
 from mrcnn.modeling.roi_heads import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, BoxHead,
                                       CascadeRoiHeads, KeypointHead, MaskHead, RoiHeads)
 from mrcnn.modeling.rpn import RpnHead
@@ -48,6 +50,20 @@ def small_model(num_classes=3, depth=18, channels=32, fc_dim=64, mask_channels=1
         roi_heads=roi_heads)
     model({"images": tf.zeros([1, 64, 64, 3], tf.uint8),
            "image_info": tf.constant([[64.0, 64.0, 64.0, 64.0, 1.0]])}, training=False)
+    return model
+
+
+def small_retinanet(num_classes=3, depth=18, channels=32, num_convs=2, norm=None,
+                    **kwargs):
+    """A RetinaNet with small towers (`norm` 'gn': GN in them), built at 128 x 128."""
+    model = RetinaNet(
+        backbone=resnet_lib.ResNet(depth=depth, norm="frozen_bn"),
+        fpn=FPN(channels=channels, min_level=3, max_level=7, top_block="p6p7"),
+        head=RetinaNetHead(num_classes=num_classes, channels=channels, num_convs=num_convs,
+                           norm=norm),
+        topk_candidates=50, max_detections=10, **kwargs)
+    model({"images": tf.zeros([1, 128, 128, 3], tf.uint8),
+           "image_info": tf.constant([[128.0, 128.0, 128.0, 128.0, 1.0]])}, training=False)
     return model
 
 
@@ -96,9 +112,12 @@ def random_state(model, seed=0, num_classes=None):
         norm(unit, cout, statistics=not gn)
     f = model.fpn.channels
     inputs = [int(layer.kernel.shape[2]) for layer in model.fpn.lateral]
-    for level, cin in zip(range(2, 6), inputs):
+    for level, cin in zip(range(model.fpn.min_level, 6), inputs):
         conv(f"backbone.fpn_lateral{level}", f, cin, 1, model.fpn.norm)
         conv(f"backbone.fpn_output{level}", f, f, 3, model.fpn.norm)
+    if isinstance(model, RetinaNet):
+        _retinanet_state(model, put, num_classes)
+        return out
     a = model.rpn_head.num_anchors
     rpn = "proposal_generator.rpn_head"
     convs = model.rpn_head.num_convs
@@ -149,6 +168,29 @@ def random_state(model, seed=0, num_classes=None):
     put("roi_heads.mask_head.predictor.weight", masks, mask.channels, 1, 1)
     put("roi_heads.mask_head.predictor.bias", masks, scale=0.1)
     return out
+
+
+def _retinanet_state(model, put, num_classes):
+    """Detectron2's `LastLevelP6P7` (from C5) and `RetinaNetHead` arrays."""
+    f, head = model.fpn.channels, model.head
+    c5 = int(model.fpn.lateral[-1].kernel.shape[2])
+    put("backbone.top_block.p6.weight", f, c5, 3, 3)
+    put("backbone.top_block.p6.bias", f, scale=0.1)
+    put("backbone.top_block.p7.weight", f, f, 3, 3)
+    put("backbone.top_block.p7.bias", f, scale=0.1)
+    step = 3 if head.norm else 2   # Sequential([conv, (GroupNorm,) ReLU] * n)
+    for tower in ("cls_subnet", "bbox_subnet"):
+        for k in range(head.num_convs):
+            put(f"head.{tower}.{k * step}.weight", head.channels, f, 3, 3)
+            put(f"head.{tower}.{k * step}.bias", head.channels, scale=0.1)
+            if head.norm:
+                put(f"head.{tower}.{k * step + 1}.weight", head.channels, scale=0.3)
+                put(f"head.{tower}.{k * step + 1}.bias", head.channels, scale=0.1)
+    c = head.num_classes if num_classes is None else num_classes
+    put("head.cls_score.weight", head.num_anchors * c, head.channels, 3, 3)
+    put("head.cls_score.bias", head.num_anchors * c, scale=0.1)
+    put("head.bbox_pred.weight", head.num_anchors * 4, head.channels, 3, 3)
+    put("head.bbox_pred.bias", head.num_anchors * 4, scale=0.1)
 
 
 def write(path, arrays, **extra):

@@ -347,6 +347,101 @@ class GroupNormConventionsTest(_LoadedTest):
             resnet_lib.adapt_stem_to_input(resnet, "keras")   # another mean
 
 
+class RetinaNetConventionsTest(tf.test.TestCase, parameterized.TestCase):
+    """A RetinaNet loaded from a random Detectron2 RetinaNet state: the FPN's
+    P6 / P7 and the head against Detectron2's semantics written in NumPy,
+    with plain and GroupNorm towers."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.models, cls.arrays, cls.skipped = {}, {}, {}
+        for norm, channels in ((None, 32), ("gn", 64)):   # GN: 2 channels a group
+            model = fixtures.small_retinanet(num_classes=C, channels=channels, norm=norm,
+                                             anchor_offset=0.0)
+            arrays = fixtures.random_state(model, seed=5)
+            path = fixtures.write(os.path.join(tempfile.mkdtemp(), "model_final.pkl"), arrays)
+            cls.skipped[norm] = d2.load_detectron2_weights(
+                model, path=path, source_format="RGB",
+                source_pixel_mean=resnet_lib.IMAGENET_MEAN,
+                source_pixel_std=resnet_lib.IMAGENET_STD)
+            cls.models[norm], cls.arrays[norm] = model, arrays
+
+    @parameterized.parameters(None, "gn")
+    def test_every_variable_loaded(self, norm):
+        self.assertEqual(self.skipped[norm], [])
+        model = self.models[norm]
+        fresh = fixtures.small_retinanet(num_classes=C, channels=model.fpn.channels,
+                                         norm=norm)
+        self.assertLen(model.weights, len(fresh.weights))
+        for ours, init in zip(model.weights, fresh.weights):
+            self.assertNotAllClose(ours, init, msg=ours.path)
+
+    @parameterized.parameters(None, "gn")
+    def test_head(self, norm):
+        # 1 x 1 levels: each 3 x 3 conv sees only its centre tap.
+        model, a = self.models[norm], self.arrays[norm]
+        rng = np.random.default_rng(6)
+        x = rng.normal(size=(2, model.fpn.channels))
+        step = 3 if norm else 2
+
+        def tower(name):
+            h = x
+            for k in range(model.head.num_convs):
+                unit = f"head.{name}.{k * step}"
+                h = h @ a[f"{unit}.weight"][:, :, 1, 1].T + a[f"{unit}.bias"]
+                if norm:   # GroupNorm(32) over one pixel: groups of 2 channels
+                    g = h.reshape(len(h), 32, -1)
+                    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(
+                        g.var(-1, keepdims=True) + model.head.class_norms[0].epsilon)
+                    unit = f"head.{name}.{k * step + 1}"
+                    h = g.reshape(h.shape) * a[f"{unit}.weight"] + a[f"{unit}.bias"]
+                h = _relu(h)
+            return h
+
+        scores = (tower("cls_subnet") @ a["head.cls_score.weight"][:, :, 1, 1].T
+                  + a["head.cls_score.bias"]).reshape(2, 9, C)   # [anchor theirs, class]
+        deltas = (tower("bbox_subnet") @ a["head.bbox_pred.weight"][:, :, 1, 1].T
+                  + a["head.bbox_pred.bias"]).reshape(2, 9, 4)   # (dx, dy, dw, dh)
+        logits, ours_deltas = model.head({3: tf.constant(x[:, None, None, :], tf.float32)})
+        # Both order anchors by size, then aspect ratio: ours w / h, theirs h / w.
+        for size in range(3):
+            for r, ratio in enumerate(model.aspect_ratios):
+                ours, theirs = size * 3 + r, size * 3 + D2_RATIOS.index(1.0 / ratio)
+                self.assertAllClose(logits[3][:, ours], scores[:, theirs], atol=1e-4)
+                self.assertAllClose(ours_deltas[3][:, ours],
+                                    deltas[:, theirs][:, [1, 0, 3, 2]], atol=1e-4)
+
+    def test_fpn_top_block(self):
+        # A 32 x 32 canvas: C5 is 1 x 1, so P6 and P7 are centre taps of it.
+        model, a = self.models[None], self.arrays[None]
+        images = tf.constant(np.random.default_rng(7).normal(size=(1, 32, 32, 3)),
+                             tf.float32)
+        c = model.backbone(images)
+        p = model.fpn(c)
+        p6 = (c[5].numpy()[0, 0, 0] @ a["backbone.top_block.p6.weight"][:, :, 1, 1].T
+              + a["backbone.top_block.p6.bias"])
+        p7 = (_relu(p6) @ a["backbone.top_block.p7.weight"][:, :, 1, 1].T
+              + a["backbone.top_block.p7.bias"])
+        self.assertAllClose(p[6][0, 0, 0], p6, atol=1e-4)
+        self.assertAllClose(p[7][0, 0, 0], p7, atol=1e-4)
+
+    def test_class_mismatch_and_unknown_arrays(self):
+        model = fixtures.small_retinanet(num_classes=C)
+        arrays = fixtures.random_state(model, num_classes=C + 2)
+        path = fixtures.write(os.path.join(self.get_temp_dir(), "other.pkl"), arrays)
+        with self.assertRaisesRegex(ValueError, r"has 5 classes, the model 3"):
+            d2.load_detectron2_weights(model, path=path)
+        before = model.head.class_logits.kernel.numpy()
+        skipped = d2.load_detectron2_weights(model, path=path, allow_class_mismatch=True)
+        self.assertLen(skipped, 2)
+        self.assertAllEqual(model.head.class_logits.kernel, before)
+        arrays["head.cls_subnet.9.weight"] = arrays["head.cls_subnet.0.weight"]
+        path = fixtures.write(os.path.join(self.get_temp_dir(), "more.pkl"), arrays)
+        with self.assertRaisesRegex(ValueError, r"no place in this RetinaNet.*cls_subnet\.9"):
+            d2.load_detectron2_weights(model, path=path, allow_class_mismatch=True)
+
+
 class LoaderTest(tf.test.TestCase):
 
     def _write(self, arrays, name="model_final.pkl", **extra):
