@@ -23,12 +23,13 @@ test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q tests
 
 # Tests marked @pytest.mark.slow (the multi-worker runs: graph mode ~1 min,
-# XLA ~4 min, SyncBN ~1 min, gradient accumulation ~1 min; the cascade overfit; the LVIS recipe and
+# XLA ~4 min, SyncBN ~1 min, gradient accumulation ~1 min; the cascade and
+# RetinaNet overfits; the LVIS recipe and
 # bin/eval --tta program tests; the whole model evaluated on two CPUs; the
-# mask head's XLA switch_case of RoiHeads.mask_buckets > 1, ~1 min; the
+# mask and keypoint heads' XLA switch_case of RoiHeads.mask_buckets > 1, ~1 min; the
 # federated-loss, Detectron2-import and visualize_data programs and the GPU
 # matrix's process-per-case mode, ~1.5 min; the GPU matrix's real and served
-# cases and bin/bench's training case (run before a GPU session), the FLOP
+# cases and bin/bench's training and inference cases (run before a GPU session), the FLOP
 # count of the model, the bfloat16 Predictor and export, the GroupNorm and
 # box-only model checks, ~1.5 min; exit 5 = none collected).
 test-slow: $(STAMP)

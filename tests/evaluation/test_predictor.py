@@ -84,6 +84,17 @@ def test_threshold_and_box_only_model(tmp_path):
     np.testing.assert_allclose(kept["scores"], every["scores"][every["scores"] >= cut])
 
 
+def test_threshold_becomes_a_retinanets_own():
+    # RetinaNet keeps its test threshold itself, not in roi_heads.
+    from mrcnn.modeling.retinanet import build_retinanet
+    model = build_retinanet(num_classes=3, depth=18)
+    assert model.score_threshold == pytest.approx(0.05)
+    runner._raise_score_threshold(model, 0.5)
+    assert np.float32(model.score_threshold) == np.nextafter(np.float32(0.5), np.float32(0))
+    runner._raise_score_threshold(model, 0.1)   # only ever raised
+    assert model.score_threshold > 0.49
+
+
 def test_threshold_becomes_the_models_with_the_same_detections(fixture_run):
     run_dir, _, every = fixture_run
     model_fn = functools.partial(build_mask_rcnn, **SMALL)

@@ -4,6 +4,7 @@ keypoint loss, its gathered and per-slot forms, and the model's outputs."""
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mrcnn.modeling import losses as loss_lib
@@ -131,15 +132,25 @@ class KeypointModelTest(tf.test.TestCase):
         self.assertAllClose(eager, xla, rtol=1e-5)
         graph = tf.function(heads.keypoint_loss)(features, rois, b["gt_keypoints"])
         self.assertAllClose(eager, graph, rtol=1e-5)
+        # Only positives with a labelled keypoint inside count: none labelled, 0.
+        unlabelled = tf.zeros_like(b["gt_keypoints"])
+        self.assertEqual(float(heads.keypoint_loss(features, rois, unlabelled)), 0.0)
+
+    @pytest.mark.slow   # its XLA switch_case compiles each capacity, as the mask head's twin
+    def test_gathered_loss_over_capacities_under_xla(self):
+        heads = self.model.roi_heads
+        features, proposals, valid = self.model.proposals(self.batch)
+        b = self.batch
+        rois = target_ops.sample_proposals(
+            proposals, valid, b["gt_boxes"], b["gt_classes"], b["gt_valid"],
+            num_samples=heads.num_samples, seed=3)
         bucketed = RoiHeads(box_head=heads.box_head, mask_head=None,
                             keypoint_head=heads.keypoint_head,
                             num_samples=heads.num_samples, mask_buckets=2)
         got = tf.function(bucketed.keypoint_loss, jit_compile=True)(
             features, rois, b["gt_keypoints"])
-        self.assertAllClose(eager, got, rtol=1e-5)
-        # Only positives with a labelled keypoint inside count: none labelled, 0.
-        unlabelled = tf.zeros_like(b["gt_keypoints"])
-        self.assertEqual(float(heads.keypoint_loss(features, rois, unlabelled)), 0.0)
+        self.assertAllClose(heads.keypoint_loss(features, rois, b["gt_keypoints"]), got,
+                            rtol=1e-5)
 
     def test_detections(self):
         out = self.model.detect(self.batch)

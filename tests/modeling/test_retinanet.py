@@ -5,6 +5,7 @@ import math
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mrcnn.modeling import losses
@@ -17,7 +18,7 @@ from tests.modeling.test_mask_rcnn import synthetic_batch
 from tests.ops.test_nms import _np_nms
 
 _NUM_CLASSES = 3
-# Small enough to train 120 steps in well under a minute on 2 CPU cores.
+# Small enough to train 120 steps in 25-40 s on 2 CPU cores.
 _SMALL = dict(num_classes=_NUM_CLASSES, depth=18, width=32, norm="gn", freeze_at=0,
               fpn_channels=32, head_convs=2, anchor_sizes=(16, 32, 64, 128, 256),
               topk_candidates=300, max_detections=20)
@@ -284,6 +285,7 @@ class RetinaNetModelTest(tf.test.TestCase):
         self.assertEqual(self.model.num_classes, _NUM_CLASSES)
         self.assertFalse(self.model.has_masks or self.model.has_keypoints)
 
+    @pytest.mark.slow   # 25-40 s here; the Mask R-CNN twin runs in CI
     def test_overfit_two_images(self):
         keras.utils.set_random_seed(0)
         model = build_retinanet(**_SMALL)
