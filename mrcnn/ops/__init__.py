@@ -1,4 +1,5 @@
-"""Pure, batched, XLA-compilable TensorFlow ops for two-stage detectors.
+"""Pure, batched, XLA-compilable TensorFlow ops for two-stage (Mask R-CNN) and
+one-stage (RetinaNet) detectors.
 
 The public API is fixed in docs/OPS_CONTRACT.md. Every op takes a leading
 batch dimension, works on static shapes with padding plus validity masks, and

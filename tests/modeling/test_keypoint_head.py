@@ -116,16 +116,22 @@ class KeypointModelTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "no gt_keypoints"):
             self.model(batch, training=True)
 
-    def test_gathered_loss_equals_slot_loss(self):
-        """Outside XLA the head runs on the gathered rois with keypoint
-        targets; under XLA on every slot (and on capacities with
-        mask_buckets): the same loss."""
+    def _sampled_rois(self):
+        """The model's RoI heads, features and sampled rois of the batch."""
         heads = self.model.roi_heads
         features, proposals, valid = self.model.proposals(self.batch)
         b = self.batch
         rois = target_ops.sample_proposals(
             proposals, valid, b["gt_boxes"], b["gt_classes"], b["gt_valid"],
             num_samples=heads.num_samples, seed=3)
+        return heads, features, rois
+
+    def test_gathered_loss_equals_slot_loss(self):
+        """Outside XLA the head runs on the gathered rois with keypoint
+        targets; under XLA on every slot (and on capacities with
+        mask_buckets): the same loss."""
+        heads, features, rois = self._sampled_rois()
+        b = self.batch
         eager = heads.keypoint_loss(features, rois, b["gt_keypoints"])
         xla = tf.function(heads.keypoint_loss, jit_compile=True)(
             features, rois, b["gt_keypoints"])
@@ -138,12 +144,8 @@ class KeypointModelTest(tf.test.TestCase):
 
     @pytest.mark.slow   # its XLA switch_case compiles each capacity, as the mask head's twin
     def test_gathered_loss_over_capacities_under_xla(self):
-        heads = self.model.roi_heads
-        features, proposals, valid = self.model.proposals(self.batch)
+        heads, features, rois = self._sampled_rois()
         b = self.batch
-        rois = target_ops.sample_proposals(
-            proposals, valid, b["gt_boxes"], b["gt_classes"], b["gt_valid"],
-            num_samples=heads.num_samples, seed=3)
         bucketed = RoiHeads(box_head=heads.box_head, mask_head=None,
                             keypoint_head=heads.keypoint_head,
                             num_samples=heads.num_samples, mask_buckets=2)
