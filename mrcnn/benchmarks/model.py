@@ -183,7 +183,7 @@ def _bench_model(what, batch, image_size, precision, xla, steps, warmup, num_gt,
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = _model_fn()()
-    num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", 80)
+    num_classes = getattr(model, "num_classes", 80)
     divisor = 2 ** getattr(getattr(model, "fpn", None), "max_level", 6)
     canvas = tuple(-(-side // divisor) * divisor for side in image_size)
     data = synthetic_batch(batch, image_size, num_gt, num_classes, canvas=canvas)

@@ -508,6 +508,10 @@ def _inference_fn(model, tta, base_min_size, xla=False):
     if tta is None:
         return tf.function(lambda b: model(b, training=False), jit_compile=xla,
                            autograph=False)
+    if not hasattr(model, "roi_heads"):
+        raise ValueError(f"test-time augmentation runs a two-stage model's RoI heads; "
+                         f"a {type(model).__name__} has none (Detectron2's TTA is for "
+                         f"R-CNNs too)")
     if getattr(model, "has_keypoints", False):
         # Its merged detections would come without keypoints.
         raise ValueError("test-time augmentation of a keypoint model is not supported "

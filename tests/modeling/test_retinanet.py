@@ -284,6 +284,28 @@ class RetinaNetModelTest(tf.test.TestCase):
         self.assertEqual(self.model.num_classes, _NUM_CLASSES)
         self.assertFalse(self.model.has_masks or self.model.has_keypoints)
 
+    def test_bfloat16_losses_and_detections(self):
+        # The layers compute in bfloat16; heads, losses and boxes stay float32.
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            keras.utils.set_random_seed(1)
+            model = build_retinanet(**_SMALL)
+            losses = model.compute_losses(self.batch)
+            out = model.detect(self.batch)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        self.assertEqual(model.head.class_convs[0].compute_dtype, "bfloat16")
+        for name, value in losses.items():
+            self.assertEqual(value.dtype, tf.float32)
+            self.assertTrue(np.isfinite(value.numpy()), name)
+        self.assertEqual(out["detection_boxes"].dtype, tf.float32)
+
+    def test_test_time_augmentation_is_refused(self):
+        from mrcnn.evaluation import runner
+        from mrcnn.modeling.tta import TestTimeAugmentation
+        with self.assertRaisesRegex(ValueError, "RetinaNet has none"):
+            runner._inference_fn(self.model, TestTimeAugmentation(min_sizes=(128,)), 128)
+
     @pytest.mark.slow   # 25-40 s here; the Mask R-CNN twin runs in CI
     def test_overfit_two_images(self):
         keras.utils.set_random_seed(0)
