@@ -508,14 +508,14 @@ def _inference_fn(model, tta, base_min_size, xla=False):
     if tta is None:
         return tf.function(lambda b: model(b, training=False), jit_compile=xla,
                            autograph=False)
-    if not hasattr(model, "roi_heads"):
-        raise ValueError(f"test-time augmentation runs a two-stage model's RoI heads; "
-                         f"a {type(model).__name__} has none (Detectron2's TTA is for "
-                         f"R-CNNs too)")
     if getattr(model, "has_keypoints", False):
         # Its merged detections would come without keypoints.
         raise ValueError("test-time augmentation of a keypoint model is not supported "
                          "(Detectron2 has none either)")
+    if not hasattr(model, "roi_heads"):
+        raise ValueError(f"test-time augmentation runs a two-stage model's RoI heads; "
+                         f"a {type(model).__name__} has none (Detectron2's TTA is for "
+                         f"R-CNNs too)")
     logging.info("Test-time augmentation: %d runs per batch (sizes %s for %d%s)",
                  tta.num_augmentations, ", ".join(map(str, tta.min_sizes)),
                  base_min_size, ", and flipped" if tta.flip else "")
