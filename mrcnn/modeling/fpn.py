@@ -36,7 +36,7 @@ class FPN(BuiltByParts, keras.layers.Layer):
       channels: int, F, the channels of every output level (256).
       min_level: int, the finest output level (2).
       max_level: int, the coarsest output level (6); levels above the
-        backbone's (5) come from stride-2 subsampling of the level below.
+        backbone's (5) come from the top block.
       norm: None (default), 'bn', 'sync_bn' or 'gn' (`norms`), after every
         lateral and output conv (Detectron2's GN and LSJ baselines).
       top_block: 'max_pool' (default, Mask R-CNN's P6) or 'p6p7' (strided
