@@ -253,8 +253,15 @@ def test_shapes_retinanet_demo(parsed):
     assert model.anchor_sizes == (16, 32, 64, 128, 256)
 
 
-def test_detectron2_retinanet_r50_fpn(parsed):
-    model = parsed("detectron2_retinanet_r50_fpn.gin")
-    assert model.anchor_offset == 0.0 and model.pixel_std == (1, 1, 1)
-    assert model.pixel_mean == (123.675, 116.28, 103.53) and model.backbone.stride_in_1x1
-    assert gin.query_parameter("import_detectron2.model_fn").selector == "RetinaNet"
+def test_detectron2_retinanet_r50_fpn():
+    # The recipe's network (built by the test above) with Detectron2's conventions.
+    programs.parse_gin_files([os.path.join(GIN, "detectron2_retinanet_r50_fpn.gin")], [],
+                             finalize=False)
+    try:
+        assert gin.query_parameter("RetinaNet.anchor_offset") == 0.0
+        assert gin.query_parameter("RetinaNet.pixel_std") == (1.0, 1.0, 1.0)
+        assert gin.query_parameter("RetinaNet.pixel_mean") == (123.675, 116.28, 103.53)
+        assert gin.query_parameter("ResNet.stride_in_1x1") is True
+        assert gin.query_parameter("import_detectron2.model_fn").selector == "RetinaNet"
+    finally:
+        gin.clear_config()
