@@ -434,12 +434,11 @@ def _raise_score_threshold(model, threshold):
     The model keeps `score > t` in float32; `t` is the float32 just under
     `threshold`'s.
     """
-    heads = getattr(model, "roi_heads", model)   # RetinaNet holds its own
-    current = getattr(heads, "score_threshold", None)
+    current = getattr(model, "score_threshold", None)
     if current is None or threshold <= current:
         return
     below = np.nextafter(np.float32(threshold), np.float32(-np.inf))
-    heads.score_threshold = max(float(below), float(current))
+    model.score_threshold = max(float(below), float(current))
 
 
 def image_slices(size, threads):
@@ -572,7 +571,7 @@ class Predictor:
       canvas_size: (H, W), the bound on both orientations' canvases.
       size_divisor: int, 2**max_level of the FPN.
       score_threshold: float, detections kept at or above it. Above the
-        model's own test threshold (`RoiHeads.score_threshold`, 0.05) it
+        model's own test threshold (`score_threshold`, 0.05) it
         becomes the model's, as Detectron2's demo sets SCORE_THRESH_TEST:
         the same detections, but the mask head runs on the confident ones
         only, not on all D slots.

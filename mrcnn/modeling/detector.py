@@ -21,7 +21,8 @@ class Detector(keras.Model):
     (y1, x1, y2, x2) in original image pixels, `detection_scores` float32
     [B, D], `detection_classes` int32 [B, D] 1..C, `num_detections` int32
     [B]; padded slots 0). The programs in bin/ need nothing else, plus the
-    `num_classes`, `has_masks` and `has_keypoints` properties.
+    `num_classes`, `has_masks` and `has_keypoints` properties and a settable
+    `score_threshold` (detections keep scores above it).
 
     Args (keyword-only):
       pixel_mean, pixel_std: 3 floats each, the RGB input normalisation on

@@ -102,6 +102,16 @@ class MaskRCNN(Detector):
         """C, foreground classes of the box head (contiguous ids 1..C)."""
         return self.roi_heads.box_head.num_classes
 
+    @property
+    def score_threshold(self):
+        """float, the test threshold: detections keep scores above it (the RoI
+        heads'; `RetinaNet` holds its own)."""
+        return self.roi_heads.score_threshold
+
+    @score_threshold.setter
+    def score_threshold(self, value):
+        self.roi_heads.score_threshold = value
+
     def _first_stage(self, batch, training):
         images = batch["images"]
         canvas = self.canvas(images)

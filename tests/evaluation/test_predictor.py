@@ -106,6 +106,7 @@ def test_threshold_becomes_the_models_with_the_same_detections(fixture_run):
                                  **SIZES)
     model_threshold = predictor.model.roi_heads.score_threshold
     assert np.float32(model_threshold) < np.float32(cut) and model_threshold > 0.05
+    assert predictor.model.score_threshold == model_threshold   # MaskRCNN's: its heads'
     kept = predictor(image)
     n = int((every["scores"] >= cut).sum())
     assert 0 < n < len(every["scores"]) and len(kept["scores"]) == n
